@@ -1,0 +1,40 @@
+# One command each, from a fresh clone:
+#   make train   - create .venv, install, train the tiny preset on the embedded corpus (CPU, a few minutes)
+#   make test    - create .venv, install with test extras, run the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+BASE := $(VENV)/.installed-base
+TEST := $(VENV)/.installed-test
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup train test test-slow bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(BASE): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e .
+	touch $@
+
+$(TEST): $(BASE)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	touch $@
+
+setup: $(TEST)
+
+train: $(BASE)
+	$(BIN)/moe-arch train $(ARGS)
+
+test: $(TEST)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(TEST)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: $(TEST)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .cache runs

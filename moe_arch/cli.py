@@ -1,0 +1,241 @@
+"""``moe-arch``: train, inspect, sample from and diagnose hybrid MoE language models.
+
+    moe-arch train [CONFIG|PRESET] [--resume PATH|latest] [--section.field VALUE ...]
+    moe-arch info CONFIG|PRESET [--json] [--optimizer] [--section.field VALUE ...]
+    moe-arch generate CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+    moe-arch diagnose CHECKPOINT [--against REF] [--out DIR] [--json PATH] [--fail-on warning|critical]
+    moe-arch config [CONFIG|PRESET] [--section.field VALUE ...]     (print the resolved, validated config)
+
+Errors in the input (a bad config value, missing data, an unreadable checkpoint) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from moe_arch import __version__
+
+
+class UsageError(Exception):
+    pass
+
+
+def extract_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``--section.field VALUE`` overrides out of argv before argparse sees it (argparse would take an
+    override's value for a positional argument)."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and "." in a.split("=")[0]:
+            overrides.append(a)
+            if "=" not in a and i + 1 < len(argv):
+                overrides.append(argv[i + 1])
+                i += 1
+        else:
+            rest.append(a)
+        i += 1
+    return rest, overrides
+
+
+def _split_overrides(rest: list[str]) -> list[str]:
+    for a in rest:
+        if a.startswith("--") and "." not in a.split("=")[0]:
+            raise UsageError(f"unknown option {a!r}; config overrides look like --section.field VALUE "
+                             "(sections: model, optim, train, data, monitor)")
+    return rest
+
+
+def cmd_train(args, rest) -> int:
+    from moe_arch.config import load_config
+    from moe_arch.training.trainer import NonFiniteLossError, TrainingStopped, Trainer
+
+    cfg = load_config(args.config, _split_overrides(rest))
+    trainer = Trainer(cfg, resume=args.resume)
+    try:
+        result = trainer.run()
+    except (NonFiniteLossError, TrainingStopped) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        trainer.dist.close()
+    if result.interrupted:
+        return 128 + result.interrupted
+    return 0
+
+
+def cmd_info(args, rest) -> int:
+    import torch
+
+    from moe_arch.config import load_config
+    from moe_arch.model.params import count_parameters, flops_per_token
+    from moe_arch.model.transformer import HybridLM
+    from moe_arch.training.optim import format_plan, plan_parameters
+
+    cfg = load_config(args.config, _split_overrides(rest))
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = HybridLM(cfg.model)
+    counts = count_parameters(model)
+    counts["train_flops_per_token"] = flops_per_token(cfg.model, cfg.train.seq_len, model)["train_flops_per_token"]
+    counts["active_counting"] = ("active = all parameters except the experts a token is not routed to (top_k / "
+                                 "n_experts of each expert tensor); MoD does not reduce it (a token may be selected "
+                                 "by any block), it reduces FLOPs, counted in train_flops_per_token")
+    plan = format_plan(plan_parameters(model, cfg.optim)) if args.optimizer else None
+    if args.json:
+        out = {"config": args.config, **counts}
+        if plan is not None:
+            out["optimizer"] = plan
+        print(json.dumps(out, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(highlight=False)
+    m = cfg.model
+    con.print(f"[bold]{args.config}[/]: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads}/{m.n_kv_heads} heads, "
+              f"{m.n_experts} experts top-{m.top_k} on {len(m.moe_layers)} layers, Mamba on {len(m.mamba_layers)} "
+              f"layers, MoD {m.mod_capacity if m.mod_enabled else 'off'}, {m.n_predict} prediction heads")
+    t = Table(show_header=False, box=None)
+    t.add_row("total parameters", f"{counts['total']:,} ({counts['total'] / 1e9:.3f}B)")
+    t.add_row("active parameters", f"{counts['active']:,} ({counts['active'] / 1e9:.3f}B)")
+    t.add_row("sparsity", f"{counts['sparsity']:.1%}")
+    t.add_row("tensors", str(counts["n_tensors"]))
+    t.add_row("RMSNorm weights", str(counts["n_norms"]))
+    t.add_row("train FLOPs / token", f"{counts['train_flops_per_token'] / 1e9:.3f} GFLOP")
+    con.print(t)
+    k = Table(title="by kind")
+    k.add_column("kind")
+    k.add_column("parameters", justify="right")
+    k.add_column("share", justify="right")
+    for name, n in counts["by_kind"].items():
+        k.add_row(name, f"{n:,}", f"{n / counts['total']:.1%}")
+    con.print(k)
+    con.print(f"[dim]{counts['active_counting']}[/]")
+    if plan is not None:
+        o = Table(title="optimizer routing (role -> optimizer)")
+        for col in ("tensor", "shape", "role", "optimizer", "lr", "effective lr", "weight decay"):
+            o.add_column(col)
+        for p in plan:
+            o.add_row(p["name"], "x".join(map(str, p["shape"])), p["role"], p["optimizer"], f"{p['lr']:.2e}",
+                      f"{p['effective_lr']:.2e}", f"{p['weight_decay']:g}")
+        con.print(o)
+    return 0
+
+
+def cmd_config(args, rest) -> int:
+    import yaml
+
+    from moe_arch.config import load_config
+
+    cfg = load_config(args.config, _split_overrides(rest))
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_generate(args, rest) -> int:
+    import torch
+
+    from moe_arch.config import Config
+    from moe_arch.data.tokenizer import TextTokenizer
+    from moe_arch.model.transformer import materialize
+    from moe_arch.training.checkpoint import load_checkpoint
+
+    if rest:
+        raise UsageError(f"unexpected arguments {rest}")
+    state = load_checkpoint(args.checkpoint)
+    cfg = Config.from_dict(state["config"], f"{args.checkpoint} (config)")
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, _, _ = materialize(cfg.model, state["model"], device)
+    model.eval()
+    from tokenizers import Tokenizer
+
+    tok = TextTokenizer(Tokenizer.from_str(state["tokenizer_json"]), f"{args.checkpoint} (tokenizer)")
+    ids = torch.tensor([tok.encode(args.prompt) or [tok.eos_id]], device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    room = min(args.max_new_tokens, cfg.model.max_seq_len - ids.shape[1])
+    for _ in range(args.num_samples):
+        out = model.generate(ids, room, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             eos_id=tok.eos_id if args.stop_at_eos else None, generator=gen)
+        print(tok.decode(out[0].tolist()))
+        if args.num_samples > 1:
+            print("-" * 40)
+    return 0
+
+
+def cmd_diagnose(args, rest) -> int:
+    from moe_arch.doctor.cli import run_diagnose
+
+    if rest:
+        raise UsageError(f"unexpected arguments {rest}")
+    return run_diagnose(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-arch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"moe-arch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (default: the tiny preset on the embedded corpus)")
+    t.add_argument("config", nargs="?", default=None, help="YAML config file or preset name (default: tiny)")
+    t.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'latest' (this run's newest)")
+    t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("info", help="parameter counts and optimizer routing of a config (built on the meta device)")
+    i.add_argument("config", help="YAML config file or preset name")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--optimizer", action="store_true", help="per-tensor optimizer, lr and weight decay")
+    i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("config", help="print the resolved, validated config")
+    c.add_argument("config", nargs="?", default=None)
+    c.set_defaults(func=cmd_config)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint with the KV/SSM cache")
+    g.add_argument("checkpoint")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--stop-at-eos", action="store_true")
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("diagnose", help="find out why a run is not learning, from its checkpoint(s)")
+    d.add_argument("checkpoint", help="checkpoint file or folder (ours, torch.save, safetensors, HF Trainer checkpoint-N/, "
+                                      "or a distributed-checkpoint folder)")
+    d.add_argument("--against", default=None, help="reference checkpoint (default: this run's step-0 checkpoint)")
+    d.add_argument("--out", default=None, help="folder for report.md / report.html (default: next to the checkpoint)")
+    d.add_argument("--json", default=None, help="write the findings as JSON to this path ('-' for stdout)")
+    d.add_argument("--fail-on", choices=["warning", "critical"], default=None,
+                   help="exit 1 when a finding of this severity (or worse) is found")
+    d.add_argument("--model", default=None, help="config/preset to rebuild the model for the model-aware probes")
+    d.add_argument("--no-probe", action="store_true", help="skip the model-aware probes (checkpoint analysis only)")
+    d.add_argument("--trust-pickle", action="store_true",
+                   help="allow checkpoints that need arbitrary unpickling (only for files you trust)")
+    d.add_argument("--quiet", action="store_true", help="no console report, no progress bar")
+    d.set_defaults(func=cmd_diagnose)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moe_arch.config import ConfigError
+    from moe_arch.data.corpus import DataError
+    from moe_arch.training.checkpoint import CheckpointError
+
+    parser = build_parser()
+    argv, overrides = extract_overrides(list(sys.argv[1:] if argv is None else argv))
+    args, rest = parser.parse_known_args(argv)
+    try:
+        return args.func(args, rest + overrides)
+    except (ConfigError, DataError, CheckpointError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,477 @@
+"""Typed run configuration: model, optimizer, training, data and monitor sections.
+
+Every section is a dataclass validated at construction (like Hugging Face's ``PretrainedConfig``): a bad
+value raises :class:`ConfigError` with one line naming the field, the value and what is allowed. Configs
+load from YAML (optionally starting from a named preset) and take dotted command-line overrides such as
+``--model.d_model 256``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message is one line: source, field, value, what is allowed."""
+
+
+def _fail(section: str, name: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ConfigError(f"{section}.{name}={value!r}: {allowed}")
+
+
+def _check_layers(section: str, name: str, layers: list[int], n_layers: int) -> None:
+    for i in layers:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_layers:
+            _fail(section, name, layers, f"layer index {i!r} out of range; allowed: integers in [0, {n_layers - 1}]")
+    if len(set(layers)) != len(layers):
+        _fail(section, name, layers, "contains a layer index twice; list each layer once")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int = 384  # SwiGLU hidden size of the dense feed-forward layers
+    max_seq_len: int = 4096  # longest sequence generation may reach (RoPE is computed on the fly)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # Mixture of Experts feed-forward layers
+    moe_layers: list[int] = field(default_factory=list)
+    n_experts: int = 0
+    top_k: int = 2
+    d_ff_expert: int = 0
+    router_aux_loss_coef: float = 0.01  # Switch load-balance loss weight
+    router_z_loss_coef: float = 0.001  # ST-MoE router z-loss weight
+    router_bias_balancing: bool = False  # DeepSeek-V3 auxiliary-loss-free balancing
+    router_bias_update_rate: float = 0.001
+    # Mamba sequence layers (the others are attention)
+    mamba_layers: list[int] = field(default_factory=list)
+    mamba_d_state: int = 16
+    mamba_expand: int = 2
+    mamba_d_conv: int = 4
+    mamba_dt_rank: int | None = None  # None: ceil(d_model / 16)
+    mamba_chunk_size: int = 0  # scan chunk length; 0 picks ~sqrt(sequence length)
+    # Mixture of Depths token routing
+    mod_layers: list[int] = field(default_factory=list)
+    mod_capacity: float = 1.0
+    mod_aux_loss_coef: float = 0.01
+    # Multi-token prediction: number of prediction heads (1 = next token only)
+    n_predict: int = 1
+    mtp_loss_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        s = "model"
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                _fail(s, name, v, "must be a positive integer")
+        if self.vocab_size < 2:
+            _fail(s, "vocab_size", self.vocab_size, "must be at least 2")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and h <= 64]
+                _fail(s, "n_heads", self.n_heads,
+                      f"must divide model.d_model={self.d_model} (e.g. one of {divisors[-4:]}), or set model.head_dim")
+        elif self.head_dim <= 0:
+            _fail(s, "head_dim", self.head_dim, "must be a positive integer or null")
+        if self.n_heads % self.n_kv_heads:
+            _fail(s, "n_kv_heads", self.n_kv_heads, f"must divide model.n_heads={self.n_heads} (grouped-query attention)")
+        if self.resolved_head_dim % 2:
+            _fail(s, "head_dim", self.resolved_head_dim, "must be even (rotary embeddings rotate pairs of dimensions)")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                _fail(s, name, getattr(self, name), "must be > 0")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate", "mod_aux_loss_coef",
+                     "mtp_loss_weight"):
+            if not getattr(self, name) >= 0:
+                _fail(s, name, getattr(self, name), "must be >= 0")
+        _check_layers(s, "moe_layers", self.moe_layers, self.n_layers)
+        _check_layers(s, "mamba_layers", self.mamba_layers, self.n_layers)
+        _check_layers(s, "mod_layers", self.mod_layers, self.n_layers)
+        if self.moe_layers:
+            if self.n_experts < 1:
+                _fail(s, "n_experts", self.n_experts, "must be >= 1 when model.moe_layers is not empty")
+            if not 1 <= self.top_k <= self.n_experts:
+                _fail(s, "top_k", self.top_k, f"must be in [1, model.n_experts={self.n_experts}]")
+            if self.d_ff_expert <= 0:
+                _fail(s, "d_ff_expert", self.d_ff_expert, "must be a positive integer when model.moe_layers is not empty")
+        if self.mamba_layers:
+            for name in ("mamba_d_state", "mamba_expand", "mamba_d_conv"):
+                if getattr(self, name) < 1:
+                    _fail(s, name, getattr(self, name), "must be >= 1")
+            if self.mamba_dt_rank is not None and self.mamba_dt_rank < 1:
+                _fail(s, "mamba_dt_rank", self.mamba_dt_rank, "must be >= 1 or null")
+            if self.mamba_chunk_size < 0:
+                _fail(s, "mamba_chunk_size", self.mamba_chunk_size, "must be >= 0 (0 = automatic)")
+        if not (isinstance(self.mod_capacity, (int, float)) and 0.0 < self.mod_capacity <= 1.0):
+            _fail(s, "mod_capacity", self.mod_capacity, "must be in (0, 1]; 1.0 turns Mixture-of-Depths off")
+        if self.n_predict < 1:
+            _fail(s, "n_predict", self.n_predict, "must be >= 1 (1 = next-token prediction only)")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_dt_rank(self) -> int:
+        return self.mamba_dt_rank if self.mamba_dt_rank is not None else math.ceil(self.d_model / 16)
+
+    @property
+    def mod_enabled(self) -> bool:
+        return bool(self.mod_layers) and self.mod_capacity < 1.0
+
+
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-compensated", "bf16-pure")
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+@dataclass
+class OptimConfig:
+    # Muon for hidden 2-D matrices (and stacked expert matrices), AdamW for everything else.
+    muon_lr: float = 3e-3
+    adamw_lr: float = 3e-3
+    weight_decay: float = 0.1
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    # "match_rms_adamw" (Moonlight): Muon's update RMS matches AdamW's, so both can share learning rates.
+    muon_adjust_lr: str = "match_rms_adamw"
+    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adamw_eps: float = 1e-8
+    # Roles optimised by Muon; everything else goes to AdamW (see moe_arch.training.optim).
+    muon_roles: list[str] = field(default_factory=lambda: ["hidden_matrix", "expert_matrix"])
+
+    def __post_init__(self) -> None:
+        s = "optim"
+        for name in ("muon_lr", "adamw_lr", "weight_decay", "adamw_eps"):
+            if not getattr(self, name) >= 0:
+                _fail(s, name, getattr(self, name), "must be >= 0")
+        if not 0 <= self.muon_momentum < 1:
+            _fail(s, "muon_momentum", self.muon_momentum, "must be in [0, 1)")
+        if self.muon_ns_steps < 1 or self.muon_ns_steps >= 100:
+            _fail(s, "muon_ns_steps", self.muon_ns_steps, "must be in [1, 99]")
+        if self.muon_adjust_lr not in ("original", "match_rms_adamw"):
+            _fail(s, "muon_adjust_lr", self.muon_adjust_lr, "allowed: 'original' or 'match_rms_adamw'")
+        if len(self.adamw_betas) != 2 or not all(0 <= b < 1 for b in self.adamw_betas):
+            _fail(s, "adamw_betas", self.adamw_betas, "must be two numbers in [0, 1)")
+        from moe_arch.model.roles import ROLES  # local import: roles live with the model
+
+        for r in self.muon_roles:
+            if r not in ROLES:
+                _fail(s, "muon_roles", self.muon_roles, f"unknown role {r!r}; allowed: {sorted(ROLES)}")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs"
+    run_name: str = "tiny"
+    steps: int = 400
+    batch_size: int = 16  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 128
+    warmup_steps: int = 30
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    decay_frac: float = 0.2  # warmup-stable-decay: fraction of steps spent decaying
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "auto"  # auto: fp32 on CPU, bf16-mixed on GPU
+    device: str = "auto"
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 200
+    eval_max_tokens: int = 65536  # cap on validation tokens per evaluation (0 = whole split)
+    ckpt_every: int = 200
+    keep_last: int = 2
+    save_step0: bool = True
+    nan_policy: str = "stop"  # stop | skip
+    max_nan_skips: int = 3
+    compile: bool = False
+    parallel: str = "auto"  # auto | none | ddp | fsdp (multi-process runs under torchrun)
+    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 measures the fp32/bf16 matmul peak at start
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "moe-arch"
+    sample_prompt: str = "The hacker"
+    sample_tokens: int = 48
+    progress: str = "auto"  # auto | rich | plain | none
+
+    def __post_init__(self) -> None:
+        s = "train"
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                _fail(s, name, v, "must be a positive integer")
+        if self.seq_len < 2:
+            _fail(s, "seq_len", self.seq_len, "must be >= 2")
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "eval_max_tokens", "max_nan_skips", "sample_tokens"):
+            if getattr(self, name) < 0:
+                _fail(s, name, getattr(self, name), "must be >= 0")
+        if self.schedule not in SCHEDULES:
+            _fail(s, "schedule", self.schedule, f"allowed: {', '.join(SCHEDULES)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail(s, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        if not 0 < self.decay_frac <= 1:
+            _fail(s, "decay_frac", self.decay_frac, "must be in (0, 1]")
+        if self.grad_clip < 0:
+            _fail(s, "grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        if self.precision not in PRECISIONS:
+            _fail(s, "precision", self.precision, f"allowed: {', '.join(PRECISIONS)}")
+        if self.nan_policy not in ("stop", "skip"):
+            _fail(s, "nan_policy", self.nan_policy, "allowed: stop, skip")
+        if self.parallel not in ("auto", "none", "ddp", "fsdp"):
+            _fail(s, "parallel", self.parallel, "allowed: auto, none, ddp, fsdp")
+        if self.progress not in ("auto", "rich", "plain", "none"):
+            _fail(s, "progress", self.progress, "allowed: auto, rich, plain, none")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            _fail(s, "device", self.device, "allowed: auto, cpu, cuda, cuda:N")
+
+
+@dataclass
+class DataConfig:
+    # "embedded" (the corpus shipped with the package), a text/JSONL file or folder, or "hf:NAME[:SPLIT]".
+    source: str = "embedded"
+    text_field: str = "text"
+    # "auto" trains a byte-level BPE on the corpus (cached); otherwise a path to a tokenizer.json.
+    tokenizer: str = "auto"
+    val_fraction: float = 0.05
+    cache_dir: str = ".cache/moe_arch"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.val_fraction < 0.5:
+            _fail("data", "val_fraction", self.val_fraction, "must be in (0, 0.5)")
+        if not self.source:
+            _fail("data", "source", self.source, "must name 'embedded', a file or folder, or hf:NAME")
+
+
+@dataclass
+class MonitorConfig:
+    enabled: bool = True
+    interval: int = 10  # optimizer steps between checks
+    window: int = 20  # steps a tensor must stay unchanged before it is called frozen
+    sample_size: int = 4096  # elements fingerprinted per tensor (per expert slice)
+    spike_zscore: float = 6.0
+    stop_on_critical: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("interval", "window", "sample_size"):
+            if getattr(self, name) < 1:
+                _fail("monitor", name, getattr(self, name), "must be >= 1")
+        if self.window < self.interval:
+            _fail("monitor", "window", self.window, f"must be >= monitor.interval={self.interval}")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "monitor": MonitorConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            _fail("train", "seq_len", self.train.seq_len, f"must be <= model.max_seq_len={self.model.max_seq_len}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Config":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping with sections {sorted(SECTIONS)}, got {type(data).__name__}")
+        unknown = set(data) - set(SECTIONS) - {"preset"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigError(f"{source}: unknown section {key!r}{_suggest(key, SECTIONS)}; allowed: {sorted(SECTIONS)}")
+        try:
+            sections = {}
+            for name, klass in SECTIONS.items():
+                values = data.get(name) or {}
+                if not isinstance(values, dict):
+                    raise ConfigError(f"{name}: expected a mapping, got {type(values).__name__}")
+                sections[name] = _build_section(name, klass, values)
+            return cls(**sections)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build_section(name: str, klass: type, values: dict[str, Any]):
+    hints = typing.get_type_hints(klass)
+    names = {f.name for f in dataclasses.fields(klass)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{name}.{key}: unknown field{_suggest(key, names)}; see `moe-arch config --help-fields`")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return klass(**kwargs)
+
+
+def _coerce(path: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field's annotation, converting the harmless cases (int -> float)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner[0])
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}={value!r}: expected a list, e.g. [1, 2]")
+        return [_coerce(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}={value!r}: expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{path}={value!r}: expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}={value!r}: expected a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}={value!r}: expected a string")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Presets, files and overrides
+
+
+def preset_names() -> list[str]:
+    root = resources.files("moe_arch") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(path_or_preset: str) -> tuple[dict[str, Any], str]:
+    path = Path(path_or_preset)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found; give a YAML file or one of the presets {preset_names()}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        return data, str(path)
+    name = path_or_preset
+    res = resources.files("moe_arch") / "configs" / f"{name}.yaml"
+    if not res.is_file():
+        raise ConfigError(
+            f"{name!r}: neither a config file nor a preset{_suggest(name, preset_names())}; presets: {preset_names()}")
+    return yaml.safe_load(res.read_text()) or {}, f"preset {name}"
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_raw(path_or_preset: str | None) -> tuple[dict[str, Any], str]:
+    """The merged mapping for a file or preset (a file may say ``preset: NAME`` to start from one)."""
+    if path_or_preset is None:
+        path_or_preset = "tiny"
+    data, source = _read_yaml(path_or_preset)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections {sorted(SECTIONS)}")
+    base_name = data.get("preset")
+    if base_name is not None:
+        base, _ = _read_yaml(str(base_name))
+        data = _merge(base, {k: v for k, v in data.items() if k != "preset"})
+    return data, source
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``['--model.d_model', '256', '--train.steps=10']`` -> nested mapping with YAML-parsed values."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"override {arg!r}: expected --SECTION.FIELD VALUE, e.g. --model.d_model 256")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key}: missing value")
+            raw = args[i + 1]
+            i += 2
+        section, _, name = key.partition(".")
+        if section not in SECTIONS:
+            raise ConfigError(f"override --{key}: unknown section {section!r}{_suggest(section, SECTIONS)}; "
+                              f"allowed: {sorted(SECTIONS)}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and "," in value and not raw.strip().startswith(("'", '"')):
+            # "1,2,3" is a convenient way to write a list on the command line.
+            try:
+                value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+            except yaml.YAMLError:
+                pass
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_config(path_or_preset: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    data, source = load_raw(path_or_preset)
+    if overrides:
+        ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        data = _merge(data, ov)
+        source = f"{source} (with overrides)"
+    return Config.from_dict(data, source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from moe_arch.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,257 @@
+"""Per-tensor evidence, computed in one streaming pass over the checkpoint (and its reference).
+
+For each floating-point tensor: its optimizer slot and state; change against the reference (exact equality,
+fraction of equal elements, relative change ||w - w0|| / ||w0||, update RMS), per expert slice for stacked
+expert tensors; and, when stored in bf16/fp16, how many elements' expected optimizer updates are smaller than
+half a ULP of their stored value. Tensors are processed in flat chunks, and memory-mapped pages are released
+after each chunk, so memory stays bounded whatever the checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from moe_arch.doctor.loader import BUFFER_PATTERNS, CheckpointView, LoadError, release
+from moe_arch.doctor.optim_map import ParamSlot
+from moe_arch.doctor.rules import LOW_PRECISION, adam_update, half_ulp, muon_update_rms
+
+CHUNK = 1 << 22  # elements per chunk (16 MB of fp32 temporaries each)
+SAMPLE = 1 << 14  # elements kept for medians
+
+
+@dataclass
+class TensorEvidence:
+    name: str
+    shape: list[int]
+    dtype: str
+    numel: int
+    role: str
+    buffer_like: bool = False
+    # optimizer
+    optimizer: str | None = None
+    group_index: int | None = None
+    optimizer_kind: str | None = None
+    lr: float | None = None
+    initial_lr: float | None = None
+    weight_decay: float | None = None
+    has_state: bool = False
+    state_step: float | None = None
+    moments_zero: bool | None = None
+    mapping: str | None = None
+    # change against the reference
+    has_reference: bool = False
+    unchanged: bool | None = None  # bitwise equal to the reference
+    frac_unchanged: float | None = None
+    rel_change: float | None = None
+    update_rms: float | None = None
+    ref_norm: float | None = None
+    norm: float = 0.0
+    constant_value: float | None = None  # every element equals this value (an initialisation signature)
+    # stacked expert tensors [E, ...]
+    slice_unchanged: list[bool] | None = None
+    slice_rel_change: list[float] | None = None
+    slice_state_zero: list[bool] | None = None
+    # precision rule
+    low_precision: bool = False
+    frac_lost: float | None = None  # share of elements whose expected update < half a ULP
+    median_update: float | None = None
+    median_half_ulp: float | None = None
+    median_abs: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def infer_role(name: str, shape: tuple[int, ...], roles: dict[str, str] | None) -> str:
+    if roles and name in roles:
+        return roles[name]
+    low = name.lower()
+    if len(shape) == 1 and ("norm" in low or low.endswith("ln.weight") or ".ln_" in low):
+        return "norm"
+    if low.endswith(".bias"):
+        return "bias"
+    if "embed" in low or "wte" in low or "tok_emb" in low:
+        return "embedding"
+    if "lm_head" in low or low.startswith("output.") or "unembed" in low:
+        return "output_head"
+    if len(shape) == 3 and "expert" in low:
+        return "expert_matrix"
+    if "router" in low or low.endswith("gate.weight") and len(shape) == 2 and shape[0] <= 256:
+        return "router"
+    if "conv" in low:
+        return "conv"
+    if low.endswith("a_log") or low.endswith(".d"):
+        return "ssm"
+    if len(shape) >= 2:
+        return "hidden_matrix"
+    return "other"
+
+
+def is_stacked(role: str, shape: tuple[int, ...]) -> bool:
+    return role == "expert_matrix" and len(shape) == 3 and shape[0] > 1
+
+
+def _sample(t: torch.Tensor, n: int) -> torch.Tensor:
+    flat = t.reshape(-1)
+    if flat.numel() <= n:
+        return flat.float().clone()
+    step = flat.numel() // n
+    return flat[::step][:n].float().clone()
+
+
+def analyze_tensors(view: CheckpointView, ref: CheckpointView | None, slots: dict[str, ParamSlot],
+                    optimizer_kinds: dict[str, str], progress: Callable[[int], None] | None = None
+                    ) -> list[TensorEvidence]:
+    roles = view.meta.get("param_roles")
+    buffers = set(view.meta.get("buffers") or [])
+    out: list[TensorEvidence] = []
+    for name, ti in view.tensors.items():
+        if not ti.dtype.is_floating_point:
+            if progress:
+                progress(ti.numel)
+            continue
+        role = infer_role(name, ti.shape, roles)
+        ev = TensorEvidence(name, list(ti.shape), str(ti.dtype).replace("torch.", ""), ti.numel, role,
+                            buffer_like=name in buffers or bool(BUFFER_PATTERNS.search(name)))
+        slot = slots.get(name)
+        if slot is not None:
+            g = slot.group
+            ev.optimizer, ev.group_index, ev.mapping = slot.optimizer, slot.group_index, slot.method
+            ev.optimizer_kind = optimizer_kinds.get(slot.optimizer)
+            ev.lr = float(g["lr"]) if "lr" in g else None
+            ev.initial_lr = float(g["initial_lr"]) if "initial_lr" in g else None
+            ev.weight_decay = float(g.get("weight_decay", 0.0))
+            ev.has_state = any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in slot.state.values())
+            step = slot.state.get("step")
+            ev.state_step = float(step) if step is not None else None
+        ref_ti = ref.tensors.get(name) if ref is not None else None
+        if ref is not None and ref_ti is not None and tuple(ref_ti.shape) != tuple(ti.shape):
+            raise LoadError(f"{name}: shape {tuple(ti.shape)} in the checkpoint but {tuple(ref_ti.shape)} in the "
+                            f"reference {ref.path}; --against must be a checkpoint of the same model")
+        _stream(ev, ti.get(), ref_ti.get() if ref_ti is not None else None, slot, progress)
+        out.append(ev)
+    return out
+
+
+def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: ParamSlot | None, progress) -> None:
+    n = w.numel()
+    flat = w.reshape(-1)
+    flat0 = w0.reshape(-1) if w0 is not None else None
+    st = slot.state if slot is not None else {}
+    m = st.get("exp_avg")
+    v = st.get("exp_avg_sq")
+    buf = st.get("momentum_buffer")
+    moment = m if isinstance(m, torch.Tensor) else buf if isinstance(buf, torch.Tensor) else None
+    if moment is not None and moment.numel() != n:
+        moment = None  # factored or sharded state: skip element-wise rules
+        ev.notes.append("optimizer state shape differs from the tensor; element-wise rules skipped")
+    v = v if isinstance(v, torch.Tensor) and v.numel() == n else None
+    low = w.dtype in LOW_PRECISION
+    ev.low_precision = low
+    group = slot.group if slot is not None else {}
+    # Judge the rounding rule at the schedule's peak (initial) lr: if even that update cannot survive, nothing in
+    # the schedule could; the current lr of a decayed schedule would understate what the run tried.
+    lr = max(float(group.get("lr", 0.0)), float(group.get("initial_lr", 0.0) or 0.0)) if slot is not None else None
+    kind = ev.optimizer_kind
+    muon_upd = None
+    if low and kind == "muon" and lr is not None and len(ev.shape) >= 2:
+        muon_upd = muon_update_rms(lr, tuple(ev.shape), group.get("adjust_lr_fn"))
+
+    eq = 0
+    diff2 = 0.0
+    ref2 = 0.0
+    sq = 0.0
+    lost = 0
+    mom_nonzero = False
+    lo = math.inf
+    hi = -math.inf
+    stacked = is_stacked(ev.role, tuple(ev.shape))
+    per = n // ev.shape[0] if stacked else 0
+    slice_eq = [0] * ev.shape[0] if stacked else None
+    slice_d2 = [0.0] * ev.shape[0] if stacked else None
+    slice_r2 = [0.0] * ev.shape[0] if stacked else None
+    slice_mom = [False] * ev.shape[0] if stacked else None
+    upd_samples, hu_samples, abs_samples = [], [], []
+    chunk = CHUNK if not stacked else max(per, (CHUNK // per) * per) if per else CHUNK
+    sample_every = max(1, n // SAMPLE)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        wc_raw = flat[s:e]
+        wc = wc_raw.float()
+        sq += float((wc.double() ** 2).sum())
+        lo = min(lo, float(wc.min()))
+        hi = max(hi, float(wc.max()))
+        if flat0 is not None:
+            w0c = flat0[s:e].float()
+            same = wc == w0c
+            eq += int(same.sum())
+            d = (wc - w0c).double()
+            diff2 += float((d * d).sum())
+            ref2 += float((w0c.double() ** 2).sum())
+            if stacked:
+                for k in range(s // per, (e + per - 1) // per):
+                    a, b = max(s, k * per) - s, min(e, (k + 1) * per) - s
+                    slice_eq[k] += int(same[a:b].sum())
+                    slice_d2[k] += float((d[a:b] ** 2).sum())
+                    slice_r2[k] += float((w0c[a:b].double() ** 2).sum())
+        mc = moment.reshape(-1)[s:e] if moment is not None else None
+        if mc is not None:
+            nz = mc != 0
+            mom_nonzero |= bool(nz.any())
+            if stacked:
+                for k in range(s // per, (e + per - 1) // per):
+                    a, b = max(s, k * per) - s, min(e, (k + 1) * per) - s
+                    slice_mom[k] |= bool(nz[a:b].any())
+        if low and lr is not None:
+            hu = half_ulp(wc_raw)
+            if muon_upd is not None:
+                upd = torch.full_like(hu, muon_upd)
+            elif kind == "adam":
+                vc = v.reshape(-1)[s:e] if v is not None else None
+                upd = adam_update(lr, mc, vc, float(st.get("step", 0) or 0), tuple(group.get("betas", (0.9, 0.999))),
+                                  float(group.get("eps", 1e-8)))
+                upd = upd if isinstance(upd, torch.Tensor) else torch.full_like(hu, upd)
+            elif kind == "sgd" and mc is not None:
+                upd = lr * mc.float().abs()
+            else:
+                upd = torch.full_like(hu, lr)
+            lost += int((upd < hu).sum())
+            idx = slice(0, None, sample_every)
+            upd_samples.append(upd[idx].float())
+            hu_samples.append(hu[idx])
+        abs_samples.append(wc[::sample_every].abs())
+        for t in (wc_raw, flat0[s:e] if flat0 is not None else None, mc, v.reshape(-1)[s:e] if v is not None else None):
+            release(t)
+        if progress:
+            progress(e - s)
+    ev.norm = math.sqrt(sq)
+    ev.constant_value = lo if n > 0 and lo == hi else None
+    ev.median_abs = float(torch.cat(abs_samples).median()) if abs_samples else None
+    if moment is not None:
+        ev.moments_zero = not mom_nonzero
+    if flat0 is not None:
+        ev.has_reference = True
+        ev.frac_unchanged = eq / n if n else 1.0
+        ev.unchanged = eq == n
+        ev.ref_norm = math.sqrt(ref2)
+        ev.update_rms = math.sqrt(diff2 / n) if n else 0.0
+        ev.rel_change = math.sqrt(diff2) / ev.ref_norm if ev.ref_norm > 0 else None
+        if stacked:
+            ev.slice_unchanged = [c == per for c in slice_eq]
+            ev.slice_rel_change = [math.sqrt(d) / math.sqrt(r) if r > 0 else float("nan")
+                                   for d, r in zip(slice_d2, slice_r2)]
+    if stacked and moment is not None:
+        ev.slice_state_zero = [not x for x in slice_mom]
+    if low and lr is not None and n:
+        ev.frac_lost = lost / n
+        ev.median_update = float(torch.cat(upd_samples).median())
+        ev.median_half_ulp = float(torch.cat(hu_samples).median())

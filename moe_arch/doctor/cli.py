@@ -1,0 +1,168 @@
+"""``moe-arch diagnose``: load, analyse, probe, decide, report."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+from moe_arch.doctor.analyze import analyze_tensors
+from moe_arch.doctor.engine import diagnose, status_of
+from moe_arch.doctor.loader import CheckpointView, LoadError, open_checkpoint
+from moe_arch.doctor.optim_map import map_optimizers
+from moe_arch.doctor.report import Diagnosis, write_json, write_reports
+
+EXIT_OK, EXIT_FAIL_ON, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def default_reference(view: CheckpointView) -> Path | None:
+    """Our run's step-0 checkpoint (the true initialisation) next to the checkpoint, if it exists."""
+    if view.format != "moe_arch" or not view.path.is_file():
+        return None
+    cand = view.path.parent / "step_0000000.pt"
+    if cand.is_file() and cand.resolve() != view.path.resolve():
+        return cand
+    return None
+
+
+def run_analysis(path: str, against: str | None = None, model_config: str | None = None, probe: bool = True,
+                 trust_pickle: bool = False, progress: bool = False) -> Diagnosis:
+    view = open_checkpoint(path, trust_pickle)
+    ref_path = Path(against) if against else default_reference(view)
+    ref = open_checkpoint(ref_path, trust_pickle) if ref_path else None
+    notes = list(view.notes)
+    if ref is None:
+        notes.append("no reference checkpoint: change-based evidence (unchanged tensors, relative change, dead experts by "
+                     "change) is unavailable. Pass --against with the run's initial or an earlier checkpoint; an "
+                     "unseeded fresh initialisation is never used as a reference")
+    else:
+        missing = [n for n in view.tensors if n not in ref.tensors]
+        if missing:
+            notes.append(f"{len(missing)} tensors are not in the reference (no change measured): {missing[:4]}")
+    slots, summaries = map_optimizers(view)
+    kinds = {s.name: s.kind for s in summaries}
+    total = sum(t.numel for t in view.tensors.values())
+    bar = None
+    if progress and sys.stderr.isatty():
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task("analysing tensors", total=total)
+        cb = lambda n: bar.advance(task, n)  # noqa: E731
+    else:
+        cb = None
+    try:
+        evidence = analyze_tensors(view, ref, slots, kinds, cb)
+    finally:
+        if bar is not None:
+            bar.stop()
+    findings = diagnose(evidence, summaries, bool(view.optimizers), str(ref_path) if ref_path else None)
+    checkpoint = {
+        "path": str(view.path), "format": view.format, "step": _plain(view.meta.get("step")),
+        "epoch": _plain(view.meta.get("epoch")), "tokens_seen": _plain(view.meta.get("tokens_seen")),
+        "reference": str(ref_path) if ref_path else None, "n_tensors": len(view.tensors), "n_parameters": total,
+        "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in view.tensors.values())),
+        "precision": view.meta.get("precision"),
+        "config": view.meta.get("config"),
+    }
+    probe_res = None
+    cfg = _model_config(view, model_config, notes)
+    if cfg is not None:
+        from moe_arch.model.params import count_parameters
+        from moe_arch.model.transformer import HybridLM
+        import torch
+
+        with torch.device("meta"):
+            counts = count_parameters(HybridLM(cfg.model))
+        checkpoint["params_total"], checkpoint["params_active"] = counts["total"], counts["active"]
+        m = cfg.model
+        checkpoint["config_summary"] = (f"d_model {m.d_model}, {m.n_layers} layers, {m.n_experts} experts top-{m.top_k}, "
+                                        f"Mamba layers {m.mamba_layers}, MoD {m.mod_capacity}, {m.n_predict} heads")
+        if probe:
+            from moe_arch.doctor.probe import run_probe
+
+            try:
+                probe_res = run_probe(view, cfg).to_dict()
+            except Exception as e:  # the probe is corroboration; its failure must not hide the findings
+                notes.append(f"model-aware probe failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    summaries_json = [{"name": s.name, "kind": s.kind, "mapping": s.method, "n_params": s.n_params,
+                       "n_mapped": s.n_mapped, "n_with_state": s.n_with_state,
+                       "groups": [{k: _plain(v) for k, v in g.items()} for g in s.groups],
+                       "ambiguous": s.ambiguous, "unmatched": s.unmatched} for s in summaries]
+    for s in summaries:
+        if s.method == "unmapped":
+            notes.append(f"optimizer {s.name!r}: its parameters could not be matched to the model's tensors by shape and "
+                         "order (was it saved for another model?); optimizer-based analyses skip it")
+    if probe_res:
+        _corroborate(findings, probe_res)
+    return Diagnosis(status_of(findings), checkpoint, findings, summaries_json, evidence, probe_res, notes)
+
+
+def _corroborate(findings, probe: dict) -> None:
+    for f in findings:
+        if f.cause == "no_gradient":
+            hit = [t for t in f.tensors if t in set(probe["no_grad"]) | set(probe["zero_grad"])]
+            f.evidence["probe_confirms_no_gradient"] = len(hit)
+        if f.cause == "dead_experts":
+            f.evidence["probe_expert_zero_grad"] = probe["expert_zero_grad"]
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        return v.item()
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+def _model_config(view: CheckpointView, spec: str | None, notes: list[str]):
+    from moe_arch.config import Config, ConfigError, load_config
+
+    try:
+        if spec:
+            return load_config(spec)
+        if isinstance(view.meta.get("config"), dict) and view.format == "moe_arch":
+            return Config.from_dict(view.meta["config"], f"{view.path} (config)")
+    except ConfigError as e:
+        notes.append(f"model-aware probes skipped: {e}")
+    return None
+
+
+def run_diagnose(args) -> int:
+    try:
+        d = run_analysis(args.checkpoint, args.against, args.model, probe=not args.no_probe,
+                         trust_pickle=args.trust_pickle, progress=not args.quiet)
+    except LoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    src = Path(d.checkpoint["path"])
+    out_dir = Path(args.out) if args.out else (src.parent if src.is_file() else src) / f"diagnosis-{src.stem}"
+    md, htm = write_reports(d, out_dir)
+    if args.json:
+        write_json(d, args.json)
+    if not args.quiet and args.json != "-":
+        print_summary(d, md, htm)
+    if args.fail_on == "critical" and d.status == "critical":
+        return EXIT_FAIL_ON
+    if args.fail_on == "warning" and d.status in ("critical", "warning"):
+        return EXIT_FAIL_ON
+    return EXIT_OK
+
+
+def print_summary(d: Diagnosis, md: Path, htm: Path) -> None:
+    from rich.console import Console
+
+    con = Console(highlight=False)
+    color = {"critical": "red", "warning": "yellow", "healthy": "green"}[d.status]
+    ck = d.checkpoint
+    con.print(f"[bold]{ck['path']}[/] ({ck['format']}, step {ck.get('step')}, {ck['n_tensors']} tensors; reference: "
+              f"{ck['reference'] or 'none'})")
+    con.print(f"status: [bold {color}]{d.status.upper()}[/]")
+    for f in d.findings:
+        c = "red" if f.severity == "critical" else "yellow"
+        con.print(f"  [{c}]{f.severity}[/] {f.cause}: {f.summary}")
+        con.print(f"    fix: {f.recommendation}")
+    for n in d.notes:
+        con.print(f"  [dim]note: {n}[/]")
+    con.print(f"report: {md} and {htm}")

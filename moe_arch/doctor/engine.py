@@ -1,0 +1,281 @@
+"""Turn per-tensor evidence into findings, each with one cause, the tensors, the numbers, and one fix.
+
+Causes (a tensor gets the most fundamental one that its evidence supports, in this order):
+
+- ``not_in_optimizer``   no optimizer holds the tensor (and it did not change, so it is not a buffer);
+- ``zero_learning_rate`` its group's learning rate is 0 (and was never scheduled above 0);
+- ``no_gradient``        it is in an optimizer but never received a gradient (no state, or all-zero moments);
+- ``precision_underflow`` stored in bf16/fp16, its expected update is below half a ULP for (almost) every
+                          element, and the tensor did not change: every update rounded away;
+- ``dead_experts``       some expert slices of a stacked expert tensor never changed / never got a gradient;
+- ``excessive_update``   its relative change is an outlier among this run's tensors (robust z-score on the
+                          log of ||w - w0|| / ||w0||; not a fixed threshold).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from moe_arch.doctor.analyze import TensorEvidence
+from moe_arch.doctor.optim_map import OptimizerSummary
+from moe_arch.doctor.rules import half_ulp_at
+
+CAUSES = ("precision_underflow", "not_in_optimizer", "no_gradient", "zero_learning_rate", "excessive_update",
+          "dead_experts")
+
+RECOMMENDATIONS = {
+    "precision_underflow": ("keep fp32 master weights for these tensors (moe-arch: --train.precision bf16-mixed) or use "
+                            "compensated updates (--train.precision bf16-compensated); raising the learning rate is "
+                            "not a fix: updates stay below the rounding step for most of training"),
+    "not_in_optimizer": ("add these parameters to an optimizer param group: check the filter that builds the groups "
+                         "(name patterns, ndim rules) and that requires_grad is True"),
+    "no_gradient": ("these tensors never received a gradient: check that the forward pass uses them and that nothing "
+                    "detaches their inputs or outputs"),
+    "zero_learning_rate": ("give their param group a non-zero learning rate (check per-group lr multipliers and the "
+                           "scheduler's lambdas)"),
+    "excessive_update": ("these tensors moved far more than the rest of the run: lower their learning rate (or their "
+                         "group's), check their initialisation scale, and clip gradients"),
+    "dead_experts": ("some experts receive no tokens: raise the load-balance loss weight "
+                     "(--model.router_aux_loss_coef), add router z-loss, or use auxiliary-loss-free bias balancing "
+                     "(--model.router_bias_balancing true)"),
+}
+
+ALL_NO_GRADIENT = ("no tensor received a gradient: this usually means optimizer.zero_grad() runs between "
+                   "loss.backward() and optimizer.step(), or the optimizer was built on the parameters of another model "
+                   "object (e.g. before the model was copied, moved with .to() into a new object, or re-created)")
+
+
+@dataclass
+class Finding:
+    cause: str
+    severity: str  # critical | warning
+    tensors: list[str]
+    evidence: dict
+    recommendation: str
+    experts: dict[str, list[int]] | None = None
+    summary: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["experts"] is None:
+            d.pop("experts")
+        return d
+
+
+def pattern_groups(names: list[str]) -> list[tuple[str, int]]:
+    """Group names by replacing layer/expert indices with '*': [('layers.*.seq_norm.weight', 24), ...]."""
+    counts: dict[str, int] = defaultdict(int)
+    order: list[str] = []
+    for n in names:
+        p = re.sub(r"(?<=\.)\d+(?=\.)", "*", n)
+        if p not in counts:
+            order.append(p)
+        counts[p] += 1
+    return [(p, counts[p]) for p in order]
+
+
+def describe(names: list[str], limit: int = 6) -> str:
+    groups = pattern_groups(names)
+    parts = [f"{p} \u00d7{c}" if c > 1 else p for p, c in groups[:limit]]
+    if len(groups) > limit:
+        parts.append(f"and {sum(c for _, c in groups[limit:])} more")
+    return ", ".join(parts)
+
+
+def _median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return float(torch.tensor(xs, dtype=torch.float64).median()) if xs else None
+
+
+def diagnose(evidence: list[TensorEvidence], optimizers: list[OptimizerSummary], has_optimizer_state: bool,
+             reference: str | None) -> list[Finding]:
+    params = [e for e in evidence if not e.buffer_like]
+    claimed: set[str] = set()
+    findings: list[Finding] = []
+    ambiguous_names = {n for o in optimizers for a in o.ambiguous for n in a["candidates"]}
+    unmapped_opt = any(o.method == "unmapped" for o in optimizers)
+
+    # 1. not in any optimizer
+    if has_optimizer_state and not unmapped_opt:
+        orphans = [e for e in params if e.optimizer is None and e.name not in ambiguous_names]
+        confirmed = [e for e in orphans if e.has_reference and e.unchanged]
+        unconfirmed = [e for e in orphans if not e.has_reference]
+        if confirmed:
+            findings.append(Finding("not_in_optimizer", "critical", [e.name for e in confirmed],
+                                    {"n_tensors": len(confirmed), "unchanged_since_reference": True,
+                                     "reference": reference,
+                                     "optimizers": [o.name for o in optimizers]},
+                                    RECOMMENDATIONS["not_in_optimizer"]))
+        if unconfirmed:
+            findings.append(Finding("not_in_optimizer", "warning", [e.name for e in unconfirmed],
+                                    {"n_tensors": len(unconfirmed), "unchanged_since_reference": None,
+                                     "note": "no reference checkpoint to confirm they never changed (they could be "
+                                             "buffers updated outside the optimizer)"},
+                                    RECOMMENDATIONS["not_in_optimizer"]))
+        claimed |= {e.name for e in confirmed + unconfirmed}
+
+    in_opt = [e for e in params if e.optimizer is not None and e.name not in claimed]
+
+    # 2. zero learning rate
+    zero = [e for e in in_opt if e.lr == 0.0 and not (e.initial_lr or 0) > 0]
+    if zero:
+        groups = sorted({(e.optimizer, e.group_index) for e in zero})
+        findings.append(Finding("zero_learning_rate", "critical", [e.name for e in zero],
+                                {"groups": [{"optimizer": o, "group": g} for o, g in groups], "lr": 0.0,
+                                 "unchanged_since_reference": all(e.unchanged for e in zero if e.has_reference)
+                                 if any(e.has_reference for e in zero) else None},
+                                RECOMMENDATIONS["zero_learning_rate"]))
+        claimed |= {e.name for e in zero}
+
+    # 3. no gradient: in an optimizer that stepped, but no state / all-zero moments
+    stepped = {e.optimizer for e in in_opt if e.has_state and not e.moments_zero}
+    nograd = [e for e in in_opt if e.name not in claimed and (not e.has_state or e.moments_zero)]
+    if nograd:
+        all_of_them = len(nograd) == len([e for e in in_opt if e.name not in claimed])
+        ev = {"n_tensors": len(nograd), "without_state": sum(1 for e in nograd if not e.has_state),
+              "with_all_zero_moments": sum(1 for e in nograd if e.moments_zero),
+              "optimizers": sorted({e.optimizer for e in nograd}),
+              "other_tensors_in_these_optimizers_have_state": bool(stepped & {e.optimizer for e in nograd})}
+        if any(e.has_reference for e in nograd):
+            ev["unchanged_since_reference"] = all(e.unchanged for e in nograd if e.has_reference)
+        rec = RECOMMENDATIONS["no_gradient"]
+        if all_of_them:
+            ev["all_tensors"] = True
+            rec = ALL_NO_GRADIENT + "; " + rec
+        findings.append(Finding("no_gradient", "critical", [e.name for e in nograd], ev, rec))
+        claimed |= {e.name for e in nograd}
+
+    # 4. precision underflow
+    frozen, partial = [], []
+    for e in params:
+        if e.name in claimed or not e.low_precision or e.frac_lost is None:
+            continue
+        unchanged = e.unchanged if e.has_reference else None
+        if e.frac_lost >= 0.99 and unchanged is not False:
+            frozen.append(e)
+        elif e.frac_lost >= 0.99 and e.has_reference and (e.frac_unchanged or 0) >= 0.99:
+            frozen.append(e)
+        elif e.frac_lost >= 0.5 and (not e.has_reference or (e.frac_unchanged or 0) >= 0.5):
+            partial.append(e)
+    for group, sev in ((frozen, "critical"), (partial, "warning")):
+        if not group:
+            continue
+        dtypes = sorted({e.dtype for e in group})
+        lrs = sorted({e.lr for e in group if e.lr is not None})
+        peak = sorted({max(e.lr or 0.0, e.initial_lr or 0.0) for e in group if e.lr is not None})
+        med_upd = _median([e.median_update for e in group])
+        med_abs = _median([e.median_abs for e in group])
+        dt = getattr(torch, dtypes[0])
+        ev = {"dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "learning_rates": lrs, "peak_learning_rates": peak,
+              "optimizers": sorted({e.optimizer for e in group if e.optimizer}),
+              "median_expected_update": med_upd, "median_abs_value": med_abs,
+              "half_ulp_at_median_value": half_ulp_at(med_abs, dt) if med_abs is not None else None,
+              "half_ulp_at_1.0": half_ulp_at(1.0, dt),
+              "fraction_of_elements_lost": _median([e.frac_lost for e in group]),
+              "fraction_of_elements_unchanged": _median([e.frac_unchanged for e in group if e.has_reference]),
+              "unchanged_since_reference": (all(e.unchanged for e in group if e.has_reference)
+                                            if any(e.has_reference for e in group) else None),
+              "reference": reference}
+        consts = sorted({e.constant_value for e in group if e.constant_value is not None})
+        if consts:
+            ev["constant_values"] = consts[:4]
+        findings.append(Finding("precision_underflow", sev, [e.name for e in group], ev,
+                                RECOMMENDATIONS["precision_underflow"]))
+        claimed |= {e.name for e in group}
+
+    # 5. dead experts (per slice)
+    dead: dict[str, list[int]] = {}
+    dead_ev: dict[str, dict] = {}
+    for e in params:
+        if e.name in claimed:
+            continue
+        flags = None
+        src = None
+        if e.slice_state_zero is not None and any(e.slice_state_zero) and not all(e.slice_state_zero):
+            flags, src = e.slice_state_zero, "all-zero optimizer moments"
+        elif e.slice_unchanged is not None and any(e.slice_unchanged) and not all(e.slice_unchanged):
+            flags, src = e.slice_unchanged, "unchanged since the reference"
+        if flags:
+            ids = [i for i, f in enumerate(flags) if f]
+            module = e.name.rsplit(".", 1)[0]
+            prev = dead.get(module)
+            dead[module] = sorted(set(ids) | set(prev or []))
+            dead_ev.setdefault(module, {"tensors": [], "evidence": src, "n_experts": e.shape[0]})["tensors"].append(e.name)
+    if dead:
+        findings.append(Finding("dead_experts", "warning", [t for m in dead_ev.values() for t in m["tensors"]],
+                                {"modules": dead_ev, "n_dead": sum(len(v) for v in dead.values())},
+                                RECOMMENDATIONS["dead_experts"], experts=dead))
+
+    # 6. excessive update: robust outliers of log relative change
+    moved = [e for e in params if e.name not in claimed and e.rel_change and e.rel_change > 0 and e.ref_norm
+             and e.numel >= 16]
+    if len(moved) >= 8:
+        logs = [math.log10(e.rel_change) for e in moved]
+        center = _median(logs)
+        # Robust scale in decades, floored so that a run whose tensors all move alike flags nothing.
+        scale = max(1.4826 * _median([abs(x - center) for x in logs]), 0.25)
+        outliers = [(e, (lg - center) / scale) for e, lg in zip(moved, logs)
+                    if (lg - center) / scale > 4.0 and lg - center > 1.0]
+        if outliers:
+            findings.append(Finding("excessive_update", "warning", [e.name for e, _ in outliers],
+                                    {"relative_change": {e.name: e.rel_change for e, _ in outliers},
+                                     "run_median_relative_change": 10 ** center,
+                                     "robust_z": {e.name: z for e, z in outliers}, "reference": reference},
+                                    RECOMMENDATIONS["excessive_update"]))
+
+    for f in findings:
+        f.summary = summarize(f)
+    findings.sort(key=lambda f: (f.severity != "critical", CAUSES.index(f.cause)))
+    return findings
+
+
+def summarize(f: Finding) -> str:
+    ev = f.evidence
+    what = describe(f.tensors)
+    n = len(f.tensors)
+    if f.cause == "precision_underflow":
+        upd = ev.get("median_expected_update")
+        hu = ev.get("half_ulp_at_median_value")
+        head = (f"{n} tensors ({what}) are stored in {ev['dtype']}; their expected update (~{upd:.1e} at peak lr "
+                f"{_fmt_list(ev.get('peak_learning_rates'))}) is below half a ULP at their values (~{hu:.1e}; "
+                f"{ev['half_ulp_at_1.0']:.1e} at 1.0) for {ev['fraction_of_elements_lost']:.0%} of elements")
+        if f.severity == "critical":
+            tail = ", and they did not change" if ev.get("unchanged_since_reference") else ""
+            return head + tail + ": every update rounded away"
+        unch = ev.get("fraction_of_elements_unchanged")
+        return head + (f"; {unch:.0%} of their elements never changed" if unch is not None else "") + \
+            ": most updates round away"
+    if f.cause == "not_in_optimizer":
+        return f"{n} tensors ({what}) are in no optimizer param group" + (
+            " and did not change since the reference" if ev.get("unchanged_since_reference") else "")
+    if f.cause == "no_gradient":
+        return f"{n} tensors ({what}) are in an optimizer but never received a gradient" + (
+            " (every tensor: see the recommendation)" if ev.get("all_tensors") else "")
+    if f.cause == "zero_learning_rate":
+        return f"{n} tensors ({what}) are in a param group whose learning rate is 0"
+    if f.cause == "dead_experts":
+        parts = [f"{m}: experts {ids}" for m, ids in (f.experts or {}).items()]
+        return f"{ev['n_dead']} expert slices never trained ({'; '.join(parts)})"
+    if f.cause == "excessive_update":
+        rc = ev["relative_change"]
+        worst = max(rc, key=rc.get)
+        return (f"{n} tensors ({what}) changed far more than the run's median ({ev['run_median_relative_change']:.2g}); "
+                f"largest: {worst} ({rc[worst]:.2g})")
+    return what
+
+
+def _fmt_list(xs) -> str:
+    return "/".join(f"{x:.1e}" for x in (xs or [])) or "?"
+
+
+def status_of(findings: list[Finding]) -> str:
+    if any(f.severity == "critical" for f in findings):
+        return "critical"
+    if findings:
+        return "warning"
+    return "healthy"

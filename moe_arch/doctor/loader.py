@@ -1,0 +1,379 @@
+"""Read checkpoints from anywhere, lazily and safely.
+
+Formats: our checkpoints; any ``torch.save`` file holding a bare state dict or a dict with the model under
+``model`` / ``model_state_dict`` / ``state_dict`` / ``module`` and optimizer state under ``optimizer`` /
+``optimizer_state_dict`` / ``optimizers`` / ``optimizer_states`` (one state dict, a list, or a name -> state
+mapping); ``.safetensors`` files (single or sharded with an index); Hugging Face Trainer ``checkpoint-N/``
+folders; and distributed checkpoints (``torch.distributed.checkpoint`` folders).
+
+Safety: ``torch.load(weights_only=True)`` always, unless the caller passes ``trust_pickle`` (the CLI's
+``--trust-pickle``). Memory: torch files are memory-mapped (``mmap=True``) and safetensors tensors are read
+one at a time with ``pread``; :func:`release` returns a memory-mapped tensor's pages to the OS after use, so
+a checkpoint larger than RAM is read with memory bounded by the largest chunk being analysed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+MODEL_KEYS = ("model", "model_state_dict", "state_dict", "module")
+OPTIM_KEYS = ("optimizers", "optimizer", "optimizer_state_dict", "optimizer_states")
+BUFFER_PATTERNS = re.compile(r"(running_mean|running_var|num_batches_tracked|inv_freq|\.mask$|position_ids|"
+                             r"expert_bias|e_score_correction_bias|\.attn\.bias$)")
+
+
+class LoadError(RuntimeError):
+    """The input cannot be diagnosed (missing, truncated, corrupt, unsafe). One line: path, problem, fix."""
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    get: Callable[[], torch.Tensor]  # loads (or maps) the tensor; call release() when done with it
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class OptimizerInfo:
+    name: str
+    state_dict: dict
+
+
+@dataclass
+class CheckpointView:
+    path: Path
+    format: str
+    tensors: dict[str, TensorInfo]
+    optimizers: list[OptimizerInfo] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    mmapped: bool = False
+
+    @property
+    def step(self):
+        return self.meta.get("step")
+
+
+# -------------------------------------------------------------------------------------------- memory release
+_libc = None
+PAGE = mmap.PAGESIZE
+
+
+def release(t: torch.Tensor | None) -> None:
+    """Drop the resident pages of a tensor that lives in a read-only file mapping (mmap=True loads).
+
+    Pages are re-read from the file if touched again, so this is always safe for tensors that were mapped
+    from a checkpoint file and never written to. Only full pages strictly inside the tensor are released.
+    """
+    global _libc
+    if t is None or t.device.type != "cpu" or t.numel() == 0:
+        return
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _libc = False
+    if not _libc:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    a = (start + PAGE - 1) // PAGE * PAGE
+    b = end // PAGE * PAGE
+    if b > a:
+        _libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4)  # MADV_DONTNEED
+
+
+# -------------------------------------------------------------------------------------------- torch files
+def _torch_load(path: Path, trust_pickle: bool) -> tuple[Any, bool]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True), True
+    except RuntimeError as e:
+        msg = str(e)
+        if "mmap" in msg or "zipfile" in msg.lower() and "legacy" in msg.lower():
+            pass  # legacy (non-zip) format: cannot be memory-mapped; read it whole below
+        elif "Weights only load failed" in msg:
+            raise _unsafe(path, msg) from None
+        else:
+            raise LoadError(_corrupt(path, e)) from None
+    except Exception as e:
+        if "Weights only load failed" in str(e) or type(e).__name__ == "UnpicklingError":
+            raise _unsafe(path, str(e)) from None
+        raise LoadError(_corrupt(path, e)) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle), False
+    except Exception as e:
+        if "Weights only load failed" in str(e) or type(e).__name__ == "UnpicklingError":
+            raise _unsafe(path, str(e)) from None
+        raise LoadError(_corrupt(path, e)) from None
+
+
+def _unsafe(path: Path, msg: str) -> LoadError:
+    m = re.search(r"(Unsupported global: GLOBAL [^ ]+|Unsupported operand[^\n]*)", msg)
+    what = m.group(1) if m else msg.splitlines()[0][:160]
+    return LoadError(f"{path}: refusing to unpickle arbitrary code ({what}); the file stores Python objects beyond "
+                     "tensors and plain containers. If you trust it, re-run with --trust-pickle")
+
+
+def _corrupt(path: Path, e: Exception) -> str:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {first[:200]})"
+
+
+def _is_state_dict(d: Any) -> bool:
+    return isinstance(d, dict) and bool(d) and all(isinstance(k, str) for k in d) and \
+        sum(isinstance(v, torch.Tensor) for v in d.values()) >= max(1, len(d) // 2)
+
+
+def _strip(name: str) -> str:
+    name = name.replace("_orig_mod.", "")
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
+def _tensor_infos(sd: dict, notes: list[str]) -> dict[str, TensorInfo]:
+    out = {}
+    stripped = False
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        n = _strip(k)
+        stripped |= n != k
+        out[n] = TensorInfo(n, tuple(v.shape), v.dtype, (lambda v=v: v))
+    if stripped:
+        notes.append("stripped '_orig_mod.' / 'module.' prefixes from tensor names (torch.compile / DDP wrappers)")
+    return out
+
+
+def _optimizers_from(obj: Any) -> list[OptimizerInfo]:
+    if obj is None:
+        return []
+    if isinstance(obj, dict) and "state" in obj and "param_groups" in obj:
+        return [OptimizerInfo("optimizer", obj)]
+    if isinstance(obj, (list, tuple)):
+        return [OptimizerInfo(f"optimizer{i}", o) for i, o in enumerate(obj)
+                if isinstance(o, dict) and "param_groups" in o]
+    if isinstance(obj, dict):
+        return [OptimizerInfo(str(k), o) for k, o in obj.items() if isinstance(o, dict) and "param_groups" in o]
+    return []
+
+
+def _from_torch_obj(path: Path, obj: Any, mmapped: bool) -> CheckpointView:
+    notes: list[str] = []
+    meta: dict[str, Any] = {}
+    if not isinstance(obj, dict):
+        raise LoadError(f"{path}: holds a {type(obj).__name__}, not a state dict or a checkpoint dict")
+    fmt = "torch"
+    if obj.get("format", "").startswith("moe_arch.checkpoint"):
+        fmt = "moe_arch"
+    model_sd = None
+    for k in MODEL_KEYS:
+        if _is_state_dict(obj.get(k)):
+            model_sd = obj[k]
+            if k != "model" or fmt != "moe_arch":
+                notes.append(f"model state read from key {k!r}")
+            break
+    optim_obj = None
+    for k in OPTIM_KEYS:
+        if k in obj:
+            optim_obj = obj[k]
+            break
+    if model_sd is None:
+        if _is_state_dict(obj):
+            model_sd = obj
+            notes.append("a bare state dict (no optimizer state)")
+        else:
+            raise LoadError(f"{path}: no model state found (looked for a bare state dict and the keys "
+                            f"{list(MODEL_KEYS)}; top-level keys: {list(obj)[:10]})")
+    for k in ("step", "global_step", "epoch", "tokens_seen", "config", "precision", "param_roles", "buffers", "kind",
+              "version", "tokenizer_json"):
+        if k in obj:
+            meta["step" if k == "global_step" else k] = obj[k]
+    if isinstance(meta.get("config"), dict) is False and "config" in meta:
+        meta.pop("config")
+    view = CheckpointView(path, fmt, _tensor_infos(model_sd, notes), _optimizers_from(optim_obj), meta, notes, mmapped)
+    return view
+
+
+# -------------------------------------------------------------------------------------------- safetensors
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise LoadError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        size = path.stat().st_size
+        if n > size - 8 or n > 100_000_000:
+            raise LoadError(f"{path}: corrupt safetensors header (length {n} in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+        except json.JSONDecodeError:
+            raise LoadError(f"{path}: corrupt safetensors header (not JSON)") from None
+    return header, 8 + n
+
+
+def _safetensors_infos(path: Path, notes: list[str]) -> tuple[dict[str, TensorInfo], dict]:
+    header, base = _read_safetensors_header(path)
+    size = path.stat().st_size
+    meta = header.pop("__metadata__", {}) or {}
+    out = {}
+    for name, info in header.items():
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            notes.append(f"skipped {name}: unsupported dtype {info['dtype']}")
+            continue
+        lo, hi = info["data_offsets"]
+        if base + hi > size:
+            raise LoadError(f"{path}: truncated safetensors file ({name} ends at byte {base + hi}, file has {size})")
+        shape = tuple(info["shape"])
+
+        def get(lo=lo, hi=hi, dtype=dtype, shape=shape, name=name):
+            buf = bytearray(hi - lo)
+            view = memoryview(buf)
+            with open(path, "rb") as f:
+                f.seek(base + lo)
+                got = 0
+                while got < len(buf):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise LoadError(f"{path}: truncated safetensors file while reading {name}")
+                    got += n
+            if not buf:
+                return torch.empty(shape, dtype=dtype)
+            return torch.frombuffer(buf, dtype=dtype).view(shape)
+
+        n = _strip(name)
+        out[n] = TensorInfo(n, shape, dtype, get)
+    return out, meta
+
+
+def _load_safetensors(paths: list[Path], root: Path) -> CheckpointView:
+    notes: list[str] = []
+    tensors: dict[str, TensorInfo] = {}
+    meta: dict = {}
+    for p in paths:
+        t, m = _safetensors_infos(p, notes)
+        tensors.update(t)
+        meta.update(m)
+    parsed = {}
+    for k in ("step", "epoch", "tokens_seen"):
+        if k in meta:
+            try:
+                parsed[k] = int(meta[k])
+            except ValueError:
+                pass
+    if "config" in meta:
+        try:
+            parsed["config"] = json.loads(meta["config"])
+        except json.JSONDecodeError:
+            pass
+    notes.append("safetensors holds weights only: no optimizer state, so optimizer and precision-rule analyses "
+                 "are limited to what the weights show")
+    return CheckpointView(root, "safetensors", tensors, [], parsed, notes)
+
+
+# -------------------------------------------------------------------------------------------- folders
+def _load_hf_trainer(folder: Path, trust_pickle: bool) -> CheckpointView:
+    notes: list[str] = []
+    shards = sorted(folder.glob("model*.safetensors"))
+    if shards:
+        view = _load_safetensors(shards, folder)
+        view.notes = [n for n in view.notes if not n.startswith("safetensors holds")]
+    else:
+        bins = sorted(folder.glob("pytorch_model*.bin"))
+        if not bins:
+            raise LoadError(f"{folder}: a Hugging Face Trainer folder without model.safetensors or pytorch_model.bin")
+        tensors: dict[str, TensorInfo] = {}
+        mm = True
+        for b in bins:
+            obj, mm_b = _torch_load(b, trust_pickle)
+            mm &= mm_b
+            tensors.update(_tensor_infos(obj, notes))
+        view = CheckpointView(folder, "hf-trainer", tensors, [], {}, notes, mm)
+    view.format = "hf-trainer"
+    opt_path = folder / "optimizer.pt"
+    if opt_path.is_file():
+        obj, _ = _torch_load(opt_path, trust_pickle)
+        view.optimizers = _optimizers_from(obj)
+    else:
+        view.notes.append("no optimizer.pt in the folder: optimizer analyses skipped")
+    state = folder / "trainer_state.json"
+    if state.is_file():
+        ts = json.loads(state.read_text())
+        view.meta["step"] = ts.get("global_step")
+        view.meta["epoch"] = ts.get("epoch")
+        hist = [h for h in ts.get("log_history", []) if "learning_rate" in h]
+        if hist:
+            view.meta["last_logged_lr"] = hist[-1]["learning_rate"]
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        view.meta["hf_config"] = json.loads(cfg.read_text())
+    view.notes.append("Hugging Face Trainer checkpoint: optimizer parameters are mapped to names by shape and order")
+    return view
+
+
+def _load_dcp(folder: Path) -> CheckpointView:
+    from moe_arch.parallel.dcp import load_dcp_view
+
+    return load_dcp_view(folder)
+
+
+def resolve_checkpoint_path(spec: str | Path) -> Path:
+    p = Path(spec)
+    if not p.exists():
+        raise LoadError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if (p / ".metadata").is_file() or (p / "trainer_state.json").is_file() or list(p.glob("model*.safetensors")) \
+                or list(p.glob("pytorch_model*.bin")):
+            return p
+        # A run folder or its checkpoints/ folder: the newest checkpoint.
+        base = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        latest = base / "latest.txt"
+        if latest.is_file() and (base / latest.read_text().strip()).exists():
+            return base / latest.read_text().strip()
+        cands = sorted(list(base.glob("*.pt")) + list(base.glob("*.safetensors")), key=lambda q: q.stat().st_mtime)
+        if not cands:
+            raise LoadError(f"{p}: a folder with no checkpoint in it (no .pt, .safetensors, trainer_state.json or "
+                            "distributed-checkpoint .metadata)")
+        return cands[-1]
+    return p
+
+
+def open_checkpoint(spec: str | Path, trust_pickle: bool = False) -> CheckpointView:
+    path = resolve_checkpoint_path(spec)
+    if path.is_dir():
+        if (path / ".metadata").is_file():
+            return _load_dcp(path)
+        return _load_hf_trainer(path, trust_pickle)
+    if path.stat().st_size == 0:
+        raise LoadError(f"{path}: empty file (0 bytes); the save was interrupted or the file was truncated")
+    if path.suffix == ".safetensors":
+        return _load_safetensors([path], path)
+    if path.name.endswith(".safetensors.index.json"):
+        idx = json.loads(path.read_text())
+        shards = sorted({path.parent / f for f in idx.get("weight_map", {}).values()})
+        return _load_safetensors(shards, path)
+    obj, mmapped = _torch_load(path, trust_pickle)
+    return _from_torch_obj(path, obj, mmapped)

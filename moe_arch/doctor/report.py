@@ -1,0 +1,382 @@
+"""The diagnosis as ``report.md``, ``report.html`` (with plots) and a stable JSON document.
+
+JSON schema ``moe_arch.diagnosis/1``::
+
+    {
+      "schema": "moe_arch.diagnosis/1",
+      "status": "critical" | "warning" | "healthy",
+      "checkpoint": {"path", "format", "step", "epoch", "tokens_seen", "reference", "n_tensors",
+                     "n_parameters", "params_total", "params_active", "dtypes": {dtype: n_tensors},
+                     "precision", "config"},
+      "findings": [{"cause", "severity", "summary", "tensors": [names], "experts": {module: [ids]} (dead_experts
+                    only), "evidence": {...}, "recommendation"}],
+      "optimizers": [{"name", "kind", "mapping", "n_params", "n_mapped", "n_with_state", "groups": [...],
+                      "ambiguous": [...]}],
+      "probe": {...} | null,
+      "notes": [str]
+    }
+
+``cause`` is one of precision_underflow, not_in_optimizer, no_gradient, zero_learning_rate, excessive_update,
+dead_experts; ``severity`` is critical (tensors cannot learn at all) or warning.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moe_arch.doctor.analyze import TensorEvidence
+from moe_arch.doctor.engine import Finding, describe, pattern_groups
+from moe_arch.utils import atomic_write_text
+
+SCHEMA = "moe_arch.diagnosis/1"
+
+
+@dataclass
+class Diagnosis:
+    status: str
+    checkpoint: dict
+    findings: list[Finding]
+    optimizers: list[dict]
+    evidence: list[TensorEvidence]
+    probe: dict | None
+    notes: list[str]
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, "status": self.status, "checkpoint": self.checkpoint,
+                "findings": [f.to_dict() for f in self.findings], "optimizers": self.optimizers,
+                "probe": self.probe, "notes": self.notes}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v == 0 or math.isnan(v):
+            return f"{v:g}"
+        return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v[:8]) + (" ..." if len(v) > 8 else "")
+    if isinstance(v, dict):
+        return "; ".join(f"{k}: {_fmt(x)}" for k, x in list(v.items())[:8]) + (" ..." if len(v) > 8 else "")
+    return str(v)
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+# A tiny document model rendered to both Markdown and HTML, so the two reports say the same thing.
+def H(level, text):
+    return ("h", level, text)
+
+
+def P(text):
+    return ("p", text)
+
+
+def UL(items):
+    return ("ul", items)
+
+
+def OL(items):
+    return ("ol", items)
+
+
+def TABLE(header, rows):
+    return ("table", header, rows)
+
+
+def IMG(png_b64, alt):
+    return ("img", png_b64, alt)
+
+
+def to_markdown(blocks) -> str:
+    out = []
+    for b in blocks:
+        if b[0] == "h":
+            out.append("#" * b[1] + " " + b[2])
+        elif b[0] == "p":
+            out.append(b[1])
+        elif b[0] == "ul":
+            out.append("\n".join(f"- {x}" for x in b[1]))
+        elif b[0] == "ol":
+            out.append("\n".join(f"{i}. {x}" for i, x in enumerate(b[1], 1)))
+        elif b[0] == "table":
+            header, rows = b[1], b[2]
+            out.append("| " + " | ".join(header) + " |\n| " + " | ".join("---" for _ in header) + " |\n" +
+                       "\n".join("| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows))
+        elif b[0] == "img":
+            out.append(f"*(plot in report.html: {b[2]})*")
+    return "\n\n".join(out) + "\n"
+
+
+def _inline_html(s: str) -> str:
+    s = html.escape(s)
+    s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+
+
+def to_html(blocks, title: str) -> str:
+    body = []
+    for b in blocks:
+        if b[0] == "h":
+            body.append(f"<h{b[1]}>{_inline_html(b[2])}</h{b[1]}>")
+        elif b[0] == "p":
+            body.append(f"<p>{_inline_html(b[1])}</p>")
+        elif b[0] in ("ul", "ol"):
+            body.append(f"<{b[0]}>" + "".join(f"<li>{_inline_html(x)}</li>" for x in b[1]) + f"</{b[0]}>")
+        elif b[0] == "table":
+            body.append("<table><thead><tr>" + "".join(f"<th>{_inline_html(h)}</th>" for h in b[1]) +
+                        "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{_inline_html(str(c))}</td>" for c in r)
+                                                         + "</tr>" for r in b[2]) + "</tbody></table>")
+        elif b[0] == "img":
+            body.append(f'<figure><img alt="{html.escape(b[2])}" src="data:image/png;base64,{b[1]}"/>'
+                        f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;"
+             "font-size:90%}code{background:#f3f3f3;padding:0 3px}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def change_heatmap(evidence: list[TensorEvidence]) -> str | None:
+    cells: dict[tuple[int, str], float] = {}
+    for e in evidence:
+        m = re.match(r"^(?:.*?\.)?layers\.(\d+)\.(.+)$", e.name)
+        if not m or e.rel_change is None:
+            continue
+        cells[(int(m.group(1)), m.group(2))] = e.rel_change
+    if not cells:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = sorted({k[0] for k in cells})
+    kinds = sorted({k[1] for k in cells})
+    grid = np.full((len(layers), len(kinds)), np.nan)
+    for (l, k), v in cells.items():
+        grid[layers.index(l), kinds.index(k)] = math.log10(max(v, 1e-12))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(kinds) + 2), max(3, 0.3 * len(layers) + 1.5)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=75, fontsize=7)
+    ax.set_yticks(range(len(layers)), [str(l) for l in layers], fontsize=7)
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, label="log10 relative change ||w - w0|| / ||w0||")
+    ax.set_title("Relative change since the reference (white: no reference value)")
+    return _png(fig)
+
+
+def expert_heatmap(router: dict) -> str | None:
+    if not router:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = sorted(router, key=int)
+    grid = np.array([router[l]["share"] for l in layers])
+    fig, ax = plt.subplots(figsize=(max(5, 0.4 * grid.shape[1] + 2), max(2.5, 0.35 * len(layers) + 1.5)))
+    im = ax.imshow(grid, aspect="auto", cmap="magma")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+    fig.colorbar(im, ax=ax, label="share of routed tokens")
+    ax.set_title("Expert load on a real batch")
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def build_blocks(d: Diagnosis, plots: bool = True):
+    ck = d.checkpoint
+    crit = [f for f in d.findings if f.severity == "critical"]
+    warn = [f for f in d.findings if f.severity == "warning"]
+    status_word = {"critical": "CRITICAL", "warning": "WARNING", "healthy": "HEALTHY"}[d.status]
+    blocks = [H(1, "Training Diagnostic Report"), H(2, "Executive summary")]
+    if crit:
+        lead = crit[0]
+        blocks.append(P(f"**Status: {status_word}.** Root cause: `{lead.cause}`. {lead.summary}."))
+    elif warn:
+        blocks.append(P(f"**Status: {status_word}.** {len(warn)} warning(s); no tensor is prevented from learning. "
+                        f"First: `{warn[0].cause}`: {warn[0].summary}."))
+    else:
+        blocks.append(P(f"**Status: {status_word}.** Every parameter has optimizer state and, where a reference is "
+                        "available, has changed; no precision, learning-rate, gradient or routing problem was found."))
+    blocks.append(H(2, "Checkpoint"))
+    rows = [["path", ck.get("path")], ["format", ck.get("format")], ["step", ck.get("step")],
+            ["epoch", ck.get("epoch")], ["tokens seen", ck.get("tokens_seen")],
+            ["tensors", ck.get("n_tensors")], ["parameters (elements)", ck.get("n_parameters")],
+            ["dtypes", _fmt(ck.get("dtypes"))], ["precision policy", ck.get("precision")],
+            ["reference for change", ck.get("reference") or "none (change-based evidence unavailable)"]]
+    if ck.get("params_total"):
+        rows.append(["total / active parameters", f"{ck['params_total']:,} / {ck['params_active']:,}"])
+    if ck.get("config_summary"):
+        rows.append(["model", ck["config_summary"]])
+    blocks.append(TABLE(["field", "value"], [[a, "" if b is None else b] for a, b in rows]))
+
+    for title, group in (("Critical findings", crit), ("Warnings", warn)):
+        if not group:
+            continue
+        blocks.append(H(2, title))
+        for f in group:
+            blocks.append(H(3, f"`{f.cause}` ({f.severity}): {len(f.tensors)} tensors"))
+            blocks.append(P(f.summary + "."))
+            blocks.append(UL([f"`{p}` \u00d7{c}" if c > 1 else f"`{p}`" for p, c in pattern_groups(f.tensors)[:30]]))
+            blocks.append(TABLE(["evidence", "value"], [[k, _fmt(v)] for k, v in f.evidence.items()
+                                                        if k not in ("modules",)]))
+            blocks.append(P(f"**Fix:** {f.recommendation}."))
+
+    blocks.append(H(2, "Root cause: the evidence that decided it"))
+    if not d.findings:
+        blocks.append(P("No rule fired. The checks that ran: optimizer coverage of every tensor, learning rates, "
+                        "optimizer state, the bf16/fp16 rounding rule, per-expert change, and relative-change outliers."))
+    for f in d.findings:
+        blocks.append(P(f"`{f.cause}`: " + _chain(f)))
+
+    blocks.append(H(2, "What is working"))
+    blocks.append(UL(_working(d)))
+
+    blocks.append(H(2, "Optimizer configuration"))
+    if d.optimizers:
+        orows = []
+        for o in d.optimizers:
+            for gi, g in enumerate(o["groups"]):
+                orows.append([o["name"], o["kind"], gi, _fmt(g.get("lr")), _fmt(g.get("initial_lr", "-")),
+                              _fmt(g.get("weight_decay", "-")), o["mapping"]])
+        blocks.append(TABLE(["optimizer", "kind", "group", "lr", "initial lr", "weight decay", "name mapping"], orows))
+        for o in d.optimizers:
+            blocks.append(P(f"`{o['name']}`: {o['n_params']} parameters, {o['n_mapped']} mapped to tensor names "
+                            f"({o['mapping']}), {o['n_with_state']} with state."))
+            if o["ambiguous"]:
+                blocks.append(P(f"**Ambiguous mapping:** {len(o['ambiguous'])} parameters of `{o['name']}` match several "
+                                "tensors by shape and order; they are not attributed to a name. First: " +
+                                "; ".join(f"#{a['index']} could be {', '.join(a['candidates'][:3])}"
+                                          for a in o["ambiguous"][:3])))
+    else:
+        blocks.append(P("The checkpoint holds no optimizer state: optimizer coverage, learning rates and the expected "
+                        "update size could not be checked."))
+
+    if d.probe:
+        pr = d.probe
+        blocks.append(H(2, "Model-aware probe (one real batch)"))
+        blocks.append(P(f"{pr['batch_tokens']} tokens from {pr['text_source']}: loss {pr['loss']:.4f} "
+                        f"(next-token {pr['lm_loss']:.4f})."))
+        blocks.append(UL([f"tensors with a gradient: {len(pr['grad_norms'])}",
+                          f"no gradient (unused in the forward): {describe(pr['no_grad']) or 'none'}",
+                          f"all-zero gradient: {describe(pr['zero_grad']) or 'none'}",
+                          f"non-finite gradient: {describe(pr['nonfinite_grad']) or 'none'}"] +
+                         [f"expert slices with zero gradient in `{k}`: {v}" for k, v in pr["expert_zero_grad"].items()]))
+        if pr["router"]:
+            blocks.append(TABLE(["MoE layer", "tokens per expert", "entropy (norm.)", "Gini", "max/mean", "dead"],
+                                [[l, _fmt(r["tokens_per_expert"]), f"{r['entropy_normalised']:.3f}", f"{r['gini']:.3f}",
+                                  f"{r['max_over_mean']:.2f}", r["dead_experts"] or "none"]
+                                 for l, r in sorted(pr["router"].items(), key=lambda kv: int(kv[0]))]))
+        if pr["mod"]:
+            blocks.append(TABLE(["MoD block", "selected fraction", "capacity", "router weight mean", "std"],
+                                [[l, f"{m['selected_fraction']:.3f}", m["capacity"], f"{m['router_weight_mean']:.3f}",
+                                  f"{m['router_weight_std']:.3f}"]
+                                 for l, m in sorted(pr["mod"].items(), key=lambda kv: int(kv[0]))]))
+        if plots:
+            img = expert_heatmap(pr["router"])
+            if img:
+                blocks.append(IMG(img, "expert load heatmap (MoE layer x expert)"))
+    if plots:
+        img = change_heatmap(d.evidence)
+        if img:
+            blocks.append(IMG(img, "relative change heatmap (layer x tensor kind)"))
+
+    blocks.append(H(2, "Recommended actions"))
+    recs = []
+    for f in d.findings:
+        if f.recommendation not in recs:
+            recs.append(f.recommendation)
+    blocks.append(OL(recs or ["nothing to fix; keep the step-0 checkpoint so later diagnoses can measure change"]))
+    if d.notes:
+        blocks.append(H(2, "Notes"))
+        blocks.append(UL(d.notes))
+    return blocks
+
+
+def _chain(f: Finding) -> str:
+    ev = f.evidence
+    if f.cause == "precision_underflow":
+        steps = [f"stored dtype {ev['dtype']}",
+                 f"half a ULP at the tensors' typical value {_fmt(ev.get('median_abs_value'))} is "
+                 f"{_fmt(ev.get('half_ulp_at_median_value'))} ({_fmt(ev.get('half_ulp_at_1.0'))} at 1.0)",
+                 f"the optimizer's expected step is {_fmt(ev.get('median_expected_update'))} "
+                 f"(lr {_fmt(ev.get('learning_rates'))}, from the optimizer state)",
+                 f"so {_fmt(ev.get('fraction_of_elements_lost'))} of elements round back to their stored value"]
+        if ev.get("unchanged_since_reference"):
+            steps.append(f"and the tensors are bitwise identical to the reference ({ev.get('reference')})")
+        elif ev.get("constant_values"):
+            steps.append(f"and every element still equals {_fmt(ev['constant_values'])}, the initial value")
+        return " \u2192 ".join(steps) + "."
+    if f.cause == "not_in_optimizer":
+        return ("the tensors appear in no param group of " + _fmt(ev.get("optimizers")) +
+                (" and are bitwise unchanged since the reference." if ev.get("unchanged_since_reference") else "."))
+    if f.cause == "no_gradient":
+        return (f"{ev['without_state']} have no optimizer state and {ev['with_all_zero_moments']} have all-zero moments "
+                "while the optimizer stepped" + (" (the other tensors of the same optimizer have state)"
+                                                 if ev.get("other_tensors_in_these_optimizers_have_state") else "") + ".")
+    if f.cause == "zero_learning_rate":
+        return f"param groups {_fmt(ev['groups'])} have lr 0 and no non-zero initial lr."
+    if f.cause == "dead_experts":
+        return f"per-expert slices: {_fmt({m: v['evidence'] for m, v in ev['modules'].items()})}; experts {_fmt(f.experts)}."
+    if f.cause == "excessive_update":
+        return (f"relative change against the reference is {_fmt(ev['relative_change'])}, against a run median of "
+                f"{_fmt(ev['run_median_relative_change'])} (robust z {_fmt(ev['robust_z'])}).")
+    return f.summary
+
+
+def _working(d: Diagnosis) -> list[str]:
+    bad = {t for f in d.findings for t in f.tensors}
+    good = [e for e in d.evidence if e.name not in bad and not e.buffer_like]
+    out = []
+    by_role: dict[str, list[TensorEvidence]] = defaultdict(list)
+    for e in good:
+        by_role[e.role].append(e)
+    for role, es in sorted(by_role.items(), key=lambda kv: -len(kv[1])):
+        moved = [e for e in es if e.has_reference and e.unchanged is False]
+        rc = sorted(e.rel_change for e in moved if e.rel_change is not None)
+        med = f", median relative change {rc[len(rc) // 2]:.3g}" if rc else ""
+        state = sum(1 for e in es if e.has_state)
+        out.append(f"{role}: {len(es)} tensors" + (f", {len(moved)} changed since the reference{med}"
+                                                   if any(e.has_reference for e in es) else "")
+                   + (f", {state} with optimizer state" if d.optimizers else ""))
+    return out or ["no tensor is free of findings"]
+
+
+def write_reports(d: Diagnosis, out_dir: Path, plots: bool = True) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blocks = build_blocks(d, plots)
+    md = out_dir / "report.md"
+    htm = out_dir / "report.html"
+    atomic_write_text(md, to_markdown(blocks))
+    atomic_write_text(htm, to_html(blocks, f"Diagnosis of {d.checkpoint.get('path')}"))
+    return md, htm
+
+
+def write_json(d: Diagnosis, path: str) -> None:
+    text = json.dumps(d.to_json(), indent=2, default=str)
+    if path == "-":
+        print(text)
+    else:
+        atomic_write_text(path, text + "\n")

@@ -1,0 +1,3 @@
+from moe_arch.model.transformer import HybridLM, LMOutput, build_model
+
+__all__ = ["HybridLM", "LMOutput", "build_model"]

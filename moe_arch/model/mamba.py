@@ -1,0 +1,275 @@
+"""Mamba-1 selective state-space layer in pure PyTorch.
+
+Per channel d and state n the layer runs the linear recurrence
+
+    h_t = exp(dt_t[d] * A[d, n]) * h_{t-1} + dt_t[d] * u_t[d] * B_t[n]        y_t[d] = sum_n C_t[n] h_t[d, n] + D[d] u_t[d]
+
+with input-dependent dt, B, C (the "selective" part). The names and layout follow the reference
+implementation (``in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj``) so weights map one to one onto
+Hugging Face's ``MambaMixer``, which the parity test compares against.
+
+The scan is *chunked*: a sequence of length L is cut into L/c chunks of c ~ sqrt(L) steps; all chunks are
+scanned at once (c vectorised steps), then chunk boundary states are carried across chunks (L/c small
+steps) and added back with the within-chunk decay exp(A * cumsum(dt)). That is O(L) work in ~2 sqrt(L)
+vectorised steps rather than L Python-level steps. Autograd does not record the steps: ``SelectiveScan``
+is a custom Function whose backward is the reverse scan of the adjoint (the same kernel run backwards),
+as in the CUDA kernels of ``mamba_ssm``. Those kernels are not used here: on a GPU this same pure path
+runs (a slower, documented path, never a different model).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_arch.config import ModelConfig
+from moe_arch.model.roles import register_roles
+
+
+def _chunk_len(L: int, chunk: int) -> int:
+    """``chunk`` if given; else a divisor of L near sqrt(L) (no padding copies), else ceil(sqrt(L))."""
+    if chunk > 0:
+        return max(1, min(L, chunk))
+    root = math.sqrt(L)
+    for c in range(math.ceil(root), int(2 * root) + 1):
+        if L % c == 0:
+            return c
+    return max(1, math.ceil(root))
+
+
+def _pad_time(x: torch.Tensor, Lp: int, value: float) -> torch.Tensor:
+    L = x.shape[0]
+    if Lp == L:
+        return x
+    return torch.cat([x, x.new_full((Lp - L, *x.shape[1:]), value)], 0)
+
+
+def chunked_scan(dA: torch.Tensor, b: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, h0: torch.Tensor | None,
+                 chunk: int = 0, reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve h_t = dA_t * h_{t-1} + b_t for all t (or, with ``reverse``, h_t = b_t + dA_{t+1} * h_{t+1}).
+
+    Time-major tensors: dA, b [L, B, D, N] with dA_t = exp(dt_t[..., None] * A); dt [L, B, D]; A [D, N];
+    h0 [B, D, N] or None (zeros). Returns all states [L, B, D, N] and the state after the last step.
+    """
+    L = b.shape[0]
+    c = _chunk_len(L, chunk)
+    nc = math.ceil(L / c)
+    Lp = nc * c
+    # Padding steps have dt = 0 (decay 1) and b = 0, so they leave the state unchanged in both directions.
+    dA_ = _pad_time(dA, Lp, 1.0).view(nc, c, *dA.shape[1:])
+    b_ = _pad_time(b, Lp, 0.0).view(nc, c, *b.shape[1:])
+    cdt = _pad_time(dt, Lp, 0.0).view(nc, c, *dt.shape[1:]).cumsum(1)  # inclusive, within each chunk
+    h = torch.empty_like(b_)
+    if not reverse:
+        h[:, 0] = b_[:, 0]
+        for j in range(1, c):
+            torch.addcmul(b_[:, j], dA_[:, j], h[:, j - 1], out=h[:, j])
+        decay = (cdt.unsqueeze(-1) * A).exp_()  # prod_{m<=j} dA_m within the chunk
+        carry = h0 if h0 is not None else torch.zeros_like(b_[0, 0])
+        carries = torch.empty_like(b_[:, 0])
+        for k in range(nc):
+            carries[k] = carry
+            carry = torch.addcmul(h[k, -1], decay[k, -1], carry)
+        start = 0 if h0 is not None else 1  # chunk 0 starts from zeros: nothing to add
+        if nc > start:
+            h[start:].addcmul_(decay[start:], carries[start:].unsqueeze(1))
+        return h.view(Lp, *b.shape[1:])[:L], carry
+    h[:, c - 1] = b_[:, c - 1]
+    for j in range(c - 2, -1, -1):
+        torch.addcmul(b_[:, j], dA_[:, j + 1], h[:, j + 1], out=h[:, j])
+    decay = ((cdt[:, -1:] - cdt).unsqueeze(-1) * A).exp_()  # prod_{j<m<=c-1} dA_m
+    carry = h0 if h0 is not None else torch.zeros_like(b_[0, 0])
+    carries = torch.empty_like(b_[:, 0])
+    for k in range(nc - 1, -1, -1):
+        carries[k] = carry
+        carry = dA_[k, 0] * torch.addcmul(h[k, 0], decay[k, 0], carry)
+    end = nc if h0 is not None else nc - 1  # the last chunk has nothing after it
+    if end > 0:
+        h[:end].addcmul_(decay[:end], carries[:end].unsqueeze(1))
+    return h.view(Lp, *b.shape[1:])[:L], carry
+
+
+# Elements per [L, B, D, N] working tensor of one block on the CPU: small enough to stay in cache, large enough
+# that the ~2 sqrt(L) vectorised steps per block are not dominated by Python overhead.
+CPU_BLOCK_ELEMENTS = 1 << 20
+
+
+def _blocks(L: int, B: int, D: int, N: int, device: torch.device) -> list[tuple[int, int, int, int]]:
+    """(b0, b1, d0, d1) blocks of batch x channels; the scan of each (batch, channel) pair is independent."""
+    if device.type != "cpu":
+        return [(0, B, 0, D)]
+    per_bd = L * N
+    db = max(1, min(D, CPU_BLOCK_ELEMENTS // max(1, per_bd * B)))
+    bb = B if db > 1 or per_bd * B * 8 <= CPU_BLOCK_ELEMENTS else max(1, CPU_BLOCK_ELEMENTS // (per_bd * 8))
+    if bb < B:
+        db = max(1, min(D, CPU_BLOCK_ELEMENTS // (per_bd * bb)))
+    return [(b0, min(B, b0 + bb), d0, min(D, d0 + db)) for b0 in range(0, B, bb) for d0 in range(0, D, db)]
+
+
+def _bmv(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Batched matrix-vector product over leading dims: m [..., P, Q], v [..., Q] -> [..., P]."""
+    lead = m.shape[:-2]
+    out = torch.bmm(m.reshape(-1, m.shape[-2], m.shape[-1]), v.reshape(-1, v.shape[-1], 1))
+    return out.view(*lead, m.shape[-2])
+
+
+class SelectiveScan(torch.autograd.Function):
+    """y = C . h with h from the selective recurrence; time-major inputs.
+
+    u, dt [L, B, D]; A [D, N]; Bm, Cm [L, B, N]; h0 [B, D, N] or None. Returns y [L, B, D], h_last.
+    States are not saved: the backward recomputes them block by block (cheap, and memory stays O(inputs)).
+    """
+
+    @staticmethod
+    def forward(ctx, u, dt, A, Bm, Cm, h0, chunk: int):
+        L, B, D = u.shape
+        N = A.shape[1]
+        y = u.new_empty(L, B, D)
+        h_last = u.new_empty(B, D, N)
+        for b0, b1, d0, d1 in _blocks(L, B, D, N, u.device):
+            dtb, Ab = dt[:, b0:b1, d0:d1], A[d0:d1]
+            dA = (dtb.unsqueeze(-1) * Ab).exp_()
+            bx = (dtb * u[:, b0:b1, d0:d1]).unsqueeze(-1) * Bm[:, b0:b1, None, :]
+            h, hl = chunked_scan(dA, bx, dtb, Ab, h0[b0:b1, d0:d1] if h0 is not None else None, chunk)
+            y[:, b0:b1, d0:d1] = _bmv(h, Cm[:, b0:b1])
+            h_last[b0:b1, d0:d1] = hl
+        ctx.chunk = chunk
+        ctx.save_for_backward(u, dt, A, Bm, Cm, h0)
+        ctx.mark_non_differentiable(h_last)
+        return y, h_last
+
+    @staticmethod
+    def backward(ctx, gy, _gh_last):
+        u, dt, A, Bm, Cm, h0 = ctx.saved_tensors
+        L, B, D = u.shape
+        N = A.shape[1]
+        d_u, d_dt = torch.empty_like(u), torch.empty_like(dt)
+        d_A = torch.zeros_like(A)
+        d_B, d_C = torch.zeros_like(Bm), torch.zeros_like(Cm)
+        gy = gy.contiguous()
+        for b0, b1, d0, d1 in _blocks(L, B, D, N, u.device):
+            dtb, ub, Ab, gyb = dt[:, b0:b1, d0:d1], u[:, b0:b1, d0:d1], A[d0:d1], gy[:, b0:b1, d0:d1]
+            Bb, Cb = Bm[:, b0:b1], Cm[:, b0:b1]
+            h0b = h0[b0:b1, d0:d1] if h0 is not None else None
+            dA = (dtb.unsqueeze(-1) * Ab).exp_()
+            dtu = dtb * ub
+            h, _ = chunked_scan(dA, dtu.unsqueeze(-1) * Bb.unsqueeze(2), dtb, Ab, h0b, ctx.chunk)
+            g = gyb.unsqueeze(-1) * Cb.unsqueeze(2)  # dL/dh_t through y_t
+            lam, _ = chunked_scan(dA, g, dtb, Ab, None, ctx.chunk, reverse=True)  # total dL/dh_t
+            # dL/d(dA_t) = lam_t * h_{t-1}, and d(dA_t)/d(dt_t A) = dA_t
+            q = lam.mul(dA)
+            q[1:] *= h[:-1]
+            if h0b is not None:
+                q[0] *= h0b
+            else:
+                q[0].zero_()
+            s1 = _bmv(lam, Bb)  # dL/d(dt * u)
+            d_A[d0:d1] += (q * dtb.unsqueeze(-1)).sum((0, 1))
+            d_dt[:, b0:b1, d0:d1] = s1 * ub + q.mul_(Ab).sum(-1)
+            d_u[:, b0:b1, d0:d1] = s1 * dtb
+            d_B[:, b0:b1] += _bmv(lam.transpose(-1, -2), dtu)
+            d_C[:, b0:b1] += _bmv(h.transpose(-1, -2), gyb)
+        return d_u, d_dt, d_A, d_B, d_C, None, None
+
+
+def selective_scan(u, dt, A, Bm, Cm, h0=None, chunk: int = 0):
+    """Batch-major convenience wrapper: u, dt [B, L, D]; Bm, Cm [B, L, N] -> y [B, L, D], h_last [B, D, N]."""
+    y, h_last = SelectiveScan.apply(u.transpose(0, 1).contiguous(), dt.transpose(0, 1).contiguous(), A,
+                                    Bm.transpose(0, 1).contiguous(), Cm.transpose(0, 1).contiguous(), h0, chunk)
+    return y.transpose(0, 1), h_last
+
+
+def reference_scan(u, dt, A, Bm, Cm, h0=None):
+    """Step-by-step recurrence (tests only): same signature as ``selective_scan``."""
+    Bsz, L, D = u.shape
+    h = torch.zeros(Bsz, D, A.shape[1], dtype=u.dtype, device=u.device) if h0 is None else h0
+    ys = []
+    for t in range(L):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[:, :, None] * Bm[:, t, None, :]
+        ys.append((h * Cm[:, t, None, :]).sum(-1))
+    return torch.stack(ys, 1), h
+
+
+class MambaCache:
+    """Recurrent state of one Mamba layer: the last d_conv-1 conv inputs and the SSM state."""
+
+    def __init__(self, batch: int, d_inner: int, d_state: int, d_conv: int, device, dtype):
+        self.conv = torch.zeros(batch, d_inner, d_conv - 1, device=device, dtype=dtype)
+        self.ssm = torch.zeros(batch, d_inner, d_state, device=device, dtype=torch.float32)
+
+
+@register_roles({"A_log": "ssm", "D": "ssm"})
+class Mamba(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        d = cfg.d_model
+        self.d_inner = cfg.mamba_expand * d
+        self.d_state = cfg.mamba_d_state
+        self.d_conv = cfg.mamba_d_conv
+        self.dt_rank = cfg.resolved_dt_rank
+        self.chunk = cfg.mamba_chunk_size
+        self.in_proj = nn.Linear(d, 2 * self.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner, padding=self.d_conv - 1)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float, gen: torch.Generator,
+                     dt_min: float = 1e-3, dt_max: float = 1e-1, dt_floor: float = 1e-4) -> None:
+        """Mamba-1 initialisation: S4D-real A, D = 1, dt log-uniform in [dt_min, dt_max] through the bias."""
+        nn.init.normal_(self.in_proj.weight, 0.0, std, generator=gen)
+        nn.init.normal_(self.x_proj.weight, 0.0, std, generator=gen)
+        nn.init.normal_(self.out_proj.weight, 0.0, out_std, generator=gen)
+        bound = 1.0 / math.sqrt(self.d_conv)  # PyTorch's default Conv1d bound for fan_in = d_conv (depthwise)
+        nn.init.uniform_(self.conv1d.weight, -bound, bound, generator=gen)
+        nn.init.uniform_(self.conv1d.bias, -bound, bound, generator=gen)
+        dt_std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -dt_std, dt_std, generator=gen)
+        u = torch.rand(self.d_inner, generator=gen, device=self.dt_proj.bias.device)
+        dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        self.A_log.copy_(torch.log(A).expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> MambaCache:
+        return MambaCache(batch, self.d_inner, self.d_state, self.d_conv, device, dtype)
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        B, T, _ = x.shape
+        valid = ctx.valid
+        cache: MambaCache | None = ctx.cache
+        xz = self.in_proj(x)
+        xi, z = xz.chunk(2, dim=-1)
+        xi_t = xi.transpose(1, 2)  # [B, D, T]
+        k = self.d_conv
+        if cache is None:
+            conv_in = xi_t
+            xc = F.conv1d(xi_t, self.conv1d.weight, self.conv1d.bias, padding=k - 1, groups=self.d_inner)[..., :T]
+        else:
+            conv_in = torch.cat([cache.conv.to(xi_t.dtype), xi_t], dim=-1)
+            xc = F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
+        xc = F.silu(xc).transpose(1, 2)  # [B, T, D]
+        dt_low, Bm, Cm = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt_low).float())
+        if valid is not None:
+            dt = dt * valid.unsqueeze(-1)  # padding: dt = 0 leaves the state untouched
+        A = -torch.exp(self.A_log.float())
+        h0 = cache.ssm if cache is not None else None
+        y, h_last = selective_scan(xc.float(), dt, A, Bm.float(), Cm.float(), h0, self.chunk)
+        y = y + xc.float() * self.D.float()
+        y = (y * F.silu(z.float())).to(x.dtype)
+        if cache is not None:
+            cache.ssm = h_last
+            # Keep the last d_conv-1 *valid* conv inputs of each sequence (padding sits at the end).
+            n_valid = torch.full((B,), T, device=x.device) if valid is None else valid.sum(1)
+            idx = n_valid[:, None] + torch.arange(k - 1, device=x.device)[None, :]  # in conv_in coordinates
+            cache.conv = conv_in.gather(2, idx[:, None, :].expand(-1, self.d_inner, -1)).to(cache.conv.dtype)
+        return self.out_proj(y)

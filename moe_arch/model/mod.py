@@ -1,0 +1,61 @@
+"""Mixture-of-Depths token routing (Raposo et al., 2024), in a causal form.
+
+The paper picks, per sequence, the top ``capacity`` fraction of tokens by router score. That choice looks at
+the whole sequence: changing token t can push an earlier token out of the top-k, so outputs before t change
+and cached generation cannot reproduce the training forward. Here the same rule is applied *causally*:
+
+    token t is selected  <=>  its score ranks within the top ceil(capacity * (t+1)) of the scores r_0..r_t
+
+(ties go to the earlier token). Each token is ranked only against its prefix, so training, evaluation and
+generation compute exactly the same function, the model is causal, and no predictor has to be trained to
+stand in for the top-k at inference (the train/eval gap is zero by construction; tests check it). In
+expectation a fraction ~capacity of the tokens is selected (slightly more, because early tokens are ranked
+against few others); the trainer logs the measured fraction.
+
+Selected tokens are gathered *in their original order* with their original positions (RoPE and causal
+masking intact), run through the block, and added back scaled by sigmoid(router logit), so the router is
+trained by the language-model loss. Skipped tokens pass through the residual stream unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def causal_capacity_select(scores: torch.Tensor, capacity: float, past: torch.Tensor | None = None,
+                           query_chunk: int = 512) -> torch.Tensor:
+    """scores [B, T] (positions P..P+T-1), past [B, P] (scores of positions 0..P-1) -> selected [B, T] bool."""
+    B, T = scores.shape
+    full = scores if past is None or past.numel() == 0 else torch.cat([past, scores], dim=1)
+    P = full.shape[1] - T
+    pos = torch.arange(P, P + T, device=scores.device)
+    limit = torch.ceil(capacity * (pos + 1).double() - 1e-9).long()  # how many of the prefix may be selected
+    keys = torch.arange(full.shape[1], device=scores.device)
+    out = torch.empty(B, T, dtype=torch.bool, device=scores.device)
+    for s in range(0, T, query_chunk):
+        q = scores[:, s:s + query_chunk]  # [B, q]
+        qpos = pos[s:s + query_chunk]
+        earlier = keys[None, :] < qpos[:, None]  # [q, P+T]
+        ahead = (full[:, None, :] >= q[:, :, None]) & earlier[None]  # earlier tokens scoring at least as high
+        rank = ahead.sum(-1)  # [B, q]
+        out[:, s:s + query_chunk] = rank < limit[s:s + query_chunk][None, :]
+    return out
+
+
+def gather_selected(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """selected [B, T] -> positions [B, K] of the selected tokens in order (padded), valid [B, K] or None."""
+    counts = selected.sum(1)
+    K = int(counts.max())
+    # A stable sort on "not selected" puts the selected positions first, in their original order.
+    order = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :K]
+    if bool((counts == K).all()):
+        return order, None
+    valid = torch.arange(K, device=selected.device)[None, :] < counts[:, None]
+    return order, valid
+
+
+def capacity_tokens(capacity: float, T: int) -> float:
+    """Expected number of tokens selected in a sequence of length T (for FLOP estimates)."""
+    return float(sum(math.ceil(capacity * (t + 1) - 1e-9) / (t + 1) for t in range(T)))

@@ -1,0 +1,137 @@
+"""Dropless token-choice Mixture-of-Experts feed-forward layer.
+
+Router: softmax over experts, top-k, weights renormalised over the chosen k (Mixtral). Auxiliary terms:
+Switch load-balance loss and ST-MoE router z-loss; optionally DeepSeek-V3's auxiliary-loss-free balancing,
+where a per-expert bias (a buffer, not trained by gradient) shifts only the *selection* scores and is nudged
+after each optimizer step towards under-loaded experts.
+
+Dispatch: the (token, expert) assignments are sorted by expert, so each expert's tokens are one contiguous
+slice; one grouped GEMM per projection runs every expert over its own slice (``torch.nn.functional.grouped_mm``),
+with no padding to the largest expert load and no token dropped. Where the grouped GEMM is unavailable for
+the device/dtype, a loop over the experts' slices computes the same numbers (with a warning).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_arch.config import ModelConfig
+from moe_arch.model.roles import RouterLinear, register_roles
+
+_GROUPED_MM = getattr(F, "grouped_mm", None)
+_grouped_mm_broken: set[tuple[str, torch.dtype]] = set()
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` are grouped by expert (``counts[e]`` rows for expert e); returns x_e @ w[e] per group."""
+    key = (x.device.type, x.dtype)
+    if _GROUPED_MM is not None and key not in _grouped_mm_broken:
+        try:
+            return _GROUPED_MM(x, w.to(x.dtype), offs=offsets)
+        except (RuntimeError, NotImplementedError) as e:
+            _grouped_mm_broken.add(key)
+            warnings.warn(f"grouped_mm is unavailable for {key} ({str(e).splitlines()[0]}); MoE experts run as a "
+                          "loop over expert slices instead (same result, slower)", RuntimeWarning, stacklevel=2)
+    outs = []
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        outs.append(x[start:start + n] @ w[e].to(x.dtype))
+        start += n
+    return torch.cat(outs, 0)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm's backward needs it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+@register_roles({"w_gate": "expert_matrix", "w_up": "expert_matrix", "w_down": "expert_matrix"})
+class Experts(nn.Module):
+    """n_experts SwiGLU experts stored as stacked tensors: w_gate, w_up [E, d, f]; w_down [E, f, d]."""
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int):
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
+        self.w_up = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
+        self.w_down = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
+
+    def init_weights(self, std: float, out_std: float, gen: torch.Generator) -> None:
+        nn.init.normal_(self.w_gate, 0.0, std, generator=gen)
+        nn.init.normal_(self.w_up, 0.0, std, generator=gen)
+        nn.init.normal_(self.w_down, 0.0, out_std, generator=gen)
+
+    def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = counts.cumsum(0).to(torch.int32)
+        h = F.silu(grouped_matmul(xs, self.w_gate, counts, offsets)) * grouped_matmul(xs, self.w_up, counts, offsets)
+        return _ContiguousGrad.apply(grouped_matmul(h, self.w_down, counts, offsets))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_experts = cfg.n_experts
+        self.top_k = cfg.top_k
+        self.router = RouterLinear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_ff_expert)
+        self.bias_balancing = cfg.router_bias_balancing
+        self.bias_update_rate = cfg.router_bias_update_rate
+        # Selection-only bias for auxiliary-loss-free balancing (saved with the model, never trained by gradient).
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=cfg.router_bias_balancing)
+
+    def init_weights(self, std: float, out_std: float, gen: torch.Generator) -> None:
+        nn.init.normal_(self.router.weight, 0.0, std, generator=gen)
+        self.experts.init_weights(std, out_std, gen)
+        self.expert_bias.zero_()
+
+    def route(self, x: torch.Tensor):
+        """x [N, d] -> router logits [N, E] (fp32), chosen experts [N, k], their renormalised weights [N, k]."""
+        logits = self.router(x).float()
+        probs = logits.softmax(dim=-1)
+        select = probs + self.expert_bias if self.bias_balancing else probs
+        idx = torch.topk(select, self.top_k, dim=-1).indices
+        weights = probs.gather(1, idx)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, probs, idx, weights
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None, aux=None) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        keep = None
+        if valid is not None:  # MoD padding rows are not tokens: they must not be routed or counted
+            keep = valid.reshape(-1).nonzero().squeeze(1)
+            flat = flat.index_select(0, keep)
+        logits, probs, idx, weights = self.route(flat)
+        n_tok = flat.shape[0]
+        assign = idx.reshape(-1)
+        order = torch.argsort(assign, stable=True)
+        counts = torch.bincount(assign, minlength=self.n_experts)
+        token_of = order // self.top_k
+        out = self.experts(flat.index_select(0, token_of), counts)
+        out = out * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(out.dtype)
+        y = torch.zeros_like(flat).index_add_(0, token_of, out.to(flat.dtype))
+        if aux is not None and n_tok > 0:
+            frac = counts.float() / (n_tok * self.top_k)  # share of assignments per expert (sums to 1)
+            load_balance = self.n_experts * (frac * probs.mean(0)).sum()  # 1.0 when perfectly balanced
+            z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+            aux.add_moe(self.layer_idx, load_balance, z_loss, counts.detach())
+        if keep is not None:
+            y = torch.zeros(valid.numel(), shape[-1], dtype=y.dtype, device=y.device).index_copy_(0, keep, y)
+        return y.view(shape)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """DeepSeek-V3 balancing step: raise the bias of under-loaded experts, lower over-loaded ones."""
+        if self.bias_balancing and load.sum() > 0:
+            self.expert_bias += self.bias_update_rate * torch.sign(load.float().mean() - load.float())

@@ -1,0 +1,129 @@
+"""Checkpoints: one ``torch.save`` file per checkpoint, readable with plain PyTorch.
+
+Everything in a checkpoint is a tensor or a plain Python value, so ``torch.load(path, weights_only=True)``
+reads it without unpickling code, and ``torch.load(..., mmap=True)`` reads it lazily. Layout::
+
+    format, version, step, epoch, tokens_seen, data_state, rng, config (dict), precision,
+    model (state dict), optimizers {name: state dict}, schedulers {name: state dict},
+    precision_state (compensation buffers), param_roles {name: role}, buffers [names], kind, saved_at
+
+Files in ``<run>/checkpoints/``: ``step_0000000.pt`` (the true initialisation, kept for the doctor), periodic
+``step_NNNNNNN.pt`` (the last ``train.keep_last`` kept), ``final.pt``, ``checkpoint_interrupted.pt`` (after
+SIGINT/SIGTERM), and ``latest.txt`` naming the newest one. Every write goes to a temporary file that is
+fsynced and renamed, so a crash during a save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_arch import __version__
+from moe_arch.utils import atomic_path, atomic_write_text, clean_stale_temps
+
+FORMAT = "moe_arch.checkpoint/1"
+STEP_RE = re.compile(r"^step_(\d{7})\.pt$")
+
+# Fields that must match to resume: they fix the model's shapes, the precision of its weights, the optimizer
+# layout and the data stream. Anything else (steps, logging, eval cadence, ...) may change on resume.
+RESUME_KEYS = {
+    "model": None,  # every field
+    "optim": ["muon_roles"],
+    "train": ["seq_len", "batch_size", "grad_accum", "seed", "precision"],
+    "data": ["source", "tokenizer", "val_fraction", "text_field"],
+}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    path = Path(path)
+    payload = {"format": FORMAT, "version": __version__, "saved_at": time.time(), **payload}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'truncated or corrupt'})") from None
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a moe_arch checkpoint (no format {FORMAT!r}); `moe-arch diagnose` reads "
+                              "other checkpoints")
+    return ck
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def write_latest(ckpt_dir: Path, name: str) -> None:
+    atomic_write_text(ckpt_dir / "latest.txt", name + "\n")
+
+
+def resolve_resume(spec: str, run_dir: Path) -> Path:
+    """``latest`` (this run's newest checkpoint), a run folder, or a checkpoint file."""
+    if spec == "latest":
+        base = checkpoint_dir(run_dir)
+    else:
+        p = Path(spec)
+        if p.is_file():
+            return p
+        if not p.is_dir():
+            raise CheckpointError(f"--resume {spec}: no such checkpoint file or run folder")
+        base = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    latest = base / "latest.txt"
+    if latest.is_file():
+        target = base / latest.read_text().strip()
+        if target.is_file():
+            return target
+    candidates = sorted(base.glob("*.pt"), key=lambda q: q.stat().st_mtime)
+    if not candidates:
+        raise CheckpointError(f"--resume {spec}: no checkpoint in {base}")
+    return candidates[-1]
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Keep step 0 and the last ``keep_last`` periodic checkpoints; clean temp files of killed saves."""
+    clean_stale_temps(ckpt_dir)
+    steps = sorted((int(m.group(1)), p) for p in ckpt_dir.glob("step_*.pt") if (m := STEP_RE.match(p.name)))
+    periodic = [(s, p) for s, p in steps if s != 0]
+    for _, p in periodic[:-keep_last] if keep_last > 0 else periodic:
+        p.unlink(missing_ok=True)
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    diffs = []
+    for section, keys in RESUME_KEYS.items():
+        a, b = saved.get(section, {}), current.get(section, {})
+        for k in keys if keys is not None else sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                diffs.append(f"{section}.{k} (checkpoint {a.get(k)!r}, now {b.get(k)!r})")
+    return diffs

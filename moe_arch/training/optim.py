@@ -1,0 +1,174 @@
+"""Optimizers and learning-rate schedule.
+
+Routing rule (explicit, printed by ``moe-arch info --optimizer``): every parameter's *role* is declared by the
+module that owns it (``moe_arch.model.roles``). Roles in ``optim.muon_roles`` (default: hidden 2-D matrices and
+stacked expert matrices) go to Muon; everything else (embeddings, output heads, norms, biases, routers, conv
+kernels, A_log, D) goes to AdamW. Routers stay on AdamW on purpose: orthogonalising a 14 x 1792 router gradient
+would force all its singular values to ~1 and fight the softmax's temperature.
+
+- 2-D matrices: ``torch.optim.Muon``.
+- Stacked expert weights [E, in, out]: :class:`ExpertMuon`, the same algorithm applied to each expert's
+  matrix, batched (one ``baddbmm`` per Newton-Schulz step for all experts); parity with torch's Muon per slice
+  is tested.
+- Muon's lr is scaled by shape with the Moonlight rule (``adjust_lr_fn="match_rms_adamw"``): update RMS
+  ~= 0.2 * lr, comparable to AdamW's, so the two base learning rates are on one scale.
+- No weight decay on norms, biases, routers and state-space parameters (A_log, D).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim import AdamW, Muon, Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from moe_arch.config import OptimConfig, TrainConfig
+from moe_arch.doctor.rules import muon_adjusted_lr
+from moe_arch.model.roles import named_parameter_roles
+
+NO_DECAY_ROLES = {"norm", "bias", "router", "ssm"}
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_batched(G: torch.Tensor, coefficients=NS_COEFFICIENTS, steps: int = 5, eps: float = 1e-7,
+                      dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Newton-Schulz orthogonalisation of each matrix of G [E, m, n], exactly as torch.optim.Muon does for one."""
+    a, b, c = coefficients
+    X = G.to(dtype)
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:
+        X = X.transpose(-2, -1)
+    X = X / X.flatten(1).norm(dim=1).clamp(min=eps)[:, None, None]
+    for _ in range(steps):
+        A = X @ X.transpose(-2, -1)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    if transposed:
+        X = X.transpose(-2, -1)
+    return X
+
+
+class ExpertMuon(Optimizer):
+    """Muon for stacked expert matrices [E, in, out]: each expert's matrix is orthogonalised on its own."""
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients=NS_COEFFICIENTS, eps: float = 1e-7, ns_steps: int = 5,
+                 adjust_lr_fn: str | None = None):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 3:
+                    raise ValueError(f"ExpertMuon takes stacked [n_experts, in, out] tensors, got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(grad, 1 - mom)
+                update = grad.lerp(buf, mom) if group["nesterov"] else buf
+                update = zeropower_batched(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                p.mul_(1 - lr * wd)
+                p.add_(update.to(p.dtype), alpha=-muon_adjusted_lr(lr, tuple(p.shape), group["adjust_lr_fn"]))
+        return loss
+
+
+@dataclass
+class ParamPlan:
+    name: str
+    shape: tuple[int, ...]
+    role: str
+    optimizer: str  # muon | expert_muon | adamw
+    lr: float  # base learning rate of its group
+    effective_lr: float  # what one step applies (Muon: shape-adjusted)
+    weight_decay: float
+    param: nn.Parameter
+
+
+def plan_parameters(model: nn.Module, cfg: OptimConfig) -> list[ParamPlan]:
+    plans = []
+    for name, p, role in named_parameter_roles(model):
+        if not p.requires_grad:
+            continue
+        if role in cfg.muon_roles:
+            if p.ndim not in (2, 3):
+                raise ValueError(f"optim.muon_roles includes {role!r}, but {name} has shape {tuple(p.shape)}; Muon "
+                                 "needs 2-D matrices or stacked [E, in, out] expert matrices")
+            opt = "muon" if p.ndim == 2 else "expert_muon"
+            eff = muon_adjusted_lr(cfg.muon_lr, tuple(p.shape), cfg.muon_adjust_lr)
+            plans.append(ParamPlan(name, tuple(p.shape), role, opt, cfg.muon_lr, eff, cfg.weight_decay, p))
+        else:
+            wd = 0.0 if role in NO_DECAY_ROLES or p.ndim < 2 else cfg.weight_decay
+            plans.append(ParamPlan(name, tuple(p.shape), role, "adamw", cfg.adamw_lr, cfg.adamw_lr, wd, p))
+    return plans
+
+
+def build_optimizers(model: nn.Module, cfg: OptimConfig, plans: list[ParamPlan] | None = None) -> dict[str, Optimizer]:
+    """Named optimizers, each built from named parameters (so their state dicts carry ``param_names``)."""
+    plans = plans if plans is not None else plan_parameters(model, cfg)
+    by_opt: dict[str, list[ParamPlan]] = {}
+    for pl in plans:
+        by_opt.setdefault(pl.optimizer, []).append(pl)
+    muon_kw = dict(lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+                   nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, adjust_lr_fn=cfg.muon_adjust_lr)
+    opts: dict[str, Optimizer] = {}
+    if "muon" in by_opt:
+        opts["muon"] = Muon([(pl.name, pl.param) for pl in by_opt["muon"]], **muon_kw)
+    if "expert_muon" in by_opt:
+        opts["expert_muon"] = ExpertMuon([(pl.name, pl.param) for pl in by_opt["expert_muon"]], **muon_kw)
+    if "adamw" in by_opt:
+        decay = [(pl.name, pl.param) for pl in by_opt["adamw"] if pl.weight_decay > 0]
+        no_decay = [(pl.name, pl.param) for pl in by_opt["adamw"] if pl.weight_decay == 0]
+        groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        opts["adamw"] = AdamW(groups, lr=cfg.adamw_lr, betas=tuple(cfg.adamw_betas), eps=cfg.adamw_eps)
+    return opts
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier on every group's base lr after ``step`` optimizer steps: linear warmup, then the schedule."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    total = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / total)
+    lo = cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
+    # warmup-stable-decay: flat, then linear decay over the last decay_frac of the steps
+    decay_start = 1.0 - cfg.decay_frac
+    if progress <= decay_start:
+        return 1.0
+    return 1.0 - (1 - lo) * (progress - decay_start) / cfg.decay_frac
+
+
+def build_schedulers(opts: dict[str, Optimizer], cfg: TrainConfig) -> dict[str, LambdaLR]:
+    """One LambdaLR per optimizer: lr = base_lr(group) * factor(step), so each group keeps its own base lr."""
+    # A plain function (not a callable object) so LambdaLR leaves it out of its state dict: the schedule is
+    # rebuilt from the config, and the state dict stays loadable with weights_only=True.
+    def factor(step: int) -> float:
+        return lr_factor(step, cfg)
+
+    return {name: LambdaLR(opt, factor) for name, opt in opts.items()}
+
+
+def format_plan(plans: list[ParamPlan]) -> list[dict]:
+    return [{"name": p.name, "shape": list(p.shape), "role": p.role, "optimizer": p.optimizer, "lr": p.lr,
+             "effective_lr": p.effective_lr, "weight_decay": p.weight_decay} for p in plans]

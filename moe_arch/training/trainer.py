@@ -1,0 +1,476 @@
+"""The training loop.
+
+One optimizer *step* = ``train.grad_accum`` micro-batches of ``train.batch_size`` sequences on every process.
+Tokens seen counts input tokens exactly (windows are never padded). The loss the optimizer minimises is the
+next-token loss plus the weighted multi-token-prediction and auxiliary terms; each is logged on its own, and
+evaluation reports the next-token loss alone, so perplexity is honest.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moe_arch.config import Config, save_config
+from moe_arch.data.dataset import TokenData, WindowSampler, eval_windows, prepare_data
+from moe_arch.model.params import count_parameters, flops_per_token
+from moe_arch.model.roles import named_parameter_roles
+from moe_arch.model.transformer import HybridLM, build_model
+from moe_arch.parallel.distributed import DistEnv
+from moe_arch.training import checkpoint as ckpt
+from moe_arch.training.flops import measure_matmul_peak
+from moe_arch.training.metrics import ConsoleUI, MetricsLogger
+from moe_arch.training.optim import build_optimizers, build_schedulers, plan_parameters
+from moe_arch.training.precision import CompensatedUpdates, preflight, resolve_policy
+from moe_arch.utils import human, resolve_device
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class TrainingStopped(RuntimeError):
+    """A monitor policy stopped the run on a critical alert."""
+
+
+@dataclass
+class RunResult:
+    steps: int
+    tokens_seen: int
+    val_loss: float | None
+    val_ppl: float | None
+    unigram_loss: float | None
+    sample: str | None
+    run_dir: Path
+    interrupted: int | None = None  # the signal number, when a signal stopped the run
+    last_checkpoint: Path | None = None
+
+
+def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
+    """Cross-entropy (nats) of the validation tokens under the training split's add-one-smoothed unigram model."""
+    counts = np.bincount(np.asarray(train), minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.asarray(val)].mean())
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None, log=None):
+        self.cfg = cfg
+        t = cfg.train
+        self.device = resolve_device(t.device)
+        self.dist = DistEnv.from_env(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.policy = resolve_policy(t.precision, self.device)
+        self.run_dir = Path(t.out_dir) / t.run_name
+        self.ckpt_dir = ckpt.checkpoint_dir(self.run_dir)
+        self.ui = ConsoleUI("none", 0, enabled=False)  # replaced in run(); messages before it go to `log`
+        self._log = log or (print if self.dist.is_main else (lambda *a, **k: None))
+        torch.manual_seed(t.seed)
+
+        # Data: rank 0 tokenizes (and caches) first; the others read the cache.
+        if self.dist.is_main:
+            self.data: TokenData = prepare_data(cfg.data, cfg.model.vocab_size, log=self._log)
+        self.dist.barrier()
+        if not self.dist.is_main:
+            self.data = prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a: None)
+
+        # Model, in the precision policy's storage dtype.
+        self.raw_model: HybridLM = build_model(cfg.model, seed=t.seed, device=self.device)
+        self.raw_model.to(self.policy.param_dtype)
+        self.model = self._parallelize(self.raw_model)
+        self.plans = plan_parameters(self.raw_model, cfg.optim)
+        self.optimizers = build_optimizers(self.raw_model, cfg.optim, self.plans)
+        self.schedulers = build_schedulers(self.optimizers, t)
+        self.param_names = {n: p for n, p in self.raw_model.named_parameters()}
+        self.compensator = CompensatedUpdates(self.param_names) if self.policy.compensated else None
+        self.roles = {n: r for n, _, r in named_parameter_roles(self.raw_model)}
+
+        self.sampler = WindowSampler(self.data.train, t.seq_len, cfg.model.n_predict, t.batch_size * self.dist.world,
+                                     t.seed)
+        self.step = 0
+        self.tokens_seen = 0
+        self.nan_skips = 0
+        self._stop_signal: int | None = None
+        self.monitor = None
+        if cfg.monitor.enabled:
+            from moe_arch.doctor.monitor import Monitor
+
+            self.monitor = Monitor(self.raw_model, self.optimizers, cfg.monitor, run_dir=self.run_dir,
+                                   enabled_output=self.dist.is_main)
+        self.resumed_from: Path | None = None
+        if resume:
+            self._resume(resume)
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _parallelize(self, model: HybridLM):
+        mode = self.cfg.train.parallel
+        if not self.dist.enabled or mode == "none":
+            return model
+        from moe_arch.parallel.parallelize import parallelize
+
+        return parallelize(model, mode, self.policy, self.device)
+
+    def _resume(self, spec: str) -> None:
+        path = ckpt.resolve_resume(spec, self.run_dir)
+        state = ckpt.load_checkpoint(path, map_location=self.device)
+        diffs = ckpt.config_differences(state["config"], self.cfg.to_dict())
+        if diffs:
+            raise ckpt.CheckpointError(f"cannot resume {path} with this config; these fields differ: {'; '.join(diffs)}. "
+                                       "Resume with the checkpoint's config or start a new run (--train.run_name)")
+        self.raw_model.load_state_dict(state["model"])
+        ctx = self.compensator.fp32_view(with_grads=False) if self.compensator else nullcontext()
+        with ctx:  # compensated runs keep fp32 optimizer state: load it while the weights are fp32
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(state["optimizers"][name])
+        if self.compensator is not None:
+            # fp32_view re-split the weights on exit; the checkpoint's buffers are the exact remainder.
+            self.compensator.load_state_dict(state.get("precision_state", {}))
+        for name, sch in self.schedulers.items():
+            sch.load_state_dict(state["schedulers"][name])
+        self.sampler.load_state_dict(state["data_state"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        ckpt.set_rng_state(state["rng"])
+        self.resumed_from = path
+        self._log(f"resumed from {path} at step {self.step} ({human(self.tokens_seen)} tokens seen)")
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _payload(self, kind: str) -> dict:
+        return {
+            "kind": kind,
+            "step": self.step,
+            "epoch": self.sampler.epoch,
+            "tokens_seen": self.tokens_seen,
+            "data_state": self.sampler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "config": self.cfg.to_dict(),
+            "precision": self.policy.name,
+            "model": self.raw_model.state_dict(),
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+            "precision_state": self.compensator.state_dict() if self.compensator else {},
+            "param_roles": dict(self.roles),
+            "buffers": [n for n, _ in self.raw_model.named_buffers()],
+            "tokenizer_json": self.data.tokenizer.tok.to_str(),
+        }
+
+    def save(self, kind: str, name: str | None = None) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        name = name or f"step_{self.step:07d}.pt"
+        path = ckpt.save_checkpoint(self.ckpt_dir / name, self._payload(kind))
+        ckpt.write_latest(self.ckpt_dir, path.name)
+        if kind == "periodic":
+            ckpt.prune(self.ckpt_dir, self.cfg.train.keep_last)
+        return path
+
+    # ------------------------------------------------------------------------------------------ one step
+    def _micro_batch(self):
+        T = self.cfg.train.seq_len
+        batch = self.sampler.batch(self.dist.rank, self.dist.world).to(self.device, non_blocking=True)
+        return batch[:, :T], batch[:, 1:]
+
+    def train_step(self) -> dict:
+        t = self.cfg.train
+        self.model.train()
+        acc = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0}
+        aux_sums: dict[str, float] = {}
+        loads: dict[int, torch.Tensor] = {}
+        mod_frac: dict[int, float] = {}
+        mod_w: dict[int, tuple[float, float]] = {}
+        skipped = False
+        for micro in range(t.grad_accum):
+            inp, tgt = self._micro_batch()
+            self.tokens_seen += inp.numel() * self.dist.world
+            with self.policy.autocast(self.device):
+                out = self.model(inp, tgt)
+            if not torch.isfinite(out.loss.detach()):
+                skipped = self._non_finite(out.loss.item(), micro, inp, tgt)
+                break
+            (out.loss / t.grad_accum).backward()
+            acc["loss"] += out.loss.item() / t.grad_accum
+            acc["lm_loss"] += out.lm_loss.item() / t.grad_accum
+            if out.mtp_losses:
+                acc["mtp_loss"] += torch.stack(out.mtp_losses).mean().item() / t.grad_accum
+            for k, v in out.aux_losses.items():
+                aux_sums[k] = aux_sums.get(k, 0.0) + v.item() / t.grad_accum
+            for i, load in out.aux.moe_load.items():
+                loads[i] = loads.get(i, 0) + load
+            for i, f in out.aux.mod_frac.items():
+                mod_frac[i] = mod_frac.get(i, 0.0) + f.item() / t.grad_accum
+            for i, (m, s) in out.aux.mod_weight.items():
+                mod_w[i] = (m.item(), s.item())
+        if skipped:
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            return {"skipped": True}
+
+        params = [p for p in self.raw_model.parameters() if p.grad is not None]
+        group_norms = {name: _grad_norm(opt) for name, opt in self.optimizers.items()}
+        if t.grad_clip > 0:
+            total = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        else:
+            total = torch.linalg.vector_norm(torch.stack([g for g in group_norms.values()]))
+        total = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        if not math.isfinite(total):
+            if self._non_finite(total, -1, None, None, what="gradient norm"):
+                for opt in self.optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                return {"skipped": True}
+
+        if self.monitor is not None:
+            self.monitor.before_step(self.step)
+        ctx = self.compensator.fp32_view() if self.compensator else nullcontext()
+        with ctx:
+            for opt in self.optimizers.values():
+                opt.step()
+        for sch in self.schedulers.values():
+            sch.step()
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        if loads:
+            for i in loads:
+                self.dist.all_reduce_sum(loads[i])
+            self.raw_model.update_router_biases(loads)
+        self.step += 1
+        return {**acc, **aux_sums, "grad_norm": total, "clipped": t.grad_clip > 0 and total > t.grad_clip,
+                "group_grad_norms": {k: float(v) for k, v in group_norms.items()},
+                "moe_load": {i: l.detach().float().cpu() for i, l in loads.items()}, "mod_frac": mod_frac,
+                "mod_weight": mod_w, "skipped": False}
+
+    def _non_finite(self, value: float, micro: int, inp, tgt, what: str = "loss") -> bool:
+        """Stop (with the module where the non-finite value first appeared) or skip the batch, per policy."""
+        t = self.cfg.train
+        where = ""
+        if inp is not None:
+            from moe_arch.doctor.nonfinite import first_nonfinite_module
+
+            with self.policy.autocast(self.device):
+                module = first_nonfinite_module(self.raw_model, inp, tgt)
+            where = f"; first non-finite output in module {module!r}" if module else ""
+        msg = (f"step {self.step + 1}: {what} is {value} (micro-batch {micro}){where}")
+        if t.nan_policy == "skip" and self.nan_skips < t.max_nan_skips:
+            self.nan_skips += 1
+            self.ui.print(f"[yellow]warning:[/] {msg}; skipping this batch ({self.nan_skips}/{t.max_nan_skips} skips)")
+            return True
+        hint = ("train.nan_policy=skip allows skipping bad batches" if t.nan_policy == "stop"
+                else f"already skipped {self.nan_skips} batches (train.max_nan_skips)")
+        raise NonFiniteLossError(f"{msg}; stopping ({hint}). Lower the learning rate or check the data; the last "
+                                 f"checkpoint is in {self.ckpt_dir}")
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, max_tokens: int | None = None) -> tuple[float, int]:
+        """Mean next-token loss on the validation split (non-overlapping windows, every token once)."""
+        t = self.cfg.train
+        max_tokens = t.eval_max_tokens if max_tokens is None else max_tokens
+        model = self.raw_model
+        was_training = model.training
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        batch: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def flush():
+            if not batch:
+                return
+            inp = torch.stack([b[0] for b in batch]).to(self.device)
+            tgt = torch.stack([b[1] for b in batch]).to(self.device)
+            with self.policy.autocast(self.device):
+                logits = model.lm_head(model.hidden_states(inp))
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum")
+            total[0] += loss.double()
+            total[1] += tgt.numel()
+            batch.clear()
+
+        for i, (inp, tgt) in enumerate(eval_windows(self.data.val, t.seq_len, max_tokens)):
+            if i % self.dist.world != self.dist.rank:
+                continue
+            if batch and inp.shape != batch[0][0].shape:
+                flush()
+            batch.append((inp, tgt))
+            if len(batch) == t.batch_size:
+                flush()
+        flush()
+        self.dist.all_reduce_sum(total)
+        model.train(was_training)
+        n = int(total[1].item())
+        return (float(total[0].item()) / max(n, 1)), n
+
+    @torch.no_grad()
+    def sample(self, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int = 50) -> str:
+        tok = self.data.tokenizer
+        ids = torch.tensor([tok.encode(prompt) or [tok.eos_id]], device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
+        self.raw_model.eval()
+        room = max(0, min(max_new_tokens, self.cfg.model.max_seq_len - ids.shape[1]))
+        out = self.raw_model.generate(ids, room, temperature=temperature, top_k=top_k, generator=gen)
+        self.raw_model.train()
+        return tok.decode(out[0].tolist())
+
+    # ------------------------------------------------------------------------------------------ the run
+    def _install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # second signal: stop now
+                signal.signal(signum, old.get(signum, signal.SIG_DFL))
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            self.ui.print(f"[yellow]received {signal.Signals(signum).name}: finishing step {self.step + 1}, then "
+                          "saving checkpoint_interrupted.pt[/] (send again to stop immediately)")
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, handler)
+        return old
+
+    def run(self) -> RunResult:
+        cfg, t = self.cfg, self.cfg.train
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        counts = count_parameters(self.raw_model)
+        fpt = flops_per_token(cfg.model, t.seq_len, self.raw_model)["train_flops_per_token"]
+        peak = t.peak_flops or measure_matmul_peak(self.device, torch.float32 if self.device.type == "cpu" else None)
+        peak *= self.dist.world
+        unigram = unigram_cross_entropy(self.data.train, self.data.val, cfg.model.vocab_size)
+        self._log(f"model: {human(counts['total'])} parameters ({human(counts['active'])} active), "
+                  f"{counts['n_norms']} RMSNorm weights | precision {self.policy.name} on {self.device} "
+                  f"x{self.dist.world} | optimizers: "
+                  + ", ".join(f"{n} ({sum(len(g['params']) for g in o.param_groups)} tensors)"
+                              for n, o in self.optimizers.items()))
+        frozen = preflight(self.raw_model, self.optimizers)
+        if frozen:
+            self._log(f"precision preflight: {len(frozen)} tensors cannot move under {self.policy.name} "
+                      f"(expected update < half a ULP for most elements):")
+            for f in frozen[:60]:
+                self._log(f"  {f.name:<40} {f.dtype:<9} {f.optimizer:<11} update ~{f.expected_update:.1e} < half-ULP "
+                          f"{f.half_ulp:.1e} at |w|~{f.median_abs:.3g} ({f.fraction_lost:.0%} of elements)")
+            if self.policy.name == "bf16-pure":
+                self._log("  training anyway (bf16-pure reproduces this on purpose); use --train.precision "
+                          "bf16-mixed or bf16-compensated to train these tensors")
+        logger = MetricsLogger(self.run_dir, t.tensorboard, t.wandb, t.wandb_project, cfg.to_dict(), enabled=main)
+        if self.monitor is not None:
+            self.monitor.attach(logger, self)
+        if self.resumed_from is None and t.save_step0 and self.step == 0:
+            self.save("init", "step_0000000.pt")
+        self.ui = ConsoleUI(t.progress, t.steps, self.step, enabled=main)
+        old_handlers = self._install_signals()
+        interval = {"loss": [], "lm_loss": [], "mtp_loss": [], "clipped": 0, "steps": 0, "tokens": 0, "t0": time.time()}
+        last_ckpt = None
+        val_loss = None
+        try:
+            while self.step < t.steps:
+                tokens_before = self.tokens_seen
+                stats = self.train_step()
+                if stats.get("skipped"):
+                    continue
+                interval["steps"] += 1
+                interval["tokens"] += self.tokens_seen - tokens_before
+                for k in ("loss", "lm_loss", "mtp_loss"):
+                    interval[k].append(stats[k])
+                interval["clipped"] += int(stats["clipped"])
+                if self.monitor is not None:
+                    self.monitor.after_step(self.step, stats)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    self._log_interval(logger, interval, stats, fpt, peak)
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                    val_loss, n = self.evaluate()
+                    logger.log(self.step, {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_tokens": n}, "eval")
+                    self.ui.print(f"step {self.step}: validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f}, "
+                                  f"unigram baseline {unigram:.4f})")
+                if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
+                    last_ckpt = self.save("periodic") or last_ckpt
+                if self._stop_signal is not None:
+                    last_ckpt = self.save("interrupted", "checkpoint_interrupted.pt")
+                    self.ui.close()
+                    self._log(f"interrupted at step {self.step}: saved {last_ckpt}; resume with "
+                              f"`moe-arch train ... --resume {last_ckpt}`")
+                    logger.close()
+                    return RunResult(self.step, self.tokens_seen, None, None, unigram, None, self.run_dir,
+                                     interrupted=self._stop_signal, last_checkpoint=last_ckpt)
+            last_ckpt = self.save("final", "final.pt") or last_ckpt
+        finally:
+            self.ui.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        val_loss, n = self.evaluate()
+        logger.log(self.step, {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_tokens": n,
+                               "unigram_loss": unigram}, "eval")
+        text = None
+        if main and t.sample_tokens > 0:
+            text = self.sample(t.sample_prompt, t.sample_tokens)
+            logger.log_text(self.step, "sample", text)
+        logger.close()
+        self._log(f"validation: loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} on {n:,} tokens "
+                  f"(unigram baseline: loss {unigram:.4f}, perplexity {math.exp(unigram):.1f})")
+        if text is not None:
+            self._log(f"sample: {text!r}")
+        if main and last_ckpt is not None:
+            self._log(f"checkpoints: {self.ckpt_dir} (final: {last_ckpt.name}); metrics: {logger.path}")
+        return RunResult(self.step, self.tokens_seen, val_loss, math.exp(val_loss), unigram, text, self.run_dir,
+                         last_checkpoint=last_ckpt)
+
+    def _log_interval(self, logger: MetricsLogger, interval: dict, stats: dict, fpt: float, peak: float) -> None:
+        t = self.cfg.train
+        elapsed = max(time.time() - interval["t0"], 1e-9)
+        tok_s = interval["tokens"] / elapsed
+        n = max(interval["steps"], 1)
+        m = {
+            "loss": float(np.mean(interval["loss"])),
+            "lm_loss": float(np.mean(interval["lm_loss"])),
+            "tokens_seen": self.tokens_seen,
+            "epoch": self.sampler.epoch,
+            "tokens_per_s": tok_s,
+            "mfu": fpt * tok_s / peak,
+            "grad_norm": stats["grad_norm"],
+            "clip_rate": interval["clipped"] / n,
+            "step_time_s": elapsed / n,
+        }
+        if self.cfg.model.n_predict > 1:
+            m["mtp_loss"] = float(np.mean(interval["mtp_loss"]))
+        for k in ("moe_load_balance", "moe_z_loss", "mod_router"):
+            if k in stats:
+                m[f"aux_{k}"] = stats[k]
+        for name, opt in self.optimizers.items():
+            for gi, g in enumerate(opt.param_groups):
+                m[f"lr_{name}" + (f"_{gi}" if len(opt.param_groups) > 1 else "")] = g["lr"]
+        for k, v in stats["group_grad_norms"].items():
+            m[f"grad_norm_{k}"] = v
+        for i, load in stats["moe_load"].items():
+            frac = load / load.sum().clamp_min(1)
+            m[f"moe_max_over_mean_L{i}"] = float(frac.max() * len(frac))
+            m[f"moe_load_L{i}"] = [round(float(x), 4) for x in frac]
+        for i, f in stats["mod_frac"].items():
+            m[f"mod_selected_L{i}"] = f
+        for i, (wm, ws) in stats["mod_weight"].items():
+            m[f"mod_weight_mean_L{i}"] = wm
+            m[f"mod_weight_std_L{i}"] = ws
+        logger.log(self.step, m)
+        status = f"loss {m['lm_loss']:.3f} | {human(tok_s)} tok/s | MFU {m['mfu']:.1%}"
+        line = (f"step {self.step}/{t.steps} | loss {m['loss']:.4f} (lm {m['lm_loss']:.4f}) | "
+                f"lr {self.optimizers[next(iter(self.optimizers))].param_groups[0]['lr']:.2e} | grad {stats['grad_norm']:.2f}"
+                f" | {human(tok_s)} tok/s | MFU {m['mfu']:.1%}")
+        self.ui.update(self.step, status, line)
+        interval.update({"loss": [], "lm_loss": [], "mtp_loss": [], "clipped": 0, "steps": 0, "tokens": 0,
+                         "t0": time.time()})
+
+
+def _grad_norm(opt: torch.optim.Optimizer) -> torch.Tensor:
+    grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))

@@ -1,0 +1,40 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from moe_arch.config import Config, load_config  # noqa: E402
+
+
+def small_overrides(**extra) -> dict:
+    """A model with every feature on, small enough for sub-second steps on 2 CPU cores."""
+    model = dict(vocab_size=512, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256,
+                 moe_layers=[1, 3], n_experts=4, top_k=2, d_ff_expert=64, mamba_layers=[2], mamba_d_state=8,
+                 mod_layers=[1, 3], mod_capacity=0.75, n_predict=2)
+    model.update(extra)
+    return model
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    """One tokenizer/token cache for the whole session (BPE training takes a few seconds)."""
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture
+def small_cfg(tmp_path, data_cache) -> Config:
+    return Config.from_dict({
+        "model": small_overrides(),
+        "train": dict(out_dir=str(tmp_path / "runs"), run_name="t", steps=6, batch_size=4, seq_len=32, warmup_steps=2,
+                      log_every=2, eval_every=0, ckpt_every=0, eval_max_tokens=2048, sample_tokens=0, progress="plain",
+                      tensorboard=False),
+        "data": dict(cache_dir=data_cache),
+        "monitor": dict(enabled=False),
+    })
