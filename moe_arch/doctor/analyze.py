@@ -113,6 +113,7 @@ def analyze_tensors(view: CheckpointView, ref: CheckpointView | None, slots: dic
                     ) -> list[TensorEvidence]:
     roles = view.meta.get("param_roles")
     buffers = set(view.meta.get("buffers") or [])
+    compensated = set(view.meta.get("precision_state") or {})
     out: list[TensorEvidence] = []
     for name, ti in view.tensors.items():
         if not ti.dtype.is_floating_point:
@@ -138,6 +139,11 @@ def analyze_tensors(view: CheckpointView, ref: CheckpointView | None, slots: dic
             raise LoadError(f"{name}: shape {tuple(ti.shape)} in the checkpoint but {tuple(ref_ti.shape)} in the "
                             f"reference {ref.path}; --against must be a checkpoint of the same model")
         _stream(ev, ti.get(), ref_ti.get() if ref_ti is not None else None, slot, progress)
+        if name in compensated:
+            # Kahan-compensated bf16: what rounding drops is kept in a bf16 buffer and applied later, so the
+            # rounding rule does not apply (the stored weight may lag, the training state does not lose updates).
+            ev.low_precision, ev.frac_lost = False, None
+            ev.notes.append("bf16 with Kahan compensation: sub-ULP updates accumulate in the compensation buffer")
         out.append(ev)
     return out
 

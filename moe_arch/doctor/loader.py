@@ -203,7 +203,7 @@ def _from_torch_obj(path: Path, obj: Any, mmapped: bool) -> CheckpointView:
             raise LoadError(f"{path}: no model state found (looked for a bare state dict and the keys "
                             f"{list(MODEL_KEYS)}; top-level keys: {list(obj)[:10]})")
     for k in ("step", "global_step", "epoch", "tokens_seen", "config", "precision", "param_roles", "buffers", "kind",
-              "version", "tokenizer_json"):
+              "version", "tokenizer_json", "precision_state"):
         if k in obj:
             meta["step" if k == "global_step" else k] = obj[k]
     if isinstance(meta.get("config"), dict) is False and "config" in meta:

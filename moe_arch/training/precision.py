@@ -14,6 +14,9 @@ whether its expected first update survives rounding and lists the tensors that c
 ``bf16-compensated`` stores bf16 weights plus a bf16 compensation buffer (4 bytes per parameter instead of fp32
 master + bf16 copy). At each step the optimizer works on w = bf16(w) + comp in fp32 (so its states are fp32),
 then the result is split again into its bf16 rounding and the new remainder: no update is lost, only delayed.
+The remainder is itself stored in bf16, so the pair carries ~16 significant bits (vs fp32's 24): updates as small
+as ~2^-16 of the weight survive, and a perfectly regular update stream can drift by a few percent of what it
+accumulates (tested). Use ``bf16-mixed`` when memory allows exact fp32 master weights.
 """
 
 from __future__ import annotations

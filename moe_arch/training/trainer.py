@@ -318,6 +318,11 @@ class Trainer:
         return tok.decode(out[0].tolist())
 
     # ------------------------------------------------------------------------------------------ the run
+    def request_stop(self) -> None:
+        """Stop after the current step and save ``checkpoint_interrupted.pt`` (what SIGINT/SIGTERM do)."""
+        if self._stop_signal is None:
+            self._stop_signal = 0
+
     def _install_signals(self):
         if threading.current_thread() is not threading.main_thread():
             return {}
@@ -398,6 +403,7 @@ class Trainer:
                     self.ui.close()
                     self._log(f"interrupted at step {self.step}: saved {last_ckpt}; resume with "
                               f"`moe-arch train ... --resume {last_ckpt}`")
+                    self.dist.barrier()
                     logger.close()
                     return RunResult(self.step, self.tokens_seen, None, None, unigram, None, self.run_dir,
                                      interrupted=self._stop_signal, last_checkpoint=last_ckpt)

@@ -1,0 +1,68 @@
+"""Training tokens/s and MFU of a preset, against this machine's fp32 matmul peak measured in the same run.
+
+    python bench/bench_train.py [--preset tiny] [--steps 20] [--batch 16] [--seq 128]
+
+MFU = model training FLOPs per token (matmuls: 6 x active matmul parameters, plus attention scores and the
+Mamba scan; MoD blocks at their selected fraction) x tokens/s / peak FLOP/s of an fp32 2048^3 matmul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from common import header
+
+from moe_arch.config import load_config
+from moe_arch.model.params import flops_per_token
+from moe_arch.training.flops import measure_matmul_peak
+from moe_arch.training.trainer import Trainer
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=0)
+    ap.add_argument("--seq", type=int, default=0)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--monitor", action="store_true")
+    args = ap.parse_args()
+    header(f"training throughput and MFU: {args.preset}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ov = ["--train.out_dir", tmp, "--train.progress", "none", "--train.tensorboard", "false",
+              "--train.save_step0", "false", "--train.ckpt_every", "0", "--train.eval_every", "0",
+              "--train.steps", str(args.steps + 2), "--monitor.enabled", str(args.monitor).lower(),
+              "--train.compile", str(args.compile).lower(), "--train.peak_flops", "1"]
+        if args.batch:
+            ov += ["--train.batch_size", str(args.batch)]
+        if args.seq:
+            ov += ["--train.seq_len", str(args.seq)]
+        cfg = load_config(args.preset, ov)
+        trainer = Trainer(cfg, log=lambda *a, **k: None)
+        trainer.train_step()  # warm-up (allocations, first-call overheads)
+        trainer.train_step()
+        tokens0 = trainer.tokens_seen
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.train_step()
+        dt = time.perf_counter() - t0
+        tok_s = (trainer.tokens_seen - tokens0) / dt
+    peak = measure_matmul_peak(torch.device("cpu"), torch.float32, seconds=1.0)
+    fpt = flops_per_token(cfg.model, cfg.train.seq_len)
+    print(f"# batch {cfg.train.batch_size} x seq {cfg.train.seq_len}, {args.steps} steps, compile={args.compile}, "
+          f"monitor={args.monitor}")
+    print(f"step time            {dt / args.steps * 1e3:10.1f} ms")
+    print(f"tokens/s             {tok_s:10,.0f}")
+    print(f"model FLOPs/token    {fpt['train_flops_per_token'] / 1e6:10.2f} MFLOP (MoD-selected fraction "
+          f"{fpt['mod_selected_fraction']:.3f})")
+    print(f"achieved             {fpt['train_flops_per_token'] * tok_s / 1e9:10.1f} GFLOP/s")
+    print(f"fp32 matmul peak     {peak / 1e9:10.1f} GFLOP/s (2048^3, measured in this run)")
+    print(f"MFU                  {fpt['train_flops_per_token'] * tok_s / peak:10.1%}")
+
+
+if __name__ == "__main__":
+    main()
