@@ -330,8 +330,39 @@ def _load_hf_trainer(folder: Path, trust_pickle: bool) -> CheckpointView:
     cfg = folder / "config.json"
     if cfg.is_file():
         view.meta["hf_config"] = json.loads(cfg.read_text())
-    view.notes.append("Hugging Face Trainer checkpoint: optimizer parameters are mapped to names by shape and order")
+        order = _hf_parameter_order(view.meta["hf_config"])
+        if order:
+            # safetensors sorts tensor names; the optimizer lists parameters in model registration order.
+            rank = {n: i for i, n in enumerate(order)}
+            view.tensors = dict(sorted(view.tensors.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+            view.notes.append("Hugging Face Trainer checkpoint: parameter order rebuilt from config.json on the meta "
+                              "device; optimizer parameters mapped to names by that order and their state shapes")
+        else:
+            view.notes.append("Hugging Face Trainer checkpoint: the model's parameter order could not be rebuilt from "
+                              "config.json (is transformers installed?); safetensors sorts names, so optimizer "
+                              "parameters may stay unmapped")
     return view
+
+
+def _hf_parameter_order(config: dict) -> list[str] | None:
+    """Parameter names in registration order, from the model class named in config.json (no weights, no code
+    from the checkpoint: only classes that ship with transformers)."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    try:
+        archs = config.get("architectures") or []
+        klass = getattr(transformers, archs[0], None) if archs else None
+        if klass is None:
+            return None
+        conf = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "model_type"},
+                                                 model_type=config["model_type"])
+        with torch.device("meta"):
+            model = klass(conf)
+        return [n for n, _ in model.named_parameters()]
+    except Exception:  # an architecture this transformers version cannot build: fall back to file order
+        return None
 
 
 def _load_dcp(folder: Path) -> CheckpointView:

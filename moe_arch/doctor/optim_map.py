@@ -85,51 +85,77 @@ def _greedy(seq: list[tuple[int, ...] | None], cands: list[tuple[int, ...]]) -> 
     return out
 
 
+def _bounds(seq: list[tuple[int, ...] | None], cand_shapes: list[tuple[int, ...]]):
+    early = _greedy(seq, cand_shapes)
+    late_rev = _greedy(seq[::-1], cand_shapes[::-1])
+    if early is None or late_rev is None:
+        return None
+    late = [len(cand_shapes) - 1 - i for i in late_rev[::-1]]
+    return early, late
+
+
 def map_optimizers(view: CheckpointView) -> tuple[dict[str, ParamSlot], list[OptimizerSummary]]:
     cands = candidate_tensors(view)
     cand_names = [n for n, _ in cands]
-    cand_shapes = [s for _, s in cands]
+    shape_of = dict(cands)
     slots: dict[str, ParamSlot] = {}
     summaries: list[OptimizerSummary] = []
+    pending = []  # (summary, group index, group meta, [(pid, shape)], state) for groups mapped by shape
     for opt in view.optimizers:
         sd = opt.state_dict
         groups = sd.get("param_groups", [])
         state = sd.get("state", {})
-        kind = optimizer_kind(sd)
-        flat: list[tuple[int, int, Any]] = []  # (group index, param id, name or None)
         have_names = bool(groups) and all("param_names" in g for g in groups)
-        for gi, g in enumerate(groups):
-            names = g.get("param_names") if have_names else None
-            for j, pid in enumerate(g["params"]):
-                flat.append((gi, pid, _strip(names[j]) if names else None))
         group_meta = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in groups]
-        summ = OptimizerSummary(opt.name, kind, "param_names" if have_names else "shape-order", len(flat), 0,
-                                sum(1 for _, pid, _ in flat if state.get(pid)), group_meta)
-        if have_names:
-            for gi, pid, name in flat:
-                if name in view.tensors:
-                    slots[name] = ParamSlot(opt.name, gi, group_meta[gi], state.get(pid, {}), "param_names")
-                    summ.n_mapped += 1
-                else:
-                    summ.unmatched += 1
-        else:
-            seq = [_state_shape(state.get(pid, {})) for _, pid, _ in flat]
-            early = _greedy(seq, cand_shapes)
-            late_rev = _greedy(seq[::-1], cand_shapes[::-1])
-            if early is None or late_rev is None:
-                summ.unmatched = len(flat)
-                summ.method = "unmapped"
-            else:
-                late = [len(cands) - 1 - i for i in late_rev[::-1]]
-                for k, (gi, pid, _) in enumerate(flat):
-                    if early[k] == late[k]:
-                        name = cand_names[early[k]]
-                        slots[name] = ParamSlot(opt.name, gi, group_meta[gi], state.get(pid, {}), "shape-order")
+        n_params = sum(len(g["params"]) for g in groups)
+        summ = OptimizerSummary(opt.name, optimizer_kind(sd), "param_names" if have_names else "shape-order",
+                                n_params, 0, sum(1 for g in groups for pid in g["params"] if state.get(pid)),
+                                group_meta)
+        summaries.append(summ)
+        for gi, g in enumerate(groups):
+            if have_names:
+                for pid, name in zip(g["params"], g["param_names"]):
+                    name = _strip(name)
+                    if name in view.tensors:
+                        slots[name] = ParamSlot(opt.name, gi, group_meta[gi], state.get(pid, {}), "param_names")
                         summ.n_mapped += 1
                     else:
-                        options = [cand_names[i] for i in range(early[k], late[k] + 1)
-                                   if seq[k] is None or cand_shapes[i] == seq[k]]
-                        summ.ambiguous.append({"index": k, "group": gi, "candidates": options[:8],
-                                               "n_candidates": len(options)})
-        summaries.append(summ)
+                        summ.unmatched += 1
+            else:
+                pending.append((summ, gi, group_meta[gi], [(pid, _state_shape(state.get(pid, {})))
+                                                           for pid in g["params"]], state))
+    # Shape/order matching with constraint propagation across groups.
+    fixed: dict[int, dict[int, str]] = {k: {} for k in range(len(pending))}  # group -> {param position: name}
+    taken_by_names = set(slots)
+    for _ in range(len(pending) + 1):
+        changed = False
+        for k, (summ, gi, meta, params, state) in enumerate(pending):
+            others = taken_by_names | {n for j, f in fixed.items() if j != k for n in f.values()}
+            names = [n for n in cand_names if n not in others]
+            b = _bounds([shp for _, shp in params], [shape_of[n] for n in names])
+            if b is None:
+                continue
+            for pos, (e, l) in enumerate(zip(*b)):
+                if e == l and pos not in fixed[k]:
+                    fixed[k][pos] = names[e]
+                    changed = True
+        if not changed:
+            break
+    for k, (summ, gi, meta, params, state) in enumerate(pending):
+        others = taken_by_names | {n for j, f in fixed.items() if j != k for n in f.values()}
+        names = [n for n in cand_names if n not in others]
+        b = _bounds([shp for _, shp in params], [shape_of[n] for n in names])
+        if b is None:
+            summ.unmatched += len(params)
+            summ.method = "unmapped"
+            continue
+        for pos, (pid, shp) in enumerate(params):
+            if pos in fixed[k]:
+                slots[fixed[k][pos]] = ParamSlot(summ.name, gi, meta, state.get(pid, {}), "shape-order")
+                summ.n_mapped += 1
+            else:
+                e, l = b[0][pos], b[1][pos]
+                options = [names[i] for i in range(e, l + 1) if shp is None or shape_of[names[i]] == shp]
+                summ.ambiguous.append({"index": pos, "group": gi, "candidates": options[:8],
+                                       "n_candidates": len(options)})
     return slots, summaries

@@ -156,10 +156,10 @@ def _png(fig) -> str:
 def change_heatmap(evidence: list[TensorEvidence]) -> str | None:
     cells: dict[tuple[int, str], float] = {}
     for e in evidence:
-        m = re.match(r"^(?:.*?\.)?layers\.(\d+)\.(.+)$", e.name)
+        m = re.match(r"^(.*?)\.(\d+)\.(.+)$", e.name)  # the first numeric segment is the layer
         if not m or e.rel_change is None:
             continue
-        cells[(int(m.group(1)), m.group(2))] = e.rel_change
+        cells[(int(m.group(2)), m.group(3))] = e.rel_change
     if not cells:
         return None
     import matplotlib

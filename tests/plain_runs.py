@@ -1,0 +1,121 @@
+"""Small training runs written in plain PyTorch (not moe_arch's trainer), each with one planted bug."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class Norm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype) * self.weight
+
+
+class Block(nn.Module):
+    def __init__(self, d, n_experts=4):
+        super().__init__()
+        self.norm = Norm(d)
+        self.fc = nn.Linear(d, d)
+        self.router = nn.Linear(d, n_experts, bias=False)
+        self.experts = nn.Parameter(torch.randn(n_experts, d, d) * 0.02)
+        self.allowed = None  # restrict routing to these experts (to plant dead experts)
+
+    def forward(self, x):
+        h = self.norm(x)
+        logits = self.router(h)
+        if self.allowed is not None:
+            mask = torch.full_like(logits, float("-inf"))
+            mask[..., self.allowed] = 0
+            logits = logits + mask
+        top = logits.argmax(-1)  # top-1 routing
+        gate = torch.softmax(logits, -1).gather(-1, top[..., None])
+        out = torch.einsum("...d,...de->...e", h, self.experts[top]) * gate
+        return x + torch.relu(self.fc(h)) + out
+
+
+class Net(nn.Module):
+    def __init__(self, d=32, n_layers=2, vocab=64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n_layers))
+        self.final_norm = Norm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0, 0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, tok):
+        x = self.embed(tok)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.final_norm(x))
+
+
+def norm_names(model):
+    return [n for n, _ in model.named_parameters() if n.endswith("norm.weight")]
+
+
+def train(out: Path, bug: str = "none", steps: int = 30, seed: int = 0, save_kwargs=None) -> dict:
+    """Train, saving the step-0 state as ``init.pt`` and the final as ``final.pt``; return what was planted."""
+    torch.manual_seed(seed)
+    model = Net()
+    planted: dict = {"cause": None, "tensors": []}
+    named = list(model.named_parameters())
+    if bug == "bf16":
+        model = model.to(torch.bfloat16)
+        named = list(model.named_parameters())
+        planted = {"cause": "precision_underflow", "tensors": norm_names(model)}
+    lr = 3e-4 if bug == "bf16" else 1e-2
+    if bug == "not_in_optimizer":
+        groups = [{"params": [p for n, p in named if not n.endswith(".bias")]}]
+        planted = {"cause": "not_in_optimizer", "tensors": [n for n, _ in named if n.endswith(".bias")]}
+    elif bug == "zero_lr":
+        norms = set(norm_names(model))
+        groups = [{"params": [p for n, p in named if n not in norms]},
+                  {"params": [p for n, p in named if n in norms], "lr": 0.0}]
+        planted = {"cause": "zero_learning_rate", "tensors": sorted(norms)}
+    elif bug == "excessive":
+        groups = [{"params": [p for n, p in named if n != "blocks.1.fc.weight"]},
+                  {"params": [dict(named)["blocks.1.fc.weight"]], "lr": lr * 300}]
+        planted = {"cause": "excessive_update", "tensors": ["blocks.1.fc.weight"]}
+    else:
+        groups = [{"params": [p for _, p in named]}]
+    if bug == "unused":
+        model.extra = nn.Linear(32, 32)  # registered, optimised, never used in forward
+        groups[0]["params"].append(model.extra.weight)
+        groups[0]["params"].append(model.extra.bias)
+        planted = {"cause": "no_gradient", "tensors": ["extra.weight", "extra.bias"]}
+    if bug == "dead_experts":
+        for b in model.blocks:
+            b.allowed = [0, 1]
+        planted = {"cause": "dead_experts", "tensors": ["blocks.0.experts", "blocks.1.experts"],
+                   "experts": {"blocks.0": [2, 3], "blocks.1": [2, 3]}}
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    if bug == "zero_grad_order":
+        planted = {"cause": "no_gradient", "tensors": [n for n, _ in model.named_parameters()], "all": True}
+    out.mkdir(parents=True, exist_ok=True)
+    save = save_kwargs or {}
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 0}, out / "init.pt")
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        tok = torch.randint(0, 64, (16, 8), generator=g)
+        logits = model(tok[:, :-1])
+        loss = nn.functional.cross_entropy(logits.float().reshape(-1, 64), tok[:, 1:].reshape(-1))
+        loss.backward()
+        if bug == "zero_grad_order":
+            opt.zero_grad()  # the classic mistake: gradients cleared before the step
+        opt.step()
+        opt.zero_grad()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": steps, **save}
+    torch.save(state, out / "final.pt")
+    planted["model"] = model
+    planted["optimizer"] = opt
+    return planted
