@@ -172,6 +172,41 @@ def cmd_diagnose(args, rest) -> int:
     return run_diagnose(args)
 
 
+def cmd_reproduce_seed(args, rest) -> int:
+    """Train the tiny preset with the seed's optimizer settings and a precision policy, then diagnose it."""
+    from pathlib import Path
+
+    from moe_arch.config import load_config
+    from moe_arch.doctor.cli import print_summary, run_analysis
+    from moe_arch.doctor.report import write_json, write_reports
+    from moe_arch.training.trainer import Trainer
+
+    overrides = ["--train.precision", args.precision, "--optim.muon_lr", "1e-3", "--optim.adamw_lr", "3e-4",
+                 "--train.run_name", f"seed-{args.precision}", "--train.out_dir", args.out, "--train.steps",
+                 str(args.steps), "--train.warmup_steps", "0", "--train.batch_size", "8", "--train.seq_len", "64",
+                 "--train.log_every", "10", "--train.eval_every", "0", "--train.sample_tokens", "0",
+                 "--monitor.interval", "10", "--monitor.window", "20"]
+    cfg = load_config("tiny", overrides + _split_overrides(rest))
+    print(f"== training the tiny preset with --train.precision {args.precision}, Muon lr 1e-3 (hidden matrices), "
+          f"AdamW lr 3e-4 (the rest): the seed report's settings")
+    trainer = Trainer(cfg)
+    result = trainer.run()
+    ckpt = result.last_checkpoint
+    print(f"\n== moe-arch diagnose {ckpt}")
+    d = run_analysis(str(ckpt), progress=False)
+    out_dir = Path(cfg.train.out_dir) / cfg.train.run_name / "diagnosis"
+    md, htm = write_reports(d, out_dir)
+    write_json(d, str(out_dir / "diagnosis.json"))
+    print_summary(d, md, htm)
+    norms = [e for e in d.evidence if e.role == "norm"]
+    moved = [e for e in norms if e.unchanged is False]
+    rel = sorted(e.rel_change for e in moved if e.rel_change is not None)
+    print(f"\n== RMSNorm weights: {len(moved)} of {len(norms)} moved since step 0"
+          + (f" (median relative change {rel[len(rel) // 2]:.2e})" if rel else "")
+          + f"; monitor alerts: {len(trainer.monitor.alerts) if trainer.monitor else 0}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-arch", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=f"moe-arch {__version__}")
@@ -219,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow checkpoints that need arbitrary unpickling (only for files you trust)")
     d.add_argument("--quiet", action="store_true", help="no console report, no progress bar")
     d.set_defaults(func=cmd_diagnose)
+
+    r = sub.add_parser("reproduce-seed", help="reproduce the seed report's frozen-norm bug (or its fix), then diagnose")
+    r.add_argument("--precision", default="bf16-pure", choices=["bf16-pure", "bf16-mixed", "bf16-compensated", "fp32"])
+    r.add_argument("--steps", type=int, default=60)
+    r.add_argument("--out", default="runs")
+    r.set_defaults(func=cmd_reproduce_seed)
     return p
 
 

@@ -271,8 +271,8 @@ class MonitorConfig:
         for name in ("interval", "window", "sample_size"):
             if getattr(self, name) < 1:
                 _fail("monitor", name, getattr(self, name), "must be >= 1")
-        if self.window < self.interval:
-            _fail("monitor", "window", self.window, f"must be >= monitor.interval={self.interval}")
+        if self.window < self.interval or self.window % self.interval:
+            _fail("monitor", "window", self.window, f"must be a multiple of monitor.interval={self.interval}")
 
 
 SECTIONS: dict[str, type] = {

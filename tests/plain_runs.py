@@ -63,7 +63,7 @@ def norm_names(model):
     return [n for n, _ in model.named_parameters() if n.endswith("norm.weight")]
 
 
-def train(out: Path, bug: str = "none", steps: int = 30, seed: int = 0, save_kwargs=None) -> dict:
+def train(out: Path, bug: str = "none", steps: int = 30, seed: int = 0, save_kwargs=None, monitor_config=None) -> dict:
     """Train, saving the step-0 state as ``init.pt`` and the final as ``final.pt``; return what was planted."""
     torch.manual_seed(seed)
     model = Net()
@@ -104,6 +104,11 @@ def train(out: Path, bug: str = "none", steps: int = 30, seed: int = 0, save_kwa
     out.mkdir(parents=True, exist_ok=True)
     save = save_kwargs or {}
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 0}, out / "init.pt")
+    monitor = None
+    if monitor_config is not None:
+        from moe_arch.doctor.monitor import Monitor
+
+        monitor = Monitor(model, opt, monitor_config, run_dir=out, print_fn=lambda s: None)  # <- line 1 of 2
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         tok = torch.randint(0, 64, (16, 8), generator=g)
@@ -114,6 +119,9 @@ def train(out: Path, bug: str = "none", steps: int = 30, seed: int = 0, save_kwa
             opt.zero_grad()  # the classic mistake: gradients cleared before the step
         opt.step()
         opt.zero_grad()
+        if monitor is not None:
+            monitor.after_step(loss=loss.item())  # <- line 2 of 2 (optional: the hooks already run the checks)
+    planted["monitor"] = monitor
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": steps, **save}
     torch.save(state, out / "final.pt")
     planted["model"] = model

@@ -177,6 +177,7 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
     ref2 = 0.0
     sq = 0.0
     lost = 0
+    moving = 0  # elements with a non-zero expected update (zero moments mean no update, not a lost one)
     mom_nonzero = False
     lo = math.inf
     hi = -math.inf
@@ -230,7 +231,9 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
                 upd = lr * mc.float().abs()
             else:
                 upd = torch.full_like(hu, lr)
-            lost += int((upd < hu).sum())
+            live = upd > 0
+            moving += int(live.sum())
+            lost += int(((upd < hu) & live).sum())
             idx = slice(0, None, sample_every)
             upd_samples.append(upd[idx].float())
             hu_samples.append(hu[idx])
@@ -257,7 +260,7 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
                                    for d, r in zip(slice_d2, slice_r2)]
     if stacked and moment is not None:
         ev.slice_state_zero = [not x for x in slice_mom]
-    if low and lr is not None and n:
-        ev.frac_lost = lost / n
+    if low and lr is not None and n and moving:
+        ev.frac_lost = lost / moving
         ev.median_update = float(torch.cat(upd_samples).median())
         ev.median_half_ulp = float(torch.cat(hu_samples).median())

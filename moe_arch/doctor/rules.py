@@ -67,11 +67,15 @@ def muon_update_rms(lr: float, shape: tuple[int, ...], adjust_lr_fn: str | None)
     return muon_adjusted_lr(lr, shape, adjust_lr_fn) / math.sqrt(max(shape[-2], shape[-1]))
 
 
-def fraction_lost(w: torch.Tensor, update: torch.Tensor | float, dtype: torch.dtype | None = None) -> float:
-    """Share of elements whose update is below half a ULP of their stored value (so it rounds away)."""
+def fraction_lost(w: torch.Tensor, update: torch.Tensor | float, dtype: torch.dtype | None = None) -> float | None:
+    """Share of the elements that *get* an update (> 0) whose update is below half a ULP of their stored value,
+    so it rounds away. ``None`` when no element gets an update (that is a missing gradient, not rounding)."""
     hu = half_ulp(w, dtype)
     upd = update if isinstance(update, torch.Tensor) else torch.full_like(hu, float(update))
-    return float((upd.float() < hu).float().mean()) if hu.numel() else 0.0
+    upd = upd.float()
+    live = upd > 0
+    n = int(live.sum())
+    return float(((upd < hu) & live).sum()) / n if n else None
 
 
 def robust_z(values: list[float]) -> list[float]:

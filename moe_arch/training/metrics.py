@@ -94,10 +94,7 @@ class ConsoleUI:
     def print(self, msg: str) -> None:
         if self.mode == "none":
             return
-        if self.mode == "rich":
-            self.console.print(msg)
-        else:
-            print(msg, flush=True)
+        self.console.print(msg)  # rich renders markup, or strips it when stdout is not a terminal
 
     def update(self, step: int, status: str, line: str | None = None) -> None:
         if self.mode == "rich":

@@ -126,7 +126,7 @@ def preflight(model: nn.Module, optimizers: dict[str, Optimizer], threshold: flo
                 else:
                     upd = float(adam_update(lr, None, None, 0, group["betas"], group["eps"]))
                 lost = fraction_lost(p.data, upd)
-                if lost > threshold:
+                if lost is not None and lost > threshold:
                     med = float(p.data.detach().abs().float().median())
                     out.append(FrozenTensor(names.get(id(p), "?"), str(p.dtype).replace("torch.", ""), opt_name, upd,
                                             half_ulp_at(med, p.dtype), med, lost))

@@ -1,0 +1,453 @@
+"""The live monitor: the doctor's analysis, run on the training state every few optimizer steps.
+
+It does not implement a second analysis. Every ``interval`` optimizer steps it builds the same per-tensor
+evidence the checkpoint doctor builds (:class:`~moe_arch.doctor.analyze.TensorEvidence`), with the weights of
+``window`` steps ago as the reference, and hands it to the doctor's root-cause engine. What makes it cheap:
+
+- each tensor (and each expert slice of a stacked expert tensor) is *fingerprinted* by a fixed sample of up to
+  ``sample_size`` element positions; "unchanged" means every sampled element is bitwise unchanged, and the
+  rounding rule is evaluated on the same elements;
+- gradient presence is recorded in an optimizer pre-step hook (an ``is None`` check, no reduction);
+- gradient norms per tensor group are computed on check steps only.
+
+Besides the doctor's causes it watches the loss (robust z-score spikes over a window; the first non-finite
+value, after which forward hooks are armed for one pass to name the module where it first appears), the
+update/parameter RMS ratio and gradient norm per group, MoE expert load and MoD selection.
+
+Use in any PyTorch loop::
+
+    monitor = Monitor(model, optimizer)        # installs optimizer hooks; checks run after optimizer.step()
+    ...
+    monitor.after_step(loss=loss.item())       # optional: feeds the loss-spike / non-finite watch
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from moe_arch.config import MonitorConfig
+from moe_arch.doctor.analyze import TensorEvidence, infer_role, is_stacked
+from moe_arch.doctor.engine import Finding, describe, diagnose
+from moe_arch.doctor.optim_map import OptimizerSummary, optimizer_kind
+from moe_arch.doctor.rules import (LOW_PRECISION, adam_update, fraction_lost, half_ulp, half_ulp_at, muon_update_rms,
+                                   robust_z)
+
+SHORT_FIX = {
+    "precision_underflow": "use --train.precision bf16-mixed (fp32 master weights) or bf16-compensated",
+    "not_in_optimizer": "add them to an optimizer param group",
+    "no_gradient": "check that the forward uses them (and that zero_grad runs before backward, not before step)",
+    "zero_learning_rate": "give their param group a non-zero lr",
+    "excessive_update": "lower their learning rate / check their init scale",
+    "dead_experts": "raise the load-balance weight or enable router bias balancing",
+    "loss_spike": "inspect the batch; lower the lr or clip harder if spikes repeat",
+    "non_finite": "lower the lr, check the data, or use a more stable precision",
+}
+
+GROUP_OF_ROLE = {"hidden_matrix": "matrices", "expert_matrix": "experts", "router": "routers", "norm": "norms",
+                 "embedding": "embeddings", "output_head": "heads", "conv": "mamba", "ssm": "mamba", "bias": "biases"}
+
+
+class CriticalAlert(RuntimeError):
+    """Raised (by default) when ``stop_on_critical`` is set and a critical alert fires."""
+
+
+@dataclass
+class Alert:
+    step: int
+    cause: str
+    severity: str
+    tensors: list[str]
+    message: str
+    evidence: dict = field(default_factory=dict)
+    experts: dict | None = None
+
+    def to_dict(self) -> dict:
+        d = {"step": self.step, "cause": self.cause, "severity": self.severity, "tensors": self.tensors,
+             "message": self.message, "evidence": self.evidence, "time": time.time()}
+        if self.experts:
+            d["experts"] = self.experts
+        return d
+
+
+@dataclass
+class _Tracked:
+    name: str
+    param: nn.Parameter
+    role: str
+    idx: torch.Tensor  # flat element positions sampled
+    slices: int  # expert slices (0 when not stacked)
+    optimizer: str | None = None
+    group_index: int | None = None
+    had_grad: int = 0  # optimizer steps (in the current window) at which .grad was not None
+
+
+def _unwrap(opt):
+    """accelerate / Lightning wrap the torch optimizer; hooks must go on the one whose step() runs."""
+    inner = getattr(opt, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else opt
+
+
+def _as_dict(optimizers) -> dict[str, torch.optim.Optimizer]:
+    if optimizers is None:
+        return {}
+    if isinstance(optimizers, torch.optim.Optimizer) or hasattr(optimizers, "param_groups"):
+        return {"optimizer": _unwrap(optimizers)}
+    if isinstance(optimizers, dict):
+        return {k: _unwrap(v) for k, v in optimizers.items()}
+    return {f"optimizer{i}": _unwrap(o) for i, o in enumerate(optimizers)}
+
+
+class Monitor:
+    def __init__(self, model: nn.Module, optimizers, config: MonitorConfig | None = None, run_dir: str | Path | None = None,
+                 enabled_output: bool = True, auto_check: bool = True, print_fn: Callable[[str], None] | None = None,
+                 on_critical: Callable[[Alert], None] | None = None, roles: dict[str, str] | None = None):
+        self.cfg = config or MonitorConfig()
+        self.model = model
+        self.optimizers = _as_dict(optimizers)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.output = enabled_output
+        self.auto_check = auto_check
+        if print_fn is None:
+            from rich.console import Console
+
+            console = Console(highlight=False, soft_wrap=True)
+            print_fn = console.print
+        self.print = print_fn
+        self.on_critical = on_critical
+        self.logger = None
+        self.step = 0
+        self.alerts: list[Alert] = []
+        self._alerted: set[tuple[str, str]] = set()
+        self._losses: deque[float] = deque(maxlen=max(20, self.cfg.window * 2))
+        self._nonfinite_seen = False
+        self._hooks_armed: list = []
+        self._last_checked = -1
+        self._stats: dict[str, Any] = {}
+        self._dead_window: dict[int, deque] = {}
+        gen = torch.Generator().manual_seed(0)
+        self.tracked: list[_Tracked] = []
+        role_of = roles
+        if role_of is None:
+            try:
+                from moe_arch.model.roles import named_parameter_roles
+
+                role_of = {n: r for n, _, r in named_parameter_roles(model)}
+            except TypeError:
+                role_of = {}
+        names = {id(p): n for n, p in model.named_parameters()}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            role = role_of.get(name) or infer_role(name, tuple(p.shape), None)
+            n = p.numel()
+            stacked = is_stacked(role, tuple(p.shape))
+            k = self.cfg.sample_size
+            if stacked:
+                per = n // p.shape[0]
+                take = min(per, max(1, k // p.shape[0]) if n > k else per)
+                idx = torch.cat([e * per + torch.randperm(per, generator=gen)[:take] for e in range(p.shape[0])])
+            else:
+                idx = torch.arange(n) if n <= k else torch.randperm(n, generator=gen)[:k]
+            self.tracked.append(_Tracked(name, p, role, idx.sort().values.to(p.device), p.shape[0] if stacked else 0))
+        by_id = {id(t.param): t for t in self.tracked}
+        for oname, opt in self.optimizers.items():
+            for gi, g in enumerate(opt.param_groups):
+                for p in g["params"]:
+                    t = by_id.get(id(p))
+                    if t is not None:
+                        t.optimizer, t.group_index = oname, gi
+        self._snapshots: deque[tuple[int, dict[str, torch.Tensor]]] = deque()
+        self._hooks = []
+        opts = list(self.optimizers.values())
+        if opts:
+            self._hooks.append(opts[0].register_step_pre_hook(self._pre_step))
+            self._hooks.append(opts[-1].register_step_post_hook(self._post_step))
+        self._snapshot(0)
+        self._names = names
+
+    # ---------------------------------------------------------------------------------------------- wiring
+    def attach(self, logger, trainer=None) -> None:
+        """Our trainer: alerts go to its metrics logger and console; a critical alert can stop it cleanly."""
+        self.logger = logger
+        self.auto_check = False
+        if trainer is not None:
+            self.print = lambda s: trainer.ui.print(s)
+            if self.cfg.stop_on_critical:
+                def stop(alert: Alert):
+                    trainer.stop_reason = f"monitor: critical alert at step {alert.step}: {alert.message}"
+                    trainer.request_stop()
+                self.on_critical = stop
+
+    def close(self) -> None:
+        for h in self._hooks + self._hooks_armed:
+            h.remove()
+        self._hooks, self._hooks_armed = [], []
+
+    def before_step(self, step: int) -> None:
+        """For callers without optimizer hooks (kept for symmetry; hooks already record gradients)."""
+
+    def _pre_step(self, opt, args, kwargs) -> None:
+        for t in self.tracked:
+            if t.param.grad is not None:
+                t.had_grad += 1
+        if (self.step + 1) % self.cfg.interval == 0:
+            self._stats["grad_norm_groups"] = self._group_grad_norms()
+
+    def _post_step(self, opt, args, kwargs) -> None:
+        self.step += 1
+        if self.auto_check and self.step % self.cfg.interval == 0:
+            self._check()
+
+    # ---------------------------------------------------------------------------------------------- inputs
+    def after_step(self, step: int | None = None, stats: dict | None = None, loss: float | None = None) -> list[Alert]:
+        """Feed what a loop knows after an optimizer step (our trainer passes its step stats)."""
+        if step is not None:
+            self.step = step
+        new: list[Alert] = []
+        if stats:
+            loss = stats.get("loss", loss)
+            self._stats.update({k: stats[k] for k in ("moe_load", "mod_frac", "mod_weight", "clipped", "grad_norm")
+                                if k in stats})
+            for i, load in (stats.get("moe_load") or {}).items():
+                self._dead_window.setdefault(i, deque(maxlen=max(1, self.cfg.window))).append(
+                    torch.as_tensor(load).float())
+        if loss is not None:
+            new += self._watch_loss(float(loss))
+        if self.step % self.cfg.interval == 0 and self._last_checked != self.step:
+            new += self._check()
+        return new
+
+    def _watch_loss(self, loss: float) -> list[Alert]:
+        if not math.isfinite(loss):
+            if self._nonfinite_seen:
+                return []
+            self._nonfinite_seen = True
+            self.arm_nonfinite_hooks()
+            return self._emit([Alert(self.step, "non_finite", "critical", [], f"step {self.step}: the loss is {loss}; "
+                                     "forward hooks are armed to name the first module producing NaN/Inf on the next "
+                                     f"forward pass — {SHORT_FIX['non_finite']}", {"loss": str(loss)})])
+        alerts = []
+        if len(self._losses) >= 10:
+            z = robust_z(list(self._losses) + [loss])[-1]
+            if z > self.cfg.spike_zscore:
+                med = sorted(self._losses)[len(self._losses) // 2]
+                alerts = self._emit([Alert(self.step, "loss_spike", "warning", [],
+                                           f"step {self.step}: loss spike {loss:.4f} (window median {med:.4f}, robust "
+                                           f"z {z:.1f}) — {SHORT_FIX['loss_spike']}",
+                                           {"loss": loss, "median": med, "z": z})], dedupe=False)
+        self._losses.append(loss)
+        return alerts
+
+    def arm_nonfinite_hooks(self) -> None:
+        """Watch the next forward pass for the first module whose output is non-finite (one pass only)."""
+        if self._hooks_armed:
+            return
+        from moe_arch.doctor.nonfinite import _has_nonfinite
+
+        names = {m: n for n, m in self.model.named_modules()}
+
+        def hook(module, args, output):
+            if _has_nonfinite(output) and self._hooks_armed:
+                where = names.get(module) or "<model>"
+                for h in self._hooks_armed:
+                    h.remove()
+                self._hooks_armed = []
+                self._emit([Alert(self.step, "non_finite", "critical", [where],
+                                  f"step {self.step}: the first non-finite output appears in module {where!r}",
+                                  {"module": where})], dedupe=False)
+
+        self._hooks_armed = [m.register_forward_hook(hook) for m in self.model.modules()]
+
+    # ---------------------------------------------------------------------------------------------- checks
+    @torch.no_grad()
+    def _snapshot(self, step: int) -> None:
+        snap = {t.name: t.param.detach().reshape(-1).index_select(0, t.idx).clone() for t in self.tracked}
+        self._snapshots.append((step, snap))
+        # Keep what the next check needs: the snapshot taken exactly `window` steps before it.
+        while self._snapshots[0][0] < step + self.cfg.interval - self.cfg.window:
+            self._snapshots.popleft()
+
+    def _group_grad_norms(self) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        for t in self.tracked:
+            g = t.param.grad
+            if g is not None:
+                grp = GROUP_OF_ROLE.get(t.role, "other")
+                sums[grp] = sums.get(grp, 0.0) + float(g.detach().float().pow(2).sum())
+        return {k: math.sqrt(v) for k, v in sums.items()}
+
+    @torch.no_grad()
+    def _check(self) -> list[Alert]:
+        self._last_checked = self.step
+        step = self.step
+        ref_step, ref = self._snapshots[0]
+        prev_step, prev = self._snapshots[-1]
+        full_window = step - ref_step >= self.cfg.window
+        evidence: list[TensorEvidence] = []
+        ratio_by_group: dict[str, list[float]] = {}
+        for t in self.tracked:
+            evidence.append(self._evidence(t, ref[t.name], full_window))
+            cur = t.param.detach().reshape(-1).index_select(0, t.idx).float()
+            rms = cur.pow(2).mean().sqrt()
+            if rms > 0 and step > prev_step:
+                upd = (cur - prev[t.name].float()).pow(2).mean().sqrt() / (step - prev_step)
+                ratio_by_group.setdefault(GROUP_OF_ROLE.get(t.role, "other"), []).append(float(upd / rms))
+        summaries = [OptimizerSummary(n, optimizer_kind(o.state_dict()) if o.state else "unknown", "live",
+                                      0, 0, 0, []) for n, o in self.optimizers.items()]
+        findings = diagnose(evidence, summaries, bool(self.optimizers), f"step {ref_step}") if full_window else []
+        findings += self._router_findings()
+        alerts = []
+        for f in findings:
+            fresh = [t for t in f.tensors if (f.cause, t) not in self._alerted]
+            if fresh or f.experts:
+                alerts.append(self._alert_from(f, step, step - ref_step, fresh or f.tensors))
+        for t in self.tracked:
+            t.had_grad = 0
+        self._snapshot(step)
+        metrics = {f"update_ratio_{g}": sorted(v)[len(v) // 2] for g, v in ratio_by_group.items() if v}
+        metrics.update({f"monitor_grad_norm_{g}": v for g, v in self._stats.get("grad_norm_groups", {}).items()})
+        for layer, loads in self._dead_window.items():
+            total = torch.stack(list(loads)).sum(0)
+            frac = total / total.sum().clamp_min(1)
+            nz = frac[frac > 0]
+            metrics[f"moe_entropy_L{layer}"] = float(-(nz * nz.log()).sum() / math.log(len(frac))) if len(frac) > 1 else 1.0
+            metrics[f"moe_dead_L{layer}"] = int((total == 0).sum())
+        for layer, (wm, ws) in (self._stats.get("mod_weight") or {}).items():
+            metrics[f"mod_weight_spread_L{layer}"] = ws
+        if self.logger is not None and self.output:
+            self.logger.log(step, metrics, "monitor")
+        self.last_metrics = metrics
+        return self._emit(alerts)
+
+    def _evidence(self, t: _Tracked, ref_vals: torch.Tensor, full_window: bool) -> TensorEvidence:
+        p = t.param
+        ev = TensorEvidence(t.name, list(p.shape), str(p.dtype).replace("torch.", ""), p.numel(), t.role)
+        cur = p.detach().reshape(-1).index_select(0, t.idx)
+        same = cur == ref_vals
+        ev.has_reference = full_window
+        ev.unchanged = bool(same.all())
+        ev.frac_unchanged = float(same.float().mean()) if same.numel() else 1.0
+        ref_norm = float(ref_vals.float().norm())
+        ev.ref_norm = ref_norm
+        ev.rel_change = float((cur.float() - ref_vals.float()).norm()) / ref_norm if ref_norm > 0 else None
+        ev.median_abs = float(cur.float().abs().median()) if cur.numel() else None
+        if t.slices:
+            per = len(t.idx) // t.slices
+            ev.slice_unchanged = [bool(same[e * per:(e + 1) * per].all()) for e in range(t.slices)]
+        if t.optimizer is None:
+            return ev
+        opt = self.optimizers[t.optimizer]
+        g = opt.param_groups[t.group_index]
+        ev.optimizer, ev.group_index = t.optimizer, t.group_index
+        ev.lr = float(g["lr"])
+        ev.initial_lr = float(g["initial_lr"]) if "initial_lr" in g else None
+        ev.weight_decay = float(g.get("weight_decay", 0.0))
+        st = opt.state.get(p, {})
+        # "has state" for the live engine = received a gradient at some optimizer step of the window.
+        ev.has_state = t.had_grad > 0
+        m = st.get("exp_avg", st.get("momentum_buffer"))
+        kind = "muon" if "ns_steps" in g else ("adam" if "betas" in g else "sgd")
+        ev.optimizer_kind = kind
+        mc = m.reshape(-1).index_select(0, t.idx) if isinstance(m, torch.Tensor) and m.numel() == p.numel() else None
+        if mc is not None:
+            ev.moments_zero = not bool(mc.any())
+        lr = max(ev.lr, ev.initial_lr or 0.0)
+        if kind == "muon" and p.ndim >= 2:
+            upd: torch.Tensor | float = muon_update_rms(lr, tuple(p.shape), g.get("adjust_lr_fn"))
+        elif kind == "adam":
+            v = st.get("exp_avg_sq")
+            vc = v.reshape(-1).index_select(0, t.idx) if isinstance(v, torch.Tensor) and v.numel() == p.numel() else None
+            step = st.get("step", 0)
+            upd = adam_update(lr, mc, vc, float(step) if step is not None else 0.0, tuple(g["betas"]), float(g["eps"]))
+        else:
+            upd = lr if mc is None else lr * mc.float().abs()
+        if p.dtype not in LOW_PRECISION:
+            return ev  # the rounding rule concerns bf16/fp16 storage, as in the checkpoint doctor
+        hu = half_ulp(cur)
+        upd_t = (upd if isinstance(upd, torch.Tensor) else torch.full_like(hu, float(upd))).float()
+        ev.low_precision = True
+        ev.frac_lost = fraction_lost(cur, upd_t)
+        live = upd_t[upd_t > 0]
+        ev.median_update = float(live.median()) if live.numel() else None
+        ev.median_half_ulp = float(hu.median()) if hu.numel() else None
+        return ev
+
+    def _router_findings(self) -> list[Finding]:
+        """MoE layers where some experts received no token over the whole window (from the trainer's stats)."""
+        dead = {}
+        for layer, loads in self._dead_window.items():
+            if len(loads) < self.cfg.window:
+                continue
+            total = torch.stack(list(loads)).sum(0)
+            ids = [i for i, x in enumerate(total.tolist()) if x == 0]
+            if ids and len(ids) < len(total):
+                dead[f"layers.{layer}.ffn"] = ids
+        if not dead:
+            return []
+        tensors = [f"{m}.experts.{w}" for m in dead for w in ("w_gate", "w_up", "w_down")]
+        from moe_arch.doctor.engine import RECOMMENDATIONS
+
+        return [Finding("dead_experts", "warning", tensors, {"source": "router load over the window",
+                                                            "n_dead": sum(map(len, dead.values()))},
+                        RECOMMENDATIONS["dead_experts"], experts=dead,
+                        summary=f"experts received no token in {self.cfg.window} steps: {dead}")]
+
+    def _alert_from(self, f: Finding, step: int, window: int, tensors: list[str]) -> Alert:
+        ev = f.evidence
+        what = describe(tensors)
+        if f.cause == "precision_underflow":
+            dtype = ev.get("dtype")
+            change = ("have not changed" if f.severity == "critical" else
+                      f"have mostly not changed ({ev.get('fraction_of_elements_unchanged') or 0:.0%} of sampled elements)")
+            msg = (f"step {step}: {len(tensors)} tensors ({what}) {change} in {window} optimizer steps: "
+                   f"{dtype} stores them and their updates (\u2248{ev.get('median_expected_update', 0):.1e}) are below "
+                   f"half a ULP ({ev.get('half_ulp_at_median_value') or half_ulp_at(1.0, torch.bfloat16):.1e})")
+        elif f.cause in ("not_in_optimizer", "no_gradient", "zero_learning_rate"):
+            msg = f"step {step}: {f.summary}; unchanged for {window} optimizer steps"
+        else:
+            msg = f"step {step}: {f.summary}"
+        msg += f" \u2014 cause {f.cause}; {SHORT_FIX[f.cause]}"
+        return Alert(step, f.cause, f.severity, tensors, msg, ev, f.experts)
+
+    def _emit(self, alerts: list[Alert], dedupe: bool = True) -> list[Alert]:
+        out = []
+        for a in alerts:
+            if dedupe:
+                keys = {(a.cause, t) for t in (a.tensors or [""])}
+                if a.experts:
+                    keys = {(a.cause, f"{m}:{i}") for m, ids in a.experts.items() for i in ids}
+                fresh = keys - self._alerted
+                if not fresh:
+                    continue
+                self._alerted |= fresh
+            out.append(a)
+            self.alerts.append(a)
+            if self.output:
+                color = "red" if a.severity == "critical" else "yellow"
+                try:
+                    self.print(f"[bold {color}]monitor {a.severity}:[/] {a.message}")
+                except Exception:
+                    pass
+                if self.run_dir is not None:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    with open(self.run_dir / "alerts.jsonl", "a") as f:
+                        f.write(json.dumps(a.to_dict(), default=str) + "\n")
+                if self.logger is not None:
+                    self.logger.log(a.step, {"alert_cause": a.cause, "alert_severity": a.severity,
+                                             "alert_tensors": len(a.tensors), "alert_message": a.message}, "alert")
+                    self.logger.log_text(a.step, f"alerts/{a.cause}", a.message)
+            if a.severity == "critical" and self.cfg.stop_on_critical:
+                if self.on_critical is not None:
+                    self.on_critical(a)
+                else:
+                    raise CriticalAlert(a.message)
+        return out

@@ -1,0 +1,74 @@
+"""The monitor inside Hugging Face's Trainer and Lightning's Trainer (each skipped when its library is absent)."""
+
+import json
+
+import pytest
+import torch
+
+from moe_arch.config import MonitorConfig
+
+from plain_runs import Net, norm_names
+
+
+def test_hugging_face_trainer_callback(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    pytest.importorskip("accelerate", reason="accelerate (needed by transformers.Trainer) is not installed")
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from moe_arch.doctor.integrations import HFMonitorCallback
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2)).to(torch.bfloat16)
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return 256
+
+        def __getitem__(self, i):
+            t = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": t, "labels": t}
+
+    cb = HFMonitorCallback(MonitorConfig(interval=2, window=4, stop_on_critical=True))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=4, learning_rate=3e-4,
+                             lr_scheduler_type="constant", report_to=[], use_cpu=True, disable_tqdm=True,
+                             logging_steps=1, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[cb])
+    trainer.train()
+    alert = cb.monitor.alerts[0]
+    assert alert.cause == "precision_underflow" and alert.step == 4
+    assert sorted(alert.tensors) == sorted(n for n, _ in model.named_parameters() if n.endswith("norm.weight"))
+    assert trainer.state.global_step == 4  # stop_on_critical ended the run at the alert
+    assert json.loads((tmp_path / "alerts.jsonl").read_text().splitlines()[0])["cause"] == "precision_underflow"
+
+
+def test_lightning_callback(tmp_path):
+    L = pytest.importorskip("lightning", reason="lightning is not installed")
+
+    from moe_arch.doctor.integrations import LightningMonitorCallback
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = Net().to(torch.bfloat16)
+
+        def training_step(self, batch, i):
+            tok = batch[0]
+            logits = self.net(tok[:, :-1])
+            return torch.nn.functional.cross_entropy(logits.float().reshape(-1, 64), tok[:, 1:].reshape(-1))
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-4)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 64, (256, 8))), batch_size=8)
+    cb = LightningMonitorCallback(MonitorConfig(interval=2, window=4))
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+                        default_root_dir=str(tmp_path))
+    module = Module()
+    trainer.fit(module, data)
+    alert = cb.monitor.alerts[0]
+    assert alert.cause == "precision_underflow" and alert.step == 4
+    assert sorted(alert.tensors) == sorted(f"net.{n}" for n in norm_names(module.net))
