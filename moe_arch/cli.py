@@ -15,6 +15,8 @@ import argparse
 import json
 import sys
 
+import torch
+
 from moe_arch import __version__
 
 
@@ -56,11 +58,15 @@ def cmd_train(args, rest) -> int:
     trainer = Trainer(cfg, resume=args.resume)
     try:
         result = trainer.run()
-    except (NonFiniteLossError, TrainingStopped) as e:
+    except (NonFiniteLossError, TrainingStopped) as e:  # raised on every rank together
+        trainer.close()
         print(f"error: {e}", file=sys.stderr)
         return 1
-    finally:
-        trainer.dist.close()
+    # Any other exception propagates without a barrier (torchrun stops the other ranks).
+    trainer.close()
+    if trainer.stop_reason:
+        print(f"error: {trainer.stop_reason}", file=sys.stderr)
+        return 1
     if result.interrupted:
         return 128 + result.interrupted
     return 0
@@ -207,6 +213,39 @@ def cmd_reproduce_seed(args, rest) -> int:
     return 0
 
 
+def cmd_export(args, rest) -> int:
+    """A distributed (sharded) checkpoint folder -> one single-file checkpoint, loaded on one process."""
+    from pathlib import Path
+
+    from moe_arch.config import Config
+    from moe_arch.model.transformer import build_model
+    from moe_arch.parallel.dcp import is_dcp_dir, load_dcp, read_meta
+    from moe_arch.training.checkpoint import CheckpointError, save_checkpoint
+    from moe_arch.training.optim import build_optimizers
+
+    if rest:
+        raise UsageError(f"unexpected arguments {rest}")
+    src = Path(args.checkpoint)
+    if not is_dcp_dir(src):
+        raise CheckpointError(f"{src}: not a distributed-checkpoint folder (no .metadata)")
+    meta = read_meta(src)
+    if "config" not in meta:
+        raise CheckpointError(f"{src}: no moe_arch meta.pt; only moe_arch distributed checkpoints can be exported")
+    cfg = Config.from_dict(meta["config"], f"{src} (config)")
+    model = build_model(cfg.model, seed=0)
+    if meta.get("precision") in ("bf16-pure", "bf16-compensated"):
+        model.to(torch.bfloat16)
+    opts = build_optimizers(model, cfg.optim)
+    meta = load_dcp(src, model, opts)
+    keep = {k: v for k, v in meta.items() if k not in ("optim_param_groups", "optim_scalars", "optimizer_layout",
+                                                       "has_optimizer_state")}
+    payload = {**keep, "model": model.state_dict(), "optimizers": {n: o.state_dict() for n, o in opts.items()},
+               "precision_state": {}}
+    out = save_checkpoint(args.output, payload)
+    print(f"exported {src} (step {meta.get('step')}) -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-arch", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=f"moe-arch {__version__}")
@@ -254,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow checkpoints that need arbitrary unpickling (only for files you trust)")
     d.add_argument("--quiet", action="store_true", help="no console report, no progress bar")
     d.set_defaults(func=cmd_diagnose)
+
+    e = sub.add_parser("export", help="convert a distributed (sharded) checkpoint folder into one .pt file")
+    e.add_argument("checkpoint")
+    e.add_argument("output")
+    e.set_defaults(func=cmd_export)
 
     r = sub.add_parser("reproduce-seed", help="reproduce the seed report's frozen-norm bug (or its fix), then diagnose")
     r.add_argument("--precision", default="bf16-pure", choices=["bf16-pure", "bf16-mixed", "bf16-compensated", "fp32"])

@@ -105,7 +105,7 @@ def test_mamba_matches_hf_mamba_mixer_slow_path(T, chunk):
 
 
 def test_muon_2d_is_torch_muon_and_expert_muon_matches_it_per_expert():
-    from moe_arch.training.optim import ExpertMuon
+    from moe_arch.training.optim import BatchedMuon as ExpertMuon
 
     torch.manual_seed(0)
     E, m, n = 3, 12, 20
@@ -124,3 +124,20 @@ def test_muon_2d_is_torch_muon_and_expert_muon_matches_it_per_expert():
     for e in range(E):
         torch.testing.assert_close(stacked.data[e], slices[e].data, rtol=0, atol=1e-6)
     assert not torch.equal(stacked.data, w)
+
+
+def test_batched_muon_on_a_matrix_equals_torch_muon():
+    from moe_arch.training.optim import BatchedMuon
+
+    torch.manual_seed(1)
+    w = torch.randn(24, 16)
+    a, b = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    ours = BatchedMuon([a], lr=0.01, weight_decay=0.05, adjust_lr_fn="match_rms_adamw")
+    ref = torch.optim.Muon([b], lr=0.01, weight_decay=0.05, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        g = torch.randn(24, 16)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a.data, b.data, rtol=0, atol=1e-6)
+    assert ours.state_dict()["param_groups"][0].keys() == ref.state_dict()["param_groups"][0].keys()

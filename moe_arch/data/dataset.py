@@ -151,12 +151,18 @@ class WindowSampler:
                                                      dtype=np.int64) for i in mine]))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "n_windows": self.n_windows, "seed": self.seed}
+        return {"epoch": self.epoch, "cursor": self.cursor, "n_windows": self.n_windows, "seed": self.seed,
+                "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("n_windows") != self.n_windows:
             raise DataError(f"the checkpoint's data position was saved for {state.get('n_windows')} windows, but this "
                             f"data gives {self.n_windows}; resume with the same data and train.seq_len")
+        saved = state.get("global_batch", self.global_batch)
+        if saved != self.global_batch:
+            raise DataError(f"the checkpoint was saved with a global batch of {saved} sequences per micro-step, this run "
+                            f"has {self.global_batch} (train.batch_size x processes); set train.batch_size so that "
+                            f"batch_size x processes = {saved}")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
 

@@ -139,6 +139,8 @@ def analyze_tensors(view: CheckpointView, ref: CheckpointView | None, slots: dic
             raise LoadError(f"{name}: shape {tuple(ti.shape)} in the checkpoint but {tuple(ref_ti.shape)} in the "
                             f"reference {ref.path}; --against must be a checkpoint of the same model")
         _stream(ev, ti.get(), ref_ti.get() if ref_ti is not None else None, slot, progress)
+        if slot is not None and hasattr(slot.state, "release"):
+            slot.state.release()  # lazily read optimizer state (distributed checkpoints): free it now
         if name in compensated:
             # Kahan-compensated bf16: what rounding drops is kept in a bf16 buffer and applied later, so the
             # rounding rule does not apply (the stored weight may lag, the training state does not lose updates).

@@ -17,11 +17,11 @@ EXIT_OK, EXIT_FAIL_ON, EXIT_BAD_INPUT = 0, 1, 2
 
 def default_reference(view: CheckpointView) -> Path | None:
     """Our run's step-0 checkpoint (the true initialisation) next to the checkpoint, if it exists."""
-    if view.format != "moe_arch" or not view.path.is_file():
+    if view.format not in ("moe_arch", "moe_arch-dcp"):
         return None
-    cand = view.path.parent / "step_0000000.pt"
-    if cand.is_file() and cand.resolve() != view.path.resolve():
-        return cand
+    for cand in (view.path.parent / "step_0000000.pt", view.path.parent / "step_0000000"):
+        if cand.exists() and cand.resolve() != view.path.resolve():
+            return cand
     return None
 
 
@@ -122,7 +122,7 @@ def _model_config(view: CheckpointView, spec: str | None, notes: list[str]):
     try:
         if spec:
             return load_config(spec)
-        if isinstance(view.meta.get("config"), dict) and view.format == "moe_arch":
+        if isinstance(view.meta.get("config"), dict) and view.format in ("moe_arch", "moe_arch-dcp"):
             return Config.from_dict(view.meta["config"], f"{view.path} (config)")
     except ConfigError as e:
         notes.append(f"model-aware probes skipped: {e}")
@@ -137,7 +137,8 @@ def run_diagnose(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     src = Path(d.checkpoint["path"])
-    out_dir = Path(args.out) if args.out else (src.parent if src.is_file() else src) / f"diagnosis-{src.stem}"
+    # Next to the checkpoint (never inside a checkpoint folder).
+    out_dir = Path(args.out) if args.out else src.parent / f"diagnosis-{src.stem if src.is_file() else src.name}"
     md, htm = write_reports(d, out_dir)
     if args.json:
         write_json(d, args.json)

@@ -37,9 +37,8 @@ from torch import nn
 from moe_arch.config import MonitorConfig
 from moe_arch.doctor.analyze import TensorEvidence, infer_role, is_stacked
 from moe_arch.doctor.engine import Finding, describe, diagnose
-from moe_arch.doctor.optim_map import OptimizerSummary, optimizer_kind
-from moe_arch.doctor.rules import (LOW_PRECISION, adam_update, fraction_lost, half_ulp, half_ulp_at, muon_update_rms,
-                                   robust_z)
+from moe_arch.doctor.optim_map import OptimizerSummary
+from moe_arch.doctor.rules import LOW_PRECISION, adam_update, half_ulp, half_ulp_at, muon_update_rms, robust_z
 
 SHORT_FIX = {
     "precision_underflow": "use --train.precision bf16-mixed (fp32 master weights) or bf16-compensated",
@@ -83,11 +82,26 @@ class _Tracked:
     name: str
     param: nn.Parameter
     role: str
-    idx: torch.Tensor  # flat element positions sampled
-    slices: int  # expert slices (0 when not stacked)
+    idx: torch.Tensor  # flat positions sampled in this rank's shard (the whole tensor when not sharded)
+    slices: int  # expert slices of the whole tensor (0 when not stacked)
+    slice_of: torch.Tensor | None = None  # global expert slice of each sampled element
     optimizer: str | None = None
     group_index: int | None = None
     had_grad: int = 0  # optimizer steps (in the current window) at which .grad was not None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _shard_offset(p: torch.Tensor) -> int:
+    """Global index, along dim 0, of the first row of this rank's shard (0 when not sharded)."""
+    if not hasattr(p, "device_mesh"):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return int(offset[0]) if offset else 0
 
 
 def _unwrap(opt):
@@ -144,20 +158,27 @@ class Monitor:
             except TypeError:
                 role_of = {}
         names = {id(p): n for n, p in model.named_parameters()}
+        self._dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
             role = role_of.get(name) or infer_role(name, tuple(p.shape), None)
-            n = p.numel()
+            loc = _local(p)  # under FSDP2, fingerprint this rank's shard only: nothing is gathered
+            n = loc.numel()
             stacked = is_stacked(role, tuple(p.shape))
             k = self.cfg.sample_size
-            if stacked:
-                per = n // p.shape[0]
-                take = min(per, max(1, k // p.shape[0]) if n > k else per)
-                idx = torch.cat([e * per + torch.randperm(per, generator=gen)[:take] for e in range(p.shape[0])])
+            slice_of = None
+            if stacked and n:
+                rows = loc.shape[0]
+                per = n // rows
+                take = min(per, max(1, k // p.shape[0]) if p.numel() > k else per)
+                idx = torch.cat([e * per + torch.randperm(per, generator=gen)[:take] for e in range(rows)])
+                idx = idx.sort().values
+                slice_of = idx // per + _shard_offset(p)
             else:
-                idx = torch.arange(n) if n <= k else torch.randperm(n, generator=gen)[:k]
-            self.tracked.append(_Tracked(name, p, role, idx.sort().values.to(p.device), p.shape[0] if stacked else 0))
+                idx = torch.arange(n) if n <= k else torch.randperm(n, generator=gen)[:k].sort().values
+            self.tracked.append(_Tracked(name, p, role, idx.to(loc.device), p.shape[0] if stacked else 0,
+                                         slice_of.to(loc.device) if slice_of is not None else None))
         by_id = {id(t.param): t for t in self.tracked}
         for oname, opt in self.optimizers.items():
             for gi, g in enumerate(opt.param_groups):
@@ -270,20 +291,28 @@ class Monitor:
     # ---------------------------------------------------------------------------------------------- checks
     @torch.no_grad()
     def _snapshot(self, step: int) -> None:
-        snap = {t.name: t.param.detach().reshape(-1).index_select(0, t.idx).clone() for t in self.tracked}
+        snap = {t.name: _local(t.param.detach()).reshape(-1).index_select(0, t.idx).clone() for t in self.tracked}
         self._snapshots.append((step, snap))
         # Keep what the next check needs: the snapshot taken exactly `window` steps before it.
         while self._snapshots[0][0] < step + self.cfg.interval - self.cfg.window:
             self._snapshots.popleft()
 
     def _group_grad_norms(self) -> dict[str, float]:
-        sums: dict[str, float] = {}
+        groups = sorted({GROUP_OF_ROLE.get(t.role, "other") for t in self.tracked})
+        sharded = torch.zeros(len(groups), dtype=torch.float64)
+        replicated = torch.zeros(len(groups), dtype=torch.float64)
         for t in self.tracked:
             g = t.param.grad
             if g is not None:
-                grp = GROUP_OF_ROLE.get(t.role, "other")
-                sums[grp] = sums.get(grp, 0.0) + float(g.detach().float().pow(2).sum())
-        return {k: math.sqrt(v) for k, v in sums.items()}
+                i = groups.index(GROUP_OF_ROLE.get(t.role, "other"))
+                sq = float(_local(g.detach()).float().pow(2).sum())
+                if hasattr(g, "placements") and any(pl.is_shard() for pl in g.placements):
+                    sharded[i] += sq
+                else:
+                    replicated[i] += sq
+        if self._dist:  # shards add up across ranks; replicated gradients are whole on every rank
+            torch.distributed.all_reduce(sharded)
+        return {k: math.sqrt(v) for k, v in zip(groups, (sharded + replicated).tolist())}
 
     @torch.no_grad()
     def _check(self) -> list[Alert]:
@@ -292,17 +321,24 @@ class Monitor:
         ref_step, ref = self._snapshots[0]
         prev_step, prev = self._snapshots[-1]
         full_window = step - ref_step >= self.cfg.window
+        local = [self._local_stats(t, ref[t.name], prev[t.name]) for t in self.tracked]
+        # One all-reduce for every tensor's counts (FSDP2: each rank measured its own shard).
+        flat = torch.cat([v for v, _ in local]) if local else torch.zeros(0, dtype=torch.float64)
+        if self._dist and flat.numel():
+            torch.distributed.all_reduce(flat)
         evidence: list[TensorEvidence] = []
         ratio_by_group: dict[str, list[float]] = {}
-        for t in self.tracked:
-            evidence.append(self._evidence(t, ref[t.name], full_window))
-            cur = t.param.detach().reshape(-1).index_select(0, t.idx).float()
-            rms = cur.pow(2).mean().sqrt()
-            if rms > 0 and step > prev_step:
-                upd = (cur - prev[t.name].float()).pow(2).mean().sqrt() / (step - prev_step)
-                ratio_by_group.setdefault(GROUP_OF_ROLE.get(t.role, "other"), []).append(float(upd / rms))
-        summaries = [OptimizerSummary(n, optimizer_kind(o.state_dict()) if o.state else "unknown", "live",
-                                      0, 0, 0, []) for n, o in self.optimizers.items()]
+        pos = 0
+        for t, (vec, medians) in zip(self.tracked, local):
+            stats = flat[pos:pos + vec.numel()]
+            pos += vec.numel()
+            ev = self._finalize(t, stats, medians, full_window)
+            evidence.append(ev)
+            n, cur_sq, step_sq = float(stats[0]), float(stats[4]), float(stats[8])
+            if n > 0 and cur_sq > 0 and step > prev_step:
+                ratio = math.sqrt(step_sq / n) / math.sqrt(cur_sq / n) / (step - prev_step)
+                ratio_by_group.setdefault(GROUP_OF_ROLE.get(t.role, "other"), []).append(ratio)
+        summaries = [OptimizerSummary(n, "live", "live", 0, 0, 0, []) for n in self.optimizers]
         findings = diagnose(evidence, summaries, bool(self.optimizers), f"step {ref_step}") if full_window else []
         findings += self._router_findings()
         alerts = []
@@ -328,57 +364,90 @@ class Monitor:
         self.last_metrics = metrics
         return self._emit(alerts)
 
-    def _evidence(self, t: _Tracked, ref_vals: torch.Tensor, full_window: bool) -> TensorEvidence:
-        p = t.param
-        ev = TensorEvidence(t.name, list(p.shape), str(p.dtype).replace("torch.", ""), p.numel(), t.role)
-        cur = p.detach().reshape(-1).index_select(0, t.idx)
-        same = cur == ref_vals
-        ev.has_reference = full_window
-        ev.unchanged = bool(same.all())
-        ev.frac_unchanged = float(same.float().mean()) if same.numel() else 1.0
-        ref_norm = float(ref_vals.float().norm())
-        ev.ref_norm = ref_norm
-        ev.rel_change = float((cur.float() - ref_vals.float()).norm()) / ref_norm if ref_norm > 0 else None
-        ev.median_abs = float(cur.float().abs().median()) if cur.numel() else None
-        if t.slices:
-            per = len(t.idx) // t.slices
-            ev.slice_unchanged = [bool(same[e * per:(e + 1) * per].all()) for e in range(t.slices)]
-        if t.optimizer is None:
-            return ev
+    def _expected_update(self, t: _Tracked, cur: torch.Tensor):
+        """The optimizer's next step at the sampled elements (the doctor's rule), and the optimizer's kind."""
         opt = self.optimizers[t.optimizer]
         g = opt.param_groups[t.group_index]
+        st = opt.state.get(t.param, {})
+        kind = "muon" if "ns_steps" in g else ("adam" if "betas" in g else "sgd")
+        lr = max(float(g["lr"]), float(g.get("initial_lr", 0.0) or 0.0))
+
+        def sample(x):
+            x = _local(x) if isinstance(x, torch.Tensor) else None
+            return x.reshape(-1).index_select(0, t.idx) if x is not None and x.numel() == _local(t.param).numel() else None
+
+        m = sample(st.get("exp_avg", st.get("momentum_buffer")))
+        if kind == "muon" and t.param.ndim >= 2:
+            upd = muon_update_rms(lr, tuple(t.param.shape), g.get("adjust_lr_fn"))
+        elif kind == "adam":
+            step = st.get("step", 0)
+            upd = adam_update(lr, m, sample(st.get("exp_avg_sq")), float(step) if step is not None else 0.0,
+                              tuple(g["betas"]), float(g["eps"]))
+        else:
+            upd = lr if m is None else lr * m.float().abs()
+        upd = upd if isinstance(upd, torch.Tensor) else torch.full((cur.numel(),), float(upd), device=cur.device)
+        return upd.float(), m, kind
+
+    def _local_stats(self, t: _Tracked, ref_vals: torch.Tensor, prev_vals: torch.Tensor):
+        """Additive counts over this rank's sampled elements (so shards reduce by summing), plus local medians.
+
+        [n, n_equal, diff_sq, ref_sq, cur_sq, n_moment_nonzero, n_live_updates, n_lost, step_sq, per-slice n..., per-slice
+        equal...]"""
+        cur = _local(t.param.detach()).reshape(-1).index_select(0, t.idx)
+        same = cur == ref_vals
+        c, r = cur.float(), ref_vals.float()
+        vec = [cur.numel(), float(same.sum()), float((c - r).pow(2).sum()), float(r.pow(2).sum()), float(c.pow(2).sum()),
+               0.0, 0.0, 0.0, float((c - prev_vals.float()).pow(2).sum())]
+        medians = {"abs": float(c.abs().median()) if cur.numel() else None}
+        if t.optimizer is not None and cur.numel():
+            upd, m, kind = self._expected_update(t, cur)
+            medians["kind"] = kind
+            if m is not None:
+                vec[5] = float((m != 0).sum())
+                medians["has_moment"] = True
+            if t.param.dtype in LOW_PRECISION:
+                hu = half_ulp(cur)
+                live = upd > 0
+                vec[6], vec[7] = float(live.sum()), float(((upd < hu) & live).sum())
+                medians["update"] = float(upd[live].median()) if bool(live.any()) else None
+                medians["half_ulp"] = float(hu.median())
+        slices = [0.0] * (2 * t.slices)
+        if t.slices and t.slice_of is not None:
+            counts = torch.bincount(t.slice_of, minlength=t.slices).double()
+            eq = torch.bincount(t.slice_of, weights=same.double(), minlength=t.slices)
+            slices = counts.tolist() + eq.tolist()
+        return torch.tensor(vec + slices, dtype=torch.float64), medians
+
+    def _finalize(self, t: _Tracked, s: torch.Tensor, med: dict, full_window: bool) -> TensorEvidence:
+        p = t.param
+        ev = TensorEvidence(t.name, list(p.shape), str(p.dtype).replace("torch.", ""), p.numel(), t.role)
+        n = float(s[0])
+        ev.has_reference = full_window
+        ev.unchanged = bool(s[1] == s[0])
+        ev.frac_unchanged = float(s[1] / s[0]) if n else 1.0
+        ev.ref_norm = math.sqrt(float(s[3]))
+        ev.rel_change = math.sqrt(float(s[2])) / ev.ref_norm if ev.ref_norm > 0 else None
+        ev.median_abs = med.get("abs")
+        if t.slices:
+            counts, eq = s[9:9 + t.slices], s[9 + t.slices:9 + 2 * t.slices]
+            ev.slice_unchanged = [bool(c > 0 and e == c) for c, e in zip(counts.tolist(), eq.tolist())]
+        if t.optimizer is None:
+            return ev
+        g = self.optimizers[t.optimizer].param_groups[t.group_index]
         ev.optimizer, ev.group_index = t.optimizer, t.group_index
         ev.lr = float(g["lr"])
         ev.initial_lr = float(g["initial_lr"]) if "initial_lr" in g else None
         ev.weight_decay = float(g.get("weight_decay", 0.0))
-        st = opt.state.get(p, {})
+        ev.optimizer_kind = med.get("kind")
         # "has state" for the live engine = received a gradient at some optimizer step of the window.
         ev.has_state = t.had_grad > 0
-        m = st.get("exp_avg", st.get("momentum_buffer"))
-        kind = "muon" if "ns_steps" in g else ("adam" if "betas" in g else "sgd")
-        ev.optimizer_kind = kind
-        mc = m.reshape(-1).index_select(0, t.idx) if isinstance(m, torch.Tensor) and m.numel() == p.numel() else None
-        if mc is not None:
-            ev.moments_zero = not bool(mc.any())
-        lr = max(ev.lr, ev.initial_lr or 0.0)
-        if kind == "muon" and p.ndim >= 2:
-            upd: torch.Tensor | float = muon_update_rms(lr, tuple(p.shape), g.get("adjust_lr_fn"))
-        elif kind == "adam":
-            v = st.get("exp_avg_sq")
-            vc = v.reshape(-1).index_select(0, t.idx) if isinstance(v, torch.Tensor) and v.numel() == p.numel() else None
-            step = st.get("step", 0)
-            upd = adam_update(lr, mc, vc, float(step) if step is not None else 0.0, tuple(g["betas"]), float(g["eps"]))
-        else:
-            upd = lr if mc is None else lr * mc.float().abs()
-        if p.dtype not in LOW_PRECISION:
-            return ev  # the rounding rule concerns bf16/fp16 storage, as in the checkpoint doctor
-        hu = half_ulp(cur)
-        upd_t = (upd if isinstance(upd, torch.Tensor) else torch.full_like(hu, float(upd))).float()
-        ev.low_precision = True
-        ev.frac_lost = fraction_lost(cur, upd_t)
-        live = upd_t[upd_t > 0]
-        ev.median_update = float(live.median()) if live.numel() else None
-        ev.median_half_ulp = float(hu.median()) if hu.numel() else None
+        if med.get("has_moment"):
+            ev.moments_zero = float(s[5]) == 0
+        if p.dtype in LOW_PRECISION and float(s[6]) > 0:
+            ev.low_precision = True
+            ev.frac_lost = float(s[7] / s[6])
+            ev.median_update = med.get("update")
+            ev.median_half_ulp = med.get("half_ulp")
         return ev
 
     def _router_findings(self) -> list[Finding]:

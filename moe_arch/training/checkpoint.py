@@ -27,14 +27,14 @@ from moe_arch import __version__
 from moe_arch.utils import atomic_path, atomic_write_text, clean_stale_temps
 
 FORMAT = "moe_arch.checkpoint/1"
-STEP_RE = re.compile(r"^step_(\d{7})\.pt$")
+STEP_RE = re.compile(r"^step_(\d{7})(\.pt)?$")
 
 # Fields that must match to resume: they fix the model's shapes, the precision of its weights, the optimizer
 # layout and the data stream. Anything else (steps, logging, eval cadence, ...) may change on resume.
 RESUME_KEYS = {
     "model": None,  # every field
     "optim": ["muon_roles"],
-    "train": ["seq_len", "batch_size", "grad_accum", "seed", "precision"],
+    "train": ["seq_len", "grad_accum", "seed", "precision"],  # batch size: checked as the global batch
     "data": ["source", "tokenizer", "val_fraction", "text_field"],
 }
 
@@ -94,7 +94,7 @@ def resolve_resume(spec: str, run_dir: Path) -> Path:
         base = checkpoint_dir(run_dir)
     else:
         p = Path(spec)
-        if p.is_file():
+        if p.is_file() or (p.is_dir() and (p / ".metadata").is_file()):
             return p
         if not p.is_dir():
             raise CheckpointError(f"--resume {spec}: no such checkpoint file or run folder")
@@ -102,21 +102,31 @@ def resolve_resume(spec: str, run_dir: Path) -> Path:
     latest = base / "latest.txt"
     if latest.is_file():
         target = base / latest.read_text().strip()
-        if target.is_file():
+        if target.exists():
             return target
-    candidates = sorted(base.glob("*.pt"), key=lambda q: q.stat().st_mtime)
+    candidates = sorted([q for q in base.iterdir() if q.suffix == ".pt" or (q.is_dir() and (q / ".metadata").exists()
+                                                                           and not q.name.startswith("."))],
+                        key=lambda q: q.stat().st_mtime)
     if not candidates:
         raise CheckpointError(f"--resume {spec}: no checkpoint in {base}")
     return candidates[-1]
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
-    """Keep step 0 and the last ``keep_last`` periodic checkpoints; clean temp files of killed saves."""
+    """Keep step 0 and the last ``keep_last`` periodic checkpoints (files or distributed-checkpoint folders);
+    clean the temporary files and folders of killed saves."""
+    import shutil
+
     clean_stale_temps(ckpt_dir)
-    steps = sorted((int(m.group(1)), p) for p in ckpt_dir.glob("step_*.pt") if (m := STEP_RE.match(p.name)))
+    for p in ckpt_dir.glob(".*.partial"):
+        shutil.rmtree(p, ignore_errors=True)
+    steps = sorted((int(m.group(1)), p) for p in ckpt_dir.glob("step_*") if (m := STEP_RE.match(p.name)))
     periodic = [(s, p) for s, p in steps if s != 0]
     for _, p in periodic[:-keep_last] if keep_last > 0 else periodic:
-        p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

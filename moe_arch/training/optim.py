@@ -7,9 +7,14 @@ kernels, A_log, D) goes to AdamW. Routers stay on AdamW on purpose: orthogonalis
 would force all its singular values to ~1 and fight the softmax's temperature.
 
 - 2-D matrices: ``torch.optim.Muon``.
-- Stacked expert weights [E, in, out]: :class:`ExpertMuon`, the same algorithm applied to each expert's
+- Stacked expert weights [E, in, out]: :class:`BatchedMuon`, the same algorithm applied to each expert's
   matrix, batched (one ``baddbmm`` per Newton-Schulz step for all experts); parity with torch's Muon per slice
   is tested.
+- Under FSDP2 the matrices are sharded DTensors, and orthogonalisation needs the whole matrix: there every Muon
+  tensor goes to :class:`BatchedMuon`, which all-gathers each matrix's momentum-combined update, runs
+  Newton-Schulz on it (every rank, on the same full matrix) and keeps its own slice. Same arithmetic as the
+  single-process run; the optimizer state stays sharded. (The cheaper pattern, each rank orthogonalising a
+  subset of matrices and scattering the results, is not implemented.)
 - Muon's lr is scaled by shape with the Moonlight rule (``adjust_lr_fn="match_rms_adamw"``): update RMS
   ~= 0.2 * lr, comparable to AdamW's, so the two base learning rates are on one scale.
 - No weight decay on norms, biases, routers and state-space parameters (A_log, D).
@@ -28,6 +33,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from moe_arch.config import OptimConfig, TrainConfig
 from moe_arch.doctor.rules import muon_adjusted_lr
 from moe_arch.model.roles import named_parameter_roles
+from moe_arch.parallel.parallelize import full, shard_like
 
 NO_DECAY_ROLES = {"norm", "bias", "router", "ssm"}
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -51,8 +57,10 @@ def zeropower_batched(G: torch.Tensor, coefficients=NS_COEFFICIENTS, steps: int 
     return X
 
 
-class ExpertMuon(Optimizer):
-    """Muon for stacked expert matrices [E, in, out]: each expert's matrix is orthogonalised on its own."""
+class BatchedMuon(Optimizer):
+    """Muon for 2-D matrices and stacked expert matrices [E, in, out] (each expert's matrix orthogonalised on its
+    own), also when they are FSDP2 DTensor shards. State and hyper-parameters are those of torch.optim.Muon, so
+    checkpoints move between the two."""
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients=NS_COEFFICIENTS, eps: float = 1e-7, ns_steps: int = 5,
@@ -62,8 +70,9 @@ class ExpertMuon(Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
-                if p.ndim != 3:
-                    raise ValueError(f"ExpertMuon takes stacked [n_experts, in, out] tensors, got shape {tuple(p.shape)}")
+                if p.ndim not in (2, 3):
+                    raise ValueError(f"BatchedMuon takes matrices or stacked [n_experts, in, out] tensors, got shape "
+                                     f"{tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -83,10 +92,15 @@ class ExpertMuon(Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(grad, 1 - mom)
                 update = grad.lerp(buf, mom) if group["nesterov"] else buf
-                update = zeropower_batched(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                whole = full(update)  # all-gather when sharded: orthogonalisation needs the whole matrix
+                ortho = zeropower_batched(whole if whole.ndim == 3 else whole.unsqueeze(0), group["ns_coefficients"],
+                                          group["ns_steps"], group["eps"]).view_as(whole)
                 p.mul_(1 - lr * wd)
-                p.add_(update.to(p.dtype), alpha=-muon_adjusted_lr(lr, tuple(p.shape), group["adjust_lr_fn"]))
+                p.add_(shard_like(ortho.to(p.dtype), p), alpha=-muon_adjusted_lr(lr, tuple(p.shape), group["adjust_lr_fn"]))
         return loss
+
+
+ExpertMuon = BatchedMuon  # the name stacked-expert code and older checkpoints' docs use
 
 
 @dataclass
@@ -120,7 +134,9 @@ def plan_parameters(model: nn.Module, cfg: OptimConfig) -> list[ParamPlan]:
 
 
 def build_optimizers(model: nn.Module, cfg: OptimConfig, plans: list[ParamPlan] | None = None) -> dict[str, Optimizer]:
-    """Named optimizers, each built from named parameters (so their state dicts carry ``param_names``)."""
+    """Named optimizers, each built from named parameters (so their state dicts carry ``param_names``).
+
+    Under FSDP2 (DTensor parameters) the 2-D matrices also go to :class:`BatchedMuon`, which gathers them whole."""
     plans = plans if plans is not None else plan_parameters(model, cfg)
     by_opt: dict[str, list[ParamPlan]] = {}
     for pl in plans:
@@ -129,9 +145,11 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, plans: list[ParamPlan] 
                    nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, adjust_lr_fn=cfg.muon_adjust_lr)
     opts: dict[str, Optimizer] = {}
     if "muon" in by_opt:
-        opts["muon"] = Muon([(pl.name, pl.param) for pl in by_opt["muon"]], **muon_kw)
+        sharded = any(hasattr(pl.param, "device_mesh") for pl in by_opt["muon"])
+        klass = BatchedMuon if sharded else Muon
+        opts["muon"] = klass([(pl.name, pl.param) for pl in by_opt["muon"]], **muon_kw)
     if "expert_muon" in by_opt:
-        opts["expert_muon"] = ExpertMuon([(pl.name, pl.param) for pl in by_opt["expert_muon"]], **muon_kw)
+        opts["expert_muon"] = BatchedMuon([(pl.name, pl.param) for pl in by_opt["expert_muon"]], **muon_kw)
     if "adamw" in by_opt:
         decay = [(pl.name, pl.param) for pl in by_opt["adamw"] if pl.weight_decay > 0]
         no_decay = [(pl.name, pl.param) for pl in by_opt["adamw"] if pl.weight_decay == 0]

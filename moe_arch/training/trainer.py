@@ -26,6 +26,7 @@ from moe_arch.model.params import count_parameters, flops_per_token
 from moe_arch.model.roles import named_parameter_roles
 from moe_arch.model.transformer import HybridLM, build_model
 from moe_arch.parallel.distributed import DistEnv
+from moe_arch.parallel.parallelize import clip_grads_, global_grad_norm, is_fsdp
 from moe_arch.training import checkpoint as ckpt
 from moe_arch.training.flops import measure_matmul_peak
 from moe_arch.training.metrics import ConsoleUI, MetricsLogger
@@ -88,6 +89,8 @@ class Trainer:
         self.raw_model: HybridLM = build_model(cfg.model, seed=t.seed, device=self.device)
         self.raw_model.to(self.policy.param_dtype)
         self.model = self._parallelize(self.raw_model)
+        self.fsdp = is_fsdp(self.raw_model)
+        self.stop_reason: str | None = None
         self.plans = plan_parameters(self.raw_model, cfg.optim)
         self.optimizers = build_optimizers(self.raw_model, cfg.optim, self.plans)
         self.schedulers = build_schedulers(self.optimizers, t)
@@ -121,20 +124,26 @@ class Trainer:
         return parallelize(model, mode, self.policy, self.device)
 
     def _resume(self, spec: str) -> None:
+        from moe_arch.parallel.dcp import is_dcp_dir, load_dcp
+
         path = ckpt.resolve_resume(spec, self.run_dir)
-        state = ckpt.load_checkpoint(path, map_location=self.device)
-        diffs = ckpt.config_differences(state["config"], self.cfg.to_dict())
-        if diffs:
-            raise ckpt.CheckpointError(f"cannot resume {path} with this config; these fields differ: {'; '.join(diffs)}. "
-                                       "Resume with the checkpoint's config or start a new run (--train.run_name)")
-        self.raw_model.load_state_dict(state["model"])
-        ctx = self.compensator.fp32_view(with_grads=False) if self.compensator else nullcontext()
-        with ctx:  # compensated runs keep fp32 optimizer state: load it while the weights are fp32
-            for name, opt in self.optimizers.items():
-                opt.load_state_dict(state["optimizers"][name])
-        if self.compensator is not None:
-            # fp32_view re-split the weights on exit; the checkpoint's buffers are the exact remainder.
-            self.compensator.load_state_dict(state.get("precision_state", {}))
+        if is_dcp_dir(path):
+            state = load_dcp(path, self.raw_model, self.optimizers)
+            self._check_resume_config(path, state)
+        else:
+            if self.fsdp:
+                raise ckpt.CheckpointError(f"{path}: a single-file checkpoint cannot be resumed under FSDP2; resume it "
+                                           "with one process or --train.parallel ddp (or export it to a sharded run)")
+            state = ckpt.load_checkpoint(path, map_location=self.device)
+            self._check_resume_config(path, state)
+            self.raw_model.load_state_dict(state["model"])
+            ctx = self.compensator.fp32_view(with_grads=False) if self.compensator else nullcontext()
+            with ctx:  # compensated runs keep fp32 optimizer state: load it while the weights are fp32
+                for name, opt in self.optimizers.items():
+                    opt.load_state_dict(state["optimizers"][name])
+            if self.compensator is not None:
+                # fp32_view re-split the weights on exit; the checkpoint's buffers are the exact remainder.
+                self.compensator.load_state_dict(state.get("precision_state", {}))
         for name, sch in self.schedulers.items():
             sch.load_state_dict(state["schedulers"][name])
         self.sampler.load_state_dict(state["data_state"])
@@ -144,8 +153,15 @@ class Trainer:
         self.resumed_from = path
         self._log(f"resumed from {path} at step {self.step} ({human(self.tokens_seen)} tokens seen)")
 
+    def _check_resume_config(self, path, state: dict) -> None:
+        diffs = ckpt.config_differences(state["config"], self.cfg.to_dict())
+        if diffs:
+            raise ckpt.CheckpointError(f"cannot resume {path} with this config; these fields differ: {'; '.join(diffs)}. "
+                                       "Resume with the checkpoint's config or start a new run (--train.run_name)")
+
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _payload(self, kind: str) -> dict:
+    def _meta(self, kind: str) -> dict:
+        """Everything in a checkpoint except the weights and optimizer state."""
         return {
             "kind": kind,
             "step": self.step,
@@ -155,23 +171,33 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "config": self.cfg.to_dict(),
             "precision": self.policy.name,
-            "model": self.raw_model.state_dict(),
-            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
-            "precision_state": self.compensator.state_dict() if self.compensator else {},
             "param_roles": dict(self.roles),
             "buffers": [n for n, _ in self.raw_model.named_buffers()],
             "tokenizer_json": self.data.tokenizer.tok.to_str(),
+            "world_size": self.dist.world,
         }
 
     def save(self, kind: str, name: str | None = None) -> Path | None:
-        if not self.dist.is_main:
-            return None
-        name = name or f"step_{self.step:07d}.pt"
-        path = ckpt.save_checkpoint(self.ckpt_dir / name, self._payload(kind))
-        ckpt.write_latest(self.ckpt_dir, path.name)
-        if kind == "periodic":
-            ckpt.prune(self.ckpt_dir, self.cfg.train.keep_last)
+        """A checkpoint named ``name`` (default ``step_NNNNNNN``): one ``.pt`` file, or under FSDP2 a distributed
+        checkpoint folder written by every rank."""
+        name = name or f"step_{self.step:07d}"
+        if self.fsdp:
+            from moe_arch.parallel.dcp import save_dcp
+
+            path = save_dcp(self.ckpt_dir / name, self.raw_model, self.optimizers, self._meta(kind))
+        elif self.dist.is_main:
+            payload = {**self._meta(kind), "model": self.raw_model.state_dict(),
+                       "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                       "precision_state": self.compensator.state_dict() if self.compensator else {}}
+            path = ckpt.save_checkpoint(self.ckpt_dir / f"{name}.pt", payload)
+        else:
+            path = None
+        if self.dist.is_main:
+            ckpt.write_latest(self.ckpt_dir, path.name)
+            if kind == "periodic":
+                ckpt.prune(self.ckpt_dir, self.cfg.train.keep_last)
+        self.dist.barrier()
         return path
 
     # ------------------------------------------------------------------------------------------ one step
@@ -194,7 +220,8 @@ class Trainer:
             self.tokens_seen += inp.numel() * self.dist.world
             with self.policy.autocast(self.device):
                 out = self.model(inp, tgt)
-            if not torch.isfinite(out.loss.detach()):
+            bad = torch.tensor([0.0 if torch.isfinite(out.loss.detach()) else 1.0], device=self.device)
+            if self.dist.all_reduce_max(bad).item() > 0:  # every rank takes the same branch
                 skipped = self._non_finite(out.loss.item(), micro, inp, tgt)
                 break
             (out.loss / t.grad_accum).backward()
@@ -216,12 +243,9 @@ class Trainer:
             return {"skipped": True}
 
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
-        group_norms = {name: _grad_norm(opt) for name, opt in self.optimizers.items()}
-        if t.grad_clip > 0:
-            total = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-        else:
-            total = torch.linalg.vector_norm(torch.stack([g for g in group_norms.values()]))
-        total = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        group_norms = {name: float(global_grad_norm([p for g in opt.param_groups for p in g["params"]]))
+                       for name, opt in self.optimizers.items()}
+        total = clip_grads_(params, t.grad_clip)  # the true global norm, across every shard
         if not math.isfinite(total):
             if self._non_finite(total, -1, None, None, what="gradient norm"):
                 for opt in self.optimizers.values():
@@ -242,9 +266,16 @@ class Trainer:
             for i in loads:
                 self.dist.all_reduce_sum(loads[i])
             self.raw_model.update_router_biases(loads)
+        if self.dist.enabled:  # losses and aux terms averaged over ranks (one small all-reduce)
+            keys = sorted(k for k in {**acc, **aux_sums})
+            vec = torch.tensor([{**acc, **aux_sums}[k] for k in keys], dtype=torch.float64, device=self.device)
+            vec = self.dist.all_reduce_sum(vec) / self.dist.world
+            merged = dict(zip(keys, vec.tolist()))
+            acc = {k: merged[k] for k in acc}
+            aux_sums = {k: merged[k] for k in aux_sums}
         self.step += 1
         return {**acc, **aux_sums, "grad_norm": total, "clipped": t.grad_clip > 0 and total > t.grad_clip,
-                "group_grad_norms": {k: float(v) for k, v in group_norms.items()},
+                "group_grad_norms": group_norms,
                 "moe_load": {i: l.detach().float().cpu() for i, l in loads.items()}, "mod_frac": mod_frac,
                 "mod_weight": mod_w, "skipped": False}
 
@@ -255,8 +286,14 @@ class Trainer:
         if inp is not None:
             from moe_arch.doctor.nonfinite import first_nonfinite_module
 
-            with self.policy.autocast(self.device):
+            with self.policy.autocast(self.device):  # every rank runs it (FSDP forwards are collective)
                 module = first_nonfinite_module(self.raw_model, inp, tgt)
+            if self.dist.enabled:
+                import torch.distributed as dist
+
+                found = [None] * self.dist.world
+                dist.all_gather_object(found, (value, module))
+                value, module = next(((v, m) for v, m in found if m is not None), (value, module))
             where = f"; first non-finite output in module {module!r}" if module else ""
         msg = (f"step {self.step + 1}: {what} is {value} (micro-batch {micro}){where}")
         if t.nan_policy == "skip" and self.nan_skips < t.max_nan_skips:
@@ -271,57 +308,92 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, max_tokens: int | None = None) -> tuple[float, int]:
-        """Mean next-token loss on the validation split (non-overlapping windows, every token once)."""
+        """Mean next-token loss on the validation split (non-overlapping windows, every token once).
+
+        Windows are taken in global batches of batch_size x world; every rank runs one forward per global batch
+        (a dummy one when its slice is empty) so FSDP's collective forwards stay in lockstep."""
         t = self.cfg.train
         max_tokens = t.eval_max_tokens if max_tokens is None else max_tokens
-        model = self.raw_model
+        model = self.model
         was_training = model.training
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        batch: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-        def flush():
-            if not batch:
-                return
-            inp = torch.stack([b[0] for b in batch]).to(self.device)
-            tgt = torch.stack([b[1] for b in batch]).to(self.device)
+        windows = list(eval_windows(self.data.val, t.seq_len, max_tokens))
+        full = [w for w in windows if len(w[0]) == t.seq_len]
+        batches = [full[i:i + t.batch_size * self.dist.world] for i in range(0, len(full), t.batch_size * self.dist.world)]
+        batches += [[w] for w in windows if len(w[0]) != t.seq_len]
+        for gb in batches:
+            mine = gb[self.dist.rank * t.batch_size:(self.dist.rank + 1) * t.batch_size] if len(gb) > 1 else \
+                (gb if self.dist.rank == 0 else [])
+            dummy = not mine
+            if dummy:
+                mine = [gb[0]]
+            inp = torch.stack([w[0] for w in mine]).to(self.device)
+            tgt = torch.stack([w[1] for w in mine]).to(self.device)
             with self.policy.autocast(self.device):
-                logits = model.lm_head(model.hidden_states(inp))
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum")
-            total[0] += loss.double()
-            total[1] += tgt.numel()
-            batch.clear()
-
-        for i, (inp, tgt) in enumerate(eval_windows(self.data.val, t.seq_len, max_tokens)):
-            if i % self.dist.world != self.dist.rank:
-                continue
-            if batch and inp.shape != batch[0][0].shape:
-                flush()
-            batch.append((inp, tgt))
-            if len(batch) == t.batch_size:
-                flush()
-        flush()
+                logits = model(inp, return_logits=True, mtp=False).logits
+            if not dummy:
+                total[0] += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                            reduction="sum").double()
+                total[1] += tgt.numel()
         self.dist.all_reduce_sum(total)
         model.train(was_training)
         n = int(total[1].item())
         return (float(total[0].item()) / max(n, 1)), n
 
     @torch.no_grad()
-    def sample(self, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int = 50) -> str:
+    def sample(self, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int = 50) -> str | None:
+        """Generate on rank 0 (under FSDP2 every rank must call it: the weights are gathered to rank 0 first)."""
+        model = self.raw_model
+        if self.fsdp:
+            from moe_arch.model.transformer import materialize
+            from moe_arch.parallel.dcp import full_model_state
+
+            sd = full_model_state(self.raw_model)
+            if not self.dist.is_main:
+                return None
+            model, _, _ = materialize(self.cfg.model, sd, "cpu")
+        elif not self.dist.is_main:
+            return None
         tok = self.data.tokenizer
-        ids = torch.tensor([tok.encode(prompt) or [tok.eos_id]], device=self.device)
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
-        self.raw_model.eval()
+        dev = next(model.parameters()).device
+        ids = torch.tensor([tok.encode(prompt) or [tok.eos_id]], device=dev)
+        gen = torch.Generator(device=dev).manual_seed(self.cfg.train.seed)
+        model.eval()
         room = max(0, min(max_new_tokens, self.cfg.model.max_seq_len - ids.shape[1]))
-        out = self.raw_model.generate(ids, room, temperature=temperature, top_k=top_k, generator=gen)
-        self.raw_model.train()
+        out = model.generate(ids, room, temperature=temperature, top_k=top_k, generator=gen)
+        model.train()
         return tok.decode(out[0].tolist())
+
+    def close(self) -> None:
+        """Release the process group in order: every rank done, the DDP wrapper (and its reducer thread) gone
+        first, then the group destroyed. Tearing down in another order aborts a rank at exit."""
+        if not self.dist.enabled:
+            return
+        import gc
+
+        self.dist.barrier()
+        if self.monitor is not None:
+            self.monitor.close()
+        self.model = self.raw_model
+        gc.collect()
+        self.dist.close()
 
     # ------------------------------------------------------------------------------------------ the run
     def request_stop(self) -> None:
         """Stop after the current step and save ``checkpoint_interrupted.pt`` (what SIGINT/SIGTERM do)."""
         if self._stop_signal is None:
             self._stop_signal = 0
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank was asked to stop: all ranks agree, so they stop after the same step."""
+        if not self.dist.enabled:
+            return self._stop_signal is not None
+        flag = torch.tensor([-1 if self._stop_signal is None else self._stop_signal], device=self.device)
+        self.dist.all_reduce_max(flag)
+        if flag.item() >= 0 and self._stop_signal is None:
+            self._stop_signal = int(flag.item())
+        return self._stop_signal is not None
 
     def _install_signals(self):
         if threading.current_thread() is not threading.main_thread():
@@ -370,7 +442,7 @@ class Trainer:
         if self.monitor is not None:
             self.monitor.attach(logger, self)
         if self.resumed_from is None and t.save_step0 and self.step == 0:
-            self.save("init", "step_0000000.pt")
+            self.save("init", "step_0000000")
         self.ui = ConsoleUI(t.progress, t.steps, self.step, enabled=main)
         old_handlers = self._install_signals()
         interval = {"loss": [], "lm_loss": [], "mtp_loss": [], "clipped": 0, "steps": 0, "tokens": 0, "t0": time.time()}
@@ -398,8 +470,8 @@ class Trainer:
                                   f"unigram baseline {unigram:.4f})")
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
                     last_ckpt = self.save("periodic") or last_ckpt
-                if self._stop_signal is not None:
-                    last_ckpt = self.save("interrupted", "checkpoint_interrupted.pt")
+                if self._stop_requested():
+                    last_ckpt = self.save("interrupted", "checkpoint_interrupted")
                     self.ui.close()
                     self._log(f"interrupted at step {self.step}: saved {last_ckpt}; resume with "
                               f"`moe-arch train ... --resume {last_ckpt}`")
@@ -407,7 +479,7 @@ class Trainer:
                     logger.close()
                     return RunResult(self.step, self.tokens_seen, None, None, unigram, None, self.run_dir,
                                      interrupted=self._stop_signal, last_checkpoint=last_ckpt)
-            last_ckpt = self.save("final", "final.pt") or last_ckpt
+            last_ckpt = self.save("final", "final") or last_ckpt
         finally:
             self.ui.close()
             for s, h in old_handlers.items():
@@ -416,9 +488,10 @@ class Trainer:
         logger.log(self.step, {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_tokens": n,
                                "unigram_loss": unigram}, "eval")
         text = None
-        if main and t.sample_tokens > 0:
+        if t.sample_tokens > 0:
             text = self.sample(t.sample_prompt, t.sample_tokens)
-            logger.log_text(self.step, "sample", text)
+            if text is not None:
+                logger.log_text(self.step, "sample", text)
         logger.close()
         self._log(f"validation: loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} on {n:,} tokens "
                   f"(unigram baseline: loss {unigram:.4f}, perplexity {math.exp(unigram):.1f})")
@@ -474,9 +547,3 @@ class Trainer:
                          "t0": time.time()})
 
 
-def _grad_norm(opt: torch.optim.Optimizer) -> torch.Tensor:
-    grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norms = torch._foreach_norm(grads)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))

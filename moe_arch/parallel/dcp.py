@@ -1,0 +1,261 @@
+"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DCP), resumable with any number of ranks.
+
+A checkpoint is a folder: DCP files holding **tensors only** (``model/<fqn>`` and ``optim/<fqn>/<state key>``,
+as produced by ``get_model_state_dict`` / ``get_optimizer_state_dict``, so a different world size reshards on
+load) and ``meta.pt`` with everything else (step, config, data position, optimizer param groups, ...), plain
+values readable with ``torch.load(weights_only=True)``. DCP would store non-tensor values as pickles and load them
+with ``weights_only=False``; keeping them out of DCP means loading never unpickles code.
+
+Saving writes into ``.<name>.partial`` and renames it to ``<name>`` only after every rank has finished, so a rank
+killed mid-save leaves the previous checkpoint as the newest complete one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+META = "meta.pt"
+
+
+def is_dcp_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / ".metadata").is_file()
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def has_optimizer_state(optimizers: dict) -> bool:
+    return any(len(o.state) for o in optimizers.values())
+
+
+def flat_state(model, optimizers: dict, with_optimizer: bool = True) -> tuple[dict[str, torch.Tensor], list, dict]:
+    """Flat name -> tensor dict of the model and optimizer state, the optimizers' param groups, non-tensor state.
+
+    ``get_optimizer_state_dict`` fills an *empty* optimizer state by running a fake step with zero gradients, which
+    advances Adam's step counter (its next real step would use step-2 bias correction). So before the first real
+    step (e.g. the step-0 checkpoint) pass ``with_optimizer=False``.
+    """
+    msd = get_model_state_dict(model)
+    tensors = {f"model/{k}": v for k, v in msd.items()}
+    if not with_optimizer:
+        return tensors, [], {}
+    opts = list(optimizers.values())
+    osd = get_optimizer_state_dict(model, opts)
+    scalars: dict[str, Any] = {}
+    for fqn, st in osd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"optim/{fqn}/{key}"] = val
+            else:
+                scalars[f"{fqn}/{key}"] = val
+    return tensors, osd["param_groups"], scalars
+
+
+def optimizer_layout(optimizers: dict) -> dict[str, list[dict]]:
+    """Per optimizer: its param groups with parameter names and hyper-parameters (for the doctor)."""
+    out = {}
+    for name, opt in optimizers.items():
+        sd = opt.state_dict()
+        out[name] = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    return out
+
+
+def save_dcp(folder: Path, model, optimizers: dict, meta: dict) -> Path:
+    folder = Path(folder)
+    tmp = folder.parent / f".{folder.name}.partial"
+    if _rank() == 0:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    with_opt = has_optimizer_state(optimizers)  # no state before the first step: save the weights alone
+    tensors, groups, scalars = flat_state(model, optimizers, with_opt)
+    dcp.save(tensors, checkpoint_id=str(tmp))
+    _barrier()
+    if _rank() == 0:
+        from moe_arch.utils import atomic_path
+
+        payload = {**meta, "optim_param_groups": groups, "optim_scalars": scalars, "has_optimizer_state": with_opt,
+                   "optimizer_layout": optimizer_layout(optimizers)}
+        with atomic_path(tmp / META) as p:
+            torch.save(payload, p)
+        trash = folder.parent / f".{folder.name}.old"
+        shutil.rmtree(trash, ignore_errors=True)
+        if folder.exists():
+            folder.rename(trash)
+        tmp.rename(folder)
+        shutil.rmtree(trash, ignore_errors=True)
+    _barrier()
+    return folder
+
+
+def read_meta(folder: Path) -> dict:
+    path = Path(folder) / META
+    if not path.is_file():
+        return {}
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_dcp(folder: Path, model, optimizers: dict) -> dict:
+    """Load a DCP checkpoint into ``model`` / ``optimizers`` (FSDP2 or not, any world size); returns its meta."""
+    meta = read_meta(folder)
+    if not meta:
+        raise FileNotFoundError(f"{folder}: no {META}; not a moe_arch distributed checkpoint")
+    with_opt = bool(meta.get("has_optimizer_state", True))
+    tensors, _, _ = flat_state(model, optimizers, with_opt)  # targets with this run's shapes and sharding
+    single = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(tensors, checkpoint_id=str(folder), no_dist=single)
+    msd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    state: dict[str, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim/"):
+            fqn, key = k[len("optim/"):].rsplit("/", 1)
+            state.setdefault(fqn, {})[key] = v
+    for k, v in meta.get("optim_scalars", {}).items():
+        fqn, key = k.rsplit("/", 1)
+        state.setdefault(fqn, {})[key] = v
+    set_model_state_dict(model, msd)
+    if with_opt:
+        set_optimizer_state_dict(model, list(optimizers.values()),
+                                 {"state": state, "param_groups": meta["optim_param_groups"]})
+    return meta
+
+
+def full_model_state(model) -> dict[str, torch.Tensor]:
+    """The whole model state dict on rank 0's CPU (a collective: every rank must call it)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ---------------------------------------------------------------------------------------------- the doctor's view
+class LazyState(dict):
+    """An optimizer-state dict whose tensors are read from the checkpoint only when asked for."""
+
+    def __init__(self, loaders: dict[str, Callable[[], torch.Tensor]]):
+        super().__init__()
+        self._loaders = loaders
+
+    def __contains__(self, k):
+        return k in self._loaders
+
+    def __len__(self):
+        return len(self._loaders)
+
+    def __bool__(self):
+        return bool(self._loaders)
+
+    def __iter__(self):
+        return iter(self._loaders)
+
+    def keys(self):
+        return self._loaders.keys()
+
+    def __getitem__(self, k):
+        if not dict.__contains__(self, k):
+            dict.__setitem__(self, k, self._loaders[k]())
+        return dict.__getitem__(self, k)
+
+    def get(self, k, default=None):
+        return self[k] if k in self._loaders else default
+
+    def values(self):
+        return [self[k] for k in self._loaders]
+
+    def items(self):
+        return [(k, self[k]) for k in self._loaders]
+
+    def release(self) -> None:
+        dict.clear(self)
+
+
+def load_dcp_view(folder: Path):
+    """A :class:`~moe_arch.doctor.loader.CheckpointView` of a DCP folder, reading one tensor at a time."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from moe_arch.doctor.loader import CheckpointView, LoadError, OptimizerInfo, TensorInfo
+
+    folder = Path(folder)
+    try:
+        md = FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:
+        raise LoadError(f"{folder}: unreadable distributed checkpoint metadata ({type(e).__name__}: {e})") from None
+    meta = read_meta(folder)
+    notes = ["distributed checkpoint (torch.distributed.checkpoint): tensors read one at a time, non-tensor items "
+             "never unpickled"]
+
+    def loader(key: str, shape, dtype):
+        def get():
+            t = torch.empty(shape, dtype=dtype)
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load({key: t}, checkpoint_id=str(folder), no_dist=True)
+            return t
+        return get
+
+    tensors: dict[str, TensorInfo] = {}
+    opt_state: dict[str, dict[str, Callable]] = {}
+    skipped = 0
+    for key, item in md.state_dict_metadata.items():
+        if not isinstance(item, TensorStorageMetadata):
+            skipped += 1
+            continue
+        shape, dtype = tuple(item.size), item.properties.dtype
+        for prefix in ("model/", "model."):
+            if key.startswith(prefix):
+                name = key[len(prefix):]
+                tensors[name] = TensorInfo(name, shape, dtype, loader(key, shape, dtype))
+                break
+        else:
+            for prefix in ("optim/", "optimizer.state.", "optim.state."):
+                if key.startswith(prefix):
+                    sep = "/" if prefix.endswith("/") else "."
+                    fqn, sk = key[len(prefix):].rsplit(sep, 1)
+                    opt_state.setdefault(fqn, {})[sk] = loader(key, shape, dtype)
+                    break
+    if skipped:
+        notes.append(f"{skipped} non-tensor items skipped (reading them would need unpickling)")
+    optimizers = []
+    layout = meta.get("optimizer_layout")
+    if layout:
+        for name, groups in layout.items():
+            state, pid = {}, 0
+            gs = []
+            for g in groups:
+                params = []
+                for fqn in g.get("param_names", []):
+                    if fqn in opt_state:
+                        state[pid] = LazyState(opt_state[fqn])
+                    params.append(pid)
+                    pid += 1
+                gs.append({**g, "params": params})
+            optimizers.append(OptimizerInfo(name, {"state": state, "param_groups": gs}))
+    elif opt_state:
+        names = sorted(opt_state)
+        state = {i: LazyState(opt_state[n]) for i, n in enumerate(names)}
+        optimizers.append(OptimizerInfo("optimizer", {"state": state, "param_groups": [
+            {"params": list(range(len(names))), "param_names": names}]}))
+        notes.append("optimizer hyper-parameters (lr, betas) were not readable without unpickling; rules that need "
+                     "the learning rate are skipped")
+    view_meta = {k: meta[k] for k in ("step", "epoch", "tokens_seen", "config", "precision", "param_roles", "buffers",
+                                      "kind", "version", "tokenizer_json") if k in meta}
+    fmt = "moe_arch-dcp" if meta else "dcp"
+    if not tensors:
+        raise LoadError(f"{folder}: no model tensors found in the distributed checkpoint")
+    return CheckpointView(folder, fmt, tensors, optimizers, view_meta, notes)
