@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from common import header, timeit
+from common import header, timeit, timeit_pair
 
 from moe_arch.config import ModelConfig, load_config
 from moe_arch.model.attention import Attention, SeqContext
@@ -33,7 +33,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=9)
     args = ap.parse_args()
     header("layer forward+backward throughput vs transformers (CPU, fp32)")
     import transformers
@@ -70,8 +70,8 @@ def main():
     hf_cfg._attn_implementation = "sdpa"
     ref = LlamaAttention(hf_cfg, 0)
     rope = LlamaRotaryEmbedding(hf_cfg)
-    t_ours = timeit(fwd_bwd(lambda x: ours(x, ctx), x), repeat=args.repeat)
-    t_ref = timeit(fwd_bwd(lambda x: ref(x, rope(x, pos), None)[0], x), repeat=args.repeat)
+    t_ours, t_ref = timeit_pair(fwd_bwd(lambda x: ours(x, ctx), x), fwd_bwd(lambda x: ref(x, rope(x, pos), None)[0], x),
+                                rounds=args.repeat)
     rows.append((f"attention GQA {m.n_heads}/{m.n_kv_heads} vs LlamaAttention(sdpa)", ntok / t_ours, ntok / t_ref))
 
     # MoE
@@ -85,11 +85,10 @@ def main():
         for p in ref.parameters():
             torch.nn.init.normal_(p, 0, 0.02)
         try:
-            t_ref = timeit(fwd_bwd(ref, x), repeat=args.repeat)
+            t_ours, t_ref = timeit_pair(fwd_bwd(moe, x), fwd_bwd(ref, x), rounds=args.repeat)
         except Exception as e:  # an implementation this transformers build lacks
             print(f"  (Mixtral experts '{impl}' unavailable: {type(e).__name__}: {str(e)[:80]})")
             continue
-        t_ours = timeit(fwd_bwd(moe, x), repeat=args.repeat)
         rows.append((f"MoE {m.n_experts} experts top-{m.top_k} vs Mixtral block ({impl})", ntok / t_ours, ntok / t_ref))
 
     # Mamba
@@ -107,8 +106,7 @@ def main():
     # Dense SwiGLU
     mlp = SwiGLU(d, m.d_ff)
     ref = LlamaMLP(LlamaConfig(hidden_size=d, intermediate_size=m.d_ff))
-    t_ours = timeit(fwd_bwd(mlp, x), repeat=args.repeat)
-    t_ref = timeit(fwd_bwd(ref, x), repeat=args.repeat)
+    t_ours, t_ref = timeit_pair(fwd_bwd(mlp, x), fwd_bwd(ref, x), rounds=args.repeat)
     rows.append(("dense SwiGLU vs LlamaMLP", ntok / t_ours, ntok / t_ref))
 
     print(f"# batch {B} x seq {T} = {ntok} tokens, d_model {d}")

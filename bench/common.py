@@ -31,6 +31,23 @@ def timeit(fn, warmup: int = 2, repeat: int = 5, min_time: float = 0.0) -> float
     return statistics.median(times)
 
 
+def timeit_pair(fn_a, fn_b, warmup: int = 2, rounds: int = 7) -> tuple[float, float]:
+    """Median seconds per call of two functions measured alternately (a, b, a, b, ...), so machine drift and noise
+    hit both alike."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    ta, tb = [], []
+    for _ in range(rounds):
+        for fn, acc in ((fn_a, ta), (fn_b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def machine() -> str:
     try:
         model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))

@@ -161,3 +161,20 @@ def test_info_cli_bad_config_is_one_line_exit_2():
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "model.top_k=9" in out.stderr
+
+
+@pytest.mark.parametrize("N, chunk", [(7, 3), (300, 256), (64, 64)])
+def test_fused_linear_cross_entropy_equals_the_unfused_loss(N, chunk):
+    from moe_arch.model.losses import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(N)
+    h = torch.randn(N, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (N,), generator=g)
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), y)
+    got = linear_cross_entropy(h, w, y, chunk)
+    torch.testing.assert_close(got, ref)
+    gr = torch.autograd.grad(ref * 3, (h, w))
+    gg = torch.autograd.grad(got * 3, (h, w))
+    for a, b in zip(gg, gr):
+        torch.testing.assert_close(a, b)

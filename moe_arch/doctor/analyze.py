@@ -192,34 +192,39 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
     upd_samples, hu_samples, abs_samples = [], [], []
     chunk = CHUNK if not stacked else max(per, (CHUNK // per) * per) if per else CHUNK
     sample_every = max(1, n // SAMPLE)
+    f64 = torch.float64
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         wc_raw = flat[s:e]
         wc = wc_raw.float()
-        sq += float((wc.double() ** 2).sum())
-        lo = min(lo, float(wc.min()))
-        hi = max(hi, float(wc.max()))
+        sq += float(torch.linalg.vector_norm(wc, dtype=f64)) ** 2
+        mn, mx = torch.aminmax(wc)
+        lo, hi = min(lo, float(mn)), max(hi, float(mx))
         if flat0 is not None:
             w0c = flat0[s:e].float()
-            same = wc == w0c
-            eq += int(same.sum())
-            d = (wc - w0c).double()
-            diff2 += float((d * d).sum())
-            ref2 += float((w0c.double() ** 2).sum())
+            d = wc - w0c
             if stacked:
+                same = d == 0
+                eq += int(torch.count_nonzero(same))
                 for k in range(s // per, (e + per - 1) // per):
                     a, b = max(s, k * per) - s, min(e, (k + 1) * per) - s
-                    slice_eq[k] += int(same[a:b].sum())
-                    slice_d2[k] += float((d[a:b] ** 2).sum())
-                    slice_r2[k] += float((w0c[a:b].double() ** 2).sum())
+                    slice_eq[k] += int(torch.count_nonzero(same[a:b]))
+                    slice_d2[k] += float(torch.linalg.vector_norm(d[a:b], dtype=f64)) ** 2
+                    slice_r2[k] += float(torch.linalg.vector_norm(w0c[a:b], dtype=f64)) ** 2
+            else:
+                eq += (e - s) - int(torch.count_nonzero(d))
+            diff2 += float(torch.linalg.vector_norm(d, dtype=f64)) ** 2
+            ref2 += float(torch.linalg.vector_norm(w0c, dtype=f64)) ** 2
         mc = moment.reshape(-1)[s:e] if moment is not None else None
         if mc is not None:
-            nz = mc != 0
-            mom_nonzero |= bool(nz.any())
             if stacked:
+                nz = mc != 0
+                mom_nonzero |= bool(nz.any())
                 for k in range(s // per, (e + per - 1) // per):
                     a, b = max(s, k * per) - s, min(e, (k + 1) * per) - s
                     slice_mom[k] |= bool(nz[a:b].any())
+            else:
+                mom_nonzero = mom_nonzero or bool(torch.count_nonzero(mc))
         if low and lr is not None:
             hu = half_ulp(wc_raw)
             if muon_upd is not None:

@@ -19,6 +19,7 @@ from torch import nn
 from moe_arch.config import ModelConfig
 from moe_arch.model.attention import Attention, SeqContext
 from moe_arch.model.layers import RMSNorm, Rotary, SwiGLU
+from moe_arch.model.losses import linear_cross_entropy
 from moe_arch.model.mamba import Mamba
 from moe_arch.model.mod import causal_capacity_select, gather_selected
 from moe_arch.model.moe import MoE
@@ -130,8 +131,11 @@ class MTPHead(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.out = OutputHead(cfg.d_model, cfg.vocab_size, bias=False)
 
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        return h + F.silu(self.proj(h))
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.out(h + F.silu(self.proj(h)))
+        return self.out(self.hidden(h))
 
 
 @dataclass
@@ -204,20 +208,22 @@ class HybridLM(nn.Module):
         are targets[:, i : i + T]). With fewer target columns, only the heads that have labels are scored."""
         aux = Aux()
         h = self.hidden_states(tokens, aux)
-        logits = self.lm_head(h)
-        out = LMOutput(aux=aux, logits=logits if return_logits or targets is None else None)
+        want_logits = return_logits or targets is None
+        out = LMOutput(aux=aux, logits=self.lm_head(h) if want_logits else None)
         if targets is None:
             return out
         T = tokens.shape[1]
         V = self.cfg.vocab_size
-        lm_loss = F.cross_entropy(logits.float().reshape(-1, V), targets[:, :T].reshape(-1))
+        if want_logits:
+            lm_loss = F.cross_entropy(out.logits.float().reshape(-1, V), targets[:, :T].reshape(-1))
+        else:  # fused projection + cross-entropy: the [B*T, V] logits are never materialised twice
+            lm_loss = linear_cross_entropy(h, self.lm_head.weight, targets[:, :T])
         total = lm_loss
         if mtp:
             for i, head in enumerate(self.mtp_heads, start=1):
                 if targets.shape[1] < i + T:
                     break
-                li = F.cross_entropy(head(h).float().reshape(-1, V), targets[:, i:i + T].reshape(-1))
-                out.mtp_losses.append(li)
+                out.mtp_losses.append(linear_cross_entropy(head.hidden(h), head.out.weight, targets[:, i:i + T]))
             if out.mtp_losses:
                 total = total + self.cfg.mtp_loss_weight * torch.stack(out.mtp_losses).mean()
         for name, values, coef in (("moe_load_balance", aux.moe_lb, self.cfg.router_aux_loss_coef),
@@ -230,6 +236,23 @@ class HybridLM(nn.Module):
                     total = total + coef * v
         out.loss, out.lm_loss = total, lm_loss
         return out
+
+    def compile_blocks(self) -> "HybridLM":
+        """``train.compile``: torch.compile the parts with static shapes (norms, attention, dense feed-forward, the
+        Mamba scan's block kernels); MoE dispatch and MoD routing have data-dependent shapes and stay eager."""
+        from moe_arch.model.mamba import use_compiled_scan
+
+        for block in self.layers:
+            block.seq_norm.compile()
+            block.ffn_norm.compile()
+            if block.seq_kind == "attention":
+                block.seq_layer.compile()
+            if block.ffn_kind == "dense":
+                block.ffn.compile()
+        self.final_norm.compile()
+        if self.cfg.mamba_layers:
+            use_compiled_scan(True)
+        return self
 
     @torch.no_grad()
     def update_router_biases(self, loads: dict[int, torch.Tensor]) -> None:

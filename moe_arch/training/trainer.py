@@ -88,6 +88,8 @@ class Trainer:
         # Model, in the precision policy's storage dtype.
         self.raw_model: HybridLM = build_model(cfg.model, seed=t.seed, device=self.device)
         self.raw_model.to(self.policy.param_dtype)
+        if t.compile:
+            self.raw_model.compile_blocks()
         self.model = self._parallelize(self.raw_model)
         self.fsdp = is_fsdp(self.raw_model)
         self.stop_reason: str | None = None
