@@ -87,16 +87,24 @@ def global_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
         else:
             replicated.append(local(g))
     dev = (sharded or replicated)[0].device if (sharded or replicated) else torch.device("cpu")
-    sq_sharded = sum((s.float().pow(2).sum() for s in sharded), torch.zeros((), device=dev))
-    sq_repl = sum((r.float().pow(2).sum() for r in replicated), torch.zeros((), device=dev))
+
+    def sum_sq(ts: list[torch.Tensor]) -> torch.Tensor:
+        if not ts:
+            return torch.zeros((), device=dev)
+        norms = torch._foreach_norm(ts)  # one fused pass over all tensors
+        return torch.stack([n.float() for n in norms]).pow(2).sum()
+
+    sq_sharded, sq_repl = sum_sq(sharded), sum_sq(replicated)
     if dist.is_available() and dist.is_initialized() and sharded:
         dist.all_reduce(sq_sharded, op=dist.ReduceOp.SUM)
     return (sq_sharded + sq_repl).sqrt()
 
 
 @torch.no_grad()
-def clip_grads_(params: list[torch.Tensor], max_norm: float) -> float:
-    total = float(global_grad_norm(params))
+def clip_grads_(params: list[torch.Tensor], max_norm: float, total: float | None = None) -> float:
+    """Scale gradients so their global norm is at most ``max_norm``; returns the norm before clipping
+    (``total`` when the caller already computed it)."""
+    total = float(global_grad_norm(params)) if total is None else total
     if max_norm > 0 and total > max_norm and total == total:
         coef = max_norm / (total + 1e-6)
         grads = [local(p.grad) for p in params if p.grad is not None]

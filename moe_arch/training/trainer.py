@@ -247,7 +247,8 @@ class Trainer:
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         group_norms = {name: float(global_grad_norm([p for g in opt.param_groups for p in g["params"]]))
                        for name, opt in self.optimizers.items()}
-        total = clip_grads_(params, t.grad_clip)  # the true global norm, across every shard
+        # Every parameter is in exactly one optimizer: the global norm follows from the per-optimizer norms.
+        total = clip_grads_(params, t.grad_clip, math.sqrt(sum(v * v for v in group_norms.values())))
         if not math.isfinite(total):
             if self._non_finite(total, -1, None, None, what="gradient norm"):
                 for opt in self.optimizers.values():
