@@ -154,12 +154,16 @@ def _png(fig) -> str:
 
 
 def change_heatmap(evidence: list[TensorEvidence]) -> str | None:
-    cells: dict[tuple[int, str], float] = {}
-    for e in evidence:
-        m = re.match(r"^(.*?)\.(\d+)\.(.+)$", e.name)  # the first numeric segment is the layer
-        if not m or e.rel_change is None:
-            continue
-        cells[(int(m.group(2)), m.group(3))] = e.rel_change
+    matched = [(m, e) for e in evidence if e.rel_change is not None
+               and (m := re.match(r"^(.*?)\.(\d+)\.(.+)$", e.name))]  # the first numeric segment is the layer
+    if not matched:
+        return None
+    # Rows are the layers of the stack (the most common prefix, e.g. "layers"); other numbered modules such as
+    # prediction heads are not layers and stay out of the grid.
+    prefixes = [m.group(1) for m, _ in matched]
+    stack = max(set(prefixes), key=prefixes.count)
+    cells: dict[tuple[int, str], float] = {(int(m.group(2)), m.group(3)): e.rel_change
+                                           for m, e in matched if m.group(1) == stack}
     if not cells:
         return None
     import matplotlib
@@ -177,9 +181,9 @@ def change_heatmap(evidence: list[TensorEvidence]) -> str | None:
     im = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(kinds)), kinds, rotation=75, fontsize=7)
     ax.set_yticks(range(len(layers)), [str(l) for l in layers], fontsize=7)
-    ax.set_ylabel("layer")
     fig.colorbar(im, ax=ax, label="log10 relative change ||w - w0|| / ||w0||")
-    ax.set_title("Relative change since the reference (white: no reference value)")
+    ax.set_ylabel(f"{stack} index")
+    ax.set_title("Relative change since the reference (darkest: bitwise unchanged; white: no such tensor)")
     return _png(fig)
 
 
@@ -321,9 +325,10 @@ def _chain(f: Finding) -> str:
         steps = [f"stored dtype {ev['dtype']}",
                  f"half a ULP at the tensors' typical value {_fmt(ev.get('median_abs_value'))} is "
                  f"{_fmt(ev.get('half_ulp_at_median_value'))} ({_fmt(ev.get('half_ulp_at_1.0'))} at 1.0)",
-                 f"the optimizer's expected step is {_fmt(ev.get('median_expected_update'))} "
-                 f"(lr {_fmt(ev.get('learning_rates'))}, from the optimizer state)",
-                 f"so {_fmt(ev.get('fraction_of_elements_lost'))} of elements round back to their stored value"]
+                 f"the optimizer's expected step is {_fmt(ev.get('median_expected_update'))} (at the schedule's peak lr "
+                 f"{_fmt(ev.get('peak_learning_rates'))}, from the optimizer state)",
+                 f"so {(ev.get('fraction_of_elements_lost') or 0):.0%} of the updated elements round back to their "
+                 "stored value"]
         if ev.get("unchanged_since_reference"):
             steps.append(f"and the tensors are bitwise identical to the reference ({ev.get('reference')})")
         elif ev.get("constant_values"):
