@@ -127,3 +127,27 @@ def train(out: Path, bug: str = "none", steps: int = 30, seed: int = 0, save_kwa
     planted["model"] = model
     planted["optimizer"] = opt
     return planted
+
+
+class HFTokens(torch.utils.data.Dataset):
+    """Random token sequences in the shape Hugging Face's Trainer expects (input_ids = labels)."""
+
+    def __init__(self, n: int = 64, length: int = 16, vocab: int = 64):
+        self.n, self.length, self.vocab = n, length, vocab
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        t = torch.randint(0, self.vocab, (self.length,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": t, "labels": t}
+
+
+def hf_tiny_llama_bf16():
+    """A two-layer Llama stored in bf16: the seed bug in someone else's model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).to(torch.bfloat16)

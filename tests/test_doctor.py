@@ -188,25 +188,15 @@ def test_cli_unusable_input_is_exit_2_one_line(tmp_path):
 def test_hugging_face_trainer_checkpoint_folder(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
+
+    from plain_runs import HFTokens, hf_tiny_llama_bf16
 
     transformers.logging.set_verbosity_error()
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)  # the seed bug, in someone else's trainer
-
-    class Tokens(torch.utils.data.Dataset):
-        def __len__(self):
-            return 64
-
-        def __getitem__(self, i):
-            t = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
-            return {"input_ids": t, "labels": t}
-
+    model = hf_tiny_llama_bf16()  # the seed bug, in someone else's trainer
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=3e-4,
                              save_steps=6, report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=100)
-    Trainer(model=model, args=args, train_dataset=Tokens()).train()
+    Trainer(model=model, args=args, train_dataset=HFTokens()).train()
     d = run_analysis(str(tmp_path / "checkpoint-6"))
     assert d.checkpoint["format"] == "hf-trainer" and d.checkpoint["step"] == 6
     o = d.optimizers[0]

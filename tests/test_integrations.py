@@ -13,28 +13,19 @@ from plain_runs import Net, norm_names
 def test_hugging_face_trainer_callback(tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     pytest.importorskip("accelerate", reason="accelerate (needed by transformers.Trainer) is not installed")
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from moe_arch.doctor.integrations import HFMonitorCallback
+    from plain_runs import HFTokens, hf_tiny_llama_bf16
 
     transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2)).to(torch.bfloat16)
-
-    class Tokens(torch.utils.data.Dataset):
-        def __len__(self):
-            return 256
-
-        def __getitem__(self, i):
-            t = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
-            return {"input_ids": t, "labels": t}
+    model = hf_tiny_llama_bf16()
 
     cb = HFMonitorCallback(MonitorConfig(interval=2, window=4, stop_on_critical=True))
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=4, learning_rate=3e-4,
                              lr_scheduler_type="constant", report_to=[], use_cpu=True, disable_tqdm=True,
                              logging_steps=1, save_strategy="no")
-    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[cb])
+    trainer = Trainer(model=model, args=args, train_dataset=HFTokens(256), callbacks=[cb])
     trainer.train()
     alert = cb.monitor.alerts[0]
     assert alert.cause == "precision_underflow" and alert.step == 4
