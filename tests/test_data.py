@@ -108,3 +108,11 @@ def test_tokenizer_errors(tmp_path, data_cache):
 def test_too_little_data_for_one_batch():
     with pytest.raises(DataError, match="fewer than one global batch"):
         WindowSampler(np.arange(100, dtype=np.uint16), 32, 1, 8, seed=0)
+
+
+def test_hf_source_without_datasets_is_a_clear_error(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
+    with pytest.raises(DataError, match=r"data.source='hf:wikitext'.*`datasets` package is not installed"):
+        prepare_data(DataConfig(source="hf:wikitext", cache_dir=str(tmp_path)), 512)

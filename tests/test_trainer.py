@@ -133,3 +133,27 @@ def test_default_training_beats_the_unigram_baseline(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     ev = rows(tmp_path / "tiny", "eval")[-1]
     assert ev["val_loss"] < ev["unigram_loss"] - 1.5, ev
+
+
+def test_wandb_requested_but_missing_is_a_one_line_error(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    out = subprocess.run([sys.executable, "-m", "moe_arch", "train", "--train.wandb", "true", "--train.steps", "1",
+                          "--train.out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "train.wandb=true: the wandb package is not installed" in out.stderr
+    assert out.stderr.count("\n") == 1
+
+
+def test_monitor_reference_after_resume_is_the_resumed_weights(small_cfg):
+    from test_checkpoint import stop_after
+
+    d = with_train(small_cfg, steps=20, log_every=5).to_dict()
+    d["monitor"] = {"enabled": True, "interval": 5, "window": 10}
+    cfg = Config.from_dict(d)
+    stop_after(Trainer(cfg), 7).run()
+    t = Trainer(cfg, resume="latest")
+    assert t.monitor.step == 7 and t.monitor._snapshots[0][0] == 7
+    t.run()
+    assert t.monitor.alerts == []  # a healthy fp32 run stays quiet across the resume

@@ -123,7 +123,8 @@ def _as_dict(optimizers) -> dict[str, torch.optim.Optimizer]:
 class Monitor:
     def __init__(self, model: nn.Module, optimizers, config: MonitorConfig | None = None, run_dir: str | Path | None = None,
                  enabled_output: bool = True, auto_check: bool = True, print_fn: Callable[[str], None] | None = None,
-                 on_critical: Callable[[Alert], None] | None = None, roles: dict[str, str] | None = None):
+                 on_critical: Callable[[Alert], None] | None = None, roles: dict[str, str] | None = None,
+                 start_step: int = 0):
         self.cfg = config or MonitorConfig()
         self.model = model
         self.optimizers = _as_dict(optimizers)
@@ -138,7 +139,7 @@ class Monitor:
         self.print = print_fn
         self.on_critical = on_critical
         self.logger = None
-        self.step = 0
+        self.step = start_step
         self.alerts: list[Alert] = []
         self._alerted: set[tuple[str, str]] = set()
         self._losses: deque[float] = deque(maxlen=max(20, self.cfg.window * 2))
@@ -192,7 +193,7 @@ class Monitor:
         if opts:
             self._hooks.append(opts[0].register_step_pre_hook(self._pre_step))
             self._hooks.append(opts[-1].register_step_post_hook(self._post_step))
-        self._snapshot(0)
+        self._snapshot(start_step)
         self._names = names
 
     # ---------------------------------------------------------------------------------------------- wiring

@@ -67,6 +67,9 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     path = Path(path)
+    if path.is_dir() and (path / ".metadata").is_file():
+        raise CheckpointError(f"{path}: a distributed (sharded) checkpoint folder; convert it with "
+                              f"`moe-arch export {path} out.pt`, or resume it with --resume")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:

@@ -42,8 +42,10 @@ class MetricsLogger:
             try:
                 import wandb as wb
             except ImportError:
-                raise RuntimeError("train.wandb=true but the wandb package is not installed; "
-                                   "pip install 'moe-arch[wandb]' or pass --train.wandb false") from None
+                from moe_arch.config import ConfigError
+
+                raise ConfigError("train.wandb=true: the wandb package is not installed; pip install 'moe-arch[wandb]' "
+                                  "or pass --train.wandb false") from None
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
             self._wandb = wb.init(project=wandb_project, dir=str(run_dir), config=config, mode=mode)
 

@@ -106,15 +106,15 @@ class Trainer:
         self.tokens_seen = 0
         self.nan_skips = 0
         self._stop_signal: int | None = None
-        self.monitor = None
-        if cfg.monitor.enabled:
-            from moe_arch.doctor.monitor import Monitor
-
-            self.monitor = Monitor(self.raw_model, self.optimizers, cfg.monitor, run_dir=self.run_dir,
-                                   enabled_output=self.dist.is_main)
         self.resumed_from: Path | None = None
         if resume:
             self._resume(resume)
+        self.monitor = None
+        if cfg.monitor.enabled:  # after resuming: its first reference is the weights training continues from
+            from moe_arch.doctor.monitor import Monitor
+
+            self.monitor = Monitor(self.raw_model, self.optimizers, cfg.monitor, run_dir=self.run_dir,
+                                   enabled_output=self.dist.is_main, start_step=self.step)
 
     # ------------------------------------------------------------------------------------------ set-up
     def _parallelize(self, model: HybridLM):
@@ -466,6 +466,7 @@ class Trainer:
                     self.monitor.after_step(self.step, stats)
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     self._log_interval(logger, interval, stats, fpt, peak)
+                paused = time.time()  # evaluation and checkpoints are not training throughput
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                     val_loss, n = self.evaluate()
                     logger.log(self.step, {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_tokens": n}, "eval")
@@ -473,6 +474,7 @@ class Trainer:
                                   f"unigram baseline {unigram:.4f})")
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
                     last_ckpt = self.save("periodic") or last_ckpt
+                interval["t0"] += time.time() - paused
                 if self._stop_requested():
                     last_ckpt = self.save("interrupted", "checkpoint_interrupted")
                     self.ui.close()
