@@ -269,13 +269,15 @@ class Trainer:
             for i in loads:
                 self.dist.all_reduce_sum(loads[i])
             self.raw_model.update_router_biases(loads)
-        if self.dist.enabled:  # losses and aux terms averaged over ranks (one small all-reduce)
-            keys = sorted(k for k in {**acc, **aux_sums})
-            vec = torch.tensor([{**acc, **aux_sums}[k] for k in keys], dtype=torch.float64, device=self.device)
+        if self.dist.enabled:  # losses, aux terms and MoD fractions averaged over ranks (one small all-reduce)
+            flat = {**acc, **aux_sums, **{f"mod_frac/{i}": v for i, v in mod_frac.items()}}
+            keys = sorted(flat)
+            vec = torch.tensor([flat[k] for k in keys], dtype=torch.float64, device=self.device)
             vec = self.dist.all_reduce_sum(vec) / self.dist.world
             merged = dict(zip(keys, vec.tolist()))
             acc = {k: merged[k] for k in acc}
             aux_sums = {k: merged[k] for k in aux_sums}
+            mod_frac = {i: merged[f"mod_frac/{i}"] for i in mod_frac}
         self.step += 1
         return {**acc, **aux_sums, "grad_norm": total, "clipped": t.grad_clip > 0 and total > t.grad_clip,
                 "group_grad_norms": group_norms,
