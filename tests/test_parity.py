@@ -105,14 +105,14 @@ def test_mamba_matches_hf_mamba_mixer_slow_path(T, chunk):
 
 
 def test_muon_2d_is_torch_muon_and_expert_muon_matches_it_per_expert():
-    from moe_arch.training.optim import BatchedMuon as ExpertMuon
+    from moe_arch.training.optim import BatchedMuon
 
     torch.manual_seed(0)
     E, m, n = 3, 12, 20
     w = torch.randn(E, m, n)
     stacked = torch.nn.Parameter(w.clone())
     slices = [torch.nn.Parameter(w[e].clone()) for e in range(E)]
-    ours = ExpertMuon([stacked], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    ours = BatchedMuon([stacked], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     ref = torch.optim.Muon(slices, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     for _ in range(4):
         g = torch.randn(E, m, n)

@@ -100,14 +100,6 @@ def is_stacked(role: str, shape: tuple[int, ...]) -> bool:
     return role == "expert_matrix" and len(shape) == 3 and shape[0] > 1
 
 
-def _sample(t: torch.Tensor, n: int) -> torch.Tensor:
-    flat = t.reshape(-1)
-    if flat.numel() <= n:
-        return flat.float().clone()
-    step = flat.numel() // n
-    return flat[::step][:n].float().clone()
-
-
 def analyze_tensors(view: CheckpointView, ref: CheckpointView | None, slots: dict[str, ParamSlot],
                     optimizer_kinds: dict[str, str], progress: Callable[[int], None] | None = None
                     ) -> list[TensorEvidence]:

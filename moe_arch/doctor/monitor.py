@@ -158,7 +158,6 @@ class Monitor:
                 role_of = {n: r for n, _, r in named_parameter_roles(model)}
             except TypeError:
                 role_of = {}
-        names = {id(p): n for n, p in model.named_parameters()}
         self._dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         for name, p in model.named_parameters():
             if not p.requires_grad:
@@ -194,7 +193,6 @@ class Monitor:
             self._hooks.append(opts[0].register_step_pre_hook(self._pre_step))
             self._hooks.append(opts[-1].register_step_post_hook(self._post_step))
         self._snapshot(start_step)
-        self._names = names
 
     # ---------------------------------------------------------------------------------------------- wiring
     def attach(self, logger, trainer=None) -> None:
@@ -213,9 +211,6 @@ class Monitor:
         for h in self._hooks + self._hooks_armed:
             h.remove()
         self._hooks, self._hooks_armed = [], []
-
-    def before_step(self, step: int) -> None:
-        """For callers without optimizer hooks (kept for symmetry; hooks already record gradients)."""
 
     def _pre_step(self, opt, args, kwargs) -> None:
         for t in self.tracked:

@@ -100,8 +100,6 @@ class BatchedMuon(Optimizer):
         return loss
 
 
-ExpertMuon = BatchedMuon  # the name stacked-expert code and older checkpoints' docs use
-
 
 @dataclass
 class ParamPlan:

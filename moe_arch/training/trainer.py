@@ -255,8 +255,6 @@ class Trainer:
                     opt.zero_grad(set_to_none=True)
                 return {"skipped": True}
 
-        if self.monitor is not None:
-            self.monitor.before_step(self.step)
         ctx = self.compensator.fp32_view() if self.compensator else nullcontext()
         with ctx:
             for opt in self.optimizers.values():
