@@ -96,12 +96,13 @@ class Trainer:
         self.plans = plan_parameters(self.raw_model, cfg.optim)
         self.optimizers = build_optimizers(self.raw_model, cfg.optim, self.plans)
         self.schedulers = build_schedulers(self.optimizers, t)
-        self.param_names = {n: p for n, p in self.raw_model.named_parameters()}
-        self.compensator = CompensatedUpdates(self.param_names) if self.policy.compensated else None
+        self.compensator = (CompensatedUpdates(dict(self.raw_model.named_parameters())) if self.policy.compensated
+                            else None)
         self.roles = {n: r for n, _, r in named_parameter_roles(self.raw_model)}
 
         self.sampler = WindowSampler(self.data.train, t.seq_len, cfg.model.n_predict, t.batch_size * self.dist.world,
                                      t.seed)
+        self._tokenizer_json = self.data.tokenizer.tok.to_str()  # stored in every checkpoint (self-contained)
         self.step = 0
         self.tokens_seen = 0
         self.nan_skips = 0
@@ -126,16 +127,16 @@ class Trainer:
         return parallelize(model, mode, self.policy, self.device)
 
     def _resume(self, spec: str) -> None:
-        from moe_arch.parallel.dcp import is_dcp_dir, load_dcp
+        from moe_arch.parallel.dcp import is_dcp_dir, load_dcp, read_meta
 
         path = ckpt.resolve_resume(spec, self.run_dir)
         if is_dcp_dir(path):
+            self._check_resume_config(path, read_meta(path))  # before loading: a mismatch is a clear error
             state = load_dcp(path, self.raw_model, self.optimizers)
-            self._check_resume_config(path, state)
         else:
             if self.fsdp:
                 raise ckpt.CheckpointError(f"{path}: a single-file checkpoint cannot be resumed under FSDP2; resume it "
-                                           "with one process or --train.parallel ddp (or export it to a sharded run)")
+                                           "on one process or with --train.parallel ddp")
             state = ckpt.load_checkpoint(path, map_location=self.device)
             self._check_resume_config(path, state)
             self.raw_model.load_state_dict(state["model"])
@@ -156,6 +157,8 @@ class Trainer:
         self._log(f"resumed from {path} at step {self.step} ({human(self.tokens_seen)} tokens seen)")
 
     def _check_resume_config(self, path, state: dict) -> None:
+        if "config" not in state:
+            raise ckpt.CheckpointError(f"{path}: no moe_arch config in this checkpoint; it cannot be resumed")
         diffs = ckpt.config_differences(state["config"], self.cfg.to_dict())
         if diffs:
             raise ckpt.CheckpointError(f"cannot resume {path} with this config; these fields differ: {'; '.join(diffs)}. "
@@ -176,7 +179,7 @@ class Trainer:
             "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
             "param_roles": dict(self.roles),
             "buffers": [n for n, _ in self.raw_model.named_buffers()],
-            "tokenizer_json": self.data.tokenizer.tok.to_str(),
+            "tokenizer_json": self._tokenizer_json,
             "world_size": self.dist.world,
         }
 
