@@ -183,8 +183,7 @@ def cmd_reproduce_seed(args, rest) -> int:
     from pathlib import Path
 
     from moe_arch.config import load_config
-    from moe_arch.doctor.cli import print_summary, run_analysis
-    from moe_arch.doctor.report import write_json, write_reports
+    from moe_arch.doctor.cli import publish, run_analysis
     from moe_arch.training.trainer import Trainer
 
     overrides = ["--train.precision", args.precision, "--optim.muon_lr", "1e-3", "--optim.adamw_lr", "3e-4",
@@ -201,9 +200,7 @@ def cmd_reproduce_seed(args, rest) -> int:
     print(f"\n== moe-arch diagnose {ckpt}")
     d = run_analysis(str(ckpt), progress=False)
     out_dir = Path(cfg.train.out_dir) / cfg.train.run_name / "diagnosis"
-    md, htm = write_reports(d, out_dir)
-    write_json(d, str(out_dir / "diagnosis.json"))
-    print_summary(d, md, htm)
+    publish(d, out_dir, str(out_dir / "diagnosis.json"))
     norms = [e for e in d.evidence if e.role == "norm"]
     moved = [e for e in norms if e.unchanged is False]
     rel = sorted(e.rel_change for e in moved if e.rel_change is not None)

@@ -136,19 +136,25 @@ def run_diagnose(args) -> int:
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    src = Path(d.checkpoint["path"])
-    # Next to the checkpoint (never inside a checkpoint folder).
-    out_dir = Path(args.out) if args.out else src.parent / f"diagnosis-{src.stem if src.is_file() else src.name}"
-    md, htm = write_reports(d, out_dir)
-    if args.json:
-        write_json(d, args.json)
-    if not args.quiet and args.json != "-":
-        print_summary(d, md, htm)
+    publish(d, args.out, args.json, quiet=args.quiet or args.json == "-")
     if args.fail_on == "critical" and d.status == "critical":
         return EXIT_FAIL_ON
     if args.fail_on == "warning" and d.status in ("critical", "warning"):
         return EXIT_FAIL_ON
     return EXIT_OK
+
+
+def publish(d: Diagnosis, out: str | Path | None = None, json_path: str | None = None, quiet: bool = False) -> Path:
+    """Write report.md / report.html (in ``out``, default next to the checkpoint, never inside a checkpoint folder),
+    the JSON document when asked, and the console summary; returns the report folder."""
+    src = Path(d.checkpoint["path"])
+    out_dir = Path(out) if out else src.parent / f"diagnosis-{src.stem if src.is_file() else src.name}"
+    md, htm = write_reports(d, out_dir)
+    if json_path:
+        write_json(d, json_path)
+    if not quiet:
+        print_summary(d, md, htm)
+    return out_dir
 
 
 def print_summary(d: Diagnosis, md: Path, htm: Path) -> None:

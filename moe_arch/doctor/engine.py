@@ -155,12 +155,11 @@ def diagnose(evidence: list[TensorEvidence], optimizers: list[OptimizerSummary],
     for e in params:
         if e.name in claimed or not e.low_precision or e.frac_lost is None:
             continue
-        unchanged = e.unchanged if e.has_reference else None
-        if e.frac_lost >= 0.99 and unchanged is not False:
+        # The rule predicts the loss; the reference (when there is one) must show it: the elements did not move.
+        kept = 1.0 if not e.has_reference else (e.frac_unchanged or 0.0)
+        if e.frac_lost >= 0.99 and kept >= 0.99:
             frozen.append(e)
-        elif e.frac_lost >= 0.99 and e.has_reference and (e.frac_unchanged or 0) >= 0.99:
-            frozen.append(e)
-        elif e.frac_lost >= 0.5 and (not e.has_reference or (e.frac_unchanged or 0) >= 0.5):
+        elif e.frac_lost >= 0.5 and kept >= 0.5:
             partial.append(e)
     for group, sev in ((frozen, "critical"), (partial, "warning")):
         if not group:

@@ -357,7 +357,6 @@ class Monitor:
             metrics[f"mod_weight_spread_L{layer}"] = ws
         if self.logger is not None and self.output:
             self.logger.log(step, metrics, "monitor")
-        self.last_metrics = metrics
         return self._emit(alerts)
 
     def _expected_update(self, t: _Tracked, cur: torch.Tensor):
