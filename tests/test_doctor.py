@@ -235,3 +235,9 @@ def test_tiny_preset_bf16_pure_is_precision_underflow_and_bf16_mixed_is_healthy(
     assert d.probe is not None and d.probe["no_grad"] == []  # gradients do reach them: not a MoD problem
     healthy = run_analysis(str(_tiny_run(tmp_path, "bf16-mixed")))
     assert healthy.status == "healthy", [f.summary for f in healthy.findings]
+
+
+def test_legacy_non_zip_torch_files_are_read_without_mmap(tmp_path):
+    torch.save({"model": {"w": torch.ones(4)}, "step": 5}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    view = open_checkpoint(tmp_path / "legacy.pt")
+    assert not view.mmapped and view.meta["step"] == 5 and torch.equal(view.tensors["w"].get(), torch.ones(4))
