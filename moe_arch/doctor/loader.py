@@ -104,24 +104,21 @@ def release(t: torch.Tensor | None) -> None:
 def _torch_load(path: Path, trust_pickle: bool) -> tuple[Any, bool]:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True), True
-    except RuntimeError as e:
-        msg = str(e)
-        if "mmap" in msg or "zipfile" in msg.lower() and "legacy" in msg.lower():
-            pass  # legacy (non-zip) format: cannot be memory-mapped; read it whole below
-        elif "Weights only load failed" in msg:
-            raise _unsafe(path, msg) from None
-        else:
-            raise LoadError(_corrupt(path, e)) from None
     except Exception as e:
-        if "Weights only load failed" in str(e) or type(e).__name__ == "UnpicklingError":
-            raise _unsafe(path, str(e)) from None
-        raise LoadError(_corrupt(path, e)) from None
+        if not (isinstance(e, RuntimeError) and "mmap" in str(e)):
+            raise _load_error(path, e) from None
+        # legacy (non-zip) torch.save format: it cannot be memory-mapped; read it whole
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle), False
     except Exception as e:
-        if "Weights only load failed" in str(e) or type(e).__name__ == "UnpicklingError":
-            raise _unsafe(path, str(e)) from None
-        raise LoadError(_corrupt(path, e)) from None
+        raise _load_error(path, e) from None
+
+
+def _load_error(path: Path, e: Exception) -> LoadError:
+    """A refused unpickle (unsafe content) or an unreadable file (truncated / corrupt)."""
+    if "Weights only load failed" in str(e) or type(e).__name__ == "UnpicklingError":
+        return _unsafe(path, str(e))
+    return LoadError(_corrupt(path, e))
 
 
 def _unsafe(path: Path, msg: str) -> LoadError:

@@ -38,6 +38,7 @@ from moe_arch.config import MonitorConfig
 from moe_arch.doctor.analyze import TensorEvidence, infer_role, is_stacked
 from moe_arch.doctor.engine import Finding, describe, diagnose
 from moe_arch.doctor.optim_map import OptimizerSummary
+from moe_arch.parallel.parallelize import global_grad_norm, local
 from moe_arch.doctor.rules import LOW_PRECISION, adam_update, half_ulp, half_ulp_at, muon_update_rms, robust_z
 
 SHORT_FIX = {
@@ -88,10 +89,6 @@ class _Tracked:
     optimizer: str | None = None
     group_index: int | None = None
     had_grad: int = 0  # optimizer steps (in the current window) at which .grad was not None
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _shard_offset(p: torch.Tensor) -> int:
@@ -163,7 +160,7 @@ class Monitor:
             if not p.requires_grad:
                 continue
             role = role_of.get(name) or infer_role(name, tuple(p.shape), None)
-            loc = _local(p)  # under FSDP2, fingerprint this rank's shard only: nothing is gathered
+            loc = local(p)  # under FSDP2, fingerprint this rank's shard only: nothing is gathered
             n = loc.numel()
             stacked = is_stacked(role, tuple(p.shape))
             k = self.cfg.sample_size
@@ -287,28 +284,18 @@ class Monitor:
     # ---------------------------------------------------------------------------------------------- checks
     @torch.no_grad()
     def _snapshot(self, step: int) -> None:
-        snap = {t.name: _local(t.param.detach()).reshape(-1).index_select(0, t.idx).clone() for t in self.tracked}
+        snap = {t.name: local(t.param.detach()).reshape(-1).index_select(0, t.idx).clone() for t in self.tracked}
         self._snapshots.append((step, snap))
         # Keep what the next check needs: the snapshot taken exactly `window` steps before it.
         while self._snapshots[0][0] < step + self.cfg.interval - self.cfg.window:
             self._snapshots.popleft()
 
     def _group_grad_norms(self) -> dict[str, float]:
-        groups = sorted({GROUP_OF_ROLE.get(t.role, "other") for t in self.tracked})
-        sharded = torch.zeros(len(groups), dtype=torch.float64)
-        replicated = torch.zeros(len(groups), dtype=torch.float64)
+        groups: dict[str, list[torch.Tensor]] = {}
         for t in self.tracked:
-            g = t.param.grad
-            if g is not None:
-                i = groups.index(GROUP_OF_ROLE.get(t.role, "other"))
-                sq = float(_local(g.detach()).float().pow(2).sum())
-                if hasattr(g, "placements") and any(pl.is_shard() for pl in g.placements):
-                    sharded[i] += sq
-                else:
-                    replicated[i] += sq
-        if self._dist:  # shards add up across ranks; replicated gradients are whole on every rank
-            torch.distributed.all_reduce(sharded)
-        return {k: math.sqrt(v) for k, v in zip(groups, (sharded + replicated).tolist())}
+            groups.setdefault(GROUP_OF_ROLE.get(t.role, "other"), []).append(t.param)
+        # The trainer's global norm, per group: shards summed across ranks, replicated gradients counted once.
+        return {g: float(global_grad_norm(ps)) for g, ps in sorted(groups.items())}
 
     @torch.no_grad()
     def _check(self) -> list[Alert]:
@@ -317,15 +304,15 @@ class Monitor:
         ref_step, ref = self._snapshots[0]
         prev_step, prev = self._snapshots[-1]
         full_window = step - ref_step >= self.cfg.window
-        local = [self._local_stats(t, ref[t.name], prev[t.name]) for t in self.tracked]
+        per_tensor = [self._local_stats(t, ref[t.name], prev[t.name]) for t in self.tracked]
         # One all-reduce for every tensor's counts (FSDP2: each rank measured its own shard).
-        flat = torch.cat([v for v, _ in local]) if local else torch.zeros(0, dtype=torch.float64)
+        flat = torch.cat([v for v, _ in per_tensor]) if per_tensor else torch.zeros(0, dtype=torch.float64)
         if self._dist and flat.numel():
             torch.distributed.all_reduce(flat)
         evidence: list[TensorEvidence] = []
         ratio_by_group: dict[str, list[float]] = {}
         pos = 0
-        for t, (vec, medians) in zip(self.tracked, local):
+        for t, (vec, medians) in zip(self.tracked, per_tensor):
             stats = flat[pos:pos + vec.numel()]
             pos += vec.numel()
             ev = self._finalize(t, stats, medians, full_window)
@@ -368,8 +355,8 @@ class Monitor:
         lr = max(float(g["lr"]), float(g.get("initial_lr", 0.0) or 0.0))
 
         def sample(x):
-            x = _local(x) if isinstance(x, torch.Tensor) else None
-            return x.reshape(-1).index_select(0, t.idx) if x is not None and x.numel() == _local(t.param).numel() else None
+            x = local(x) if isinstance(x, torch.Tensor) else None
+            return x.reshape(-1).index_select(0, t.idx) if x is not None and x.numel() == local(t.param).numel() else None
 
         m = sample(st.get("exp_avg", st.get("momentum_buffer")))
         if kind == "muon" and t.param.ndim >= 2:
@@ -388,7 +375,7 @@ class Monitor:
 
         [n, n_equal, diff_sq, ref_sq, cur_sq, n_moment_nonzero, n_live_updates, n_lost, step_sq, per-slice n..., per-slice
         equal...]"""
-        cur = _local(t.param.detach()).reshape(-1).index_select(0, t.idx)
+        cur = local(t.param.detach()).reshape(-1).index_select(0, t.idx)
         same = cur == ref_vals
         c, r = cur.float(), ref_vals.float()
         vec = [cur.numel(), float(same.sum()), float((c - r).pow(2).sum()), float(r.pow(2).sum()), float(c.pow(2).sum()),

@@ -8,11 +8,14 @@ stacked expert tensors [E, in, out] that is a split over experts. The mixed-prec
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from moe_arch.training.precision import PrecisionPolicy
+if TYPE_CHECKING:  # annotation only: importing training here would be circular (training -> doctor -> here)
+    from moe_arch.training.precision import PrecisionPolicy
 
 
 def resolve_mode(mode: str) -> str:
