@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from common import header, timeit, timeit_pair
+from common import fwd_bwd, header, timeit, timeit_pair
 
 from moe_arch.config import ModelConfig, load_config
 from moe_arch.model.attention import Attention, SeqContext
@@ -19,14 +19,6 @@ from moe_arch.model.layers import Rotary, SwiGLU
 from moe_arch.model.mamba import Mamba
 from moe_arch.model.moe import MoE
 from moe_arch.model.transformer import build_model
-
-
-def fwd_bwd(module_call, x):
-    def run():
-        x.grad = None
-        y = module_call(x)
-        y.backward(torch.ones_like(y))
-    return run
 
 
 def main():

@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from common import header, timeit
+from common import fwd_bwd, header, timeit
 
 from moe_arch.config import ModelConfig
 from moe_arch.model.attention import Attention, SeqContext
@@ -36,12 +36,7 @@ def main():
     def layer_time(layer, L):
         x = torch.randn(B, L, d, requires_grad=True)
         ctx = SeqContext(torch.arange(L)[None].expand(B, -1), rot)
-
-        def run():
-            x.grad = None
-            y = layer(x, ctx)
-            y.backward(torch.ones_like(y))
-        return timeit(run, repeat=5)
+        return timeit(fwd_bwd(lambda x: layer(x, ctx), x), repeat=5)
 
     print(f"# d_model {d} (Mamba d_inner {cfg.mamba_expand * d}, d_state {cfg.mamba_d_state}), batch {B}")
     print(f"{'L':>6} {'Mamba ms':>10} {'us/token':>9} {'vs L=512 per token':>19}")

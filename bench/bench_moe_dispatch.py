@@ -13,7 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import header, timeit
+from common import fwd_bwd, header, timeit
 
 from moe_arch.config import ModelConfig
 from moe_arch.model.moe import MoE
@@ -60,15 +60,9 @@ def main():
         x = torch.randn(N, d, requires_grad=True)
         g = torch.randn(N, d)
 
-        def run(fn):
-            def call():
-                x.grad = None
-                fn(x).backward(g)
-            return call
-
-        t_g = timeit(run(m), repeat=5)
-        t_l = timeit(run(lambda x: per_expert_loop(m, x)), repeat=5)
-        t_d = timeit(run(lambda x: dense_all_experts(m, x)), repeat=3) if E <= 14 else float("nan")
+        t_g = timeit(fwd_bwd(m, x, g), repeat=5)
+        t_l = timeit(fwd_bwd(lambda x: per_expert_loop(m, x), x, g), repeat=5)
+        t_d = timeit(fwd_bwd(lambda x: dense_all_experts(m, x), x, g), repeat=3) if E <= 14 else float("nan")
         print(f"{E:>8} {t_g * 1e3:>11.1f} {t_l * 1e3:>9.1f} {t_d * 1e3:>9.1f} {routed / t_g / 1e9:>16.1f} "
               f"{t_d / t_g:>14.2f} {t_l / t_g:>13.2f}")
     print("# dense at 64 experts is skipped: it would do 32x the routed work")

@@ -16,6 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def fwd_bwd(module_call, x: torch.Tensor, grad: torch.Tensor | None = None):
+    """A no-argument callable running module_call(x) forward and backward (gradient ``grad``, default ones)."""
+    def run():
+        x.grad = None
+        y = module_call(x)
+        y.backward(torch.ones_like(y) if grad is None else grad)
+    return run
+
+
 def timeit(fn, warmup: int = 2, repeat: int = 5, min_time: float = 0.0) -> float:
     """Median seconds per call."""
     for _ in range(warmup):
