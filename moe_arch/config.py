@@ -66,6 +66,9 @@ class ModelConfig:
     mamba_d_conv: int = 4
     mamba_dt_rank: int | None = None  # None: ceil(d_model / 16)
     mamba_chunk_size: int = 0  # scan chunk length; 0 picks ~sqrt(sequence length)
+    # auto: the compiled CPU kernel for float32 CPU tensors when it builds (else, with a warning, the chunked
+    # PyTorch scan); chunked: always the PyTorch scan. The same function either way (tested).
+    mamba_scan: str = "auto"
     # Mixture of Depths token routing
     mod_layers: list[int] = field(default_factory=list)
     mod_capacity: float = 1.0
@@ -110,6 +113,8 @@ class ModelConfig:
                 _fail(s, "top_k", self.top_k, f"must be in [1, model.n_experts={self.n_experts}]")
             if self.d_ff_expert <= 0:
                 _fail(s, "d_ff_expert", self.d_ff_expert, "must be a positive integer when model.moe_layers is not empty")
+        if self.mamba_scan not in ("auto", "chunked"):
+            _fail(s, "mamba_scan", self.mamba_scan, "allowed: auto, chunked")
         if self.mamba_layers:
             for name in ("mamba_d_state", "mamba_expand", "mamba_d_conv"):
                 if getattr(self, name) < 1:
@@ -151,6 +156,9 @@ class OptimConfig:
     muon_ns_steps: int = 5
     # "match_rms_adamw" (Moonlight): Muon's update RMS matches AdamW's, so both can share learning rates.
     muon_adjust_lr: str = "match_rms_adamw"
+    # Newton-Schulz precision. torch.optim.Muon runs it in bfloat16, the fast path on GPUs; on a CPU without
+    # bf16 matrix units that is ~2x slower than float32 (bench/RESULTS.md). auto: bfloat16 on CUDA, float32 on CPU.
+    muon_ns_dtype: str = "auto"
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adamw_eps: float = 1e-8
     # Roles optimised by Muon; everything else goes to AdamW (see moe_arch.training.optim).
@@ -165,6 +173,8 @@ class OptimConfig:
             _fail(s, "muon_momentum", self.muon_momentum, "must be in [0, 1)")
         if self.muon_ns_steps < 1 or self.muon_ns_steps >= 100:
             _fail(s, "muon_ns_steps", self.muon_ns_steps, "must be in [1, 99]")
+        if self.muon_ns_dtype not in ("auto", "bfloat16", "float32"):
+            _fail(s, "muon_ns_dtype", self.muon_ns_dtype, "allowed: auto, bfloat16, float32")
         if self.muon_adjust_lr not in ("original", "match_rms_adamw"):
             _fail(s, "muon_adjust_lr", self.muon_adjust_lr, "allowed: 'original' or 'match_rms_adamw'")
         if len(self.adamw_betas) != 2 or not all(0 <= b < 1 for b in self.adamw_betas):
@@ -201,6 +211,9 @@ class TrainConfig:
     nan_policy: str = "stop"  # stop | skip
     max_nan_skips: int = 3
     compile: bool = False
+    # CPU runs: keep freed large blocks in the process (glibc mallopt) instead of returning them to the OS
+    # and page-faulting them back in on the next step (~20% of a tiny-preset step). See utils.tune_cpu_malloc.
+    cpu_malloc_cache: bool = True
     parallel: str = "auto"  # auto | none | ddp | fsdp (multi-process runs under torchrun)
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 measures the fp32/bf16 matmul peak at start
     tensorboard: bool = True

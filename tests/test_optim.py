@@ -41,11 +41,68 @@ def test_every_tensor_kind_is_routed_by_role():
 def test_optimizers_cover_each_parameter_exactly_once():
     model = build_model(ModelConfig(**small_overrides()), seed=0)
     opts = build_optimizers(model, OptimConfig())
-    assert isinstance(opts["muon"], torch.optim.Muon)
     ids = [id(p) for o in opts.values() for g in o.param_groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
     for o in opts.values():
         assert all("param_names" in g for g in o.state_dict()["param_groups"])
+
+
+def test_newton_schulz_precision_routes_2d_matrices():
+    """CPU default: float32 Newton-Schulz in BatchedMuon; bfloat16 keeps torch.optim.Muon for 2-D matrices."""
+    from moe_arch.training.optim import BatchedMuon
+
+    model = build_model(ModelConfig(**small_overrides()), seed=0)
+    cpu = build_optimizers(model, OptimConfig())
+    assert type(cpu["muon"]) is BatchedMuon and cpu["muon"].ns_dtype == torch.float32
+    assert cpu["expert_muon"].ns_dtype == torch.float32
+    bf16 = build_optimizers(model, OptimConfig(muon_ns_dtype="bfloat16"))
+    assert type(bf16["muon"]) is torch.optim.Muon
+    assert bf16["expert_muon"].ns_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="optim.muon_ns_dtype"):
+        OptimConfig(muon_ns_dtype="float16")
+
+
+def test_batched_muon_shape_groups_give_the_per_matrix_result():
+    """Same-shape matrices (also transposed ones, and expert slices) share one batched Newton-Schulz: the result
+    must be that of orthogonalising each matrix alone."""
+    from moe_arch.training.optim import BatchedMuon
+
+    torch.manual_seed(0)
+    shapes = [(8, 12), (8, 12), (12, 8), (3, 8, 12), (5, 7)]
+    init = [torch.randn(s) for s in shapes]
+    together = [nn.Parameter(w.clone()) for w in init]
+    alone = [nn.Parameter(w.clone()) for w in init]
+    kw = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", ns_dtype=torch.float32)
+    opt = BatchedMuon(together, **kw)
+    singles = [BatchedMuon([p], **kw) for p in alone]
+    for _ in range(3):
+        for a, b in zip(together, alone):
+            g = torch.randn(a.shape)
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        for o in singles:
+            o.step()
+    for a, b, w in zip(together, alone, init):
+        torch.testing.assert_close(a.data, b.data, rtol=0, atol=1e-6)
+        assert not torch.equal(a.data, w)
+
+
+def test_float32_newton_schulz_tracks_torch_muon():
+    """The float32 path is the same algorithm as torch.optim.Muon (bf16): updates agree to bf16's precision."""
+    from moe_arch.training.optim import BatchedMuon
+
+    torch.manual_seed(2)
+    w = torch.randn(48, 32)
+    a, b = nn.Parameter(w.clone()), nn.Parameter(w.clone())
+    ours = BatchedMuon([a], lr=0.01, weight_decay=0.0, ns_dtype=torch.float32)
+    ref = torch.optim.Muon([b], lr=0.01, weight_decay=0.0)
+    g = torch.randn(48, 32)
+    a.grad, b.grad = g.clone(), g.clone()
+    ours.step()
+    ref.step()
+    da, db = a.data - w, b.data - w
+    assert (da - db).norm() / db.norm() < 0.03
+    assert not torch.equal(da, db)  # really a different precision
 
 
 def test_unregistered_parameter_is_an_error():

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_arch.config import ModelConfig
+from moe_arch.model import cpu_kernels
 from moe_arch.model.roles import register_roles
 
 
@@ -244,8 +245,33 @@ class SelectiveScan(torch.autograd.Function):
         return d_u, d_dt, d_A, d_B, d_C, None, None
 
 
-def selective_scan(u, dt, A, Bm, Cm, h0=None, chunk: int = 0):
-    """Batch-major convenience wrapper: u, dt [B, L, D]; Bm, Cm [B, L, N] -> y [B, L, D], h_last [B, D, N]."""
+class CpuSelectiveScan(torch.autograd.Function):
+    """The same function through the compiled CPU kernel (``kernels/selective_scan_cpu.c``): one pass per direction
+    with the state in registers, instead of the chunked scan's ~25 passes over a [L, B, D, N] tensor.
+    Batch-major contiguous float32 inputs; states recomputed in the backward as in :class:`SelectiveScan`."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, Bm, Cm, h0):
+        AT = A.t().contiguous()
+        y, h_last = cpu_kernels.scan_forward(u, dt, AT, Bm, Cm, h0)
+        ctx.save_for_backward(u, dt, AT, Bm, Cm, h0)
+        ctx.mark_non_differentiable(h_last)
+        return y, h_last
+
+    @staticmethod
+    def backward(ctx, gy, _gh_last):
+        u, dt, AT, Bm, Cm, h0 = ctx.saved_tensors
+        du, ddt, dAT, dB, dC = cpu_kernels.scan_backward(u, dt, AT, Bm, Cm, h0, gy.contiguous())
+        return du, ddt, dAT.t(), dB, dC, None
+
+
+def selective_scan(u, dt, A, Bm, Cm, h0=None, chunk: int = 0, impl: str = "auto"):
+    """Batch-major: u, dt [B, L, D]; Bm, Cm [B, L, N] -> y [B, L, D], h_last [B, D, N].
+
+    ``impl="auto"`` runs the CPU kernel for float32 CPU tensors when it is available, else the chunked scan."""
+    if impl == "auto" and cpu_kernels.supports(u, dt, A, Bm, Cm, *(() if h0 is None else (h0,)), d_state=A.shape[1]):
+        return CpuSelectiveScan.apply(u.contiguous(), dt.contiguous(), A, Bm.contiguous(), Cm.contiguous(),
+                                      None if h0 is None else h0.contiguous())
     y, h_last = SelectiveScan.apply(u.transpose(0, 1).contiguous(), dt.transpose(0, 1).contiguous(), A,
                                     Bm.transpose(0, 1).contiguous(), Cm.transpose(0, 1).contiguous(), h0, chunk)
     return y.transpose(0, 1), h_last
@@ -281,6 +307,7 @@ class Mamba(nn.Module):
         self.d_conv = cfg.mamba_d_conv
         self.dt_rank = cfg.resolved_dt_rank
         self.chunk = cfg.mamba_chunk_size
+        self.scan_impl = cfg.mamba_scan
         self.in_proj = nn.Linear(d, 2 * self.d_inner, bias=False)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner, padding=self.d_conv - 1)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
@@ -332,7 +359,7 @@ class Mamba(nn.Module):
             dt = dt * valid.unsqueeze(-1)  # padding: dt = 0 leaves the state untouched
         A = -torch.exp(self.A_log.float())
         h0 = cache.ssm if cache is not None else None
-        y, h_last = selective_scan(xc.float(), dt, A, Bm.float(), Cm.float(), h0, self.chunk)
+        y, h_last = selective_scan(xc.float(), dt, A, Bm.float(), Cm.float(), h0, self.chunk, self.scan_impl)
         y = y + xc.float() * self.D.float()
         y = (y * F.silu(z.float())).to(x.dtype)
         if cache is not None:

@@ -32,7 +32,7 @@ from moe_arch.training.flops import measure_matmul_peak
 from moe_arch.training.metrics import ConsoleUI, MetricsLogger
 from moe_arch.training.optim import build_optimizers, build_schedulers, plan_parameters
 from moe_arch.training.precision import CompensatedUpdates, preflight, resolve_policy
-from moe_arch.utils import human, resolve_device
+from moe_arch.utils import human, resolve_device, tune_cpu_malloc
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,6 +72,8 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.policy = resolve_policy(t.precision, self.device)
+        if self.device.type == "cpu" and t.cpu_malloc_cache:
+            tune_cpu_malloc()
         self.run_dir = Path(t.out_dir) / t.run_name
         self.ckpt_dir = ckpt.checkpoint_dir(self.run_dir)
         self.ui = ConsoleUI("none", 0, enabled=False)  # replaced in run(); messages before it go to `log`

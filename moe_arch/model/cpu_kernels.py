@@ -1,0 +1,191 @@
+"""The CPU selective-scan kernel (``kernels/selective_scan_cpu.c``): built on first use, loaded with ctypes.
+
+Why built here and not at install time: the kernel is plain C with no Python or PyTorch headers, compiled with
+``-march=native`` for the machine that runs it, and a wheel cannot know that machine. The shared library is cached
+under ``$MOE_ARCH_KERNEL_CACHE`` (default ``~/.cache/moe_arch/kernels``), keyed by the source, the compiler, its
+flags and the CPU's feature flags, and written atomically (temp file + rename), so concurrent processes (torchrun
+ranks, test workers) are safe.
+
+No silent fallback to a different model: when no C compiler is found or the build fails, one warning names the
+reason and the Mamba layers run the chunked PyTorch scan (``mamba.py``), the same function, ~8x slower on the tiny
+preset. ``MOE_ARCH_NO_KERNELS=1`` chooses that path on purpose.
+
+Threads: ctypes releases the GIL while a foreign function runs, so the work items (batch row x block of 16 channels)
+are split over a small thread pool, ``torch.get_num_threads()`` wide.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels") / "selective_scan_cpu.c"
+LANES = 16  # W in the C source: channels per work item
+MAX_STATE = 64  # MAX_N in the C source
+FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-Wno-psabi"]
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+_pool: ThreadPoolExecutor | None = None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MOE_ARCH_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moe_arch" / "kernels"
+
+
+def _compile(cc: str, flags: list[str], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} exited with {proc.returncode}: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (set CC or install gcc/clang)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n", 1)[0]
+    source = SOURCE.read_bytes()
+    last_err = None
+    for arch in (["-march=native"], []):  # -march=native is missing on some compilers/architectures
+        flags = FLAGS + arch
+        key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
+                                         platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
+        path = cache_dir() / f"selective_scan_cpu-{key}.so"
+        try:
+            if not path.exists():
+                _compile(cc, flags, path)
+            lib = ctypes.CDLL(str(path))
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            last_err = e
+            continue
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.moe_arch_scan_fwd.argtypes = [ptr] * 8 + [i64] * 6
+        lib.moe_arch_scan_fwd.restype = None
+        lib.moe_arch_scan_bwd.argtypes = [ptr] * 12 + [i64] * 6 + [ptr]
+        lib.moe_arch_scan_bwd.restype = None
+        return lib
+    raise RuntimeError(str(last_err))
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel library, or None (with one warning saying why) when it cannot be built."""
+    global _lib, _error
+    if _lib is not None or _error is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _error is None:
+            if os.environ.get("MOE_ARCH_NO_KERNELS", "") not in ("", "0"):
+                _error = "disabled by MOE_ARCH_NO_KERNELS"
+                return None
+            try:
+                _lib = _build()
+            except Exception as e:  # noqa: BLE001 - any build failure means the documented slower path
+                _error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"moe_arch: the CPU selective-scan kernel could not be built ({_error}); Mamba layers "
+                              "use the chunked PyTorch scan instead (same results, several times slower). Install a "
+                              "C compiler or set CC to enable it.", RuntimeWarning, stacklevel=2)
+    return _lib
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def supports(*tensors: torch.Tensor, d_state: int) -> bool:
+    return (d_state <= MAX_STATE and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and available())
+
+
+def _threads(n_items: int, work_per_item: int) -> int:
+    """Threads for a call: torch's intra-op count, but one for calls too small to amortise the hand-off."""
+    return max(1, min(torch.get_num_threads(), n_items, (n_items * work_per_item) // 200_000 or 1))
+
+
+def _run(fn, n_items: int, threads: int, args_for_range) -> None:
+    """Call fn over [0, n_items) split into ``threads`` contiguous ranges, each on its own thread."""
+    global _pool
+    if threads == 1:
+        fn(*args_for_range(0, n_items, 0))
+        return
+    with _lock:
+        if _pool is None or _pool._max_workers < threads:
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moe_arch_scan")
+    bounds = [round(i * n_items / threads) for i in range(threads + 1)]
+    futures = [_pool.submit(fn, *args_for_range(bounds[i], bounds[i + 1], i)) for i in range(threads)]
+    for f in futures:
+        f.result()
+
+
+def _p(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def scan_forward(u, dt, AT, Bm, Cm, h0):
+    """u, dt [B, L, D]; AT [N, D]; Bm, Cm [B, L, N]; h0 [B, D, N] or None (all contiguous float32 CPU)
+    -> y [B, L, D] (without the D skip term), h_last [B, D, N]."""
+    lib = load()
+    B, L, D = u.shape
+    N = AT.shape[0]
+    y = torch.empty_like(u)
+    h_last = u.new_empty(B, D, N)
+    n_items = B * ((D + LANES - 1) // LANES)
+    _run(lib.moe_arch_scan_fwd, n_items, _threads(n_items, L * N * LANES),
+         lambda i0, i1, _: (_p(u), _p(dt), _p(AT), _p(Bm), _p(Cm), _p(h0), _p(y), _p(h_last), B, L, D, N, i0, i1))
+    return y, h_last
+
+
+def scan_backward(u, dt, AT, Bm, Cm, h0, gy):
+    """Gradients (du, d_dt, dAT [N, D], dB, dC) of sum(y * gy), the states recomputed block by block."""
+    lib = load()
+    B, L, D = u.shape
+    N = AT.shape[0]
+    du, ddt = torch.empty_like(u), torch.empty_like(u)
+    n_items = B * ((D + LANES - 1) // LANES)
+    threads = _threads(n_items, 3 * L * N * LANES)
+    # Per-thread accumulators for the sums over channels (dB, dC) and over the batch (dAT), added up below.
+    dAT = AT.new_zeros(threads, N, D)
+    dB = Bm.new_zeros(threads, B, L, N)
+    dC = Cm.new_zeros(threads, B, L, N)
+    scratch = u.new_empty(threads, (L + 1) * N * LANES + LANES)  # + LANES: room to align each row to 64 bytes
+
+    def aligned(i):
+        p = scratch[i].data_ptr()
+        return p + (-p) % 64
+
+    _run(lib.moe_arch_scan_bwd, n_items, threads,
+         lambda i0, i1, k: (_p(u), _p(dt), _p(AT), _p(Bm), _p(Cm), _p(h0), _p(gy), _p(du), _p(ddt), _p(dAT[k]),
+                            _p(dB[k]), _p(dC[k]), B, L, D, N, i0, i1, aligned(k)))
+    return du, ddt, dAT.sum(0), dB.sum(0), dC.sum(0)

@@ -1,0 +1,180 @@
+/* Mamba-1 selective scan on the CPU: forward and backward of
+
+       h_t[d, n] = exp(dt_t[d] * A[d, n]) * h_{t-1}[d, n] + dt_t[d] * u_t[d] * B_t[n]
+       y_t[d]    = sum_n C_t[n] * h_t[d, n]
+
+   Why hand-written: no maintained library ships a CPU selective-scan kernel (mamba_ssm's kernels are CUDA
+   only), and in PyTorch ops the scan costs ~25 passes over a [L, B, D, N] state tensor per training step.
+   Here one pass runs the recurrence with the state of W channels x N states in registers/L1: per time step
+   W-wide vector work, nothing written but y (forward) or the gradients (backward).
+
+   Layout: batch-major, contiguous, float32. u, dt, y, gy, du, ddt [B, L, D]; Bm, Cm, dB, dC [B, L, N];
+   AT, dAT [N, D] (A transposed, so a block of W channels is contiguous); h0, h_last [B, D, N] (h0 may be NULL).
+   Work items are (batch row, block of W channels) pairs, item i -> b = i / nblk, block = i % nblk; the caller
+   splits [0, B * nblk) across threads. The backward accumulates dB, dC and dAT (sums over channels or batch)
+   into per-thread buffers the caller adds up, so threads never write the same memory.
+
+   Portable C11 + GCC/Clang vector extensions (vector_size(64) = 16 floats: one AVX-512 register, two AVX2
+   ones); no -ffast-math, the exponential below is explicit. Built on first use by moe_arch/model/cpu_kernels.py;
+   tested against the step-by-step recurrence and the chunked PyTorch scan. */
+
+#include <stdint.h>
+
+#define W 16
+#define MAX_N 64 /* d_state limit of this kernel (the caller falls back above it) */
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+typedef float vf_unaligned __attribute__((vector_size(W * sizeof(float)), aligned(sizeof(float))));
+
+static inline vf splat(float x) {
+    return x - (vf){};  /* scalar op vector broadcasts the scalar (one vbroadcastss); x - 0 keeps -0.0 */
+}
+
+static inline vf load(const float *p, int w) {
+    vf v;
+    if (w == W) {
+        v = *(const vf_unaligned *)p;
+    } else {
+        v = splat(0.0f);
+        for (int k = 0; k < w; k++) v[k] = p[k];
+    }
+    return v;
+}
+
+static inline void store(float *p, vf v, int w) {
+    if (w == W) {
+        *(vf_unaligned *)p = v;
+    } else {
+        for (int k = 0; k < w; k++) p[k] = v[k];
+    }
+}
+
+static inline float hsum(vf v) {
+    float s = 0.0f;
+    for (int k = 0; k < W; k++) s += v[k];
+    return s;
+}
+
+/* m ? a : b lane by lane (m is a comparison result: all ones or all zeros per lane). */
+static inline vf vselect(vi m, vf a, vf b) {
+    return (vf)(((vi)a & m) | ((vi)b & ~m));
+}
+
+/* exp(x) for x <= 88.7: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for exp(r)
+   (relative error ~2e-7, within 2 ulp of expf), times 2^n built in the exponent bits. Inputs below -87.3
+   return exp(-87.3) ~ 1.2e-38: the decay of a state that is already gone. */
+static inline vf vexp(vf x) {
+    const vf lo = splat(-87.3f), hi = splat(88.7f);
+    x = vselect(x < lo, lo, x);
+    x = vselect(x > hi, hi, x);
+    const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding and subtracting rounds to the nearest integer */
+    vf n = (x * splat(1.44269504088896341f) + magic) - magic;
+    vf r = x - n * splat(0.693359375f);
+    r = r - n * splat(-2.12194440e-4f);
+    vf p = splat(1.0f / 720.0f);
+    p = p * r + splat(1.0f / 120.0f);
+    p = p * r + splat(1.0f / 24.0f);
+    p = p * r + splat(1.0f / 6.0f);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)e;
+}
+
+void moe_arch_scan_fwd(const float *u, const float *dt, const float *AT, const float *Bm, const float *Cm,
+                       const float *h0, float *y, float *h_last, int64_t B, int64_t L, int64_t D, int64_t N,
+                       int64_t item0, int64_t item1) {
+    const int64_t nblk = (D + W - 1) / W;
+    (void)B;  /* the item range already bounds the batch */
+    vf hv[MAX_N];
+    for (int64_t item = item0; item < item1; item++) {
+        const int64_t b = item / nblk, d0 = (item % nblk) * W;
+        const int w = (int)(D - d0 < W ? D - d0 : W);
+        for (int64_t n = 0; n < N; n++) {
+            if (h0) {
+                vf v = splat(0.0f);
+                for (int k = 0; k < w; k++) v[k] = h0[(b * D + d0 + k) * N + n];
+                hv[n] = v;
+            } else {
+                hv[n] = splat(0.0f);
+            }
+        }
+        for (int64_t t = 0; t < L; t++) {
+            const int64_t row = (b * L + t) * D + d0;
+            const vf dtv = load(dt + row, w), x = dtv * load(u + row, w);
+            const float *Bt = Bm + (b * L + t) * N, *Ct = Cm + (b * L + t) * N;
+            vf acc = splat(0.0f);
+            for (int64_t n = 0; n < N; n++) {
+                const vf a = vexp(dtv * load(AT + n * D + d0, w));
+                hv[n] = a * hv[n] + x * splat(Bt[n]);
+                acc += hv[n] * splat(Ct[n]);
+            }
+            store(y + row, acc, w);
+        }
+        for (int64_t n = 0; n < N; n++)
+            for (int k = 0; k < w; k++) h_last[(b * D + d0 + k) * N + n] = hv[n][k];
+    }
+}
+
+void moe_arch_scan_bwd(const float *u, const float *dt, const float *AT, const float *Bm, const float *Cm,
+                       const float *h0, const float *gy, float *du, float *ddt, float *dAT, float *dB, float *dC,
+                       int64_t B, int64_t L, int64_t D, int64_t N, int64_t item0, int64_t item1,
+                       float *hs /* [L + 1][N][W] scratch, 64-byte aligned */) {
+    const int64_t nblk = (D + W - 1) / W;
+    (void)B;
+    vf *hsv = (vf *)hs;  /* hsv[(t + 1) * N + n]: state after step t; row 0 is h0 */
+    for (int64_t item = item0; item < item1; item++) {
+        const int64_t b = item / nblk, d0 = (item % nblk) * W;
+        const int w = (int)(D - d0 < W ? D - d0 : W);
+        /* Recompute the states of this block (kept in the scratch: (L+1) * N * W floats). */
+        for (int64_t n = 0; n < N; n++) {
+            vf v = splat(0.0f);
+            if (h0)
+                for (int k = 0; k < w; k++) v[k] = h0[(b * D + d0 + k) * N + n];
+            hsv[n] = v;
+        }
+        for (int64_t t = 0; t < L; t++) {
+            const int64_t row = (b * L + t) * D + d0;
+            const vf dtv = load(dt + row, w), x = dtv * load(u + row, w);
+            const float *Bt = Bm + (b * L + t) * N;
+            const vf *prev = hsv + t * N;
+            vf *cur = hsv + (t + 1) * N;
+            for (int64_t n = 0; n < N; n++)
+                cur[n] = vexp(dtv * load(AT + n * D + d0, w)) * prev[n] + x * splat(Bt[n]);
+        }
+        /* Reverse sweep with the adjoint lam_t = dL/dh_t = C_t gy_t + exp(dt_{t+1} A) lam_{t+1}. */
+        vf lam[MAX_N], dA_acc[MAX_N];
+        for (int64_t n = 0; n < N; n++) {
+            lam[n] = splat(0.0f);
+            dA_acc[n] = splat(0.0f);
+        }
+        for (int64_t t = L - 1; t >= 0; t--) {
+            const int64_t row = (b * L + t) * D + d0;
+            const vf dtv = load(dt + row, w), uv = load(u + row, w), gyv = load(gy + row, w);
+            const vf dtu = dtv * uv;
+            const float *Bt = Bm + (b * L + t) * N, *Ct = Cm + (b * L + t) * N;
+            float *dBt = dB + (b * L + t) * N, *dCt = dC + (b * L + t) * N;
+            const vf *ht = hsv + (t + 1) * N, *hprev = hsv + t * N;
+            vf s1 = splat(0.0f), sq = splat(0.0f);
+            for (int64_t n = 0; n < N; n++) {
+                const vf An = load(AT + n * D + d0, w);
+                const vf a = vexp(dtv * An);
+                const vf l = lam[n] + splat(Ct[n]) * gyv;
+                const vf q = l * a * hprev[n];
+                s1 += l * splat(Bt[n]);
+                sq += q * An;
+                dA_acc[n] += q * dtv;
+                dBt[n] += hsum(l * dtu);
+                dCt[n] += hsum(ht[n] * gyv);
+                lam[n] = l * a;
+            }
+            store(du + row, s1 * dtv, w);
+            store(ddt + row, s1 * uv + sq, w);
+        }
+        for (int64_t n = 0; n < N; n++) {
+            float *p = dAT + n * D + d0;
+            for (int k = 0; k < w; k++) p[k] += dA_acc[n][k];
+        }
+    }
+}
