@@ -92,9 +92,9 @@ def _build() -> ctypes.CDLL:
             last_err = e
             continue
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.moe_arch_scan_fwd.argtypes = [ptr] * 8 + [i64] * 6
+        lib.moe_arch_scan_fwd.argtypes = [ptr] * 10 + [i64] * 6
         lib.moe_arch_scan_fwd.restype = None
-        lib.moe_arch_scan_bwd.argtypes = [ptr] * 12 + [i64] * 6 + [ptr]
+        lib.moe_arch_scan_bwd.argtypes = [ptr] * 16 + [i64] * 6 + [ptr]
         lib.moe_arch_scan_bwd.restype = None
         return lib
     raise RuntimeError(str(last_err))
@@ -153,39 +153,43 @@ def _p(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def scan_forward(u, dt, AT, Bm, Cm, h0):
-    """u, dt [B, L, D]; AT [N, D]; Bm, Cm [B, L, N]; h0 [B, D, N] or None (all contiguous float32 CPU)
-    -> y [B, L, D] (without the D skip term), h_last [B, D, N]."""
+def scan_forward(u, dt, AT, Bm, Cm, Dskip, z, h0):
+    """u, dt [B, L, D]; AT [N, D]; Bm, Cm [B, L, N]; Dskip [D] or None; z [B, L, D] or None; h0 [B, D, N] or None
+    (all contiguous float32 CPU) -> out [B, L, D] = (C.h + Dskip * u) * silu(z), h_last [B, D, N]."""
     lib = load()
     B, L, D = u.shape
     N = AT.shape[0]
-    y = torch.empty_like(u)
+    out = torch.empty_like(u)
     h_last = u.new_empty(B, D, N)
     n_items = B * ((D + LANES - 1) // LANES)
     _run(lib.moe_arch_scan_fwd, n_items, _threads(n_items, L * N * LANES),
-         lambda i0, i1, _: (_p(u), _p(dt), _p(AT), _p(Bm), _p(Cm), _p(h0), _p(y), _p(h_last), B, L, D, N, i0, i1))
-    return y, h_last
+         lambda i0, i1, _: (_p(u), _p(dt), _p(AT), _p(Bm), _p(Cm), _p(Dskip), _p(z), _p(h0), _p(out), _p(h_last),
+                            B, L, D, N, i0, i1))
+    return out, h_last
 
 
-def scan_backward(u, dt, AT, Bm, Cm, h0, gy):
-    """Gradients (du, d_dt, dAT [N, D], dB, dC) of sum(y * gy), the states recomputed block by block."""
+def scan_backward(u, dt, AT, Bm, Cm, Dskip, z, h0, gout):
+    """Gradients (du, d_dt, dAT [N, D], dB, dC, dD or None, dz or None) of sum(out * gout), the states
+    recomputed block by block."""
     lib = load()
     B, L, D = u.shape
     N = AT.shape[0]
     du, ddt = torch.empty_like(u), torch.empty_like(u)
+    dz = torch.empty_like(u) if z is not None else None
     n_items = B * ((D + LANES - 1) // LANES)
     threads = _threads(n_items, 3 * L * N * LANES)
-    # Per-thread accumulators for the sums over channels (dB, dC) and over the batch (dAT), added up below.
+    # Per-thread accumulators for the sums over channels (dB, dC) and over the batch (dAT, dD), added up below.
     dAT = AT.new_zeros(threads, N, D)
+    dD = u.new_zeros(threads, D)
     dB = Bm.new_zeros(threads, B, L, N)
     dC = Cm.new_zeros(threads, B, L, N)
-    scratch = u.new_empty(threads, (L + 1) * N * LANES + LANES)  # + LANES: room to align each row to 64 bytes
+    scratch = u.new_empty(threads, (4 * L + 1) * N * LANES + LANES)  # + LANES: room to align each to 64 bytes
 
     def aligned(i):
         p = scratch[i].data_ptr()
         return p + (-p) % 64
 
     _run(lib.moe_arch_scan_bwd, n_items, threads,
-         lambda i0, i1, k: (_p(u), _p(dt), _p(AT), _p(Bm), _p(Cm), _p(h0), _p(gy), _p(du), _p(ddt), _p(dAT[k]),
-                            _p(dB[k]), _p(dC[k]), B, L, D, N, i0, i1, aligned(k)))
-    return du, ddt, dAT.sum(0), dB.sum(0), dC.sum(0)
+         lambda i0, i1, k: (_p(u), _p(dt), _p(AT), _p(Bm), _p(Cm), _p(Dskip), _p(z), _p(h0), _p(gout), _p(du), _p(ddt),
+                            _p(dAT[k]), _p(dB[k]), _p(dC[k]), _p(dD[k]), _p(dz), B, L, D, N, i0, i1, aligned(k)))
+    return du, ddt, dAT.sum(0), dB.sum(0), dC.sum(0), (dD.sum(0) if Dskip is not None else None), dz

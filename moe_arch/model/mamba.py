@@ -247,31 +247,43 @@ class SelectiveScan(torch.autograd.Function):
 
 class CpuSelectiveScan(torch.autograd.Function):
     """The same function through the compiled CPU kernel (``kernels/selective_scan_cpu.c``): one pass per direction
-    with the state in registers, instead of the chunked scan's ~25 passes over a [L, B, D, N] tensor.
-    Batch-major contiguous float32 inputs; states recomputed in the backward as in :class:`SelectiveScan`."""
+    with the state in registers, instead of the chunked scan's ~25 passes over a [L, B, D, N] tensor; the skip
+    term and the output gate fused in, as in mamba_ssm's ``selective_scan_fn``. Batch-major contiguous float32
+    inputs; states recomputed in the backward as in :class:`SelectiveScan`."""
 
     @staticmethod
-    def forward(ctx, u, dt, A, Bm, Cm, h0):
+    def forward(ctx, u, dt, A, Bm, Cm, Dskip, z, h0):
         AT = A.t().contiguous()
-        y, h_last = cpu_kernels.scan_forward(u, dt, AT, Bm, Cm, h0)
-        ctx.save_for_backward(u, dt, AT, Bm, Cm, h0)
+        out, h_last = cpu_kernels.scan_forward(u, dt, AT, Bm, Cm, Dskip, z, h0)
+        ctx.save_for_backward(u, dt, AT, Bm, Cm, Dskip, z, h0)
         ctx.mark_non_differentiable(h_last)
-        return y, h_last
+        return out, h_last
 
     @staticmethod
-    def backward(ctx, gy, _gh_last):
-        u, dt, AT, Bm, Cm, h0 = ctx.saved_tensors
-        du, ddt, dAT, dB, dC = cpu_kernels.scan_backward(u, dt, AT, Bm, Cm, h0, gy.contiguous())
-        return du, ddt, dAT.t(), dB, dC, None
+    def backward(ctx, gout, _gh_last):
+        u, dt, AT, Bm, Cm, Dskip, z, h0 = ctx.saved_tensors
+        du, ddt, dAT, dB, dC, dD, dz = cpu_kernels.scan_backward(u, dt, AT, Bm, Cm, Dskip, z, h0, gout.contiguous())
+        return du, ddt, dAT.t(), dB, dC, dD, dz, None
 
 
-def selective_scan(u, dt, A, Bm, Cm, h0=None, chunk: int = 0, impl: str = "auto"):
-    """Batch-major: u, dt [B, L, D]; Bm, Cm [B, L, N] -> y [B, L, D], h_last [B, D, N].
+def selective_scan(u, dt, A, Bm, Cm, h0=None, chunk: int = 0, impl: str = "auto", D=None, z=None):
+    """Batch-major: u, dt [B, L, D]; Bm, Cm [B, L, N] -> out [B, L, D], h_last [B, D, N], where
+    out = C.h (+ D * u if ``D`` [D] is given) (* silu(z) if ``z`` [B, L, D] is given).
 
     ``impl="auto"`` runs the CPU kernel for float32 CPU tensors when it is available, else the chunked scan."""
-    if impl == "auto" and cpu_kernels.supports(u, dt, A, Bm, Cm, *(() if h0 is None else (h0,)), d_state=A.shape[1]):
-        return CpuSelectiveScan.apply(u.contiguous(), dt.contiguous(), A, Bm.contiguous(), Cm.contiguous(),
-                                      None if h0 is None else h0.contiguous())
+    extra = tuple(t for t in (h0, D, z) if t is not None)
+    if impl == "auto" and cpu_kernels.supports(u, dt, A, Bm, Cm, *extra, d_state=A.shape[1]):
+        c = (lambda t: None if t is None else t.contiguous())
+        return CpuSelectiveScan.apply(c(u), c(dt), A, c(Bm), c(Cm), c(D), c(z), c(h0))
+    y, h_last = _chunked_selective_scan(u, dt, A, Bm, Cm, h0, chunk)
+    if D is not None:
+        y = y + u * D
+    if z is not None:
+        y = y * F.silu(z)
+    return y, h_last
+
+
+def _chunked_selective_scan(u, dt, A, Bm, Cm, h0, chunk):
     y, h_last = SelectiveScan.apply(u.transpose(0, 1).contiguous(), dt.transpose(0, 1).contiguous(), A,
                                     Bm.transpose(0, 1).contiguous(), Cm.transpose(0, 1).contiguous(), h0, chunk)
     return y.transpose(0, 1), h_last
@@ -344,28 +356,33 @@ class Mamba(nn.Module):
         cache: MambaCache | None = ctx.cache
         xz = self.in_proj(x)
         xi, z = xz.chunk(2, dim=-1)
-        xi_t = xi.transpose(1, 2)  # [B, D, T]
         k = self.d_conv
+        # Causal depthwise convolution in the [B, T, D] layout: k shifted multiply-adds over the input with its
+        # k-1 predecessors in front (zeros, or the cached inputs when generating). The same arithmetic as
+        # conv1d(groups=D) (the parity test holds it to HF's MambaMixer), without the two layout transposes.
         if cache is None:
-            conv_in = xi_t
-            xc = F.conv1d(xi_t, self.conv1d.weight, self.conv1d.bias, padding=k - 1, groups=self.d_inner)[..., :T]
+            conv_in = F.pad(xi, (0, 0, k - 1, 0))
         else:
-            conv_in = torch.cat([cache.conv.to(xi_t.dtype), xi_t], dim=-1)
-            xc = F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
-        xc = F.silu(xc).transpose(1, 2)  # [B, T, D]
+            conv_in = torch.cat([cache.conv.transpose(1, 2).to(xi.dtype), xi], dim=1)
+        w = self.conv1d.weight.squeeze(1).t()  # [k, D]
+        xc = torch.addcmul(self.conv1d.bias, conv_in[:, :T], w[0])
+        for j in range(1, k):
+            xc = torch.addcmul(xc, conv_in[:, j:j + T], w[j])
+        xc = F.silu(xc)  # [B, T, D]
         dt_low, Bm, Cm = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt_low).float())
         if valid is not None:
             dt = dt * valid.unsqueeze(-1)  # padding: dt = 0 leaves the state untouched
         A = -torch.exp(self.A_log.float())
         h0 = cache.ssm if cache is not None else None
-        y, h_last = selective_scan(xc.float(), dt, A, Bm.float(), Cm.float(), h0, self.chunk, self.scan_impl)
-        y = y + xc.float() * self.D.float()
-        y = (y * F.silu(z.float())).to(x.dtype)
+        y, h_last = selective_scan(xc.float(), dt, A, Bm.float(), Cm.float(), h0, self.chunk, self.scan_impl,
+                                   D=self.D.float(), z=z.float())
+        y = y.to(x.dtype)
         if cache is not None:
             cache.ssm = h_last
             # Keep the last d_conv-1 *valid* conv inputs of each sequence (padding sits at the end).
             n_valid = torch.full((B,), T, device=x.device) if valid is None else valid.sum(1)
             idx = n_valid[:, None] + torch.arange(k - 1, device=x.device)[None, :]  # in conv_in coordinates
-            cache.conv = conv_in.gather(2, idx[:, None, :].expand(-1, self.d_inner, -1)).to(cache.conv.dtype)
+            last = conv_in.gather(1, idx[:, :, None].expand(-1, -1, self.d_inner))  # [B, k-1, D]
+            cache.conv = last.transpose(1, 2).to(cache.conv.dtype)
         return self.out_proj(y)

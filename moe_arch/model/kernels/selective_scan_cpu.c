@@ -8,11 +8,15 @@
    Here one pass runs the recurrence with the state of W channels x N states in registers/L1: per time step
    W-wide vector work, nothing written but y (forward) or the gradients (backward).
 
-   Layout: batch-major, contiguous, float32. u, dt, y, gy, du, ddt [B, L, D]; Bm, Cm, dB, dC [B, L, N];
+   Optionally fused as in mamba_ssm's selective_scan_fn: the skip term D * u and the output gate silu(z),
+   out_t = (y_t + D u_t) * silu(z_t), which saves ~10 element-wise passes over [B, L, D] per layer and step.
+
+   Layout: batch-major, contiguous, float32. u, dt, z, out, gout, du, ddt, dz [B, L, D]; Dskip, dD [D] (Dskip and z
+   may be NULL); Bm, Cm, dB, dC [B, L, N];
    AT, dAT [N, D] (A transposed, so a block of W channels is contiguous); h0, h_last [B, D, N] (h0 may be NULL).
    Work items are (batch row, block of W channels) pairs, item i -> b = i / nblk, block = i % nblk; the caller
    splits [0, B * nblk) across threads. The backward accumulates dB, dC and dAT (sums over channels or batch)
-   into per-thread buffers the caller adds up, so threads never write the same memory.
+   (and dD) into per-thread buffers the caller adds up, so threads never write the same memory.
 
    Portable C11 + GCC/Clang vector extensions (vector_size(64) = 16 floats: one AVX-512 register, two AVX2
    ones); no -ffast-math, the exponential below is explicit. Built on first use by moe_arch/model/cpu_kernels.py;
@@ -82,9 +86,14 @@ static inline vf vexp(vf x) {
     return p * (vf)e;
 }
 
+/* silu(z) = z * sigmoid(z); its derivative is sigmoid(z) * (1 + z * (1 - sigmoid(z))). */
+static inline vf vsigmoid(vf z) {
+    return splat(1.0f) / (splat(1.0f) + vexp(-z));
+}
+
 void moe_arch_scan_fwd(const float *u, const float *dt, const float *AT, const float *Bm, const float *Cm,
-                       const float *h0, float *y, float *h_last, int64_t B, int64_t L, int64_t D, int64_t N,
-                       int64_t item0, int64_t item1) {
+                       const float *Dskip, const float *z, const float *h0, float *y, float *h_last, int64_t B,
+                       int64_t L, int64_t D, int64_t N, int64_t item0, int64_t item1) {
     const int64_t nblk = (D + W - 1) / W;
     (void)B;  /* the item range already bounds the batch */
     vf hv[MAX_N];
@@ -100,15 +109,20 @@ void moe_arch_scan_fwd(const float *u, const float *dt, const float *AT, const f
                 hv[n] = splat(0.0f);
             }
         }
+        const vf Dv = Dskip ? load(Dskip + d0, w) : splat(0.0f);
         for (int64_t t = 0; t < L; t++) {
             const int64_t row = (b * L + t) * D + d0;
-            const vf dtv = load(dt + row, w), x = dtv * load(u + row, w);
+            const vf uv = load(u + row, w), dtv = load(dt + row, w), x = dtv * uv;
             const float *Bt = Bm + (b * L + t) * N, *Ct = Cm + (b * L + t) * N;
-            vf acc = splat(0.0f);
+            vf acc = Dv * uv;
             for (int64_t n = 0; n < N; n++) {
                 const vf a = vexp(dtv * load(AT + n * D + d0, w));
                 hv[n] = a * hv[n] + x * splat(Bt[n]);
                 acc += hv[n] * splat(Ct[n]);
+            }
+            if (z) {
+                const vf zv = load(z + row, w);
+                acc = acc * zv * vsigmoid(zv);
             }
             store(y + row, acc, w);
         }
@@ -118,16 +132,34 @@ void moe_arch_scan_fwd(const float *u, const float *dt, const float *AT, const f
 }
 
 void moe_arch_scan_bwd(const float *u, const float *dt, const float *AT, const float *Bm, const float *Cm,
-                       const float *h0, const float *gy, float *du, float *ddt, float *dAT, float *dB, float *dC,
-                       int64_t B, int64_t L, int64_t D, int64_t N, int64_t item0, int64_t item1,
-                       float *hs /* [L + 1][N][W] scratch, 64-byte aligned */) {
+                       const float *Dskip, const float *z, const float *h0, const float *gout, float *du, float *ddt,
+                       float *dAT, float *dB, float *dC, float *dD, float *dz, int64_t B, int64_t L, int64_t D,
+                       int64_t N, int64_t item0, int64_t item1,
+                       float *scratch /* (4 L + 1) N W floats, 64-byte aligned */) {
     const int64_t nblk = (D + W - 1) / W;
     (void)B;
-    vf *hsv = (vf *)hs;  /* hsv[(t + 1) * N + n]: state after step t; row 0 is h0 */
-    for (int64_t item = item0; item < item1; item++) {
-        const int64_t b = item / nblk, d0 = (item % nblk) * W;
+    vf *hsv = (vf *)scratch;        /* hsv[(t + 1) * N + n]: state after step t; row 0 is h0 */
+    vf *decay = hsv + (L + 1) * N;  /* decay[t * N + n] = exp(dt_t * A[:, n]), kept from the recomputation */
+    vf *gB = decay + L * N;         /* lane partial sums of dB and dC for the current batch row: reduced across */
+    vf *gC = gB + L * N;            /* lanes once per row, not once per block of channels */
+    int64_t row_b = -1;
+    for (int64_t item = item0; item <= item1; item++) {
+        const int64_t b = item < item1 ? item / nblk : -1;
+        if (b != row_b && row_b >= 0) { /* flush the finished batch row */
+            for (int64_t i = 0; i < L * N; i++) {
+                dB[row_b * L * N + i] += hsum(gB[i]);
+                dC[row_b * L * N + i] += hsum(gC[i]);
+            }
+        }
+        if (item == item1)
+            break;
+        if (b != row_b) {
+            for (int64_t i = 0; i < L * N; i++) gB[i] = gC[i] = splat(0.0f);
+            row_b = b;
+        }
+        const int64_t d0 = (item % nblk) * W;
         const int w = (int)(D - d0 < W ? D - d0 : W);
-        /* Recompute the states of this block (kept in the scratch: (L+1) * N * W floats). */
+        /* Recompute the states and decays of this block. */
         for (int64_t n = 0; n < N; n++) {
             vf v = splat(0.0f);
             if (h0)
@@ -139,9 +171,11 @@ void moe_arch_scan_bwd(const float *u, const float *dt, const float *AT, const f
             const vf dtv = load(dt + row, w), x = dtv * load(u + row, w);
             const float *Bt = Bm + (b * L + t) * N;
             const vf *prev = hsv + t * N;
-            vf *cur = hsv + (t + 1) * N;
-            for (int64_t n = 0; n < N; n++)
-                cur[n] = vexp(dtv * load(AT + n * D + d0, w)) * prev[n] + x * splat(Bt[n]);
+            vf *cur = hsv + (t + 1) * N, *at = decay + t * N;
+            for (int64_t n = 0; n < N; n++) {
+                at[n] = vexp(dtv * load(AT + n * D + d0, w));
+                cur[n] = at[n] * prev[n] + x * splat(Bt[n]);
+            }
         }
         /* Reverse sweep with the adjoint lam_t = dL/dh_t = C_t gy_t + exp(dt_{t+1} A) lam_{t+1}. */
         vf lam[MAX_N], dA_acc[MAX_N];
@@ -149,32 +183,42 @@ void moe_arch_scan_bwd(const float *u, const float *dt, const float *AT, const f
             lam[n] = splat(0.0f);
             dA_acc[n] = splat(0.0f);
         }
+        const vf Dv = Dskip ? load(Dskip + d0, w) : splat(0.0f);
+        vf dD_acc = splat(0.0f);
         for (int64_t t = L - 1; t >= 0; t--) {
             const int64_t row = (b * L + t) * D + d0;
-            const vf dtv = load(dt + row, w), uv = load(u + row, w), gyv = load(gy + row, w);
+            const vf dtv = load(dt + row, w), uv = load(u + row, w);
             const vf dtu = dtv * uv;
             const float *Bt = Bm + (b * L + t) * N, *Ct = Cm + (b * L + t) * N;
-            float *dBt = dB + (b * L + t) * N, *dCt = dC + (b * L + t) * N;
-            const vf *ht = hsv + (t + 1) * N, *hprev = hsv + t * N;
+            const vf *ht = hsv + (t + 1) * N, *hprev = hsv + t * N, *at = decay + t * N;
+            vf gyv = load(gout + row, w);  /* becomes dL/dy, y = C.h + D u, before the gate */
+            if (z) {
+                vf yv = Dv * uv;
+                for (int64_t n = 0; n < N; n++) yv += ht[n] * splat(Ct[n]);
+                const vf zv = load(z + row, w), sg = vsigmoid(zv);
+                store(dz + row, gyv * yv * sg * (splat(1.0f) + zv * (splat(1.0f) - sg)), w);
+                gyv = gyv * zv * sg;
+            }
+            dD_acc += gyv * uv;
+            vf *gBt = gB + t * N, *gCt = gC + t * N;
             vf s1 = splat(0.0f), sq = splat(0.0f);
             for (int64_t n = 0; n < N; n++) {
-                const vf An = load(AT + n * D + d0, w);
-                const vf a = vexp(dtv * An);
                 const vf l = lam[n] + splat(Ct[n]) * gyv;
-                const vf q = l * a * hprev[n];
+                const vf q = l * at[n] * hprev[n];
                 s1 += l * splat(Bt[n]);
-                sq += q * An;
+                sq += q * load(AT + n * D + d0, w);
                 dA_acc[n] += q * dtv;
-                dBt[n] += hsum(l * dtu);
-                dCt[n] += hsum(ht[n] * gyv);
-                lam[n] = l * a;
+                gBt[n] += l * dtu;
+                gCt[n] += ht[n] * gyv;
+                lam[n] = l * at[n];
             }
-            store(du + row, s1 * dtv, w);
+            store(du + row, s1 * dtv + gyv * Dv, w);
             store(ddt + row, s1 * uv + sq, w);
         }
         for (int64_t n = 0; n < N; n++) {
             float *p = dAT + n * D + d0;
             for (int k = 0; k < w; k++) p[k] += dA_acc[n][k];
         }
+        for (int k = 0; k < w; k++) dD[d0 + k] += dD_acc[k];
     }
 }
