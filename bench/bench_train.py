@@ -3,7 +3,8 @@
     python bench/bench_train.py [--preset tiny] [--steps 20] [--batch 16] [--seq 128]
 
 MFU = model training FLOPs per token (matmuls: 6 x active matmul parameters, plus attention scores and the
-Mamba scan; MoD blocks at their selected fraction) x tokens/s / peak FLOP/s of an fp32 2048^3 matmul.
+Mamba scan; MoD blocks at their selected fraction) x tokens/s / peak FLOP/s of a 2048^3 matmul (fp32 on a CPU,
+bf16 on a GPU, where the trainer's default precision is bf16-mixed).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def main():
         tokens_per_step = trainer.tokens_seen - tokens0
         step_s = statistics.median(times)  # the machine is shared: the median step is the stable number
         tok_s = tokens_per_step / step_s
-    peak = measure_matmul_peak(torch.device("cpu"), torch.float32, seconds=1.0)
+        device = trainer.device
+    # The denominator: fp32 matmul peak on a CPU, bf16 on a GPU (the precision each trains in by default).
+    peak = measure_matmul_peak(device, torch.float32 if device.type == "cpu" else torch.bfloat16, seconds=1.0)
     fpt = flops_per_token(cfg.model, cfg.train.seq_len)
     print(f"# batch {cfg.train.batch_size} x seq {cfg.train.seq_len}, {args.steps} steps, compile={args.compile}, "
           f"monitor={args.monitor}")
@@ -64,7 +67,8 @@ def main():
     print(f"model FLOPs/token    {fpt['train_flops_per_token'] / 1e6:10.2f} MFLOP (MoD-selected fraction "
           f"{fpt['mod_selected_fraction']:.3f})")
     print(f"achieved             {fpt['train_flops_per_token'] * tok_s / 1e9:10.1f} GFLOP/s")
-    print(f"fp32 matmul peak     {peak / 1e9:10.1f} GFLOP/s (2048^3, measured in this run)")
+    kind = "fp32" if device.type == "cpu" else "bf16"
+    print(f"{kind} matmul peak     {peak / 1e9:10.1f} GFLOP/s (2048^3 on {device.type}, measured in this run)")
     print(f"MFU                  {fpt['train_flops_per_token'] * tok_s / peak:10.1%}")
 
 

@@ -39,6 +39,7 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
 def _cpu_flags() -> str:
@@ -136,13 +137,14 @@ def _threads(n_items: int, work_per_item: int) -> int:
 
 def _run(fn, n_items: int, threads: int, args_for_range) -> None:
     """Call fn over [0, n_items) split into ``threads`` contiguous ranges, each on its own thread."""
-    global _pool
+    global _pool, _pool_size
     if threads == 1:
         fn(*args_for_range(0, n_items, 0))
         return
     with _lock:
-        if _pool is None or _pool._max_workers < threads:
+        if _pool_size < threads:
             _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moe_arch_scan")
+            _pool_size = threads
     bounds = [round(i * n_items / threads) for i in range(threads + 1)]
     futures = [_pool.submit(fn, *args_for_range(bounds[i], bounds[i + 1], i)) for i in range(threads)]
     for f in futures:
