@@ -84,7 +84,7 @@ def tune_cpu_malloc(cache_bytes: int = 1 << 30) -> bool:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         cap = min(cache_bytes, 2**31 - 1)  # mallopt takes an int
         ok = (libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(cap)) == 1
-              and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 * cap if 2 * cap < 2**31 else 2**31 - 1)) == 1
+              and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(min(2 * cap, 2**31 - 1))) == 1
               and libc.mallopt(_M_TOP_PAD, ctypes.c_int(min(cap // 4, 256 << 20))) == 1)
     except (OSError, AttributeError):
         return False
