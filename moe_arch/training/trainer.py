@@ -430,6 +430,7 @@ class Trainer:
         fpt = flops_per_token(cfg.model, t.seq_len, self.raw_model)["train_flops_per_token"]
         peak = t.peak_flops or measure_matmul_peak(self.device, torch.float32 if self.device.type == "cpu" else None)
         peak *= self.dist.world
+        peak_rechecked = False
         unigram = unigram_cross_entropy(self.data.train, self.data.val, cfg.model.vocab_size)
         self._log(f"model: {human(counts['total'])} parameters ({human(counts['active'])} active), "
                   f"{counts['n_norms']} RMSNorm weights | precision {self.policy.name} on {self.device} "
@@ -470,6 +471,14 @@ class Trainer:
                 if self.monitor is not None:
                     self.monitor.after_step(self.step, stats)
                 if self.step % t.log_every == 0 or self.step == t.steps:
+                    if not t.peak_flops and not peak_rechecked:
+                        # Contention only ever lowers a measured peak (at start-up, tokenizer or loader threads
+                        # may still hold a core): measure once more after the first steps and keep the larger.
+                        measured_at = time.time()
+                        peak = max(peak, self.dist.world * measure_matmul_peak(
+                            self.device, torch.float32 if self.device.type == "cpu" else None))
+                        interval["t0"] += time.time() - measured_at  # not training time
+                        peak_rechecked = True
                     self._log_interval(logger, interval, stats, fpt, peak)
                 paused = time.time()  # evaluation and checkpoints are not training throughput
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
