@@ -7,8 +7,8 @@ flags and the CPU's feature flags, and written atomically (temp file + rename), 
 ranks, test workers) are safe.
 
 No silent fallback to a different model: when no C compiler is found or the build fails, one warning names the
-reason and the Mamba layers run the chunked PyTorch scan (``mamba.py``), the same function, ~8x slower on the tiny
-preset. ``MOE_ARCH_NO_KERNELS=1`` chooses that path on purpose.
+reason and the Mamba layers run the chunked PyTorch scan (``mamba.py``), the same function, 3.5-6x slower per
+Mamba layer (bench/RESULTS.md). ``MOE_ARCH_NO_KERNELS=1`` chooses that path on purpose.
 
 Threads: ctypes releases the GIL while a foreign function runs, so the work items (batch row x block of 16 channels)
 are split over a small thread pool, ``torch.get_num_threads()`` wide.
@@ -22,13 +22,14 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from moe_arch.utils import atomic_path
 
 SOURCE = Path(__file__).with_name("kernels") / "selective_scan_cpu.c"
 LANES = 16  # W in the C source: channels per work item
@@ -60,17 +61,10 @@ def cache_dir() -> Path:
 
 
 def _compile(cc: str, flags: list[str], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+    with atomic_path(out) as tmp:
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} exited with {proc.returncode}: {proc.stderr.strip()[-500:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _build() -> ctypes.CDLL:
