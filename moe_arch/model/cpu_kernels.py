@@ -10,8 +10,12 @@ No silent fallback to a different model: when no C compiler is found or the buil
 reason and the Mamba layers run the chunked PyTorch scan (``mamba.py``), the same function, 3.5-6x slower per
 Mamba layer (bench/RESULTS.md). ``MOE_ARCH_NO_KERNELS=1`` chooses that path on purpose.
 
-Threads: ctypes releases the GIL while a foreign function runs, so the work items (batch row x block of 16 channels)
-are split over a small thread pool, ``torch.get_num_threads()`` wide.
+Threads: when PyTorch's parallel backend is GNU OpenMP (the Linux wheels), the library is built with ``-fopenmp``
+and binds to the ``libgomp.so.1`` PyTorch already loaded, so the work items (batch row x block of 16 channels) run
+on PyTorch's own intra-op threads; this is checked after loading (one OpenMP runtime mapped, else the build without
+OpenMP is used). Otherwise ctypes releases the GIL while a foreign function runs and the items are split over a
+small thread pool, ``torch.get_num_threads()`` wide. The pool is the slower choice next to OpenMP: PyTorch's workers
+spin for a while after each parallel op and take cores from the pool's threads (1.8x on the backward, 2 cores).
 """
 
 from __future__ import annotations
@@ -67,6 +71,22 @@ def _compile(cc: str, flags: list[str], out: Path) -> None:
             raise RuntimeError(f"{cc} exited with {proc.returncode}: {proc.stderr.strip()[-500:]}")
 
 
+def _openmp_runtimes() -> set[str]:
+    """Paths of the OpenMP runtimes mapped into this process (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return {line.split()[-1] for line in f if any(k in line for k in ("libgomp", "libiomp", "libomp"))}
+    except OSError:
+        return set()
+
+
+def _torch_uses_gomp() -> bool:
+    """PyTorch runs its intra-op parallelism on GNU OpenMP, and that runtime is the only one loaded."""
+    runtimes = _openmp_runtimes()
+    return ("parallel backend: OpenMP" in torch.__config__.parallel_info() and len(runtimes) == 1
+            and "libgomp" in next(iter(runtimes)))
+
+
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
@@ -74,8 +94,11 @@ def _build() -> ctypes.CDLL:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n", 1)[0]
     source = SOURCE.read_bytes()
     last_err = None
-    for arch in (["-march=native"], []):  # -march=native is missing on some compilers/architectures
-        flags = FLAGS + arch
+    before = _openmp_runtimes()
+    omp = [["-fopenmp"], []] if _torch_uses_gomp() else [[]]
+    # -march=native is missing on some compilers/architectures
+    for arch, openmp in [(a, o) for o in omp for a in (["-march=native"], [])]:
+        flags = FLAGS + arch + openmp
         key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
                                          platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
         path = cache_dir() / f"selective_scan_cpu-{key}.so"
@@ -86,11 +109,21 @@ def _build() -> ctypes.CDLL:
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             last_err = e
             continue
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        if openmp and _openmp_runtimes() != before:
+            # the compiler linked an OpenMP runtime other than PyTorch's: two thread pools would fight for cores
+            last_err = RuntimeError(f"{cc} -fopenmp loaded a second OpenMP runtime")
+            continue
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         lib.moe_arch_scan_fwd.argtypes = [ptr] * 10 + [i64] * 6
         lib.moe_arch_scan_fwd.restype = None
         lib.moe_arch_scan_bwd.argtypes = [ptr] * 16 + [i64] * 6 + [ptr]
         lib.moe_arch_scan_bwd.restype = None
+        lib.moe_arch_openmp.restype = c_int
+        if lib.moe_arch_openmp():
+            lib.moe_arch_scan_fwd_par.argtypes = [ptr] * 10 + [i64] * 5 + [c_int]
+            lib.moe_arch_scan_fwd_par.restype = None
+            lib.moe_arch_scan_bwd_par.argtypes = [ptr] * 16 + [i64] * 5 + [c_int, ptr, i64]
+            lib.moe_arch_scan_bwd_par.restype = None
         return lib
     raise RuntimeError(str(last_err))
 
@@ -158,9 +191,12 @@ def scan_forward(u, dt, AT, Bm, Cm, Dskip, z, h0):
     out = torch.empty_like(u)
     h_last = u.new_empty(B, D, N)
     n_items = B * ((D + LANES - 1) // LANES)
-    _run(lib.moe_arch_scan_fwd, n_items, _threads(n_items, L * N * LANES),
-         lambda i0, i1, _: (_p(u), _p(dt), _p(AT), _p(Bm), _p(Cm), _p(Dskip), _p(z), _p(h0), _p(out), _p(h_last),
-                            B, L, D, N, i0, i1))
+    threads = _threads(n_items, L * N * LANES)
+    args = (_p(u), _p(dt), _p(AT), _p(Bm), _p(Cm), _p(Dskip), _p(z), _p(h0), _p(out), _p(h_last), B, L, D, N)
+    if lib.moe_arch_openmp():
+        lib.moe_arch_scan_fwd_par(*args, n_items, threads)
+    else:
+        _run(lib.moe_arch_scan_fwd, n_items, threads, lambda i0, i1, _: (*args, i0, i1))
     return out, h_last
 
 
@@ -179,13 +215,15 @@ def scan_backward(u, dt, AT, Bm, Cm, Dskip, z, h0, gout):
     dD = u.new_zeros(threads, D)
     dB = Bm.new_zeros(threads, B, L, N)
     dC = Cm.new_zeros(threads, B, L, N)
-    scratch = u.new_empty(threads, (4 * L + 1) * N * LANES + LANES)  # + LANES: room to align each to 64 bytes
-
-    def aligned(i):
-        p = scratch[i].data_ptr()
-        return p + (-p) % 64
-
-    _run(lib.moe_arch_scan_bwd, n_items, threads,
-         lambda i0, i1, k: (_p(u), _p(dt), _p(AT), _p(Bm), _p(Cm), _p(Dskip), _p(z), _p(h0), _p(gout), _p(du), _p(ddt),
-                            _p(dAT[k]), _p(dB[k]), _p(dC[k]), _p(dD[k]), _p(dz), B, L, D, N, i0, i1, aligned(k)))
+    per_thread = (4 * L + 1) * N * LANES  # floats; a multiple of 16, so every thread's part stays 64-byte aligned
+    scratch = u.new_empty(threads * per_thread + LANES)  # + LANES: room to align the start to 64 bytes
+    base = scratch.data_ptr() + (-scratch.data_ptr()) % 64
+    inputs = (_p(u), _p(dt), _p(AT), _p(Bm), _p(Cm), _p(Dskip), _p(z), _p(h0), _p(gout), _p(du), _p(ddt))
+    if lib.moe_arch_openmp():
+        lib.moe_arch_scan_bwd_par(*inputs, _p(dAT), _p(dB), _p(dC), _p(dD), _p(dz), B, L, D, N, n_items, threads,
+                                  base, per_thread)
+    else:
+        _run(lib.moe_arch_scan_bwd, n_items, threads,
+             lambda i0, i1, k: (*inputs, _p(dAT[k]), _p(dB[k]), _p(dC[k]), _p(dD[k]), _p(dz), B, L, D, N, i0, i1,
+                                base + 4 * k * per_thread))
     return du, ddt, dAT.sum(0), dB.sum(0), dC.sum(0), (dD.sum(0) if Dskip is not None else None), dz

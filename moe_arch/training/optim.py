@@ -189,7 +189,12 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, plans: list[ParamPlan] 
         no_decay = [(pl.name, pl.param) for pl in by_opt["adamw"] if pl.weight_decay == 0]
         groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        opts["adamw"] = AdamW(groups, lr=cfg.adamw_lr, betas=tuple(cfg.adamw_betas), eps=cfg.adamw_eps)
+        # PyTorch's fused kernel: one pass per tensor instead of ~10 ops (10 -> 0.9 ms for the tiny preset's AdamW
+        # tensors on 2 CPU cores). Same update rule; DTensor (FSDP2) parameters keep the default implementation.
+        plain = all(type(pl.param) in (torch.Tensor, nn.Parameter) and pl.param.device.type in ("cpu", "cuda")
+                    for pl in by_opt["adamw"])
+        opts["adamw"] = AdamW(groups, lr=cfg.adamw_lr, betas=tuple(cfg.adamw_betas), eps=cfg.adamw_eps,
+                              fused=True if plain else None)
     return opts
 
 

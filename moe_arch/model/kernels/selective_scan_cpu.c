@@ -222,3 +222,42 @@ void moe_arch_scan_bwd(const float *u, const float *dt, const float *AT, const f
         for (int k = 0; k < w; k++) dD[d0 + k] += dD_acc[k];
     }
 }
+
+/* Thread drivers. Built with -fopenmp only when PyTorch's own parallel backend is GNU OpenMP: the library then
+   binds to the libgomp.so.1 that PyTorch already loaded (the dynamic linker matches the soname), so these
+   parallel regions run on PyTorch's intra-op worker threads. Threads of our own would compete with those
+   workers, which spin for a while after every PyTorch parallel op: on 2 cores that made the backward ~1.8x
+   slower. Without OpenMP the caller splits the items over a thread pool and calls the functions above. */
+#ifdef _OPENMP
+#include <omp.h>
+
+int moe_arch_openmp(void) { return 1; }
+
+void moe_arch_scan_fwd_par(const float *u, const float *dt, const float *AT, const float *Bm, const float *Cm,
+                           const float *Dskip, const float *z, const float *h0, float *y, float *h_last, int64_t B,
+                           int64_t L, int64_t D, int64_t N, int64_t n_items, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int64_t k = omp_get_thread_num(), n = omp_get_num_threads();
+        moe_arch_scan_fwd(u, dt, AT, Bm, Cm, Dskip, z, h0, y, h_last, B, L, D, N, n_items * k / n,
+                          n_items * (k + 1) / n);
+    }
+}
+
+/* dAT, dB, dC, dD and scratch hold nthreads consecutive per-thread buffers of the sizes given by the strides. */
+void moe_arch_scan_bwd_par(const float *u, const float *dt, const float *AT, const float *Bm, const float *Cm,
+                           const float *Dskip, const float *z, const float *h0, const float *gout, float *du,
+                           float *ddt, float *dAT, float *dB, float *dC, float *dD, float *dz, int64_t B, int64_t L,
+                           int64_t D, int64_t N, int64_t n_items, int nthreads, float *scratch,
+                           int64_t scratch_stride) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int64_t k = omp_get_thread_num(), n = omp_get_num_threads();
+        moe_arch_scan_bwd(u, dt, AT, Bm, Cm, Dskip, z, h0, gout, du, ddt, dAT + k * N * D, dB + k * B * L * N,
+                          dC + k * B * L * N, dD + k * D, dz, B, L, D, N, n_items * k / n, n_items * (k + 1) / n,
+                          scratch + k * scratch_stride);
+    }
+}
+#else
+int moe_arch_openmp(void) { return 0; }
+#endif
