@@ -163,18 +163,37 @@ def test_info_cli_bad_config_is_one_line_exit_2():
     assert out.stderr.strip().count("\n") == 0 and "model.top_k=9" in out.stderr
 
 
-@pytest.mark.parametrize("N, chunk", [(7, 3), (300, 256), (64, 64)])
-def test_fused_linear_cross_entropy_equals_the_unfused_loss(N, chunk):
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch-ops"])
+@pytest.mark.parametrize("N, V, chunk, scale", [(7, 50, 3, 1.0), (300, 64, 256, 1.0), (64, 1000, 64, 30.0)])
+def test_fused_linear_cross_entropy_equals_the_unfused_loss(N, V, chunk, scale, kernel, monkeypatch):
+    """Both softmax paths of the fused head (the compiled row kernel and the chunked PyTorch ops) against
+    F.cross_entropy: loss and both gradients; vocabularies that are and are not multiples of the kernel's 16 lanes,
+    and logits spread wide enough (scale 30) that most softmax terms underflow."""
+    from moe_arch.model import cpu_kernels
     from moe_arch.model.losses import linear_cross_entropy
 
+    if kernel and not cpu_kernels.available():
+        pytest.skip("no C compiler: the kernel path cannot be built here")
+    if not kernel:
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     g = torch.Generator().manual_seed(N)
-    h = torch.randn(N, 16, generator=g, requires_grad=True)
-    w = torch.randn(50, 16, generator=g, requires_grad=True)
-    y = torch.randint(0, 50, (N,), generator=g)
-    ref = torch.nn.functional.cross_entropy(h @ w.t(), y)
+    h = (torch.randn(N, 16, generator=g) * scale).requires_grad_()
+    w = torch.randn(V, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, V, (N,), generator=g, dtype=torch.int32 if kernel else torch.int64)
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), y.long())
     got = linear_cross_entropy(h, w, y, chunk)
     torch.testing.assert_close(got, ref)
     gr = torch.autograd.grad(ref * 3, (h, w))
     gg = torch.autograd.grad(got * 3, (h, w))
     for a, b in zip(gg, gr):
         torch.testing.assert_close(a, b)
+
+
+def test_fused_linear_cross_entropy_rejects_out_of_range_targets():
+    from moe_arch.model.losses import linear_cross_entropy
+
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    for bad in (10, -1):
+        y = torch.tensor([1, 2, bad, 3])
+        with pytest.raises((IndexError, RuntimeError), match=str(bad) if bad > 0 else "out of"):
+            linear_cross_entropy(h, w, y)

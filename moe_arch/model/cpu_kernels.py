@@ -1,14 +1,16 @@
-"""The CPU selective-scan kernel (``kernels/selective_scan_cpu.c``): built on first use, loaded with ctypes.
+"""The CPU kernels (``kernels/*.c``: the selective scan, the head's cross-entropy rows), built on first use into
+one shared library and loaded with ctypes.
 
-Why built here and not at install time: the kernel is plain C with no Python or PyTorch headers, compiled with
+Why built here and not at install time: the kernels are plain C with no Python or PyTorch headers, compiled with
 ``-march=native`` for the machine that runs it, and a wheel cannot know that machine. The shared library is cached
 under ``$MOE_ARCH_KERNEL_CACHE`` (default ``~/.cache/moe_arch/kernels``), keyed by the source, the compiler, its
 flags and the CPU's feature flags, and written atomically (temp file + rename), so concurrent processes (torchrun
 ranks, test workers) are safe.
 
 No silent fallback to a different model: when no C compiler is found or the build fails, one warning names the
-reason and the Mamba layers run the chunked PyTorch scan (``mamba.py``), the same function, 3.5-6x slower per
-Mamba layer (bench/RESULTS.md). ``MOE_ARCH_NO_KERNELS=1`` chooses that path on purpose.
+reason, the Mamba layers run the chunked PyTorch scan (``mamba.py``), the same function, 3.5-6x slower per Mamba
+layer, and the fused head does its softmax in PyTorch ops (``losses.py``) (bench/RESULTS.md).
+``MOE_ARCH_NO_KERNELS=1`` chooses those paths on purpose.
 
 Threads: when PyTorch's parallel backend is GNU OpenMP (the Linux wheels), the library is built with ``-fopenmp``
 and binds to the ``libgomp.so.1`` PyTorch already loaded, so the work items (batch row x block of 16 channels) run
@@ -35,10 +37,12 @@ import torch
 
 from moe_arch.utils import atomic_path
 
-SOURCE = Path(__file__).with_name("kernels") / "selective_scan_cpu.c"
+KERNEL_DIR = Path(__file__).with_name("kernels")
+SOURCES = [KERNEL_DIR / "selective_scan_cpu.c", KERNEL_DIR / "cross_entropy_cpu.c", KERNEL_DIR / "fused_cpu.c"]
+HEADERS = [KERNEL_DIR / "simd.h"]
 LANES = 16  # W in the C source: channels per work item
 MAX_STATE = 64  # MAX_N in the C source
-FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-Wno-psabi"]
+FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-Wno-psabi", f"-I{KERNEL_DIR}"]
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -66,7 +70,8 @@ def cache_dir() -> Path:
 
 def _compile(cc: str, flags: list[str], out: Path) -> None:
     with atomic_path(out) as tmp:
-        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True, text=True,
+                              timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} exited with {proc.returncode}: {proc.stderr.strip()[-500:]}")
 
@@ -87,12 +92,18 @@ def _torch_uses_gomp() -> bool:
             and "libgomp" in next(iter(runtimes)))
 
 
+def _sig(lib: ctypes.CDLL, name: str, argtypes: list) -> None:
+    fn = getattr(lib, name)
+    fn.argtypes = argtypes
+    fn.restype = None
+
+
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise RuntimeError("no C compiler found (set CC or install gcc/clang)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split("\n", 1)[0]
-    source = SOURCE.read_bytes()
+    source = b"\0".join(p.read_bytes() for p in SOURCES + HEADERS)
     last_err = None
     before = _openmp_runtimes()
     omp = [["-fopenmp"], []] if _torch_uses_gomp() else [[]]
@@ -101,7 +112,7 @@ def _build() -> ctypes.CDLL:
         flags = FLAGS + arch + openmp
         key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
                                          platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
-        path = cache_dir() / f"selective_scan_cpu-{key}.so"
+        path = cache_dir() / f"moe_arch_cpu-{key}.so"
         try:
             if not path.exists():
                 _compile(cc, flags, path)
@@ -118,8 +129,25 @@ def _build() -> ctypes.CDLL:
         lib.moe_arch_scan_fwd.restype = None
         lib.moe_arch_scan_bwd.argtypes = [ptr] * 16 + [i64] * 6 + [ptr]
         lib.moe_arch_scan_bwd.restype = None
+        lib.moe_arch_xent_rows.argtypes = [ptr] * 3 + [i64] * 3
+        lib.moe_arch_xent_rows.restype = None
+        f32 = ctypes.c_float
+        _sig(lib, "moe_arch_rmsnorm_fwd", [ptr] * 4 + [i64, f32, i64, i64])
+        _sig(lib, "moe_arch_rmsnorm_bwd", [ptr] * 6 + [i64] * 3)
+        _sig(lib, "moe_arch_swiglu_fwd", [ptr] * 3 + [i64] * 2)
+        _sig(lib, "moe_arch_swiglu_bwd", [ptr] * 5 + [i64] * 2)
+        _sig(lib, "moe_arch_conv_silu_fwd", [ptr, i64, ptr, ptr, ptr] + [i64] * 5)
+        _sig(lib, "moe_arch_conv_silu_bwd", [ptr, i64] + [ptr] * 5 + [i64] + [ptr] * 2 + [i64] * 5 + [c_int])
         lib.moe_arch_openmp.restype = c_int
         if lib.moe_arch_openmp():
+            _sig(lib, "moe_arch_rmsnorm_fwd_par", [ptr] * 4 + [i64, f32, i64, c_int])
+            _sig(lib, "moe_arch_rmsnorm_bwd_par", [ptr] * 6 + [i64, i64, c_int])
+            _sig(lib, "moe_arch_swiglu_fwd_par", [ptr] * 3 + [i64, c_int])
+            _sig(lib, "moe_arch_swiglu_bwd_par", [ptr] * 5 + [i64, c_int])
+            _sig(lib, "moe_arch_conv_silu_fwd_par", [ptr, i64, ptr, ptr, ptr] + [i64] * 4 + [c_int])
+            _sig(lib, "moe_arch_conv_silu_bwd_par", [ptr, i64] + [ptr] * 5 + [i64] + [ptr] * 2 + [i64] * 4 + [c_int])
+            lib.moe_arch_xent_rows_par.argtypes = [ptr] * 3 + [i64] * 2 + [c_int]
+            lib.moe_arch_xent_rows_par.restype = None
             lib.moe_arch_scan_fwd_par.argtypes = [ptr] * 10 + [i64] * 5 + [c_int]
             lib.moe_arch_scan_fwd_par.restype = None
             lib.moe_arch_scan_bwd_par.argtypes = [ptr] * 16 + [i64] * 5 + [c_int, ptr, i64]
@@ -142,9 +170,10 @@ def load() -> ctypes.CDLL | None:
                 _lib = _build()
             except Exception as e:  # noqa: BLE001 - any build failure means the documented slower path
                 _error = f"{type(e).__name__}: {e}"
-                warnings.warn(f"moe_arch: the CPU selective-scan kernel could not be built ({_error}); Mamba layers "
-                              "use the chunked PyTorch scan instead (same results, several times slower). Install a "
-                              "C compiler or set CC to enable it.", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"moe_arch: the CPU kernels could not be built ({_error}); Mamba layers use the "
+                              "chunked PyTorch scan and the output heads PyTorch's softmax instead (same results, "
+                              "slower: several times for Mamba layers). Install a C compiler or set CC to enable "
+                              "them.", RuntimeWarning, stacklevel=2)
     return _lib
 
 
@@ -193,7 +222,7 @@ def scan_forward(u, dt, AT, Bm, Cm, Dskip, z, h0):
     n_items = B * ((D + LANES - 1) // LANES)
     threads = _threads(n_items, L * N * LANES)
     args = (_p(u), _p(dt), _p(AT), _p(Bm), _p(Cm), _p(Dskip), _p(z), _p(h0), _p(out), _p(h_last), B, L, D, N)
-    if lib.moe_arch_openmp():
+    if _omp(lib):
         lib.moe_arch_scan_fwd_par(*args, n_items, threads)
     else:
         _run(lib.moe_arch_scan_fwd, n_items, threads, lambda i0, i1, _: (*args, i0, i1))
@@ -219,7 +248,7 @@ def scan_backward(u, dt, AT, Bm, Cm, Dskip, z, h0, gout):
     scratch = u.new_empty(threads * per_thread + LANES)  # + LANES: room to align the start to 64 bytes
     base = scratch.data_ptr() + (-scratch.data_ptr()) % 64
     inputs = (_p(u), _p(dt), _p(AT), _p(Bm), _p(Cm), _p(Dskip), _p(z), _p(h0), _p(gout), _p(du), _p(ddt))
-    if lib.moe_arch_openmp():
+    if _omp(lib):
         lib.moe_arch_scan_bwd_par(*inputs, _p(dAT), _p(dB), _p(dC), _p(dD), _p(dz), B, L, D, N, n_items, threads,
                                   base, per_thread)
     else:
@@ -227,3 +256,113 @@ def scan_backward(u, dt, AT, Bm, Cm, Dskip, z, h0, gout):
              lambda i0, i1, k: (*inputs, _p(dAT[k]), _p(dB[k]), _p(dC[k]), _p(dD[k]), _p(dz), B, L, D, N, i0, i1,
                                 base + 4 * k * per_thread))
     return du, ddt, dAT.sum(0), dB.sum(0), dC.sum(0), (dD.sum(0) if Dskip is not None else None), dz
+
+
+def xent_rows_(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """In place: logits [R, V] (contiguous float32 CPU) become softmax - onehot(target); returns the float64 losses
+    [R] = logsumexp(row) - row[target]. Targets must be in [0, V) (checked by the caller)."""
+    lib = load()
+    R, V = logits.shape
+    loss = torch.empty(R, dtype=torch.float64)
+    threads = _threads(R, V * 8)
+    if _omp(lib):
+        lib.moe_arch_xent_rows_par(_p(logits), _p(target), _p(loss), V, R, threads)
+    else:
+        _run(lib.moe_arch_xent_rows, R, threads, lambda r0, r1, _: (_p(logits), _p(target), _p(loss), V, r0, r1))
+    return loss
+
+
+def _omp(lib) -> bool:
+    return bool(lib.moe_arch_openmp())
+
+
+def rmsnorm_forward(x: torch.Tensor, w: torch.Tensor, eps: float):
+    """x [R, D], w [D] (contiguous float32 CPU) -> y [R, D], rstd [R]."""
+    lib = load()
+    R, D = x.shape
+    y, rstd = torch.empty_like(x), x.new_empty(R)
+    threads = _threads(R, D * 4)
+    if _omp(lib):
+        lib.moe_arch_rmsnorm_fwd_par(_p(x), _p(w), _p(y), _p(rstd), D, eps, R, threads)
+    else:
+        _run(lib.moe_arch_rmsnorm_fwd, R, threads, lambda r0, r1, _: (_p(x), _p(w), _p(y), _p(rstd), D, eps, r0, r1))
+    return y, rstd
+
+
+def rmsnorm_backward(x, w, rstd, dy):
+    """-> dx [R, D], dw [D]."""
+    lib = load()
+    R, D = x.shape
+    dx = torch.empty_like(x)
+    threads = _threads(R, D * 6)
+    dw = x.new_zeros(threads, D)
+    if _omp(lib):
+        lib.moe_arch_rmsnorm_bwd_par(_p(x), _p(w), _p(rstd), _p(dy), _p(dx), _p(dw), D, R, threads)
+    else:
+        _run(lib.moe_arch_rmsnorm_bwd, R, threads,
+             lambda r0, r1, k: (_p(x), _p(w), _p(rstd), _p(dy), _p(dx), _p(dw[k]), D, r0, r1))
+    return dx, dw.sum(0)
+
+
+def swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b for contiguous float32 CPU tensors of one shape."""
+    lib = load()
+    y = torch.empty_like(a)
+    n = a.numel()
+    threads = _threads(max(1, n // LANES), LANES * 8)
+    if _omp(lib):
+        lib.moe_arch_swiglu_fwd_par(_p(a), _p(b), _p(y), n, threads)
+    else:
+        _run(lib.moe_arch_swiglu_fwd, n, threads, lambda i0, i1, _: (_p(a), _p(b), _p(y), i0, i1))
+    return y
+
+
+def swiglu_backward(a, b, dy):
+    lib = load()
+    da, db = torch.empty_like(a), torch.empty_like(b)
+    n = a.numel()
+    threads = _threads(max(1, n // LANES), LANES * 12)
+    if _omp(lib):
+        lib.moe_arch_swiglu_bwd_par(_p(a), _p(b), _p(dy), _p(da), _p(db), n, threads)
+    else:
+        _run(lib.moe_arch_swiglu_bwd, n, threads, lambda i0, i1, _: (_p(a), _p(b), _p(dy), _p(da), _p(db), i0, i1))
+    return da, db
+
+
+def conv_silu_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """silu(causal depthwise conv): x [B, T, D] float32 CPU with unit last stride and rows at a common stride (a
+    slice of a wider tensor is fine), w [K, D], bias [D] contiguous -> [B, T, D] contiguous."""
+    lib = load()
+    B, T, D = x.shape
+    K = w.shape[0]
+    y = x.new_empty(B, T, D)
+    R = B * T
+    threads = _threads(R, D * K * 2)
+    sx = x.stride(1)
+    if _omp(lib):
+        lib.moe_arch_conv_silu_fwd_par(_p(x), sx, _p(w), _p(bias), _p(y), T, D, K, R, threads)
+    else:
+        _run(lib.moe_arch_conv_silu_fwd, R, threads,
+             lambda r0, r1, _: (_p(x), sx, _p(w), _p(bias), _p(y), T, D, K, r0, r1))
+    return y
+
+
+def conv_silu_backward(x, w, bias, dy):
+    """-> dx [B, T, D] contiguous, dw [K, D], dbias [D]."""
+    lib = load()
+    B, T, D = x.shape
+    K = w.shape[0]
+    R = B * T
+    threads = _threads(R, D * K * 4)
+    dx, dpre = x.new_empty(B, T, D), x.new_empty(B, T, D)
+    dw, dbias = x.new_zeros(threads, K, D), x.new_zeros(threads, D)
+    sx = x.stride(1)
+    if _omp(lib):
+        lib.moe_arch_conv_silu_bwd_par(_p(x), sx, _p(w), _p(bias), _p(dy), _p(dpre), _p(dx), D, _p(dw), _p(dbias),
+                                       T, D, K, R, threads)
+    else:
+        for pass_ in (1, 2):  # every thread's pass 1 before any pass 2: dx reads dpre of later rows
+            _run(lib.moe_arch_conv_silu_bwd, R, threads,
+                 lambda r0, r1, k: (_p(x), sx, _p(w), _p(bias), _p(dy), _p(dpre), _p(dx), D, _p(dw[k]), _p(dbias[k]),
+                                    T, D, K, r0, r1, pass_))
+    return dx, dw.sum(0), dbias.sum(0)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_arch.model import fused
 from moe_arch.model.roles import register_roles
 
 
@@ -19,8 +20,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return fused.rms_norm(x, self.weight, self.eps).to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -36,7 +36,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(d_ff, d_model, bias=False)  # down
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(fused.swiglu(self.w1(x), self.w3(x)))
 
     def init_weights(self, std: float, out_std: float, gen: torch.Generator) -> None:
         for lin, s in ((self.w1, std), (self.w3, std), (self.w2, out_std)):

@@ -27,6 +27,7 @@ from torch import nn
 
 from moe_arch.config import ModelConfig
 from moe_arch.model import cpu_kernels
+from moe_arch.model.fused import causal_conv_silu
 from moe_arch.model.roles import register_roles
 
 
@@ -357,18 +358,16 @@ class Mamba(nn.Module):
         xz = self.in_proj(x)
         xi, z = xz.chunk(2, dim=-1)
         k = self.d_conv
-        # Causal depthwise convolution in the [B, T, D] layout: k shifted multiply-adds over the input with its
-        # k-1 predecessors in front (zeros, or the cached inputs when generating). The same arithmetic as
-        # conv1d(groups=D) (the parity test holds it to HF's MambaMixer), without the two layout transposes.
-        if cache is None:
-            conv_in = F.pad(xi, (0, 0, k - 1, 0))
-        else:
-            conv_in = torch.cat([cache.conv.transpose(1, 2).to(xi.dtype), xi], dim=1)
         w = self.conv1d.weight.squeeze(1).t()  # [k, D]
-        xc = torch.addcmul(self.conv1d.bias, conv_in[:, :T], w[0])
-        for j in range(1, k):
-            xc = torch.addcmul(xc, conv_in[:, j:j + T], w[j])
-        xc = F.silu(xc)  # [B, T, D]
+        if cache is None:
+            xc = causal_conv_silu(xi, w, self.conv1d.bias)  # [B, T, D]
+        else:
+            # Generation: the same shifted multiply-adds as causal_conv_silu, over the cached inputs + the new ones.
+            conv_in = torch.cat([cache.conv.transpose(1, 2).to(xi.dtype), xi], dim=1)
+            xc = torch.addcmul(self.conv1d.bias, conv_in[:, :T], w[0])
+            for j in range(1, k):
+                xc = torch.addcmul(xc, conv_in[:, j:j + T], w[j])
+            xc = F.silu(xc)
         dt_low, Bm, Cm = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt_low).float())
         if valid is not None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_arch.config import ModelConfig
+from moe_arch.model import fused
 from moe_arch.model.roles import RouterLinear, register_roles
 
 _GROUPED_MM = getattr(F, "grouped_mm", None)
@@ -73,7 +74,7 @@ class Experts(nn.Module):
 
     def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)
-        h = F.silu(grouped_matmul(xs, self.w_gate, counts, offsets)) * grouped_matmul(xs, self.w_up, counts, offsets)
+        h = fused.swiglu(grouped_matmul(xs, self.w_gate, counts, offsets), grouped_matmul(xs, self.w_up, counts, offsets))
         return _ContiguousGrad.apply(grouped_matmul(h, self.w_down, counts, offsets))
 
 

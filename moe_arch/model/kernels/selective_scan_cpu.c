@@ -19,77 +19,12 @@
    (and dD) into per-thread buffers the caller adds up, so threads never write the same memory.
 
    Portable C11 + GCC/Clang vector extensions (vector_size(64) = 16 floats: one AVX-512 register, two AVX2
-   ones); no -ffast-math, the exponential below is explicit. Built on first use by moe_arch/model/cpu_kernels.py;
+   ones; simd.h); no -ffast-math, the exponential is explicit. Built on first use by moe_arch/model/cpu_kernels.py;
    tested against the step-by-step recurrence and the chunked PyTorch scan. */
 
-#include <stdint.h>
+#include "simd.h"
 
-#define W 16
 #define MAX_N 64 /* d_state limit of this kernel (the caller falls back above it) */
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
-typedef float vf_unaligned __attribute__((vector_size(W * sizeof(float)), aligned(sizeof(float))));
-
-static inline vf splat(float x) {
-    return x - (vf){};  /* scalar op vector broadcasts the scalar (one vbroadcastss); x - 0 keeps -0.0 */
-}
-
-static inline vf load(const float *p, int w) {
-    vf v;
-    if (w == W) {
-        v = *(const vf_unaligned *)p;
-    } else {
-        v = splat(0.0f);
-        for (int k = 0; k < w; k++) v[k] = p[k];
-    }
-    return v;
-}
-
-static inline void store(float *p, vf v, int w) {
-    if (w == W) {
-        *(vf_unaligned *)p = v;
-    } else {
-        for (int k = 0; k < w; k++) p[k] = v[k];
-    }
-}
-
-static inline float hsum(vf v) {
-    float s = 0.0f;
-    for (int k = 0; k < W; k++) s += v[k];
-    return s;
-}
-
-/* m ? a : b lane by lane (m is a comparison result: all ones or all zeros per lane). */
-static inline vf vselect(vi m, vf a, vf b) {
-    return (vf)(((vi)a & m) | ((vi)b & ~m));
-}
-
-/* exp(x) for x <= 88.7: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial for exp(r)
-   (relative error ~2e-7, within 2 ulp of expf), times 2^n built in the exponent bits. Inputs below -87.3
-   return exp(-87.3) ~ 1.2e-38: the decay of a state that is already gone. */
-static inline vf vexp(vf x) {
-    const vf lo = splat(-87.3f), hi = splat(88.7f);
-    x = vselect(x < lo, lo, x);
-    x = vselect(x > hi, hi, x);
-    const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding and subtracting rounds to the nearest integer */
-    vf n = (x * splat(1.44269504088896341f) + magic) - magic;
-    vf r = x - n * splat(0.693359375f);
-    r = r - n * splat(-2.12194440e-4f);
-    vf p = splat(1.0f / 720.0f);
-    p = p * r + splat(1.0f / 120.0f);
-    p = p * r + splat(1.0f / 24.0f);
-    p = p * r + splat(1.0f / 6.0f);
-    p = p * r + splat(0.5f);
-    p = p * r + splat(1.0f);
-    p = p * r + splat(1.0f);
-    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    return p * (vf)e;
-}
-
-/* silu(z) = z * sigmoid(z); its derivative is sigmoid(z) * (1 + z * (1 - sigmoid(z))). */
-static inline vf vsigmoid(vf z) {
-    return splat(1.0f) / (splat(1.0f) + vexp(-z));
-}
 
 void moe_arch_scan_fwd(const float *u, const float *dt, const float *AT, const float *Bm, const float *Cm,
                        const float *Dskip, const float *z, const float *h0, float *y, float *h_last, int64_t B,

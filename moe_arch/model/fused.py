@@ -1,0 +1,107 @@
+"""Fused element-wise chains (RMSNorm, the SwiGLU gate, Mamba's causal conv + silu) for eager float32 CPU
+training, forward and backward in one pass each (``kernels/fused_cpu.c``).
+
+Each function here has one definition of its math in PyTorch ops (the ``_reference`` functions), which is what
+runs on GPUs, for other dtypes, inside ``torch.compile`` (where inductor fuses the same chain itself) and when the
+CPU kernels cannot be built; the kernel path is tested against it, values and gradients. Why bother: at the tiny
+preset's sizes each PyTorch op is a memory pass plus a dispatch, and these three chains were ~25 ops per block
+forward and backward (bench/RESULTS.md has the step time with and without them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moe_arch.model import cpu_kernels
+
+
+def _kernel_ok(*tensors: torch.Tensor) -> bool:
+    return (not torch.compiler.is_compiling()
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and cpu_kernels.available())
+
+
+# ---- RMSNorm ----
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * weight.float()
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y, rstd = cpu_kernels.rmsnorm_forward(x2, weight.contiguous(), eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = cpu_kernels.rmsnorm_backward(x2, weight.contiguous(), rstd, dy.reshape(x2.shape).contiguous())
+        return dx.view(dy.shape), dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight over the last dim, in float32 (the caller casts back)."""
+    if _kernel_ok(x, weight) and x.shape[-1] == weight.shape[0]:
+        return _RMSNorm.apply(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+# ---- SwiGLU gate ----
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        a, b = a.contiguous(), b.contiguous()
+        ctx.save_for_backward(a, b)
+        return cpu_kernels.swiglu_forward(a, b)
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, b = ctx.saved_tensors
+        return cpu_kernels.swiglu_backward(a, b, dy.contiguous())
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b."""
+    if a.shape == b.shape and _kernel_ok(a, b):
+        return _SwiGLU.apply(a, b)
+    return F.silu(a) * b
+
+
+# ---- Mamba's causal depthwise conv + silu, [B, T, D] layout ----
+
+def causal_conv_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """silu(bias + sum_j weight[j] * x[:, t - K + 1 + j]) with zeros before the sequence start; weight [K, D]. The
+    same arithmetic as conv1d(groups=D) as k shifted multiply-adds, without the two layout transposes."""
+    K, T = weight.shape[0], x.shape[1]
+    xp = F.pad(x, (0, 0, K - 1, 0))
+    y = torch.addcmul(bias, xp[:, :T], weight[0])
+    for j in range(1, K):
+        y = torch.addcmul(y, xp[:, j:j + T], weight[j])
+    return F.silu(y)
+
+
+class _CausalConvSilu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        if x.stride(2) != 1 or x.stride(0) != x.shape[1] * x.stride(1):
+            x = x.contiguous()
+        weight, bias = weight.contiguous(), bias.contiguous()
+        ctx.save_for_backward(x, weight, bias)
+        return cpu_kernels.conv_silu_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensors
+        return cpu_kernels.conv_silu_backward(x, weight, bias, dy.contiguous())
+
+
+def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D], weight [K, D] (tap j multiplies x[t - K + 1 + j]), bias [D] -> [B, T, D]."""
+    if _kernel_ok(x, weight, bias):
+        return _CausalConvSilu.apply(x, weight, bias)
+    return causal_conv_silu_reference(x, weight, bias)
