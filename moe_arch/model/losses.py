@@ -59,7 +59,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h, weight, grad_logits = ctx.saved_tensors
         scale = grad_out / h.shape[0]
         dh = torch.mm(grad_logits, weight) * scale if ctx.needs_input_grad[0] else None
-        dw = torch.mm(grad_logits.t(), h) * scale if ctx.needs_input_grad[1] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            # as (h^T G)^T: MKL runs this orientation ~10% faster than G^T h at vocabulary-sized G (bench/RESULTS.md)
+            dw = torch.mul(torch.mm(h.t(), grad_logits).t(), scale, out=torch.empty_like(weight))
         return dh, dw, None, None
 
 
