@@ -115,3 +115,20 @@ def test_library_shares_pytorchs_openmp_runtime():
     assert len(runtimes) == 1, runtimes
     if "libgomp" in next(iter(runtimes)):
         assert lib.moe_arch_openmp() == 1
+
+
+@pytest.mark.parametrize("B, H, T, D, per_row", [(16, 4, 128, 32, False), (3, 2, 5, 6, True), (2, 3, 7, 34, False)])
+def test_rope_kernel_matches_torch_on_qkv_views(B, H, T, D, per_row, threads, threading_path, monkeypatch):
+    """q read in place out of a fused QKV projection (strided view), cos/sin shared [T, D] or per row [B, T, D]
+    (Mixture-of-Depths gathers tokens with their own positions); the gradient lands back in the projection."""
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(B, T, (H + 2) * D, generator=gen, requires_grad=True)
+    cos = torch.randn((B, T, D) if per_row else (T, D), generator=gen)
+    sin = torch.randn(cos.shape, generator=gen)
+    calls = _uses_kernel(monkeypatch, "rope")
+
+    def q_of(t):
+        return t[..., :H * D].view(B, T, H, D).transpose(1, 2)
+
+    _check(lambda t: fused.rope(q_of(t), cos, sin), lambda t: fused.rope_reference(q_of(t), cos, sin), (qkv,))
+    assert len(calls) == 2  # forward and backward

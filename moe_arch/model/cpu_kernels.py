@@ -138,6 +138,7 @@ def _build() -> ctypes.CDLL:
         _sig(lib, "moe_arch_swiglu_bwd", [ptr] * 5 + [i64] * 2)
         _sig(lib, "moe_arch_conv_silu_fwd", [ptr, i64, ptr, ptr, ptr] + [i64] * 5)
         _sig(lib, "moe_arch_conv_silu_bwd", [ptr, i64] + [ptr] * 5 + [i64] + [ptr] * 2 + [i64] * 5 + [c_int])
+        _sig(lib, "moe_arch_rope", [ptr] + [i64] * 3 + [ptr] * 2 + [i64, ptr] + [i64] * 6 + [c_int] + [i64] * 2)
         lib.moe_arch_openmp.restype = c_int
         if lib.moe_arch_openmp():
             _sig(lib, "moe_arch_rmsnorm_fwd_par", [ptr] * 4 + [i64, f32, i64, c_int])
@@ -145,6 +146,7 @@ def _build() -> ctypes.CDLL:
             _sig(lib, "moe_arch_swiglu_fwd_par", [ptr] * 3 + [i64, c_int])
             _sig(lib, "moe_arch_swiglu_bwd_par", [ptr] * 5 + [i64, c_int])
             _sig(lib, "moe_arch_conv_silu_fwd_par", [ptr, i64, ptr, ptr, ptr] + [i64] * 4 + [c_int])
+            _sig(lib, "moe_arch_rope_par", [ptr] + [i64] * 3 + [ptr] * 2 + [i64, ptr] + [i64] * 6 + [c_int, i64, c_int])
             _sig(lib, "moe_arch_conv_silu_bwd_par", [ptr, i64] + [ptr] * 5 + [i64] + [ptr] * 2 + [i64] * 4 + [c_int])
             lib.moe_arch_xent_rows_par.argtypes = [ptr] * 3 + [i64] * 2 + [c_int]
             lib.moe_arch_xent_rows_par.restype = None
@@ -366,3 +368,22 @@ def conv_silu_backward(x, w, bias, dy):
                  lambda r0, r1, k: (_p(x), sx, _p(w), _p(bias), _p(dy), _p(dpre), _p(dx), D, _p(dw[k]), _p(dbias[k]),
                                     T, D, K, r0, r1, pass_))
     return dx, dw.sum(0), dbias.sum(0)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False) -> torch.Tensor:
+    """Rotary embedding of x [B, H, T, D] (float32 CPU, unit stride on D, any other strides) with cos/sin [T, D] or
+    [B, T, D] (contiguous); ``backward`` applies the transposed rotation (the gradient). The result has x's shape,
+    laid out [B, T, H, D] in memory (a transpose away from the QKV projection's layout)."""
+    lib = load()
+    B, H, T, D = x.shape
+    y = x.new_empty(B, T, H, D).transpose(1, 2)
+    cb = cos.stride(0) if cos.dim() == 3 else 0
+    R = B * T
+    threads = _threads(R, H * D * 4)
+    args = (_p(x), x.stride(0), x.stride(1), x.stride(2), _p(cos), _p(sin), cb, _p(y), y.stride(0), y.stride(1),
+            y.stride(2), H, T, D, int(backward))
+    if _omp(lib):
+        lib.moe_arch_rope_par(*args, R, threads)
+    else:
+        _run(lib.moe_arch_rope, R, threads, lambda r0, r1, _: (*args, r0, r1))
+    return y

@@ -105,3 +105,37 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     if _kernel_ok(x, weight, bias):
         return _CausalConvSilu.apply(x, weight, bias)
     return causal_conv_silu_reference(x, weight, bias)
+
+
+# ---- rotary position embedding ----
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, T, D] or [T, D]: x * cos + rotate_half(x) * sin (Llama's convention)."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return cpu_kernels.rope(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        return cpu_kernels.rope(dy, cos, sin, backward=True), None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    B, H, T, D = x.shape
+    if (_kernel_ok(x, cos, sin) and D % 2 == 0 and x.stride(-1) == 1 and not cos.requires_grad
+            and not sin.requires_grad and cos.is_contiguous() and sin.is_contiguous()
+            and cos.shape == sin.shape and cos.shape[-2:] == (T, D) and (cos.dim() == 2 or cos.shape[0] == B)):
+        return _Rope.apply(x, cos, sin)
+    return rope_reference(x, cos, sin)

@@ -3,6 +3,7 @@
      RMSNorm        y = x * r * w,  r = 1 / sqrt(mean(x^2) + eps)          rows of D, one pass each way
      SwiGLU gate    y = silu(a) * b                                        (dense and expert feed-forward)
      causal conv    y_t = silu(bias + sum_j w_j x_{t-K+1+j})               (Mamba's depthwise conv, [B, T, D])
+     rotary         RoPE on q and k, read in place from the fused QKV projection
 
    Why hand-written: in PyTorch ops each of these is 4-10 separate passes over the activations (RMSNorm's
    backward alone is pow, mean, rsqrt, mul x 4, sum), and at the tiny preset's sizes every pass is a memory
@@ -169,6 +170,34 @@ void moe_arch_conv_silu_bwd(const float *x, int64_t sx, const float *w, const fl
     }
 }
 
+
+/* ---- rotary position embedding, "rotate half" convention: per head row of D = 2 * half,
+     forward   y[d] = x[d] c[d] - x[d + half] s[d]        y[d + half] = x[d + half] c[d + half] + x[d] s[d + half]
+     backward  dx[d] = dy[d] c[d] + dy[d + half] s[d + half]    dx[d + half] = dy[d + half] c[d + half] - dy[d] s[d]
+   (backward = the transposed rotation). x and y are [B, H, T, D] at any strides (sb, sh, st; unit stride on D), so
+   q and k are read straight out of the fused QKV projection; cos/sin rows [T, D] at batch stride cb (0: shared by
+   the batch; MoD-gathered positions have their own per row). Items are (b, t) pairs, all heads inside. */
+void moe_arch_rope(const float *x, int64_t xb, int64_t xh, int64_t xt, const float *cos, const float *sin,
+                   int64_t cb, float *y, int64_t yb, int64_t yh, int64_t yt, int64_t H, int64_t T, int64_t D,
+                   int backward, int64_t r0, int64_t r1) {
+    const int64_t half = D / 2;
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t b = r / T, t = r % T;
+        const float *c = cos + b * cb + t * D, *s = sin + b * cb + t * D;
+        for (int64_t h = 0; h < H; h++) {
+            const float *xr = x + b * xb + h * xh + t * xt;
+            float *yr = y + b * yb + h * yh + t * yt;
+            if (!backward) {
+                for (int64_t d = 0; d < half; d++) yr[d] = xr[d] * c[d] - xr[d + half] * s[d];
+                for (int64_t d = 0; d < half; d++) yr[d + half] = xr[d + half] * c[d + half] + xr[d] * s[d + half];
+            } else {
+                for (int64_t d = 0; d < half; d++) yr[d] = xr[d] * c[d] + xr[d + half] * s[d + half];
+                for (int64_t d = 0; d < half; d++) yr[d + half] = xr[d + half] * c[d + half] - xr[d] * s[d];
+            }
+        }
+    }
+}
+
 #ifdef _OPENMP
 #include <omp.h>
 
@@ -230,6 +259,16 @@ void moe_arch_conv_silu_bwd_par(const float *x, int64_t sx, const float *w, cons
         moe_arch_conv_silu_bwd(x, sx, w, bias, dy, dpre, dx, sdx, dw + k_ * K * D, dbias + k_ * D, T, D, K, lo, hi, 1);
 #pragma omp barrier
         moe_arch_conv_silu_bwd(x, sx, w, bias, dy, dpre, dx, sdx, dw + k_ * K * D, dbias + k_ * D, T, D, K, lo, hi, 2);
+    }
+}
+
+void moe_arch_rope_par(const float *x, int64_t xb, int64_t xh, int64_t xt, const float *cos, const float *sin,
+                       int64_t cb, float *y, int64_t yb, int64_t yh, int64_t yt, int64_t H, int64_t T, int64_t D,
+                       int backward, int64_t R, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        SPLIT(R)
+        moe_arch_rope(x, xb, xh, xt, cos, sin, cb, y, yb, yh, yt, H, T, D, backward, lo, hi);
     }
 }
 #endif
