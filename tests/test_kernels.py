@@ -4,6 +4,8 @@ threads, and both threading paths (PyTorch's OpenMP threads and the fallback thr
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,3 +134,68 @@ def test_rope_kernel_matches_torch_on_qkv_views(B, H, T, D, per_row, threads, th
 
     _check(lambda t: fused.rope(q_of(t), cos, sin), lambda t: fused.rope_reference(q_of(t), cos, sin), (qkv,))
     assert len(calls) == 2  # forward and backward
+
+
+def test_cross_entropy_kernel_propagates_nan_and_inf_logits():
+    """A non-finite logit anywhere in a row must make that row's loss non-finite (the trainer's NaN stop relies on
+    it), also when it is not the target's logit; other rows stay exact."""
+    from moe_arch.model.losses import linear_cross_entropy
+
+    h = torch.randn(3, 8)
+    w = torch.randn(40, 8)
+    w[5, 0] = float("nan")  # every row's logit for token 5 is NaN; no row targets token 5
+    y = torch.tensor([1, 2, 3])
+    assert torch.isnan(linear_cross_entropy(h, w, y))
+    w[5, 0] = float("inf")
+    h[:, 0] = 1.0
+    assert not torch.isfinite(linear_cross_entropy(h, w, y))
+    w[5, 0] = 0.0
+    torch.testing.assert_close(linear_cross_entropy(h, w, y), F.cross_entropy(h @ w.t(), y))
+
+
+EXP_PROBE = r"""
+#include <math.h>
+#include <stdio.h>
+#include "simd.h"
+int main(void) {
+    double worst = 0.0;
+    for (int i = 0; i < 200000; i++) {
+        vf x;
+        for (int k = 0; k < W; k++) x[k] = -87.0f + 175.0f * (float)(i * W + k) / (200000.0f * W);
+        vf e = vexp(x);
+        for (int k = 0; k < W; k++) {
+            double ref = exp((double)x[k]), rel = fabs(e[k] - ref) / ref;
+            if (rel > worst) worst = rel;
+        }
+    }
+    vf special = splat(0.0f);
+    special[0] = NAN; special[1] = -1000.0f; special[2] = 0.0f;
+    vf e = vexp(special);
+    printf("%g %d %g %g\n", worst, isnan(e[0]) ? 1 : 0, e[1], e[2]);
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx512"])
+def test_vector_exp_matches_libm_on_both_code_paths(isa, tmp_path):
+    """simd.h's vexp has an AVX-512 path (vscalefps) and a portable one: both within a few ulp of exp over the
+    range the kernels use, NaN stays NaN, very negative inputs stop at exp(-87.3) (no denormals), exp(0) = 1."""
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    if isa == "avx512" and "avx512f" not in cpu_kernels._cpu_flags():
+        pytest.skip("this CPU has no AVX-512")
+    (tmp_path / "probe.c").write_text(EXP_PROBE)
+    arch = ["-mavx512f", "-mfma"] if isa == "avx512" else ["-mno-avx512f"]
+    exe = tmp_path / "probe"
+    subprocess.run([cc, "-O2", "-std=c11", "-ffp-contract=fast", "-Wno-psabi", f"-I{cpu_kernels.KERNEL_DIR}", *arch,
+                    str(tmp_path / "probe.c"), "-o", str(exe), "-lm"], check=True)
+    worst, nan_ok, tiny, one = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()
+    assert float(worst) < 5e-7
+    assert nan_ok == "1"
+    assert float(tiny) == pytest.approx(math.exp(-87.3), rel=1e-5)
+    assert float(one) == 1.0

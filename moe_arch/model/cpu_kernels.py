@@ -42,7 +42,8 @@ SOURCES = [KERNEL_DIR / "selective_scan_cpu.c", KERNEL_DIR / "cross_entropy_cpu.
 HEADERS = [KERNEL_DIR / "simd.h"]
 LANES = 16  # W in the C source: channels per work item
 MAX_STATE = 64  # MAX_N in the C source
-FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-Wno-psabi", f"-I{KERNEL_DIR}"]
+# -ffp-contract=fast: ISO C mode (-std=c11) would otherwise forbid fusing a * b + c into one FMA (1.4x on the scan)
+FLAGS = ["-O3", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", "-Wno-psabi", f"-I{KERNEL_DIR}"]
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
