@@ -1,6 +1,6 @@
 """Training tokens/s and MFU of a preset, against this machine's fp32 matmul peak measured in the same run.
 
-    python bench/bench_train.py [--preset tiny] [--steps 20] [--batch 16] [--seq 128]
+    python bench/bench_train.py [--preset tiny] [--steps 30] [--rounds 6] [--batch 16] [--seq 128]
 
 MFU = model training FLOPs per token (matmuls: 6 x active matmul parameters, plus attention scores and the
 Mamba scan; MoD blocks at their selected fraction) x tokens/s / peak FLOP/s of a 2048^3 matmul (fp32 on a CPU,
@@ -27,7 +27,8 @@ from moe_arch.training.trainer import Trainer
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=6, help="step/peak measurement pairs (see below)")
     ap.add_argument("--batch", type=int, default=0)
     ap.add_argument("--seq", type=int, default=0)
     ap.add_argument("--compile", action="store_true")
@@ -47,29 +48,41 @@ def main():
         trainer = Trainer(cfg, log=lambda *a, **k: None)
         trainer.train_step()  # warm-up (allocations, first-call overheads, compilation)
         trainer.train_step()
-        times = []
-        for _ in range(args.steps):
-            tokens0 = trainer.tokens_seen
-            t0 = time.perf_counter()
-            trainer.train_step()
-            times.append(time.perf_counter() - t0)
-        tokens_per_step = trainer.tokens_seen - tokens0
-        step_s = statistics.median(times)  # the machine is shared: the median step is the stable number
-        tok_s = tokens_per_step / step_s
         device = trainer.device
-    # The denominator: fp32 matmul peak on a CPU, bf16 on a GPU (the precision each trains in by default).
-    peak = measure_matmul_peak(device, torch.float32 if device.type == "cpu" else torch.bfloat16, seconds=1.0)
-    fpt = flops_per_token(cfg.model, cfg.train.seq_len)
-    print(f"# batch {cfg.train.batch_size} x seq {cfg.train.seq_len}, {args.steps} steps, compile={args.compile}, "
-          f"monitor={args.monitor}")
+        kind = torch.float32 if device.type == "cpu" else torch.bfloat16  # the precision each trains in by default
+        fpt = flops_per_token(cfg.model, cfg.train.seq_len)
+        # The machine is shared and its speed drifts over seconds: each round pairs a few steps with a fresh
+        # measurement of the matmul peak (the denominator: fp32 on a CPU, bf16 on a GPU), so each round's MFU
+        # is a ratio of two numbers taken moments apart; the median round is reported.
+        rounds = max(1, min(args.rounds, args.steps))
+        per_round = max(1, args.steps // rounds)
+        times, mfus, peaks = [], [], []
+        for _ in range(rounds):
+            rt = []
+            for _ in range(per_round):
+                tokens0 = trainer.tokens_seen
+                t0 = time.perf_counter()
+                trainer.train_step()
+                rt.append(time.perf_counter() - t0)
+            tokens_per_step = trainer.tokens_seen - tokens0
+            peak = measure_matmul_peak(device, kind, seconds=0.3)
+            times += rt
+            peaks.append(peak)
+            mfus.append(fpt["train_flops_per_token"] * tokens_per_step / statistics.median(rt) / peak)
+        step_s = statistics.median(times)
+        tok_s = tokens_per_step / step_s
+    print(f"# batch {cfg.train.batch_size} x seq {cfg.train.seq_len}, {rounds} rounds x {per_round} steps, "
+          f"compile={args.compile}, monitor={args.monitor}")
     print(f"step time (median)   {step_s * 1e3:10.1f} ms  (mean {statistics.mean(times) * 1e3:.1f} ms)")
     print(f"tokens/s             {tok_s:10,.0f}")
     print(f"model FLOPs/token    {fpt['train_flops_per_token'] / 1e6:10.2f} MFLOP (MoD-selected fraction "
           f"{fpt['mod_selected_fraction']:.3f})")
     print(f"achieved             {fpt['train_flops_per_token'] * tok_s / 1e9:10.1f} GFLOP/s")
-    kind = "fp32" if device.type == "cpu" else "bf16"
-    print(f"{kind} matmul peak     {peak / 1e9:10.1f} GFLOP/s (2048^3 on {device.type}, measured in this run)")
-    print(f"MFU                  {fpt['train_flops_per_token'] * tok_s / peak:10.1%}")
+    name = "fp32" if device.type == "cpu" else "bf16"
+    print(f"{name} matmul peak     {statistics.median(peaks) / 1e9:10.1f} GFLOP/s (2048^3 on {device.type}, median of "
+          f"{rounds} measurements in this run, {min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f})")
+    print(f"MFU                  {statistics.median(mfus):10.1%}  (median of {rounds} rounds, each steps / peak "
+          f"measured together; range {min(mfus):.1%}-{max(mfus):.1%})")
 
 
 if __name__ == "__main__":

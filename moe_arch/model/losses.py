@@ -2,11 +2,12 @@
 
 ``F.cross_entropy(F.linear(h, W), y)`` writes the [N, V] logits to memory, reads them back for the log-softmax,
 writes that, and reads both again in the backward. Here the logits are turned in place into
-d(loss)/d(logits) = softmax - onehot while the loss is reduced, and the backward is two matrix products with that
-stored gradient. On CPU the softmax rows run in one compiled kernel (``kernels/cross_entropy_cpu.c``: each row
-finished in L1, after one matrix product for all rows); without it, in row chunks of PyTorch ops (amax, exp,
-sum, scale), each chunk still in cache. Same numbers either way (tested against the unfused path). Used for
-float32 inputs outside autocast; other dtypes take the unfused path (the same math).
+d(loss)/d(logits) = softmax - onehot while the loss is reduced. On CPU the softmax rows run in one compiled kernel
+(``kernels/cross_entropy_cpu.c``, each row finished in L1) and the gradients of h and W are formed in the forward,
+block by block (see ``_LinearCrossEntropy``); without the kernel, the softmax runs in row chunks of PyTorch ops
+(amax, exp, sum, scale) and the backward does two matrix products with the stored logit gradient. Same numbers
+either way (tested against the unfused path). Used for float32 inputs outside autocast; other dtypes take the
+unfused path (the same math).
 """
 
 from __future__ import annotations
@@ -38,31 +39,64 @@ def _softmax_grad_chunked(h: torch.Tensor, weight: torch.Tensor, target: torch.T
     return total
 
 
+# Rows per block on the kernel path: the block's logits (16 MB at a 4096 vocabulary) stay in the last-level cache
+# between the projection, the softmax kernel and the two gradient products (bench/RESULTS.md).
+KERNEL_BLOCK_ROWS = 1024
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
+    """Two paths with the same result. With the CPU kernel, each block of rows is projected, turned into
+    softmax - onehot, and immediately multiplied into d(loss)/dh and d(loss)/dW (as Liger-Kernel's fused linear
+    cross-entropy does): the [N, V] logits never exist whole and the backward only scales the stored gradients.
+    Without it, the logit gradient [N, V] is stored and the backward does the two products."""
+
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int):
         N, V = h.shape[0], weight.shape[0]
-        grad_logits = torch.empty(N, V, dtype=h.dtype, device=h.device)
         if h.device.type == "cpu" and cpu_kernels.available():
             if N and (int(target.min()) < 0 or int(target.max()) >= V):
                 bad = target[(target < 0) | (target >= V)][0]
                 raise IndexError(f"cross-entropy target {int(bad)} is out of range for a vocabulary of {V}")
-            torch.mm(h, weight.t(), out=grad_logits)
-            total = cpu_kernels.xent_rows_(grad_logits, target.long().contiguous()).sum()
+            target = target.long().contiguous()
+            want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            rows = min(N, KERNEL_BLOCK_ROWS)
+            block = h.new_empty(rows, V)
+            dh = torch.empty_like(h) if want_h else None
+            dwt = h.new_empty(h.shape[1], V) if want_w else None  # d(loss)/dW transposed: h^T G is the fast form
+            total = torch.zeros((), dtype=torch.float64)
+            for s in range(0, N, rows):
+                e = min(N, s + rows)
+                g = torch.mm(h[s:e], weight.t(), out=block[:e - s])
+                total += cpu_kernels.xent_rows_(g, target[s:e]).sum()
+                if want_h:
+                    torch.mm(g, weight, out=dh[s:e])
+                if want_w:
+                    if s == 0:
+                        torch.mm(h[s:e].t(), g, out=dwt)
+                    else:
+                        dwt.addmm_(h[s:e].t(), g)
+            ctx.fused = True
+            ctx.save_for_backward(dh, dwt)
         else:
+            grad_logits = torch.empty(N, V, dtype=h.dtype, device=h.device)
             total = _softmax_grad_chunked(h, weight, target, chunk, grad_logits)
-        ctx.save_for_backward(h, weight, grad_logits)
+            ctx.fused = False
+            ctx.save_for_backward(h, weight, grad_logits)
+        ctx.n_rows = N
         return (total / N).to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        scale = grad_out / ctx.n_rows
+        if ctx.fused:
+            dh, dwt = ctx.saved_tensors
+            return (dh * scale if dh is not None else None,
+                    torch.mul(dwt.t(), scale, out=dwt.new_empty(dwt.shape[::-1])) if dwt is not None else None,
+                    None, None)
         h, weight, grad_logits = ctx.saved_tensors
-        scale = grad_out / h.shape[0]
         dh = torch.mm(grad_logits, weight) * scale if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            # as (h^T G)^T: MKL runs this orientation ~10% faster than G^T h at vocabulary-sized G (bench/RESULTS.md)
-            dw = torch.mul(torch.mm(h.t(), grad_logits).t(), scale, out=torch.empty_like(weight))
+        dw = torch.mul(torch.mm(h.t(), grad_logits).t(), scale, out=torch.empty_like(weight)) \
+            if ctx.needs_input_grad[1] else None
         return dh, dw, None, None
 
 
