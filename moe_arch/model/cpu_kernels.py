@@ -8,7 +8,7 @@ flags and the CPU's feature flags, and written atomically (temp file + rename), 
 ranks, test workers) are safe.
 
 No silent fallback to a different model: when no C compiler is found or the build fails, one warning names the
-reason, the Mamba layers run the chunked PyTorch scan (``mamba.py``), the same function, 3.5-6x slower per Mamba
+reason, the Mamba layers run the chunked PyTorch scan (``mamba.py``), the same function, 4.7-6x slower per Mamba
 layer, and the fused head does its softmax in PyTorch ops (``losses.py``) (bench/RESULTS.md).
 ``MOE_ARCH_NO_KERNELS=1`` chooses those paths on purpose.
 
