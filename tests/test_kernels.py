@@ -199,3 +199,21 @@ def test_vector_exp_matches_libm_on_both_code_paths(isa, tmp_path):
     assert nan_ok == "1"
     assert float(tiny) == pytest.approx(math.exp(-87.3), rel=1e-5)
     assert float(one) == 1.0
+
+
+def test_fused_head_under_no_grad_computes_only_the_loss(monkeypatch):
+    """Evaluation: under no_grad the kernel path must not form the gradients of h and W (an autograd.Function
+    still reports needs_input_grad there), and the loss equals the training-mode loss."""
+    from moe_arch.model import losses
+
+    h = torch.randn(70, 16)
+    w = torch.randn(33, 16, requires_grad=True)
+    y = torch.randint(0, 33, (70,))
+    asked = []
+    real = losses._kernel_loss_and_grads
+    monkeypatch.setattr(losses, "_kernel_loss_and_grads", lambda *a: asked.append(a[3:]) or real(*a))
+    train_loss = losses.linear_cross_entropy(h, w, y)
+    with torch.no_grad():
+        eval_loss = losses.linear_cross_entropy(h, w, y)
+    assert asked == [(False, True), (False, False)]
+    torch.testing.assert_close(eval_loss, train_loss.detach())

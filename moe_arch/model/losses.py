@@ -44,6 +44,32 @@ def _softmax_grad_chunked(h: torch.Tensor, weight: torch.Tensor, target: torch.T
 KERNEL_BLOCK_ROWS = 1024
 
 
+def _kernel_loss_and_grads(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, want_h: bool, want_w: bool):
+    """CPU kernel path: float64 loss sum, and (when asked) d(sum)/dh [N, d] and d(sum)/dW transposed [d, V]."""
+    N, V = h.shape[0], weight.shape[0]
+    if N and (int(target.min()) < 0 or int(target.max()) >= V):
+        bad = target[(target < 0) | (target >= V)][0]
+        raise IndexError(f"cross-entropy target {int(bad)} is out of range for a vocabulary of {V}")
+    target = target.long().contiguous()
+    rows = max(1, min(N, KERNEL_BLOCK_ROWS))
+    block = h.new_empty(rows, V)
+    dh = torch.empty_like(h) if want_h else None
+    dwt = h.new_empty(h.shape[1], V) if want_w else None  # d(loss)/dW transposed: h^T G is the fast form
+    total = torch.zeros((), dtype=torch.float64)
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        g = torch.mm(h[s:e], weight.t(), out=block[:e - s])
+        total += cpu_kernels.xent_rows_(g, target[s:e]).sum()
+        if want_h:
+            torch.mm(g, weight, out=dh[s:e])
+        if want_w:
+            if s == 0:
+                torch.mm(h[s:e].t(), g, out=dwt)
+            else:
+                dwt.addmm_(h[s:e].t(), g)
+    return total, dh, dwt
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Two paths with the same result. With the CPU kernel, each block of rows is projected, turned into
     softmax - onehot, and immediately multiplied into d(loss)/dh and d(loss)/dW (as Liger-Kernel's fused linear
@@ -54,27 +80,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int):
         N, V = h.shape[0], weight.shape[0]
         if h.device.type == "cpu" and cpu_kernels.available():
-            if N and (int(target.min()) < 0 or int(target.max()) >= V):
-                bad = target[(target < 0) | (target >= V)][0]
-                raise IndexError(f"cross-entropy target {int(bad)} is out of range for a vocabulary of {V}")
-            target = target.long().contiguous()
-            want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            rows = min(N, KERNEL_BLOCK_ROWS)
-            block = h.new_empty(rows, V)
-            dh = torch.empty_like(h) if want_h else None
-            dwt = h.new_empty(h.shape[1], V) if want_w else None  # d(loss)/dW transposed: h^T G is the fast form
-            total = torch.zeros((), dtype=torch.float64)
-            for s in range(0, N, rows):
-                e = min(N, s + rows)
-                g = torch.mm(h[s:e], weight.t(), out=block[:e - s])
-                total += cpu_kernels.xent_rows_(g, target[s:e]).sum()
-                if want_h:
-                    torch.mm(g, weight, out=dh[s:e])
-                if want_w:
-                    if s == 0:
-                        torch.mm(h[s:e].t(), g, out=dwt)
-                    else:
-                        dwt.addmm_(h[s:e].t(), g)
+            total, dh, dwt = _kernel_loss_and_grads(h, weight, target, ctx.needs_input_grad[0],
+                                                    ctx.needs_input_grad[1])
             ctx.fused = True
             ctx.save_for_backward(dh, dwt)
         else:
@@ -105,5 +112,10 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
     h2 = h.reshape(-1, h.shape[-1])
     t2 = target.reshape(-1)
     if h2.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled(h2.device.type):
+        if (h2.device.type == "cpu" and cpu_kernels.available()
+                and not (torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad))):
+            # evaluation: an autograd.Function would still see needs_input_grad under no_grad and form the grads
+            total, _, _ = _kernel_loss_and_grads(h2, weight, t2, False, False)
+            return (total / h2.shape[0]).to(h2.dtype)
         return _LinearCrossEntropy.apply(h2, weight, t2, chunk)
     return F.cross_entropy(F.linear(h2, weight).float(), t2)
