@@ -176,6 +176,9 @@ def test_fused_linear_cross_entropy_equals_the_unfused_loss(N, V, chunk, scale, 
         pytest.skip("no C compiler: the kernel path cannot be built here")
     if not kernel:
         monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    else:  # blocks of 7 rows: several blocks, a partial last one, the dW accumulation across blocks
+        from moe_arch.model import losses
+        monkeypatch.setattr(losses, "KERNEL_BLOCK_ELEMENTS", 7 * V)
     g = torch.Generator().manual_seed(N)
     h = (torch.randn(N, 16, generator=g) * scale).requires_grad_()
     w = torch.randn(V, 16, generator=g, requires_grad=True)

@@ -39,9 +39,10 @@ def _softmax_grad_chunked(h: torch.Tensor, weight: torch.Tensor, target: torch.T
     return total
 
 
-# Rows per block on the kernel path: the block's logits (16 MB at a 4096 vocabulary) stay in the last-level cache
-# between the projection, the softmax kernel and the two gradient products (bench/RESULTS.md).
-KERNEL_BLOCK_ROWS = 1024
+# Logits per block on the kernel path (16 MB: 1024 rows at a 4096 vocabulary): the block stays in the last-level
+# cache between the projection, the softmax kernel and the two gradient products (bench/RESULTS.md), and memory
+# stays bounded at large vocabularies.
+KERNEL_BLOCK_ELEMENTS = 1024 * 4096
 
 
 def _kernel_loss_and_grads(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, want_h: bool, want_w: bool):
@@ -51,7 +52,7 @@ def _kernel_loss_and_grads(h: torch.Tensor, weight: torch.Tensor, target: torch.
         bad = target[(target < 0) | (target >= V)][0]
         raise IndexError(f"cross-entropy target {int(bad)} is out of range for a vocabulary of {V}")
     target = target.long().contiguous()
-    rows = max(1, min(N, KERNEL_BLOCK_ROWS))
+    rows = max(1, min(N, KERNEL_BLOCK_ELEMENTS // V))
     block = h.new_empty(rows, V)
     dh = torch.empty_like(h) if want_h else None
     dwt = h.new_empty(h.shape[1], V) if want_w else None  # d(loss)/dW transposed: h^T G is the fast form
