@@ -45,6 +45,7 @@ def test_optimizers_cover_each_parameter_exactly_once():
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
     for o in opts.values():
         assert all("param_names" in g for g in o.state_dict()["param_groups"])
+    assert opts["adamw"].defaults["fused"] is True  # plain tensors take PyTorch's fused AdamW kernel
 
 
 def test_newton_schulz_precision_routes_2d_matrices():

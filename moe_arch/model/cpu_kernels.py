@@ -202,7 +202,7 @@ def _run(fn, n_items: int, threads: int, args_for_range) -> None:
         return
     with _lock:
         if _pool_size < threads:
-            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moe_arch_scan")
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moe_arch_kernels")
             _pool_size = threads
     bounds = [round(i * n_items / threads) for i in range(threads + 1)]
     futures = [_pool.submit(fn, *args_for_range(bounds[i], bounds[i + 1], i)) for i in range(threads)]

@@ -92,27 +92,20 @@ class BatchedMuon(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            for p, g in zip(params, grads):
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
-            # Plain tensors take the multi-tensor (foreach) kernels: one call per step for the ~30 matrices instead
-            # of one op each; DTensor shards keep per-tensor ops. Same arithmetic either way.
-            plain = not any(hasattr(p, "device_mesh") for p in params)
-            if plain:
-                torch._foreach_lerp_(bufs, grads, 1 - mom)
-                updates = torch._foreach_lerp(grads, bufs, mom) if group["nesterov"] else bufs
-            else:
-                updates = []
-                for g, buf in zip(grads, bufs):
-                    buf.lerp_(g, 1 - mom)
-                    updates.append(g.lerp(buf, mom) if group["nesterov"] else buf)
-            wholes = [full(u) for u in updates]  # all-gather when sharded: orthogonalisation needs whole matrices
-            wholes = [w if w.ndim == 3 else w.unsqueeze(0) for w in wholes]
+            params, wholes = [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(grad, 1 - mom)
+                update = grad.lerp(buf, mom) if group["nesterov"] else buf
+                whole = full(update)  # all-gather when sharded: orthogonalisation needs the whole matrix
+                params.append(p)
+                wholes.append(whole if whole.ndim == 3 else whole.unsqueeze(0))
             # Newton-Schulz works on the wide orientation (m <= n), so [m, n] and [n, m] matrices share a batch.
             wide = [w if w.shape[1] <= w.shape[2] else w.transpose(1, 2) for w in wholes]
             by_shape: dict[tuple[int, int], list[int]] = {}
@@ -125,16 +118,10 @@ class BatchedMuon(Optimizer):
                                           dtype=self.ns_dtype)
                 for i, o in zip(idx, ortho.split([wide[i].shape[0] for i in idx])):
                     orthos[i] = o if wide[i] is wholes[i] else o.transpose(1, 2)
-            scales = [-muon_adjusted_lr(lr, tuple(p.shape), group["adjust_lr_fn"]) for p in params]
-            if plain:
-                steps = [o.reshape(p.shape).to(p.dtype) for p, o in zip(params, orthos)]
-                torch._foreach_mul_(params, 1 - lr * wd)
-                torch._foreach_mul_(steps, scales)
-                torch._foreach_add_(params, steps)
-            else:
-                for p, ortho, scale in zip(params, orthos, scales):
-                    p.mul_(1 - lr * wd)
-                    p.add_(shard_like(ortho.reshape(p.shape).to(p.dtype), p), alpha=scale)  # DTensor .shape: global
+            for p, ortho in zip(params, orthos):
+                p.mul_(1 - lr * wd)
+                p.add_(shard_like(ortho.view(p.shape).to(p.dtype), p),  # DTensor .shape is the global shape
+                       alpha=-muon_adjusted_lr(lr, tuple(p.shape), group["adjust_lr_fn"]))
         return loss
 
 
