@@ -1,10 +1,10 @@
-"""Fused element-wise chains (RMSNorm, the SwiGLU gate, Mamba's causal conv + silu) for eager float32 CPU
+"""Fused element-wise chains (RMSNorm, the SwiGLU gate, Mamba's causal conv + silu, RoPE) for eager float32 CPU
 training, forward and backward in one pass each (``kernels/fused_cpu.c``).
 
 Each function here has one definition of its math in PyTorch ops (the ``_reference`` functions), which is what
 runs on GPUs, for other dtypes, inside ``torch.compile`` (where inductor fuses the same chain itself) and when the
 CPU kernels cannot be built; the kernel path is tested against it, values and gradients. Why bother: at the tiny
-preset's sizes each PyTorch op is a memory pass plus a dispatch, and these three chains were ~25 ops per block
+preset's sizes each PyTorch op is a memory pass plus a dispatch, and these four chains were ~30 ops per block
 forward and backward (bench/RESULTS.md has the step time with and without them).
 """
 
@@ -74,15 +74,21 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # ---- Mamba's causal depthwise conv + silu, [B, T, D] layout ----
 
-def causal_conv_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """silu(bias + sum_j weight[j] * x[:, t - K + 1 + j]) with zeros before the sequence start; weight [K, D]. The
-    same arithmetic as conv1d(groups=D) as k shifted multiply-adds, without the two layout transposes."""
-    K, T = weight.shape[0], x.shape[1]
-    xp = F.pad(x, (0, 0, K - 1, 0))
+def shifted_conv_silu(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """silu(bias + sum_j weight[j] * xp[:, t + j]) for t < T = len(xp) - K + 1: xp is the input with its K-1
+    predecessors in front (zeros at a sequence start, the cached inputs when generating). The same arithmetic as
+    conv1d(groups=D) as K shifted multiply-adds, without the two layout transposes."""
+    K = weight.shape[0]
+    T = xp.shape[1] - K + 1
     y = torch.addcmul(bias, xp[:, :T], weight[0])
     for j in range(1, K):
         y = torch.addcmul(y, xp[:, j:j + T], weight[j])
     return F.silu(y)
+
+
+def causal_conv_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """silu(bias + sum_j weight[j] * x[:, t - K + 1 + j]) with zeros before the sequence start; weight [K, D]."""
+    return shifted_conv_silu(F.pad(x, (0, 0, weight.shape[0] - 1, 0)), weight, bias)
 
 
 class _CausalConvSilu(torch.autograd.Function):

@@ -27,7 +27,7 @@ from torch import nn
 
 from moe_arch.config import ModelConfig
 from moe_arch.model import cpu_kernels
-from moe_arch.model.fused import causal_conv_silu
+from moe_arch.model.fused import causal_conv_silu, shifted_conv_silu
 from moe_arch.model.roles import register_roles
 
 
@@ -362,12 +362,9 @@ class Mamba(nn.Module):
         if cache is None:
             xc = causal_conv_silu(xi, w, self.conv1d.bias)  # [B, T, D]
         else:
-            # Generation: the same shifted multiply-adds as causal_conv_silu, over the cached inputs + the new ones.
+            # Generation: the cached inputs stand in front of the new ones instead of zeros.
             conv_in = torch.cat([cache.conv.transpose(1, 2).to(xi.dtype), xi], dim=1)
-            xc = torch.addcmul(self.conv1d.bias, conv_in[:, :T], w[0])
-            for j in range(1, k):
-                xc = torch.addcmul(xc, conv_in[:, j:j + T], w[j])
-            xc = F.silu(xc)
+            xc = shifted_conv_silu(conv_in, w, self.conv1d.bias)
         dt_low, Bm, Cm = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt_low).float())
         if valid is not None:
