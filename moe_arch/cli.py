@@ -55,13 +55,20 @@ def cmd_train(args, rest) -> int:
     from moe_arch.training.trainer import NonFiniteLossError, TrainingStopped, Trainer
 
     cfg = load_config(args.config, _split_overrides(rest))
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = None
     try:
+        trainer = Trainer(cfg, resume=args.resume)
         result = trainer.run()
     except (NonFiniteLossError, TrainingStopped) as e:  # raised on every rank together
         trainer.close()
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # SIGINT before the training loop, after it, or a second one during it
+        phase = trainer.phase if trainer is not None else "start-up"
+        last = trainer.last_checkpoint if trainer is not None else None
+        kept = f"the last checkpoint is {last}" if last else "no checkpoint was written"
+        print(f"interrupted during {phase}; {kept}", file=sys.stderr)
+        return 130
     # Any other exception propagates without a barrier (torchrun stops the other ranks).
     trainer.close()
     if trainer.stop_reason:
@@ -133,7 +140,11 @@ def cmd_info(args, rest) -> int:
 def cmd_config(args, rest) -> int:
     import yaml
 
-    from moe_arch.config import load_config
+    from moe_arch.config import describe_fields, load_config
+
+    if args.help_fields is not None:
+        print(describe_fields(args.help_fields or None))
+        return 0
 
     cfg = load_config(args.config, _split_overrides(rest))
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
@@ -150,6 +161,13 @@ def cmd_generate(args, rest) -> int:
 
     if rest:
         raise UsageError(f"unexpected arguments {rest}")
+    for name, value, ok, allowed in [("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0, ">= 0"),
+                                     ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0: greedy)"),
+                                     ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0: no limit)"),
+                                     ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+                                     ("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1")]:
+        if not ok:
+            raise UsageError(f"generate {name} {value}: must be {allowed}")
     state = load_checkpoint(args.checkpoint)
     cfg = Config.from_dict(state["config"], f"{args.checkpoint} (config)")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -222,7 +240,10 @@ def cmd_export(args, rest) -> int:
 
     if rest:
         raise UsageError(f"unexpected arguments {rest}")
+    from moe_arch.training.run_dir import writable_dir
+
     src = Path(args.checkpoint)
+    writable_dir(Path(args.output).resolve().parent, "exported checkpoint")  # before the (long) load
     if not is_dcp_dir(src):
         raise CheckpointError(f"{src}: not a distributed-checkpoint folder (no .metadata)")
     meta = read_meta(src)
@@ -243,24 +264,35 @@ def cmd_export(args, rest) -> int:
     return 0
 
 
+OVERRIDES_HELP = """config overrides:
+  --section.field VALUE   set any config field (YAML syntax), e.g. --train.steps 100 --model.moe_layers 1,3
+                          sections: model, optim, train, data, monitor
+                          `moe-arch config --help-fields [SECTION]` lists every field with its type and default"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-arch", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=f"moe-arch {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model (default: the tiny preset on the embedded corpus)")
+    t = sub.add_parser("train", help="train a model (default: the tiny preset on the embedded corpus)",
+                       epilog=OVERRIDES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", nargs="?", default=None, help="YAML config file or preset name (default: tiny)")
     t.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'latest' (this run's newest)")
     t.set_defaults(func=cmd_train)
 
-    i = sub.add_parser("info", help="parameter counts and optimizer routing of a config (built on the meta device)")
+    i = sub.add_parser("info", help="parameter counts and optimizer routing of a config (built on the meta device)",
+                       epilog=OVERRIDES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("config", help="YAML config file or preset name")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--optimizer", action="store_true", help="per-tensor optimizer, lr and weight decay")
     i.set_defaults(func=cmd_info)
 
-    c = sub.add_parser("config", help="print the resolved, validated config")
+    c = sub.add_parser("config", help="print the resolved, validated config", epilog=OVERRIDES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("config", nargs="?", default=None)
+    c.add_argument("--help-fields", nargs="?", const="", default=None, metavar="SECTION",
+                   help="list every config field (or one section's) with its type and default")
     c.set_defaults(func=cmd_config)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint with the KV/SSM cache")

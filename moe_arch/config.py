@@ -24,6 +24,12 @@ class ConfigError(ValueError):
     """A configuration value is invalid. The message is one line: source, field, value, what is allowed."""
 
 
+MAX_VOCAB = 1 << 24
+MAX_LAYERS = 4096
+MAX_DIM = 1 << 20
+MAX_PARAMETERS = 10 ** 13
+
+
 def _fail(section: str, name: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ConfigError(f"{section}.{name}={value!r}: {allowed}")
 
@@ -85,9 +91,19 @@ class ModelConfig:
                 _fail(s, name, v, "must be a positive integer")
         if self.vocab_size < 2:
             _fail(s, "vocab_size", self.vocab_size, "must be at least 2")
+        # Sizes far beyond any trained model are refused here, before anything is allocated or built (a typo
+        # like d_model 10000000000 would otherwise overflow or hang in the layer constructors).
+        if self.vocab_size > MAX_VOCAB:
+            _fail(s, "vocab_size", self.vocab_size, f"must be <= {MAX_VOCAB:,} (the largest tokenizers in use have "
+                  "~256K entries)")
+        if self.n_layers > MAX_LAYERS:
+            _fail(s, "n_layers", self.n_layers, f"must be <= {MAX_LAYERS:,}")
+        for name in ("d_model", "d_ff", "max_seq_len"):
+            if getattr(self, name) > MAX_DIM:
+                _fail(s, name, getattr(self, name), f"must be <= {MAX_DIM:,}")
         if self.head_dim is None:
             if self.d_model % self.n_heads:
-                divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and h <= 64]
+                divisors = [h for h in range(1, min(self.d_model, 64) + 1) if self.d_model % h == 0]
                 _fail(s, "n_heads", self.n_heads,
                       f"must divide model.d_model={self.d_model} (e.g. one of {divisors[-4:]}), or set model.head_dim")
         elif self.head_dim <= 0:
@@ -127,6 +143,26 @@ class ModelConfig:
             _fail(s, "mod_capacity", self.mod_capacity, "must be in (0, 1]; 1.0 turns Mixture-of-Depths off")
         if self.n_predict < 1:
             _fail(s, "n_predict", self.n_predict, "must be >= 1 (1 = next-token prediction only)")
+        n = self.estimated_parameters()
+        if n > MAX_PARAMETERS:
+            _fail(s, "d_model", self.d_model, f"with these sizes the model would have ~{n:.2e} parameters "
+                  f"({4 * n / 1e12:,.0f} TB in float32); at most {MAX_PARAMETERS:.0e} are supported")
+
+    def estimated_parameters(self) -> int:
+        """Total parameters from the config alone (the model's own count, ``params.count_parameters``, needs the
+        model built): embeddings, heads, attention or Mamba mixers, dense or MoE feed-forwards, norms."""
+        d, V, hd = self.d_model, self.vocab_size, self.resolved_head_dim
+        heads = (1 if self.tie_embeddings else 2) * V * d + (self.n_predict - 1) * (V * d + d * d)
+        attn = 2 * d * self.n_heads * hd + 2 * d * self.n_kv_heads * hd
+        di, N, r = self.mamba_expand * d, self.mamba_d_state, self.resolved_dt_rank
+        mamba = 2 * d * di + di * (r + 2 * N) + r * di + di + di * (N + 1 + self.mamba_d_conv + 1) + di * d
+        per_layer = []
+        for i in range(self.n_layers):
+            seq = mamba if i in self.mamba_layers else attn
+            ffn = (self.n_experts * 3 * d * self.d_ff_expert + d * self.n_experts) if i in self.moe_layers \
+                else 3 * d * self.d_ff
+            per_layer.append(seq + ffn + 2 * d + (d if i in self.mod_layers else 0))
+        return heads + sum(per_layer) + d
 
     @property
     def resolved_head_dim(self) -> int:
@@ -208,6 +244,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_last: int = 2
     save_step0: bool = True
+    overwrite: bool = False  # a fresh start may delete the checkpoints another run left in this run folder
     nan_policy: str = "stop"  # stop | skip
     max_nan_skips: int = 3
     compile: bool = False
@@ -343,9 +380,28 @@ def _build_section(name: str, klass: type, values: dict[str, Any]):
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise ConfigError(f"{name}.{key}: unknown field{_suggest(key, names)}; see `moe-arch config --help-fields`")
+            raise ConfigError(f"{name}.{key}: unknown field{_suggest(key, names)}; `moe-arch config --help-fields "
+                              f"{name}` lists the fields")
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
     return klass(**kwargs)
+
+
+def describe_fields(section: str | None = None) -> str:
+    """Every field of one section (or all), with its type and default: the text of ``config --help-fields``."""
+    lines = []
+    for name, klass in SECTIONS.items():
+        if section is not None and name != section:
+            continue
+        hints = typing.get_type_hints(klass)
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(klass):
+            default = (f.default if f.default is not dataclasses.MISSING
+                       else f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            kind = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+            lines.append(f"  {name}.{f.name:<28} {kind:<16} default {default!r}")
+    if not lines:
+        raise ConfigError(f"--help-fields {section}: no such section; sections: {', '.join(SECTIONS)}")
+    return "\n".join(lines)
 
 
 def _coerce(path: str, value: Any, hint: Any) -> Any:
@@ -404,7 +460,12 @@ def _read_yaml(path_or_preset: str) -> tuple[dict[str, Any], str]:
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found; give a YAML file or one of the presets {preset_names()}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save the "
+                              "config as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         return data, str(path)

@@ -38,3 +38,17 @@ def small_cfg(tmp_path, data_cache) -> Config:
         "data": dict(cache_dir=data_cache),
         "monitor": dict(enabled=False),
     })
+
+
+@pytest.fixture(params=["avx512", "avx2", "portable"])
+def kernel_isa(request):
+    """Run the test on one SIMD path of the CPU kernels (each path this CPU supports; the others skip), so one
+    machine checks every build it can run, not only the one ``auto`` picks."""
+    from moe_arch.model import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip(f"the CPU kernels cannot be built here: {cpu_kernels._error}")
+    if request.param not in cpu_kernels.supported_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    with cpu_kernels.use_isa(request.param):
+        yield request.param

@@ -1,6 +1,7 @@
 """The fused CPU kernels (kernels/fused_cpu.c, kernels/cross_entropy_cpu.c through model/fused.py and losses.py)
-against their PyTorch definitions: values and gradients, odd sizes (vector tails), strided inputs, one and two
-threads, and both threading paths (PyTorch's OpenMP threads and the fallback thread pool)."""
+against their PyTorch definitions evaluated in float64: values and gradients within the float32 error bound of
+each computation (tests/numerics.py), odd sizes (vector tails), strided inputs, one and two threads, both threading
+paths (PyTorch's OpenMP threads and the fallback thread pool), and every SIMD path this CPU runs (kernel_isa)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_arch.model import cpu_kernels, fused
+from numerics import assert_within, causal_conv_silu_bounds, rms_norm_bounds, rope_bounds, swiglu_bounds
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the CPU kernels cannot be built")
 
@@ -32,19 +34,20 @@ def threads(request):
     torch.set_num_threads(old)
 
 
-def _grads(fn, inputs, g):
-    out = fn(*inputs)
-    return out, torch.autograd.grad(out, [t for t in inputs if torch.is_tensor(t) and t.requires_grad], g)
-
-
-def _check(kernel_fn, reference_fn, inputs, seed=0):
-    ref = reference_fn(*inputs)
-    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed))
-    y, gk = _grads(kernel_fn, inputs, g)
-    y2, gr = _grads(reference_fn, inputs, g)
-    torch.testing.assert_close(y, y2, atol=2e-5, rtol=2e-5)
-    for a, b in zip(gk, gr):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+def _check(kernel_fn, reference_fn, inputs, bounds_fn, seed=0):
+    """kernel_fn on the float32 inputs against reference_fn on float64 copies: the output and the gradients of
+    sum(out * g) for a random g, each within the bounds bounds_fn(*inputs, g) returns (output, [gradients])."""
+    wants = [t for t in inputs if t.requires_grad]
+    ins64 = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    ref = reference_fn(*ins64)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    y = kernel_fn(*inputs)
+    grads = torch.autograd.grad(y, wants, g.float())
+    grads_ref = torch.autograd.grad(ref, [t for t in ins64 if t.requires_grad], g)
+    y_bound, grad_bounds = bounds_fn(*[t.detach() for t in inputs], g)
+    assert_within(y.detach(), ref.detach(), y_bound, "output")
+    for k, (a, b, bound) in enumerate(zip(grads, grads_ref, grad_bounds, strict=True)):
+        assert_within(a, b, bound, f"gradient {k}")
 
 
 def _uses_kernel(monkeypatch, name):
@@ -56,40 +59,45 @@ def _uses_kernel(monkeypatch, name):
 
 
 @pytest.mark.parametrize("shape", [(16, 128, 128), (3, 7, 37), (1, 1, 5)])
-def test_rms_norm_kernel_matches_torch(shape, threads, threading_path, monkeypatch):
+def test_rms_norm_kernel_matches_torch(shape, threads, threading_path, kernel_isa, monkeypatch):
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(shape, generator=gen) * 3).requires_grad_()
     w = (torch.rand(shape[-1], generator=gen) + 0.5).requires_grad_()
     calls = _uses_kernel(monkeypatch, "rmsnorm_backward")
-    _check(lambda a, b: fused.rms_norm(a, b, 1e-6), lambda a, b: fused.rms_norm_reference(a, b, 1e-6), (x, w))
+    _check(lambda a, b: fused.rms_norm(a, b, 1e-6),
+           lambda a, b: torch.nn.functional.rms_norm(a, (a.shape[-1],), eps=1e-6) * b, (x, w), rms_norm_bounds)
     assert calls, "the kernel path did not run"
 
 
 @pytest.mark.parametrize("shape", [(16, 128, 384), (3, 5, 7), (1000,)])
-def test_swiglu_kernel_matches_torch(shape, threads, threading_path, monkeypatch):
+def test_swiglu_kernel_matches_torch(shape, threads, threading_path, kernel_isa, monkeypatch):
     gen = torch.Generator().manual_seed(2)
     a = (torch.randn(shape, generator=gen) * 4).requires_grad_()
     b = torch.randn(shape, generator=gen).requires_grad_()
     calls = _uses_kernel(monkeypatch, "swiglu_backward")
-    _check(fused.swiglu, lambda p, q: F.silu(p) * q, (a, b))
+    _check(fused.swiglu, lambda p, q: F.silu(p) * q, (a, b), swiglu_bounds)
     assert calls
 
 
 @pytest.mark.parametrize("B, T, D, K", [(16, 128, 256, 4), (2, 5, 21, 3), (3, 2, 16, 4), (2, 9, 40, 1)])
-def test_causal_conv_silu_kernel_matches_torch_and_conv1d(B, T, D, K, threads, threading_path, monkeypatch):
+def test_causal_conv_silu_kernel_matches_torch_and_conv1d(B, T, D, K, threads, threading_path, kernel_isa,
+                                                          monkeypatch):
     gen = torch.Generator().manual_seed(3)
     xz = torch.randn(B, T, 2 * D, generator=gen, requires_grad=True)  # x is a strided half, as in the Mamba layer
     w = torch.randn(K, D, generator=gen, requires_grad=True)
     bias = torch.randn(D, generator=gen, requires_grad=True)
     calls = _uses_kernel(monkeypatch, "conv_silu_backward")
+
+    def conv_pre(x, w, bias):  # the depthwise causal conv1d the kernel replaces, before the silu
+        return F.conv1d(x.transpose(1, 2), w.t().unsqueeze(1), bias, padding=K - 1, groups=D)[..., :T].transpose(1, 2)
+
+    def bounds(t, p, q, g):
+        y_bound, (gx, gw, gb) = causal_conv_silu_bounds(t.chunk(2, dim=-1)[0], p, q, g, conv_pre)
+        return y_bound, [torch.cat((gx, torch.zeros_like(gx)), dim=-1), gw, gb]  # z's half gets no gradient
+
     _check(lambda t, p, q: fused.causal_conv_silu(t.chunk(2, dim=-1)[0], p, q),
-           lambda t, p, q: fused.causal_conv_silu_reference(t.chunk(2, dim=-1)[0], p, q), (xz, w, bias))
+           lambda t, p, q: F.silu(conv_pre(t.chunk(2, dim=-1)[0], p, q)), (xz, w, bias), bounds)
     assert calls
-    # and the reference is the depthwise causal conv1d it replaces
-    x = xz.detach().chunk(2, dim=-1)[0]
-    conv = F.conv1d(x.transpose(1, 2), w.detach().t().unsqueeze(1), bias.detach(), padding=K - 1, groups=D)
-    torch.testing.assert_close(fused.causal_conv_silu(x, w.detach(), bias.detach()),
-                               F.silu(conv[..., :T]).transpose(1, 2), atol=2e-5, rtol=2e-5)
 
 
 def test_kernels_step_aside_for_other_dtypes_and_inside_compile(monkeypatch):
@@ -120,7 +128,8 @@ def test_library_shares_pytorchs_openmp_runtime():
 
 
 @pytest.mark.parametrize("B, H, T, D, per_row", [(16, 4, 128, 32, False), (3, 2, 5, 6, True), (2, 3, 7, 34, False)])
-def test_rope_kernel_matches_torch_on_qkv_views(B, H, T, D, per_row, threads, threading_path, monkeypatch):
+def test_rope_kernel_matches_torch_on_qkv_views(B, H, T, D, per_row, threads, threading_path, kernel_isa,
+                                               monkeypatch):
     """q read in place out of a fused QKV projection (strided view), cos/sin shared [T, D] or per row [B, T, D]
     (Mixture-of-Depths gathers tokens with their own positions); the gradient lands back in the projection."""
     gen = torch.Generator().manual_seed(4)
@@ -132,7 +141,14 @@ def test_rope_kernel_matches_torch_on_qkv_views(B, H, T, D, per_row, threads, th
     def q_of(t):
         return t[..., :H * D].view(B, T, H, D).transpose(1, 2)
 
-    _check(lambda t: fused.rope(q_of(t), cos, sin), lambda t: fused.rope_reference(q_of(t), cos, sin), (qkv,))
+    def bounds(t, g):
+        y_bound, dq_bound = rope_bounds(q_of(t), cos, sin, g)
+        d_qkv = torch.zeros(t.shape, dtype=torch.float64)
+        q_of(d_qkv).copy_(dq_bound)
+        return y_bound, [d_qkv]
+
+    _check(lambda t: fused.rope(q_of(t), cos, sin),
+           lambda t: fused.rope_reference(q_of(t), cos.double(), sin.double()), (qkv,), bounds)
     assert len(calls) == 2  # forward and backward
 
 
@@ -177,28 +193,58 @@ int main(void) {
 """
 
 
-@pytest.mark.parametrize("isa", ["portable", "avx512"])
-def test_vector_exp_matches_libm_on_both_code_paths(isa, tmp_path):
-    """simd.h's vexp has an AVX-512 path (vscalefps) and a portable one: both within a few ulp of exp over the
-    range the kernels use, NaN stays NaN, very negative inputs stop at exp(-87.3) (no denormals), exp(0) = 1."""
+@pytest.mark.parametrize("isa", list(cpu_kernels.ISAS))
+def test_vector_exp_matches_libm_on_every_code_path(isa, tmp_path):
+    """simd.h's vexp has an AVX-512 path (vscalefps) and a portable one (compiled with FMA for avx2, without for
+    portable): each within a few ulp of exp over the range the kernels use (numerics.EXP_ULPS, which the kernel
+    tests' bounds assume), NaN stays NaN, very negative inputs stop at exp(-87.3) (no denormals), exp(0) = 1.
+    Built with the kernels' own flags for that path."""
     import shutil
     import subprocess
+
+    from numerics import EXP_ULPS, U
 
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler")
-    if isa == "avx512" and "avx512f" not in cpu_kernels._cpu_flags():
-        pytest.skip("this CPU has no AVX-512")
+    if isa not in cpu_kernels.supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} path")
     (tmp_path / "probe.c").write_text(EXP_PROBE)
-    arch = ["-mavx512f", "-mfma"] if isa == "avx512" else ["-mno-avx512f"]
     exe = tmp_path / "probe"
-    subprocess.run([cc, "-O2", "-std=c11", "-ffp-contract=fast", "-Wno-psabi", f"-I{cpu_kernels.KERNEL_DIR}", *arch,
-                    str(tmp_path / "probe.c"), "-o", str(exe), "-lm"], check=True)
+    flags = [f for f in cpu_kernels.FLAGS if f not in ("-shared", "-fPIC")] + cpu_kernels.ISAS[isa][0]
+    subprocess.run([cc, *flags, str(tmp_path / "probe.c"), "-o", str(exe), "-lm"], check=True)
     worst, nan_ok, tiny, one = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()
-    assert float(worst) < 5e-7
+    assert float(worst) < EXP_ULPS * U
     assert nan_ok == "1"
     assert float(tiny) == pytest.approx(math.exp(-87.3), rel=1e-5)
     assert float(one) == 1.0
+
+
+def test_kernel_isa_is_explicit_and_checked(monkeypatch):
+    """The SIMD path is named, never -march=native; a path this CPU lacks, or an unknown name, is a one-line
+    error naming the variable, and auto takes the widest path this CPU supports."""
+    assert not any("native" in f for flags, _ in cpu_kernels.ISAS.values() for f in flags + cpu_kernels.FLAGS)
+    supported = cpu_kernels.supported_isas()
+    assert supported[-1] == "portable" and supported == [k for k in cpu_kernels.ISAS if k in supported]
+    monkeypatch.setenv("MOE_ARCH_KERNEL_ISA", "auto")
+    assert cpu_kernels.requested_isa() == supported[0]
+    monkeypatch.setenv("MOE_ARCH_KERNEL_ISA", "sse9")
+    with pytest.raises(ValueError, match="MOE_ARCH_KERNEL_ISA='sse9'.*auto, avx512, avx2, portable"):
+        cpu_kernels.requested_isa()
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "fpu sse2 avx avx2 fma bmi1 bmi2 f16c movbe")
+    assert cpu_kernels.supported_isas() == ["avx2", "portable"]
+    monkeypatch.setenv("MOE_ARCH_KERNEL_ISA", "avx512")
+    with pytest.raises(ValueError, match="MOE_ARCH_KERNEL_ISA=avx512: this CPU lacks avx512bw"):
+        cpu_kernels.requested_isa()
+    with pytest.raises(ValueError, match="cannot run the avx512 kernels"):
+        with cpu_kernels.use_isa("avx512"):
+            pass
+
+
+def test_each_isa_builds_its_own_library(kernel_isa):
+    lib = cpu_kernels.load()
+    assert lib.moe_arch_isa == kernel_isa == cpu_kernels.isa()
+    assert f"moe_arch_cpu-{kernel_isa}-" in lib._name
 
 
 def test_fused_head_under_no_grad_computes_only_the_loss(monkeypatch):

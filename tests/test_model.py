@@ -163,33 +163,46 @@ def test_info_cli_bad_config_is_one_line_exit_2():
     assert out.stderr.strip().count("\n") == 0 and "model.top_k=9" in out.stderr
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch-ops"])
-@pytest.mark.parametrize("N, V, chunk, scale", [(7, 50, 3, 1.0), (300, 64, 256, 1.0), (64, 1000, 64, 30.0)])
-def test_fused_linear_cross_entropy_equals_the_unfused_loss(N, V, chunk, scale, kernel, monkeypatch):
-    """Both softmax paths of the fused head (the compiled row kernel and the chunked PyTorch ops) against
-    F.cross_entropy: loss and both gradients; vocabularies that are and are not multiples of the kernel's 16 lanes,
-    and logits spread wide enough (scale 30) that most softmax terms underflow."""
-    from moe_arch.model import cpu_kernels
+def _fused_head_against_float64(N, V, chunk, scale, int32_targets):
+    """Loss and both gradients of the fused head against the float64 unfused loss, within the float32 error bound
+    of the reductions involved (tests/numerics.py): the kernel's SIMD sums and the GEMMs' blocking differ between
+    CPUs, so no fixed tolerance holds on all of them."""
     from moe_arch.model.losses import linear_cross_entropy
+    from numerics import assert_within, softmax_xent_bounds
 
-    if kernel and not cpu_kernels.available():
-        pytest.skip("no C compiler: the kernel path cannot be built here")
-    if not kernel:
-        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    else:  # blocks of 7 rows: several blocks, a partial last one, the dW accumulation across blocks
-        from moe_arch.model import losses
-        monkeypatch.setattr(losses, "KERNEL_BLOCK_ELEMENTS", 7 * V)
     g = torch.Generator().manual_seed(N)
     h = (torch.randn(N, 16, generator=g) * scale).requires_grad_()
     w = torch.randn(V, 16, generator=g, requires_grad=True)
-    y = torch.randint(0, V, (N,), generator=g, dtype=torch.int32 if kernel else torch.int64)
-    ref = torch.nn.functional.cross_entropy(h @ w.t(), y.long())
+    y = torch.randint(0, V, (N,), generator=g, dtype=torch.int32 if int32_targets else torch.int64)
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(h64 @ w64.t(), y.long())
     got = linear_cross_entropy(h, w, y, chunk)
-    torch.testing.assert_close(got, ref)
-    gr = torch.autograd.grad(ref * 3, (h, w))
-    gg = torch.autograd.grad(got * 3, (h, w))
-    for a, b in zip(gg, gr):
-        torch.testing.assert_close(a, b)
+    loss_bound, dh_bound, dw_bound = softmax_xent_bounds(h.detach(), w.detach(), y)
+    assert_within(got.detach(), ref.detach(), loss_bound, "loss")
+    gr = torch.autograd.grad(ref, (h64, w64))
+    gg = torch.autograd.grad(got, (h, w))
+    assert_within(gg[0], gr[0], dh_bound, "dh")
+    assert_within(gg[1], gr[1], dw_bound, "dW")
+
+
+@pytest.mark.parametrize("N, V, chunk, scale", [(7, 50, 3, 1.0), (300, 64, 256, 1.0), (64, 1000, 64, 30.0)])
+def test_fused_linear_cross_entropy_kernel_path(N, V, chunk, scale, kernel_isa, monkeypatch):
+    """The compiled row kernel on each SIMD path, in blocks of 7 rows: several blocks, a partial last one, the dW
+    accumulation across blocks; vocabularies that are and are not multiples of the kernel's 16 lanes, and logits
+    spread wide enough (scale 30) that most softmax terms underflow."""
+    from moe_arch.model import losses
+
+    monkeypatch.setattr(losses, "KERNEL_BLOCK_ELEMENTS", 7 * V)
+    _fused_head_against_float64(N, V, chunk, scale, int32_targets=True)
+
+
+@pytest.mark.parametrize("N, V, chunk, scale", [(7, 50, 3, 1.0), (300, 64, 256, 1.0), (64, 1000, 64, 30.0)])
+def test_fused_linear_cross_entropy_torch_ops_path(N, V, chunk, scale, monkeypatch):
+    """The chunked PyTorch-ops softmax (no compiler, or not on a CPU)."""
+    from moe_arch.model import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    _fused_head_against_float64(N, V, chunk, scale, int32_targets=False)
 
 
 def test_fused_linear_cross_entropy_rejects_out_of_range_targets():

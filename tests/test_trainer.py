@@ -77,7 +77,24 @@ def test_nan_loss_stops_with_the_step_and_module(small_cfg):
         t.run()
     msg = str(e.value)
     assert msg.startswith("step 1: loss is nan") and "'layers.1.seq_layer.o_proj'" in msg
-    assert "train.nan_policy=skip" in msg
+    # the weight itself is NaN: skipping batches would not help, so the message says so instead of suggesting it
+    assert "layers.1.seq_layer.o_proj.weight" in msg and "skipping batches cannot recover" in msg
+    assert "train.nan_policy=skip" not in msg
+
+
+def test_a_bad_batch_on_finite_weights_suggests_skipping(small_cfg):
+    t = Trainer(with_train(small_cfg, steps=3))
+    forward = t.model.forward
+
+    def bad(*a, **k):
+        out = forward(*a, **k)
+        out.loss = out.loss * float("nan")
+        return out
+
+    t.model.forward = bad
+    with pytest.raises(NonFiniteLossError) as e:
+        t.run()
+    assert "(micro-batch 1 of 1)" in str(e.value) and "train.nan_policy=skip" in str(e.value)
 
 
 def test_nan_policy_skip_skips_up_to_the_limit(small_cfg):

@@ -62,6 +62,7 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print) -> TokenData:
         return _open(cache, meta, tok)
 
     log(f"preparing data from {cfg.source} -> {cache}")
+    _check_writable(cache)  # before tokenizing, which can take long
     docs = list(corpus.documents())
     val_docs = [d for i, d in enumerate(docs) if _is_val(i, cfg.val_fraction)]
     train_docs = [d for i, d in enumerate(docs) if not _is_val(i, cfg.val_fraction)]
@@ -79,10 +80,14 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print) -> TokenData:
         raise DataError(f"data.tokenizer={cfg.tokenizer!r}: the tokenizer has {tok.vocab_size} tokens but "
                         f"model.vocab_size={vocab_size}; set --model.vocab_size {tok.vocab_size}")
     dtype = np.uint16 if vocab_size <= 65535 else np.uint32
-    cache.mkdir(parents=True, exist_ok=True)
-    tok.save(cache / "tokenizer.json")
-    n_train = _write_tokens(cache / "train.bin", train_docs, tok, dtype)
-    n_val = _write_tokens(cache / "val.bin", val_docs, tok, dtype)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tok.save(cache / "tokenizer.json")
+        n_train = _write_tokens(cache / "train.bin", train_docs, tok, dtype)
+        n_val = _write_tokens(cache / "val.bin", val_docs, tok, dtype)
+    except OSError as e:  # meta.json is written last, so a half-written cache is never used
+        raise DataError(f"{cache}: cannot write the token cache ({e.strerror or e}); free space or set "
+                        "data.cache_dir to another folder") from None
     meta = {"version": CACHE_VERSION, "source": cfg.source, "dtype": np.dtype(dtype).name, "train_tokens": n_train,
             "val_tokens": n_val, "train_docs": len(train_docs), "val_docs": len(val_docs), "split": split,
             "tokenizer": tok.source, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
@@ -90,6 +95,15 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print) -> TokenData:
     log(f"tokenized {len(docs)} documents: {n_train:,} train / {n_val:,} validation tokens "
         f"(vocabulary {tok.vocab_size})")
     return _open(cache, meta, tok)
+
+
+def _check_writable(cache: Path) -> None:
+    from moe_arch.training.run_dir import RunFolderError, writable_dir
+
+    try:
+        writable_dir(cache, "token cache")
+    except RunFolderError as e:
+        raise DataError(f"{e} (data.cache_dir)") from None
 
 
 def _open(cache: Path, meta: dict, tok: TextTokenizer) -> TokenData:

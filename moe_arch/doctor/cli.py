@@ -129,7 +129,24 @@ def _model_config(view: CheckpointView, spec: str | None, notes: list[str]):
     return None
 
 
+def report_dir(checkpoint: str | Path, out: str | Path | None) -> Path:
+    """Where the reports go: ``out``, or next to the checkpoint (never inside a checkpoint folder)."""
+    src = Path(checkpoint)
+    return Path(out) if out else src.parent / f"diagnosis-{src.stem if src.is_file() else src.name}"
+
+
 def run_diagnose(args) -> int:
+    from moe_arch.doctor.loader import resolve_checkpoint_path
+    from moe_arch.training.run_dir import RunFolderError, writable_dir
+
+    try:
+        # Where the reports will go must take files before the analysis runs (it may take minutes).
+        writable_dir(report_dir(resolve_checkpoint_path(args.checkpoint), args.out), "diagnosis report")
+        if args.json and args.json != "-":
+            writable_dir(Path(args.json).resolve().parent, "JSON report")
+    except (LoadError, RunFolderError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         d = run_analysis(args.checkpoint, args.against, args.model, probe=not args.no_probe,
                          trust_pickle=args.trust_pickle, progress=not args.quiet)
@@ -147,8 +164,7 @@ def run_diagnose(args) -> int:
 def publish(d: Diagnosis, out: str | Path | None = None, json_path: str | None = None, quiet: bool = False) -> Path:
     """Write report.md / report.html (in ``out``, default next to the checkpoint, never inside a checkpoint folder),
     the JSON document when asked, and the console summary; returns the report folder."""
-    src = Path(d.checkpoint["path"])
-    out_dir = Path(out) if out else src.parent / f"diagnosis-{src.stem if src.is_file() else src.name}"
+    out_dir = report_dir(d.checkpoint["path"], out)
     md, htm = write_reports(d, out_dir)
     if json_path:
         write_json(d, json_path)

@@ -31,6 +31,13 @@ BUFFER_PATTERNS = re.compile(r"(running_mean|running_var|num_batches_tracked|inv
                              r"expert_bias|e_score_correction_bias|\.attn\.bias$)")
 
 
+try:  # torch.distributed.checkpoint reports failed reads with a BaseException subclass
+    from torch.distributed.checkpoint.api import CheckpointException as _DCPError
+except ImportError:  # pragma: no cover - builds without torch.distributed
+    class _DCPError(Exception):
+        pass
+
+
 class LoadError(RuntimeError):
     """The input cannot be diagnosed (missing, truncated, corrupt, unsafe). One line: path, problem, fix."""
 
@@ -103,20 +110,29 @@ def release(t: torch.Tensor | None) -> None:
 # -------------------------------------------------------------------------------------------- torch files
 def _torch_load(path: Path, trust_pickle: bool) -> tuple[Any, bool]:
     try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # torch.load cannot open such a name itself; it reads an open file fine
+        try:
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=not trust_pickle), False
+        except Exception as e:
+            raise _load_error(path, e, trust_pickle) from None
+    try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True), True
     except Exception as e:
         if not (isinstance(e, RuntimeError) and "mmap" in str(e)):
-            raise _load_error(path, e) from None
+            raise _load_error(path, e, trust_pickle) from None
         # legacy (non-zip) torch.save format: it cannot be memory-mapped; read it whole
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle), False
     except Exception as e:
-        raise _load_error(path, e) from None
+        raise _load_error(path, e, trust_pickle) from None
 
 
-def _load_error(path: Path, e: Exception) -> LoadError:
-    """A refused unpickle (unsafe content) or an unreadable file (truncated / corrupt)."""
-    if "Weights only load failed" in str(e) or type(e).__name__ == "UnpicklingError":
+def _load_error(path: Path, e: Exception, trust_pickle: bool = False) -> LoadError:
+    """A refused unpickle (unsafe content) or an unreadable file (truncated / corrupt). With --trust-pickle
+    nothing was refused: an unpickling error then means the bytes are not a torch file at all."""
+    if not trust_pickle and ("Weights only load failed" in str(e) or type(e).__name__ == "UnpicklingError"):
         return _unsafe(path, str(e))
     return LoadError(_corrupt(path, e))
 
@@ -129,6 +145,8 @@ def _unsafe(path: Path, msg: str) -> LoadError:
 
 
 def _corrupt(path: Path, e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:  # the file could not be read: say why, not "corrupt"
+        return f"{path}: cannot be read ({e.strerror})"
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     return f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {first[:200]})"
 
@@ -226,9 +244,47 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
             raise LoadError(f"{path}: corrupt safetensors header (length {n} in a {size}-byte file)")
         try:
             header = json.loads(f.read(n))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise LoadError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise LoadError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     return header, 8 + n
+
+
+def _check_entry(path: Path, name: str, info: Any, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
+    """One header entry validated as the safetensors format defines it: dtype, shape of non-negative ints, and
+    data_offsets [begin, end] inside the data section, whose length matches shape x dtype size."""
+    def bad(what: str) -> LoadError:
+        return LoadError(f"{path}: corrupt safetensors header: tensor {name!r} {what}")
+
+    if not isinstance(info, dict):
+        raise bad(f"is a JSON {type(info).__name__}, not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise bad(f"has no {key!r}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str):
+        raise bad(f"has dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise bad(f"has shape {shape!r} (must be a list of non-negative integers)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
+                                                                   for o in offsets)):
+        raise bad(f"has data_offsets {offsets!r} (must be [begin, end])")
+    lo, hi = offsets
+    if not 0 <= lo <= hi:
+        raise bad(f"has data_offsets {offsets!r} (must be 0 <= begin <= end)")
+    if hi > data_size:
+        raise LoadError(f"{path}: truncated safetensors file ({name} ends at byte {hi} of the data section, which "
+                        f"has {data_size})")
+    dt = _ST_DTYPES.get(dtype)
+    if dt is not None:
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * dt.itemsize != hi - lo:
+            raise bad(f"has shape {shape} of {dtype} ({numel * dt.itemsize} bytes) but a byte range of {hi - lo}")
+    return dtype, tuple(shape), lo, hi
 
 
 def _safetensors_infos(path: Path, notes: list[str]) -> tuple[dict[str, TensorInfo], dict]:
@@ -236,15 +292,14 @@ def _safetensors_infos(path: Path, notes: list[str]) -> tuple[dict[str, TensorIn
     size = path.stat().st_size
     meta = header.pop("__metadata__", {}) or {}
     out = {}
+    if not isinstance(meta, dict):
+        raise LoadError(f"{path}: corrupt safetensors header (__metadata__ is a {type(meta).__name__})")
     for name, info in header.items():
-        dtype = _ST_DTYPES.get(info["dtype"])
+        st_dtype, shape, lo, hi = _check_entry(path, name, info, size - base)
+        dtype = _ST_DTYPES.get(st_dtype)
         if dtype is None:
-            notes.append(f"skipped {name}: unsupported dtype {info['dtype']}")
+            notes.append(f"skipped {name}: unsupported dtype {st_dtype}")
             continue
-        lo, hi = info["data_offsets"]
-        if base + hi > size:
-            raise LoadError(f"{path}: truncated safetensors file ({name} ends at byte {base + hi}, file has {size})")
-        shape = tuple(info["shape"])
 
         def get(lo=lo, hi=hi, dtype=dtype, shape=shape, name=name):
             buf = bytearray(hi - lo)
@@ -390,6 +445,19 @@ def resolve_checkpoint_path(spec: str | Path) -> Path:
 
 
 def open_checkpoint(spec: str | Path, trust_pickle: bool = False) -> CheckpointView:
+    """The checkpoint as a lazy view, or a one-line LoadError naming the file. Malformed input of any kind (a
+    mutated header, a wrong type where a mapping belongs, a missing shard) ends in a LoadError, never another
+    exception: the parsers below validate what they can name, and this boundary turns the rest into one line."""
+    try:
+        return _open_checkpoint(spec, trust_pickle)
+    except LoadError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, EOFError,
+            OverflowError, struct.error, MemoryError, _DCPError) as e:
+        raise LoadError(_corrupt(Path(spec), e)) from None
+
+
+def _open_checkpoint(spec: str | Path, trust_pickle: bool = False) -> CheckpointView:
     path = resolve_checkpoint_path(spec)
     if path.is_dir():
         if (path / ".metadata").is_file():
@@ -400,8 +468,16 @@ def open_checkpoint(spec: str | Path, trust_pickle: bool = False) -> CheckpointV
     if path.suffix == ".safetensors":
         return _load_safetensors([path], path)
     if path.name.endswith(".safetensors.index.json"):
-        idx = json.loads(path.read_text())
-        shards = sorted({path.parent / f for f in idx.get("weight_map", {}).values()})
+        try:
+            idx = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LoadError(f"{path}: corrupt safetensors index (not JSON)") from None
+        if not isinstance(idx, dict) or not isinstance(idx.get("weight_map", {}), dict):
+            raise LoadError(f"{path}: corrupt safetensors index (no weight_map object)")
+        shards = sorted({path.parent / str(f) for f in idx.get("weight_map", {}).values()})
+        missing = [s for s in shards if not s.is_file()]
+        if missing:
+            raise LoadError(f"{path}: shard {missing[0].name} is missing (the index names {len(shards)} shards)")
         return _load_safetensors(shards, path)
     obj, mmapped = _torch_load(path, trust_pickle)
     return _from_torch_obj(path, obj, mmapped)

@@ -1,11 +1,18 @@
 """The CPU kernels (``kernels/*.c``: the selective scan, the head's cross-entropy rows), built on first use into
 one shared library and loaded with ctypes.
 
-Why built here and not at install time: the kernels are plain C with no Python or PyTorch headers, compiled with
-``-march=native`` for the machine that runs it, and a wheel cannot know that machine. The shared library is cached
-under ``$MOE_ARCH_KERNEL_CACHE`` (default ``~/.cache/moe_arch/kernels``), keyed by the source, the compiler, its
-flags and the CPU's feature flags, and written atomically (temp file + rename), so concurrent processes (torchrun
-ranks, test workers) are safe.
+Why built here and not at install time: the kernels are plain C with no Python or PyTorch headers, compiled for
+the instruction set of the machine that runs it, and a wheel cannot know that machine. The shared library is
+cached under ``$MOE_ARCH_KERNEL_CACHE`` (default ``~/.cache/moe_arch/kernels``), keyed by the source, the compiler
+and its flags, and written atomically (temp file + rename), so concurrent processes (torchrun ranks, test
+workers) are safe.
+
+Instruction sets are explicit, never ``-march=native`` (which compiles different code on every CPU): ``ISAS``
+names each SIMD path the kernels ship with its exact flags. ``avx512`` and ``avx2`` contract a * b + c into FMA
+(``-ffp-contract=fast``) and ``avx512`` has its own exp (vscalefps); ``portable`` (x86-64 baseline SSE2, or the
+compiler's default elsewhere) has neither, so the paths differ in the last bits of a result, within the float32
+error bounds the tests derive (tests/numerics.py). ``MOE_ARCH_KERNEL_ISA=auto|avx512|avx2|portable`` picks one
+(auto: the widest this CPU supports); ``use_isa`` switches in-process, so one machine tests every path it can run.
 
 No silent fallback to a different model: when no C compiler is found or the build fails, one warning names the
 reason, the Mamba layers run the chunked PyTorch scan (``mamba.py``), the same function, 4.7-6x slower per Mamba
@@ -22,6 +29,7 @@ spin for a while after each parallel op and take cores from the pool's threads (
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -45,7 +53,7 @@ MAX_STATE = 64  # MAX_N in the C source
 # -ffp-contract=fast: ISO C mode (-std=c11) would otherwise forbid fusing a * b + c into one FMA (1.4x on the scan)
 FLAGS = ["-O3", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", "-Wno-psabi", f"-I{KERNEL_DIR}"]
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 _pool: ThreadPoolExecutor | None = None
@@ -99,7 +107,76 @@ def _sig(lib: ctypes.CDLL, name: str, argtypes: list) -> None:
     fn.restype = None
 
 
-def _build() -> ctypes.CDLL:
+# Each SIMD path: its compiler flags and the CPU features (as /proc/cpuinfo spells them) it needs. The flags are
+# the x86-64 micro-architecture levels, so no CPU-specific tuning (-march=native) changes the generated code.
+ISAS: dict[str, tuple[list[str], tuple[str, ...]]] = {
+    "avx512": (["-march=x86-64-v4"], ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma",
+                                      "bmi1", "bmi2", "movbe")),
+    "avx2": (["-march=x86-64-v3"], ("avx2", "fma", "bmi1", "bmi2", "f16c", "movbe")),
+    "portable": (["-march=x86-64"] if platform.machine() in ("x86_64", "AMD64") else [], ()),
+}
+
+
+def supported_isas() -> list[str]:
+    """The SIMD paths this CPU can run, widest first (``portable`` always)."""
+    flags = set(_cpu_flags().split())
+    return [name for name, (_, needs) in ISAS.items()
+            if name == "portable" or (platform.machine() in ("x86_64", "AMD64") and set(needs) <= flags)]
+
+
+def _auto() -> bool:
+    return os.environ.get("MOE_ARCH_KERNEL_ISA", "auto").strip().lower() in ("", "auto")
+
+
+def requested_isa() -> str:
+    """``$MOE_ARCH_KERNEL_ISA`` resolved: an explicit name must be one this CPU runs (else a one-line error)."""
+    want = os.environ.get("MOE_ARCH_KERNEL_ISA", "auto").strip().lower() or "auto"
+    if want == "auto":
+        return supported_isas()[0]
+    if want not in ISAS:
+        raise ValueError(f"MOE_ARCH_KERNEL_ISA={want!r}: must be one of auto, {', '.join(ISAS)}")
+    if want not in supported_isas():
+        raise ValueError(f"MOE_ARCH_KERNEL_ISA={want}: this CPU lacks "
+                         f"{', '.join(sorted(set(ISAS[want][1]) - set(_cpu_flags().split())))}; "
+                         f"it supports {', '.join(supported_isas())} (or unset it for auto)")
+    return want
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Argument types of every entry point (ctypes would otherwise pass 64-bit integers as C ints)."""
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.moe_arch_scan_fwd.argtypes = [ptr] * 10 + [i64] * 6
+    lib.moe_arch_scan_fwd.restype = None
+    lib.moe_arch_scan_bwd.argtypes = [ptr] * 16 + [i64] * 6 + [ptr]
+    lib.moe_arch_scan_bwd.restype = None
+    lib.moe_arch_xent_rows.argtypes = [ptr] * 3 + [i64] * 3
+    lib.moe_arch_xent_rows.restype = None
+    f32 = ctypes.c_float
+    _sig(lib, "moe_arch_rmsnorm_fwd", [ptr] * 4 + [i64, f32, i64, i64])
+    _sig(lib, "moe_arch_rmsnorm_bwd", [ptr] * 6 + [i64] * 3)
+    _sig(lib, "moe_arch_swiglu_fwd", [ptr] * 3 + [i64] * 2)
+    _sig(lib, "moe_arch_swiglu_bwd", [ptr] * 5 + [i64] * 2)
+    _sig(lib, "moe_arch_conv_silu_fwd", [ptr, i64, ptr, ptr, ptr] + [i64] * 5)
+    _sig(lib, "moe_arch_conv_silu_bwd", [ptr, i64] + [ptr] * 5 + [i64] + [ptr] * 2 + [i64] * 5 + [c_int])
+    _sig(lib, "moe_arch_rope", [ptr] + [i64] * 3 + [ptr] * 2 + [i64, ptr] + [i64] * 6 + [c_int] + [i64] * 2)
+    lib.moe_arch_openmp.restype = c_int
+    if lib.moe_arch_openmp():
+        _sig(lib, "moe_arch_rmsnorm_fwd_par", [ptr] * 4 + [i64, f32, i64, c_int])
+        _sig(lib, "moe_arch_rmsnorm_bwd_par", [ptr] * 6 + [i64, i64, c_int])
+        _sig(lib, "moe_arch_swiglu_fwd_par", [ptr] * 3 + [i64, c_int])
+        _sig(lib, "moe_arch_swiglu_bwd_par", [ptr] * 5 + [i64, c_int])
+        _sig(lib, "moe_arch_conv_silu_fwd_par", [ptr, i64, ptr, ptr, ptr] + [i64] * 4 + [c_int])
+        _sig(lib, "moe_arch_rope_par", [ptr] + [i64] * 3 + [ptr] * 2 + [i64, ptr] + [i64] * 6 + [c_int, i64, c_int])
+        _sig(lib, "moe_arch_conv_silu_bwd_par", [ptr, i64] + [ptr] * 5 + [i64] + [ptr] * 2 + [i64] * 4 + [c_int])
+        lib.moe_arch_xent_rows_par.argtypes = [ptr] * 3 + [i64] * 2 + [c_int]
+        lib.moe_arch_xent_rows_par.restype = None
+        lib.moe_arch_scan_fwd_par.argtypes = [ptr] * 10 + [i64] * 5 + [c_int]
+        lib.moe_arch_scan_fwd_par.restype = None
+        lib.moe_arch_scan_bwd_par.argtypes = [ptr] * 16 + [i64] * 5 + [c_int, ptr, i64]
+        lib.moe_arch_scan_bwd_par.restype = None
+
+
+def _build(isa: str) -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise RuntimeError("no C compiler found (set CC or install gcc/clang)")
@@ -107,13 +184,11 @@ def _build() -> ctypes.CDLL:
     source = b"\0".join(p.read_bytes() for p in SOURCES + HEADERS)
     last_err = None
     before = _openmp_runtimes()
-    omp = [["-fopenmp"], []] if _torch_uses_gomp() else [[]]
-    # -march=native is missing on some compilers/architectures
-    for arch, openmp in [(a, o) for o in omp for a in (["-march=native"], [])]:
-        flags = FLAGS + arch + openmp
+    for openmp in ([["-fopenmp"], []] if _torch_uses_gomp() else [[]]):
+        flags = FLAGS + ISAS[isa][0] + openmp
         key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
-                                         platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
-        path = cache_dir() / f"moe_arch_cpu-{key}.so"
+                                         platform.machine().encode()])).hexdigest()[:16]
+        path = cache_dir() / f"moe_arch_cpu-{isa}-{key}.so"
         try:
             if not path.exists():
                 _compile(cc, flags, path)
@@ -125,38 +200,41 @@ def _build() -> ctypes.CDLL:
             # the compiler linked an OpenMP runtime other than PyTorch's: two thread pools would fight for cores
             last_err = RuntimeError(f"{cc} -fopenmp loaded a second OpenMP runtime")
             continue
-        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.moe_arch_scan_fwd.argtypes = [ptr] * 10 + [i64] * 6
-        lib.moe_arch_scan_fwd.restype = None
-        lib.moe_arch_scan_bwd.argtypes = [ptr] * 16 + [i64] * 6 + [ptr]
-        lib.moe_arch_scan_bwd.restype = None
-        lib.moe_arch_xent_rows.argtypes = [ptr] * 3 + [i64] * 3
-        lib.moe_arch_xent_rows.restype = None
-        f32 = ctypes.c_float
-        _sig(lib, "moe_arch_rmsnorm_fwd", [ptr] * 4 + [i64, f32, i64, i64])
-        _sig(lib, "moe_arch_rmsnorm_bwd", [ptr] * 6 + [i64] * 3)
-        _sig(lib, "moe_arch_swiglu_fwd", [ptr] * 3 + [i64] * 2)
-        _sig(lib, "moe_arch_swiglu_bwd", [ptr] * 5 + [i64] * 2)
-        _sig(lib, "moe_arch_conv_silu_fwd", [ptr, i64, ptr, ptr, ptr] + [i64] * 5)
-        _sig(lib, "moe_arch_conv_silu_bwd", [ptr, i64] + [ptr] * 5 + [i64] + [ptr] * 2 + [i64] * 5 + [c_int])
-        _sig(lib, "moe_arch_rope", [ptr] + [i64] * 3 + [ptr] * 2 + [i64, ptr] + [i64] * 6 + [c_int] + [i64] * 2)
-        lib.moe_arch_openmp.restype = c_int
-        if lib.moe_arch_openmp():
-            _sig(lib, "moe_arch_rmsnorm_fwd_par", [ptr] * 4 + [i64, f32, i64, c_int])
-            _sig(lib, "moe_arch_rmsnorm_bwd_par", [ptr] * 6 + [i64, i64, c_int])
-            _sig(lib, "moe_arch_swiglu_fwd_par", [ptr] * 3 + [i64, c_int])
-            _sig(lib, "moe_arch_swiglu_bwd_par", [ptr] * 5 + [i64, c_int])
-            _sig(lib, "moe_arch_conv_silu_fwd_par", [ptr, i64, ptr, ptr, ptr] + [i64] * 4 + [c_int])
-            _sig(lib, "moe_arch_rope_par", [ptr] + [i64] * 3 + [ptr] * 2 + [i64, ptr] + [i64] * 6 + [c_int, i64, c_int])
-            _sig(lib, "moe_arch_conv_silu_bwd_par", [ptr, i64] + [ptr] * 5 + [i64] + [ptr] * 2 + [i64] * 4 + [c_int])
-            lib.moe_arch_xent_rows_par.argtypes = [ptr] * 3 + [i64] * 2 + [c_int]
-            lib.moe_arch_xent_rows_par.restype = None
-            lib.moe_arch_scan_fwd_par.argtypes = [ptr] * 10 + [i64] * 5 + [c_int]
-            lib.moe_arch_scan_fwd_par.restype = None
-            lib.moe_arch_scan_bwd_par.argtypes = [ptr] * 16 + [i64] * 5 + [c_int, ptr, i64]
-            lib.moe_arch_scan_bwd_par.restype = None
+        _declare(lib)
+        lib.moe_arch_isa = isa
         return lib
     raise RuntimeError(str(last_err))
+
+
+_built: dict[str, ctypes.CDLL] = {}
+
+
+def build(isa: str) -> ctypes.CDLL:
+    """The library compiled for one SIMD path (cached per process); raises when it cannot be built."""
+    with _lock:
+        if isa not in _built:
+            _built[isa] = _build(isa)
+        return _built[isa]
+
+
+@contextlib.contextmanager
+def use_isa(isa: str):
+    """Run the kernels of one SIMD path inside the block (tests: every path this CPU supports)."""
+    global _lib, _error
+    if isa not in supported_isas():
+        raise ValueError(f"this CPU cannot run the {isa} kernels (it supports {', '.join(supported_isas())})")
+    saved = _lib, _error
+    _lib, _error = build(isa), None
+    try:
+        yield _lib
+    finally:
+        _lib, _error = saved
+
+
+def isa() -> str | None:
+    """The SIMD path of the loaded library (None without one)."""
+    lib = load()
+    return None if lib is None else lib.moe_arch_isa
 
 
 def load() -> ctypes.CDLL | None:
@@ -169,10 +247,18 @@ def load() -> ctypes.CDLL | None:
             if os.environ.get("MOE_ARCH_NO_KERNELS", "") not in ("", "0"):
                 _error = "disabled by MOE_ARCH_NO_KERNELS"
                 return None
-            try:
-                _lib = _build()
-            except Exception as e:  # noqa: BLE001 - any build failure means the documented slower path
-                _error = f"{type(e).__name__}: {e}"
+            want = requested_isa()
+            # auto: the widest path that builds (an older compiler may not know -march=x86-64-v4)
+            candidates = supported_isas()[supported_isas().index(want):] if _auto() else [want]
+            errors = []
+            for name in candidates:
+                try:
+                    _lib = build(name)
+                    break
+                except Exception as e:  # noqa: BLE001 - any build failure means the documented slower path
+                    errors.append(f"{name}: {type(e).__name__}: {e}")
+            if _lib is None:
+                _error = "; ".join(errors)
                 warnings.warn(f"moe_arch: the CPU kernels could not be built ({_error}); Mamba layers use the "
                               "chunked PyTorch scan and the output heads PyTorch's softmax instead (same results, "
                               "slower: several times for Mamba layers). Install a C compiler or set CC to enable "

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
@@ -105,10 +106,29 @@ def save_dcp(folder: Path, model, optimizers: dict, meta: dict) -> Path:
 
 
 def read_meta(folder: Path) -> dict:
+    from moe_arch.training.checkpoint import CheckpointError
+
     path = Path(folder) / META
     if not path.is_file():
         return {}
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read it is the same one-line error
+        raise CheckpointError(f"{path}: truncated or corrupt ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: holds a {type(meta).__name__}, not the checkpoint's meta mapping")
+    return meta
+
+
+def _first_error(e: Exception) -> str:
+    """DCP reports a failed read as a CheckpointException holding each rank's traceback: the innermost cause."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        e = getattr(inner, "exc_info", None) and inner.exc_info[1] or inner
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1][:200] if text else ''}"
 
 
 def load_dcp(folder: Path, model, optimizers: dict) -> dict:
@@ -119,9 +139,15 @@ def load_dcp(folder: Path, model, optimizers: dict) -> dict:
     with_opt = bool(meta.get("has_optimizer_state", True))
     tensors, _, _ = flat_state(model, optimizers, with_opt)  # targets with this run's shapes and sharding
     single = not (dist.is_available() and dist.is_initialized())
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(tensors, checkpoint_id=str(folder), no_dist=single)
+    from moe_arch.training.checkpoint import CheckpointError
+
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(tensors, checkpoint_id=str(folder), no_dist=single)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        raise CheckpointError(f"{folder}: a shard is missing, truncated or does not match this model "
+                              f"({_first_error(e)})") from None
     msd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     state: dict[str, dict] = {}
     for k, v in tensors.items():
@@ -203,9 +229,13 @@ def load_dcp_view(folder: Path):
     def loader(key: str, shape, dtype):
         def get():
             t = torch.empty(shape, dtype=dtype)
-            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load({key: t}, checkpoint_id=str(folder), no_dist=True)
+            try:
+                with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                    warnings.simplefilter("ignore", UserWarning)
+                    dcp.load({key: t}, checkpoint_id=str(folder), no_dist=True)
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - a BaseException in DCP
+                raise LoadError(f"{folder}: cannot read {key} (a shard is missing or truncated: "
+                                f"{_first_error(e)})") from None
             return t
         return get
 

@@ -60,8 +60,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     path = Path(path)
     payload = {"format": FORMAT, "version": __version__, "saved_at": time.time(), **payload}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        msg = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else "")
+        raise CheckpointError(f"{path}: the checkpoint could not be written ({type(e).__name__}: {msg}); the "
+                              "previous checkpoint is kept. Free space or choose another --train.out_dir") from None
     return path
 
 
@@ -115,21 +120,46 @@ def resolve_resume(spec: str, run_dir: Path) -> Path:
     return candidates[-1]
 
 
-def prune(ckpt_dir: Path, keep_last: int) -> None:
-    """Keep step 0 and the last ``keep_last`` periodic checkpoints (files or distributed-checkpoint folders);
-    clean the temporary files and folders of killed saves."""
+def prune(ckpt_dir: Path, keep_last: int, current_step: int | None = None) -> None:
+    """Keep step 0 and the last ``keep_last`` periodic checkpoints (files or distributed-checkpoint folders) up to
+    ``current_step``; clean the temporary files and folders of killed saves. Checkpoints past the current step
+    (a timeline abandoned by resuming an earlier checkpoint) and the one ``latest.txt`` names are never touched."""
     import shutil
 
     clean_stale_temps(ckpt_dir)
     for p in ckpt_dir.glob(".*.partial"):
         shutil.rmtree(p, ignore_errors=True)
     steps = sorted((int(m.group(1)), p) for p in ckpt_dir.glob("step_*") if (m := STEP_RE.match(p.name)))
-    periodic = [(s, p) for s, p in steps if s != 0]
+    latest = ckpt_dir / "latest.txt"
+    protected = (ckpt_dir / latest.read_text().strip()) if latest.is_file() else None
+    periodic = [(s, p) for s, p in steps if s != 0 and (current_step is None or s <= current_step)]
     for _, p in periodic[:-keep_last] if keep_last > 0 else periodic:
+        if p == protected:
+            continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+
+def check_model_state(path, saved: dict, expected: dict) -> None:
+    """The checkpoint's weights fit the model: same names, shapes and floating-point-ness; else one line naming
+    the first tensor that does not."""
+    missing = [k for k in expected if k not in saved]
+    if missing:
+        raise CheckpointError(f"{path}: model tensor {missing[0]!r} is missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = [k for k in saved if k not in expected]
+    if extra:
+        raise CheckpointError(f"{path}: model tensor {extra[0]!r} is not in this model"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for k, ref in expected.items():
+        v = saved[k]
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: model entry {k!r} is a {type(v).__name__}, not a tensor")
+        if tuple(v.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{path}: model tensor {k!r} has shape {list(v.shape)}, the model expects "
+                                  f"{list(ref.shape)}")
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

@@ -12,7 +12,7 @@ import math
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from moe_arch.training.flops import measure_matmul_peak
 from moe_arch.training.metrics import ConsoleUI, MetricsLogger
 from moe_arch.training.optim import build_optimizers, build_schedulers, plan_parameters
 from moe_arch.training.precision import CompensatedUpdates, preflight, resolve_policy
+from moe_arch.training.run_dir import RunLock, claim_for_fresh_start, existing_checkpoints
 from moe_arch.utils import human, resolve_device, tune_cpu_malloc
 
 
@@ -63,7 +64,57 @@ def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab: int) -> flo
     return float(-logp[np.asarray(val)].mean())
 
 
+def _check_fits(cfg: Config, device: torch.device, shards: int) -> None:
+    """Refuse, with the numbers, a model whose weights, gradients and optimizer state alone (16 bytes per
+    parameter in float32: weight, gradient, two moments) exceed this device's free memory, before the data and
+    the model take minutes to build and the allocation fails (or the machine swaps)."""
+    from moe_arch.config import ConfigError
+
+    n = cfg.model.estimated_parameters()
+    need = 16 * n / max(1, shards)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    if need > free:
+        raise ConfigError(f"model: ~{n:,} parameters need at least {need / 2**30:,.1f} GiB on each device for "
+                          f"weights, gradients and optimizer state, and {device} has {free / 2**30:,.1f} GiB free; "
+                          "shrink model.d_model / model.n_layers, or shard it over more GPUs (torchrun, "
+                          "--train.parallel fsdp)")
+
+
+def _field(path, state: dict, key: str, kind: type, name: str | None = None):
+    """state[key], or a one-line CheckpointError naming the file and the key when it is missing or of the wrong
+    type (a hand-edited or foreign checkpoint)."""
+    name = name or key
+    if not isinstance(state, dict) or key not in state:
+        raise ckpt.CheckpointError(f"{path}: no {name!r} in this checkpoint; it cannot be resumed (start a new run, "
+                                   "or resume a checkpoint moe_arch wrote)")
+    value = state[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ckpt.CheckpointError(f"{path}: {name!r} is a {type(value).__name__}, not a {kind.__name__}; the file "
+                                   "was changed after moe_arch wrote it and cannot be resumed")
+    return value
+
+
+@contextmanager
+def _loading(path, name: str):
+    """Turn the errors of load_state_dict on a malformed entry into one line naming it."""
+    try:
+        yield
+    except ckpt.CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ckpt.CheckpointError(f"{path}: {name!r} does not fit this run ({type(e).__name__}: {msg[:300]})") \
+            from None
+
+
 class Trainer:
+    phase = "start-up"  # what the run is doing, for the message when a second signal stops it at once
+
     def __init__(self, cfg: Config, resume: str | None = None, log=None):
         self.cfg = cfg
         t = cfg.train
@@ -74,10 +125,19 @@ class Trainer:
         self.policy = resolve_policy(t.precision, self.device)
         if self.device.type == "cpu" and t.cpu_malloc_cache:
             tune_cpu_malloc()
+        _check_fits(cfg, self.device, self.dist.world if t.parallel in ("auto", "fsdp") else 1)
         self.run_dir = Path(t.out_dir) / t.run_name
         self.ckpt_dir = ckpt.checkpoint_dir(self.run_dir)
         self.ui = ConsoleUI("none", 0, enabled=False)  # replaced in run(); messages before it go to `log`
         self._log = log or (print if self.dist.is_main else (lambda *a, **k: None))
+        # The run folder is this run's alone: locked for the run's lifetime, and never a fresh start over
+        # another run's checkpoints (run_dir.py). Checked before the data and the model take minutes.
+        self._lock = RunLock(self.run_dir) if self.dist.is_main else None
+        if resume == "latest" and not existing_checkpoints(self.run_dir):
+            self._log(f"--resume latest: no checkpoint in {self.ckpt_dir} yet; starting a new run")
+            resume = None
+        if resume is None and self.dist.is_main:
+            claim_for_fresh_start(self.run_dir, t.overwrite)
         torch.manual_seed(t.seed)
 
         # Data: rank 0 tokenizes (and caches) first; the others read the cache.
@@ -110,6 +170,7 @@ class Trainer:
         self.nan_skips = 0
         self._stop_signal: int | None = None
         self.resumed_from: Path | None = None
+        self.last_checkpoint: Path | None = None
         if resume:
             self._resume(resume)
         self.monitor = None
@@ -141,26 +202,36 @@ class Trainer:
                                            "on one process or with --train.parallel ddp")
             state = ckpt.load_checkpoint(path, map_location=self.device)
             self._check_resume_config(path, state)
+            ckpt.check_model_state(path, _field(path, state, "model", dict), self.raw_model.state_dict())
             self.raw_model.load_state_dict(state["model"])
+            optimizers = _field(path, state, "optimizers", dict)
             ctx = self.compensator.fp32_view(with_grads=False) if self.compensator else nullcontext()
             with ctx:  # compensated runs keep fp32 optimizer state: load it while the weights are fp32
                 for name, opt in self.optimizers.items():
-                    opt.load_state_dict(state["optimizers"][name])
+                    with _loading(path, f"optimizers.{name}"):
+                        opt.load_state_dict(_field(path, optimizers, name, dict, f"optimizers.{name}"))
             if self.compensator is not None:
                 # fp32_view re-split the weights on exit; the checkpoint's buffers are the exact remainder.
-                self.compensator.load_state_dict(state.get("precision_state", {}))
+                with _loading(path, "precision_state"):
+                    self.compensator.load_state_dict(state.get("precision_state", {}))
+        schedulers = _field(path, state, "schedulers", dict)
         for name, sch in self.schedulers.items():
-            sch.load_state_dict(state["schedulers"][name])
-        self.sampler.load_state_dict(state["data_state"])
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
-        ckpt.set_rng_state(state["rng"])
+            with _loading(path, f"schedulers.{name}"):
+                sch.load_state_dict(_field(path, schedulers, name, dict, f"schedulers.{name}"))
+        with _loading(path, "data_state"):
+            self.sampler.load_state_dict(_field(path, state, "data_state", dict))
+        with _loading(path, "step"):
+            self.step = int(_field(path, state, "step", int))
+            self.tokens_seen = int(_field(path, state, "tokens_seen", int))
+        with _loading(path, "rng"):
+            ckpt.set_rng_state(_field(path, state, "rng", dict))
         self.resumed_from = path
         self._log(f"resumed from {path} at step {self.step} ({human(self.tokens_seen)} tokens seen)")
 
     def _check_resume_config(self, path, state: dict) -> None:
         if "config" not in state:
             raise ckpt.CheckpointError(f"{path}: no moe_arch config in this checkpoint; it cannot be resumed")
+        _field(path, state, "config", dict)
         diffs = ckpt.config_differences(state["config"], self.cfg.to_dict())
         if diffs:
             raise ckpt.CheckpointError(f"cannot resume {path} with this config; these fields differ: {'; '.join(diffs)}. "
@@ -203,7 +274,7 @@ class Trainer:
         if self.dist.is_main:
             ckpt.write_latest(self.ckpt_dir, path.name)
             if kind == "periodic":
-                ckpt.prune(self.ckpt_dir, self.cfg.train.keep_last)
+                ckpt.prune(self.ckpt_dir, self.cfg.train.keep_last, self.step)
         self.dist.barrier()
         return path
 
@@ -255,7 +326,7 @@ class Trainer:
         # Every parameter is in exactly one optimizer: the global norm follows from the per-optimizer norms.
         total = clip_grads_(params, t.grad_clip, math.sqrt(sum(v * v for v in group_norms.values())))
         if not math.isfinite(total):
-            if self._non_finite(total, -1, None, None, what="gradient norm"):
+            if self._non_finite(total, None, None, None, what="gradient norm"):
                 for opt in self.optimizers.values():
                     opt.zero_grad(set_to_none=True)
                 return {"skipped": True}
@@ -287,7 +358,18 @@ class Trainer:
                 "moe_load": {i: l.detach().float().cpu() for i, l in loads.items()}, "mod_frac": mod_frac,
                 "mod_weight": mod_w, "skipped": False}
 
-    def _non_finite(self, value: float, micro: int, inp, tgt, what: str = "loss") -> bool:
+    def _nonfinite_state(self) -> list[str]:
+        """Names of the weights and optimizer-state tensors holding NaN/inf (then no batch can be trained)."""
+        bad = [n for n, p in self.raw_model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        names = {id(p): n for n, p in self.raw_model.named_parameters()}
+        for opt_name, opt in self.optimizers.items():
+            for p, st in opt.state.items():
+                for k, v in st.items():
+                    if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                        bad.append(f"{opt_name} {k} of {names.get(id(p), '?')}")
+        return bad
+
+    def _non_finite(self, value: float, micro: int | None, inp, tgt, what: str = "loss") -> bool:
         """Stop (with the module where the non-finite value first appeared) or skip the batch, per policy."""
         t = self.cfg.train
         where = ""
@@ -303,7 +385,15 @@ class Trainer:
                 dist.all_gather_object(found, (value, module))
                 value, module = next(((v, m) for v, m in found if m is not None), (value, module))
             where = f"; first non-finite output in module {module!r}" if module else ""
-        msg = (f"step {self.step + 1}: {what} is {value} (micro-batch {micro}){where}")
+        batch = (f"micro-batch {micro + 1} of {t.grad_accum}" if micro is not None
+                 else f"after the backward of all {t.grad_accum} micro-batch{'es' if t.grad_accum > 1 else ''}")
+        msg = (f"step {self.step + 1}: {what} is {value} ({batch}){where}")
+        broken = self._nonfinite_state()
+        if broken:  # skipping cannot help: every later batch starts from the same non-finite state
+            shown = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
+            raise NonFiniteLossError(f"{msg}; the model's state is already non-finite ({len(broken)} tensors: "
+                                     f"{shown}), so skipping batches cannot recover; stopping. Resume an earlier "
+                                     f"checkpoint from {self.ckpt_dir} with a lower learning rate")
         if t.nan_policy == "skip" and self.nan_skips < t.max_nan_skips:
             self.nan_skips += 1
             self.ui.print(f"[yellow]warning:[/] {msg}; skipping this batch ({self.nan_skips}/{t.max_nan_skips} skips)")
@@ -374,8 +464,11 @@ class Trainer:
         return tok.decode(out[0].tolist())
 
     def close(self) -> None:
-        """Release the process group in order: every rank done, the DDP wrapper (and its reducer thread) gone
-        first, then the group destroyed. Tearing down in another order aborts a rank at exit."""
+        """Release the run folder's lock and the process group in order: every rank done, the DDP wrapper (and
+        its reducer thread) gone first, then the group destroyed. Tearing down in another order aborts a rank at
+        exit."""
+        if self._lock is not None:
+            self._lock.release()
         if not self.dist.enabled:
             return
         import gc
@@ -413,6 +506,10 @@ class Trainer:
                 signal.signal(signum, old.get(signum, signal.SIG_DFL))
                 raise KeyboardInterrupt
             self._stop_signal = signum
+            if self.step >= self.cfg.train.steps:  # the last step is done: final.pt is being written
+                self.ui.print(f"[yellow]received {signal.Signals(signum).name}: training is complete (step "
+                              f"{self.step}); finishing the final save[/] (send again to stop immediately)")
+                return
             self.ui.print(f"[yellow]received {signal.Signals(signum).name}: finishing step {self.step + 1}, then "
                           "saving checkpoint_interrupted.pt[/] (send again to stop immediately)")
 
@@ -421,6 +518,14 @@ class Trainer:
         return old
 
     def run(self) -> RunResult:
+        """Train to ``train.steps`` (or a stop signal), then evaluate; the run folder is released at the end."""
+        try:
+            return self._run()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _run(self) -> RunResult:
         cfg, t = self.cfg, self.cfg.train
         main = self.dist.is_main
         if main:
@@ -451,13 +556,14 @@ class Trainer:
         if self.monitor is not None:
             self.monitor.attach(logger, self)
         if self.resumed_from is None and t.save_step0 and self.step == 0:
-            self.save("init", "step_0000000")
+            self.last_checkpoint = self.save("init", "step_0000000")
         self.ui = ConsoleUI(t.progress, t.steps, self.step, enabled=main)
         old_handlers = self._install_signals()
         interval = {"loss": [], "lm_loss": [], "mtp_loss": [], "clipped": 0, "steps": 0, "tokens": 0, "t0": time.time()}
         last_ckpt = None
         val_loss = None
         try:
+            self.phase = "training"
             while self.step < t.steps:
                 tokens_before = self.tokens_seen
                 stats = self.train_step()
@@ -488,6 +594,7 @@ class Trainer:
                                   f"unigram baseline {unigram:.4f})")
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
                     last_ckpt = self.save("periodic") or last_ckpt
+                    self.last_checkpoint = last_ckpt
                 interval["t0"] += time.time() - paused
                 if self._stop_requested():
                     last_ckpt = self.save("interrupted", "checkpoint_interrupted")
@@ -499,6 +606,8 @@ class Trainer:
                     return RunResult(self.step, self.tokens_seen, None, None, unigram, None, self.run_dir,
                                      interrupted=self._stop_signal, last_checkpoint=last_ckpt)
             last_ckpt = self.save("final", "final") or last_ckpt
+            self.last_checkpoint = last_ckpt
+            self.phase = "the final validation"
         finally:
             self.ui.close()
             for s, h in old_handlers.items():

@@ -1,0 +1,116 @@
+"""A run folder belongs to one run.
+
+Two things protect it. A lock (``<run>/.lock``, held with ``flock`` for the whole run): a second process that
+starts in the same folder exits at once naming the holder. The kernel drops an flock when its process dies,
+however it dies, so a lock file left by a killed run is never stale: the next run simply takes it (the file's
+contents, pid / host / start time, are only there to name the holder). And ownership of the checkpoints: a fresh
+start in a folder that already holds checkpoints is refused (resume it, pick another run name, or ask for the
+overwrite explicitly), so a new run can never prune, overwrite or mix with another run's files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from moe_arch.training.checkpoint import STEP_RE, CheckpointError, checkpoint_dir
+
+
+class RunFolderError(CheckpointError):
+    """A run folder that this run may not use (held by another process, or another run's checkpoints)."""
+
+
+def writable_dir(path: str | Path, what: str) -> Path:
+    """Create ``path`` if needed and prove it takes a file, before any long work writes there."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        reason = {errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
+                  errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(e.errno, e.strerror)
+        raise RunFolderError(f"{path}: cannot write the {what} there ({reason}); choose another folder") from None
+    return path
+
+
+class RunLock:
+    """An exclusive flock on ``<run_dir>/.lock`` for as long as this object lives (or until ``release``)."""
+
+    def __init__(self, run_dir: str | Path):
+        import fcntl
+
+        self._f = None
+        self.path = writable_dir(run_dir, "run") / ".lock"
+        self._f = open(self.path, "a+")
+        try:
+            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self._f.close()
+            self._f = None
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise RunFolderError(f"{self.path}: cannot lock the run folder ({e.strerror})") from None
+            raise RunFolderError(f"{Path(run_dir)} is in use by another run ({self.holder()}); wait for it to "
+                                 "finish, or start this one with another --train.run_name") from None
+        self._f.seek(0)
+        self._f.truncate()
+        self._f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
+        self._f.flush()
+
+    def holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"]))
+            return f"pid {info['pid']} on {info['host']}, since {since}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "holder unknown"
+
+    def release(self) -> None:
+        if self._f is not None:
+            with contextlib.suppress(OSError):
+                self._f.close()  # closing the descriptor drops the flock
+            self._f = None
+
+    def __del__(self):
+        self.release()
+
+
+def existing_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The checkpoints (files and distributed-checkpoint folders) in a run folder, newest step last."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        stem = p.name[:-3] if p.name.endswith(".pt") else p.name
+        if p.name.startswith("."):
+            continue
+        if STEP_RE.match(p.name) or stem in ("final", "checkpoint_interrupted"):
+            if p.suffix == ".pt" or (p.is_dir() and (p / ".metadata").exists()):
+                found.append(p)
+    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def claim_for_fresh_start(run_dir: str | Path, overwrite: bool) -> None:
+    """Refuse a fresh start over another run's checkpoints, or (``overwrite``) remove that run's files first."""
+    run_dir = Path(run_dir)
+    found = existing_checkpoints(run_dir)
+    if not found:
+        return
+    if not overwrite:
+        raise RunFolderError(f"{run_dir} already holds another run's checkpoints ({len(found)}, newest "
+                             f"{found[-1].name}); continue it with --resume latest, start a new run with "
+                             "--train.run_name NAME, or replace it with --train.overwrite true")
+    shutil.rmtree(checkpoint_dir(run_dir))
+    for name in ("metrics.jsonl", "alerts.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+    tb = run_dir / "tensorboard"
+    if tb.is_dir():
+        shutil.rmtree(tb)

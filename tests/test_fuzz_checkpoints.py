@@ -1,0 +1,89 @@
+"""Fuzzing the doctor's readers: checkpoints of every supported format, truncated or with bytes overwritten,
+give a verdict or one LoadError line, never another exception (hypothesis picks the damage)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moe_arch.doctor.cli import run_analysis
+from moe_arch.doctor.loader import LoadError
+from moe_arch.training.checkpoint import save_checkpoint
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+
+
+def _trained():
+    m = _model()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(2):
+        m(torch.randn(4, 8)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return m, opt
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory) -> dict[str, Path]:
+    """One checkpoint per format the doctor reads, written by the library that owns the format."""
+    from safetensors.torch import save_file
+    import torch.distributed.checkpoint as dcp
+
+    root = tmp_path_factory.mktemp("fuzz_originals")
+    m, opt = _trained()
+    out = {}
+    out["torch_dict"] = root / "trainer.pt"
+    torch.save({"model": m.state_dict(), "optimizer": opt.state_dict(), "step": 2}, out["torch_dict"])
+    out["state_dict"] = root / "bare.pt"
+    torch.save(m.state_dict(), out["state_dict"])
+    out["safetensors"] = root / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(out["safetensors"]))
+    out["moe_arch"] = root / "ours.pt"
+    save_checkpoint(out["moe_arch"], {"step": 2, "model": m.state_dict(), "optimizers": {"adamw": opt.state_dict()},
+                                      "param_roles": {}, "config": {}})
+    out["dcp"] = root / "dcp_step"
+    dcp.save({f"model/{k}": v for k, v in m.state_dict().items()}, checkpoint_id=str(out["dcp"]), no_dist=True)
+    return out
+
+
+def _files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(["torch_dict", "state_dict", "safetensors", "moe_arch", "dcp"]),
+       which=st.integers(0, 10), cut=st.floats(0, 1),
+       writes=st.lists(st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=8)), max_size=4),
+       truncate=st.booleans())
+def test_damaged_checkpoints_give_a_verdict_or_one_line(originals, tmp_path_factory, fmt, which, cut, writes,
+                                                        truncate):
+    work = tmp_path_factory.mktemp("fuzz")
+    src = originals[fmt]
+    dst = work / src.name
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy(src, dst)
+    files = _files(dst)
+    target = files[which % len(files)]
+    data = bytearray(target.read_bytes())
+    for pos, chunk in writes:
+        at = int(pos * max(0, len(data) - 1))
+        data[at:at + len(chunk)] = chunk
+    if truncate:
+        data = data[:int(cut * len(data))]
+    target.write_bytes(bytes(data))
+    try:
+        d = run_analysis(str(dst), probe=False)
+    except LoadError as e:
+        assert "\n" not in str(e) and str(e)
+    else:
+        assert d.status in ("healthy", "warning", "critical", "inconclusive")
