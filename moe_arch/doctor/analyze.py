@@ -62,6 +62,11 @@ class TensorEvidence:
     median_update: float | None = None
     median_half_ulp: float | None = None
     median_abs: float | None = None
+    # the fact about this tensor, before any cause: unchanged | partly_unchanged | changed | non_finite | unknown
+    fact: str = "unknown"
+    nonfinite: int = 0  # NaN/inf elements in the weights
+    state_nonfinite: bool = False  # NaN/inf in its optimizer state
+    alias_of: str | None = None  # a tied tensor: the same storage as this one (e.g. lm_head.weight = wte.weight)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -100,12 +105,56 @@ def is_stacked(role: str, shape: tuple[int, ...]) -> bool:
     return role == "expert_matrix" and len(shape) == 3 and shape[0] > 1
 
 
+def structural_experts(shapes: dict[str, tuple[int, ...]]) -> set[str]:
+    """Stacked expert tensors found by structure, not by name: a 3-D parameter [E, a, b] (E > 1) with a 2-D
+    router-like sibling [E, d] in the same module or its parent, d being a or b (the model width): the router
+    scores E experts of width d, and the 3-D tensor holds E matrices of that width. Names vary by stack
+    (``experts.w1``, ``mlp.w_in``, ``block_sparse_moe.gate``); this structure does not."""
+    found = set()
+    for name, shape in shapes.items():
+        if len(shape) != 3 or shape[0] < 2:
+            continue
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        scopes = {module, module.rsplit(".", 1)[0] if "." in module else ""}
+        for other, oshape in shapes.items():
+            if len(oshape) == 2 and oshape[0] == shape[0] and oshape[1] in shape[1:] and other != name and any(
+                    other.startswith(sc + ".") if sc else "." not in other.split(".", 1)[0] for sc in scopes):
+                found.add(name)
+                break
+    return found
+
+
+def tied_tensors(view: CheckpointView) -> dict[str, str]:
+    """Names that are the same tensor as an earlier name (tied or aliased weights share one storage in a
+    torch.save file, e.g. nanoGPT's lm_head.weight and transformer.wte.weight): {alias: first name}. Formats that
+    store each tensor once (safetensors drops tied copies) have none."""
+    if view.format in ("safetensors", "moe_arch-dcp", "dcp"):
+        return {}
+    seen: dict[tuple, str] = {}
+    out: dict[str, str] = {}
+    for name, ti in view.tensors.items():
+        try:
+            t = ti.get()
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        except (RuntimeError, NotImplementedError):
+            continue
+        if t.numel() == 0 or key[0] == 0:
+            continue
+        if key in seen:
+            out[name] = seen[key]
+        else:
+            seen[key] = name
+    return out
+
+
 def analyze_tensors(view: CheckpointView, ref: CheckpointView | None, slots: dict[str, ParamSlot],
                     optimizer_kinds: dict[str, str], progress: Callable[[int], None] | None = None
                     ) -> list[TensorEvidence]:
     roles = view.meta.get("param_roles")
+    experts = structural_experts({n: tuple(t.shape) for n, t in view.tensors.items() if t.dtype.is_floating_point})
     buffers = set(view.meta.get("buffers") or [])
     compensated = set(view.meta.get("precision_state") or {})
+    aliases = tied_tensors(view)
     out: list[TensorEvidence] = []
     for name, ti in view.tensors.items():
         if not ti.dtype.is_floating_point:
@@ -113,9 +162,14 @@ def analyze_tensors(view: CheckpointView, ref: CheckpointView | None, slots: dic
                 progress(ti.numel)
             continue
         role = infer_role(name, ti.shape, roles)
+        if name in experts and not (roles and name in roles):
+            role = "expert_matrix"
         ev = TensorEvidence(name, list(ti.shape), str(ti.dtype).replace("torch.", ""), ti.numel, role,
                             buffer_like=name in buffers or bool(BUFFER_PATTERNS.search(name)))
         slot = slots.get(name)
+        ev.alias_of = aliases.get(name)
+        if slot is None and ev.alias_of is not None:
+            slot = slots.get(ev.alias_of)  # tied: the optimizer holds the tensor under its other name
         if slot is not None:
             g = slot.group
             ev.optimizer, ev.group_index, ev.mapping = slot.optimizer, slot.group_index, slot.method
@@ -166,6 +220,8 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
     if low and kind == "muon" and lr is not None and len(ev.shape) >= 2:
         muon_upd = muon_update_rms(lr, tuple(ev.shape), group.get("adjust_lr_fn"))
 
+    nonfin = 0
+    state_bad = False
     eq = 0
     diff2 = 0.0
     ref2 = 0.0
@@ -189,6 +245,11 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
         e = min(n, s + chunk)
         wc_raw = flat[s:e]
         wc = wc_raw.float()
+        bad = ~torch.isfinite(wc)
+        nb = int(bad.sum())
+        if nb:
+            nonfin += nb
+            wc = torch.where(bad, torch.zeros_like(wc), wc)  # the statistics below describe the finite elements
         sq += float(torch.linalg.vector_norm(wc, dtype=f64)) ** 2
         mn, mx = torch.aminmax(wc)
         lo, hi = min(lo, float(mn)), max(hi, float(mx))
@@ -208,6 +269,9 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
             diff2 += float(torch.linalg.vector_norm(d, dtype=f64)) ** 2
             ref2 += float(torch.linalg.vector_norm(w0c, dtype=f64)) ** 2
         mc = moment.reshape(-1)[s:e] if moment is not None else None
+        for stc in (mc, v.reshape(-1)[s:e] if v is not None else None):
+            if stc is not None and stc.is_floating_point() and not bool(torch.isfinite(stc).all()):
+                state_bad = True
         if mc is not None:
             if stacked:
                 nz = mc != 0
@@ -242,7 +306,8 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
         if progress:
             progress(e - s)
     ev.norm = math.sqrt(sq)
-    ev.constant_value = lo if n > 0 and lo == hi else None
+    ev.nonfinite, ev.state_nonfinite = nonfin, state_bad
+    ev.constant_value = lo if n > 0 and lo == hi and not nonfin else None
     ev.median_abs = float(torch.cat(abs_samples).median()) if abs_samples else None
     if moment is not None:
         ev.moments_zero = not mom_nonzero
@@ -259,6 +324,11 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
                                    for d, r in zip(slice_d2, slice_r2)]
     if stacked and moment is not None:
         ev.slice_state_zero = [not x for x in slice_mom]
+    if nonfin or state_bad:
+        ev.fact = "non_finite"
+    elif ev.has_reference:
+        ev.fact = ("unchanged" if ev.unchanged else "partly_unchanged" if (ev.frac_unchanged or 0) >= 0.5
+                   else "changed")
     if low and lr is not None and n and moving:
         ev.frac_lost = lost / moving
         ev.median_update = float(torch.cat(upd_samples).median())

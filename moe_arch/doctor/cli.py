@@ -12,7 +12,9 @@ from moe_arch.doctor.loader import CheckpointView, LoadError, open_checkpoint
 from moe_arch.doctor.optim_map import map_optimizers
 from moe_arch.doctor.report import Diagnosis, write_json, write_reports
 
-EXIT_OK, EXIT_FAIL_ON, EXIT_BAD_INPUT = 0, 1, 2
+# Exit codes. With --fail-on, an inconclusive diagnosis exits 3: a CI gate must not pass on missing evidence, and
+# it is told apart from a problem found (1). Untrained checkpoints exit 0 (nothing to judge yet).
+EXIT_OK, EXIT_FAIL_ON, EXIT_BAD_INPUT, EXIT_INCONCLUSIVE = 0, 1, 2, 3
 
 
 def default_reference(view: CheckpointView) -> Path | None:
@@ -57,7 +59,16 @@ def run_analysis(path: str, against: str | None = None, model_config: str | None
     finally:
         if bar is not None:
             bar.stop()
-    findings = diagnose(evidence, summaries, bool(view.optimizers), str(ref_path) if ref_path else None)
+    steps = _optimizer_steps(view, evidence)
+    identical = ref is not None and _same_state(view, ref, evidence)
+    findings = diagnose(evidence, summaries, bool(view.optimizers), str(ref_path) if ref_path else None, steps,
+                        identical)
+    untrained = steps == 0
+    if untrained:
+        notes.insert(0, "nothing trained yet: the checkpoint records 0 optimizer steps (a run's initial checkpoint); "
+                        "there is nothing to diagnose")
+        findings = [f for f in findings if f.cause == "non_finite"]
+    inconclusive = [] if untrained else _missing_evidence(view, ref, evidence, summaries, identical)
     checkpoint = {
         "path": str(view.path), "format": view.format, "step": _plain(view.meta.get("step")),
         "epoch": _plain(view.meta.get("epoch")), "tokens_seen": _plain(view.meta.get("tokens_seen")),
@@ -96,7 +107,58 @@ def run_analysis(path: str, against: str | None = None, model_config: str | None
                          "order (was it saved for another model?); optimizer-based analyses skip it")
     if probe_res:
         _corroborate(findings, probe_res)
-    return Diagnosis(status_of(findings), checkpoint, findings, summaries_json, evidence, probe_res, notes)
+    checkpoint["optimizer_steps"] = steps
+    return Diagnosis(status_of(findings, inconclusive, untrained), checkpoint, findings, summaries_json, evidence,
+                     probe_res, notes, inconclusive)
+
+
+def _optimizer_steps(view: CheckpointView, evidence) -> int | None:
+    """Optimizer steps the checkpoint records: its step counter, else the optimizer state's own step counts
+    (None when neither says)."""
+    step = view.meta.get("step")
+    if step is not None:
+        try:
+            return int(step)
+        except (TypeError, ValueError):
+            pass
+    counts = [e.state_step for e in evidence if e.state_step is not None]
+    return int(max(counts)) if counts else None
+
+
+def _same_state(view: CheckpointView, ref: CheckpointView, evidence) -> bool:
+    """The reference is the checkpoint's own state: the same file, or every shared tensor bitwise equal while
+    neither records an earlier step than the other (a run frozen since step 0 is not this: its reference is an
+    earlier step)."""
+    if view.path.resolve() == ref.path.resolve():
+        return True
+    shared = [e for e in evidence if e.has_reference and not e.buffer_like]
+    if not shared or not all(e.unchanged for e in shared):
+        return False
+    a, b = view.meta.get("step"), ref.meta.get("step")
+    return a is None or b is None or a == b
+
+
+def _missing_evidence(view: CheckpointView, ref, evidence, summaries, identical: bool = False) -> list[str]:
+    """Why the evidence cannot support "healthy", each with what would give a verdict (empty: it can)."""
+    reasons = []
+    params = [e for e in evidence if not e.buffer_like]
+    if ref is not None:
+        shared = [e for e in params if e.has_reference]
+        if not shared:
+            reasons.append("no tensor name is shared with the reference, so no change could be measured: pass --against "
+                           "a checkpoint of the same model")
+        elif identical:
+            reasons.append("the reference is identical to the checkpoint (every tensor bitwise equal): pass --against "
+                           "an earlier checkpoint of the run, e.g. its initialisation")
+        return reasons
+    if not view.optimizers:
+        reasons.append("neither optimizer state nor a reference: nothing shows whether the tensors trained; pass "
+                       "--against the run's initial (or an earlier) checkpoint, or a checkpoint saved with its optimizer "
+                       "state")
+    elif any(s.method == "unmapped" or s.n_mapped < s.n_params for s in summaries):
+        reasons.append("the optimizer state could not be mapped to the tensors, and there is no reference: pass --against "
+                       "the run's initial (or an earlier) checkpoint")
+    return reasons
 
 
 def _corroborate(findings, probe: dict) -> None:
@@ -158,6 +220,8 @@ def run_diagnose(args) -> int:
         return EXIT_FAIL_ON
     if args.fail_on == "warning" and d.status in ("critical", "warning"):
         return EXIT_FAIL_ON
+    if args.fail_on and d.status == "inconclusive":
+        return EXIT_INCONCLUSIVE
     return EXIT_OK
 
 
@@ -177,7 +241,8 @@ def print_summary(d: Diagnosis, md: Path, htm: Path) -> None:
     from rich.console import Console
 
     con = Console(highlight=False)
-    color = {"critical": "red", "warning": "yellow", "healthy": "green"}[d.status]
+    color = {"critical": "red", "warning": "yellow", "inconclusive": "magenta", "untrained": "cyan",
+             "healthy": "green"}[d.status]
     ck = d.checkpoint
     con.print(f"[bold]{ck['path']}[/] ({ck['format']}, step {ck.get('step')}, {ck['n_tensors']} tensors; reference: "
               f"{ck['reference'] or 'none'})")
@@ -186,6 +251,8 @@ def print_summary(d: Diagnosis, md: Path, htm: Path) -> None:
         c = "red" if f.severity == "critical" else "yellow"
         con.print(f"  [{c}]{f.severity}[/] {f.cause}: {f.summary}")
         con.print(f"    fix: {f.recommendation}")
+    for r in d.inconclusive:
+        con.print(f"  [magenta]missing evidence[/]: {r}")
     for n in d.notes:
         con.print(f"  [dim]note: {n}[/]")
     con.print(f"report: {md} and {htm}")

@@ -1,7 +1,13 @@
 """Turn per-tensor evidence into findings, each with one cause, the tensors, the numbers, and one fix.
 
+Facts come first: every tensor is recorded as bitwise unchanged, partly unchanged, changed, non-finite, or
+unknown (no reference). Causes then explain the facts, and the status follows from both: a tensor that the
+reference shows unchanged after optimizer steps never leaves a run "healthy"; when no cause explains it, it is
+still a finding (``frozen_unexplained``) that says what evidence was and was not available.
+
 Causes (a tensor gets the most fundamental one that its evidence supports, in this order):
 
+- ``non_finite``         NaN/inf in its weights or optimizer state;
 - ``not_in_optimizer``   no optimizer holds the tensor (and it did not change, so it is not a buffer);
 - ``zero_learning_rate`` its group's learning rate is 0 (and was never scheduled above 0);
 - ``no_gradient``        it is in an optimizer but never received a gradient (no state, or all-zero moments);
@@ -9,7 +15,13 @@ Causes (a tensor gets the most fundamental one that its evidence supports, in th
                           element, and the tensor did not change: every update rounded away;
 - ``dead_experts``       some expert slices of a stacked expert tensor never changed / never got a gradient;
 - ``excessive_update``   its relative change is an outlier among this run's tensors (robust z-score on the
-                          log of ||w - w0|| / ||w0||; not a fixed threshold).
+                          log of ||w - w0|| / ||w0||; not a fixed threshold);
+- ``frozen_unexplained`` bitwise unchanged since the reference after optimizer steps, and none of the above
+                          explains it.
+
+Status: ``critical`` or ``warning`` from the findings; ``inconclusive`` when there is no finding but the evidence
+cannot support "healthy" (the reasons say what is missing); ``untrained`` for a checkpoint before its first
+optimizer step; ``healthy`` only when the evidence was there and showed nothing.
 """
 
 from __future__ import annotations
@@ -25,10 +37,17 @@ from moe_arch.doctor.analyze import TensorEvidence
 from moe_arch.doctor.optim_map import OptimizerSummary
 from moe_arch.doctor.rules import half_ulp_at
 
-CAUSES = ("precision_underflow", "not_in_optimizer", "no_gradient", "zero_learning_rate", "excessive_update",
-          "dead_experts")
+CAUSES = ("non_finite", "precision_underflow", "not_in_optimizer", "no_gradient", "zero_learning_rate",
+          "frozen_unexplained", "excessive_update", "dead_experts")
+STATUSES = ("critical", "warning", "inconclusive", "untrained", "healthy")
 
 RECOMMENDATIONS = {
+    "non_finite": ("the run diverged or was corrupted: resume from the last checkpoint whose tensors are finite, with a "
+                   "lower learning rate, gradient clipping, and (in bf16/fp16) loss scaling or fp32 master weights"),
+    "frozen_unexplained": ("these tensors did not change although the run took optimizer steps, and the checkpoint does "
+                           "not show why: check that they are in an optimizer param group with a non-zero learning "
+                           "rate, that they receive gradients, and their storage dtype; save the optimizer state "
+                           "(mapped to names) with the checkpoint so the doctor can tell which"),
     "precision_underflow": ("keep fp32 master weights for these tensors (moe-arch: --train.precision bf16-mixed) or use "
                             "compensated updates (--train.precision bf16-compensated); raising the learning rate is "
                             "not a fix: updates stay below the rounding step for most of training"),
@@ -93,16 +112,36 @@ def _median(xs: list[float]) -> float | None:
 
 
 def diagnose(evidence: list[TensorEvidence], optimizers: list[OptimizerSummary], has_optimizer_state: bool,
-             reference: str | None) -> list[Finding]:
+             reference: str | None, steps: int | None = None, reference_identical: bool = False
+             ) -> list[Finding]:
+    """Findings from the facts. ``steps``: optimizer steps the checkpoint records (None: unknown; then any
+    tensor that changed since the reference shows that steps were taken). ``reference_identical``: the reference
+    is the same state as the checkpoint (then "unchanged" says nothing about training)."""
+    trained = (steps > 0) if steps is not None else (
+        any(e.fact in ("changed", "partly_unchanged") for e in evidence if not e.buffer_like) or None)
     params = [e for e in evidence if not e.buffer_like]
     claimed: set[str] = set()
     findings: list[Finding] = []
     ambiguous_names = {n for o in optimizers for a in o.ambiguous for n in a["candidates"]}
-    unmapped_opt = any(o.method == "unmapped" for o in optimizers)
+    # An optimizer whose parameters could not all be matched to names: which tensors it holds is unknown, so
+    # "in no optimizer" cannot be claimed for any tensor.
+    unmapped_opt = any(o.method == "unmapped" or o.n_mapped < o.n_params for o in optimizers)
+
+    # 0. non-finite weights or optimizer state: nothing else about these tensors can be judged
+    bad = [e for e in params if e.fact == "non_finite"]
+    if bad:
+        first = bad[0]
+        findings.append(Finding("non_finite", "critical", [e.name for e in bad],
+                                {"n_tensors": len(bad), "first": first.name,
+                                 "nonfinite_elements": {e.name: e.nonfinite for e in bad[:20]},
+                                 "in_optimizer_state": [e.name for e in bad if e.state_nonfinite][:20]},
+                                RECOMMENDATIONS["non_finite"]))
+        claimed |= {e.name for e in bad}
 
     # 1. not in any optimizer
     if has_optimizer_state and not unmapped_opt:
-        orphans = [e for e in params if e.optimizer is None and e.name not in ambiguous_names]
+        orphans = [e for e in params if e.optimizer is None and e.name not in ambiguous_names
+                   and e.name not in claimed and e.alias_of is None]
         confirmed = [e for e in orphans if e.has_reference and e.unchanged]
         unconfirmed = [e for e in orphans if not e.has_reference]
         if confirmed:
@@ -122,11 +161,15 @@ def diagnose(evidence: list[TensorEvidence], optimizers: list[OptimizerSummary],
     in_opt = [e for e in params if e.optimizer is not None and e.name not in claimed]
 
     # 2. zero learning rate
-    zero = [e for e in in_opt if e.lr == 0.0 and not (e.initial_lr or 0) > 0]
+    # The saved lr is what the last step used. 0 with no scheduled peak is a zero lr; 0 after a peak (a schedule that
+    # sets it, e.g. a LambdaLR returning 0 for a group) is one only when the tensors show it: unchanged since the
+    # reference. A schedule that decays to 0 at its end leaves lr 0 on tensors that did move.
+    zero = [e for e in in_opt if e.lr == 0.0 and (not (e.initial_lr or 0) > 0 or (e.has_reference and e.unchanged))]
     if zero:
         groups = sorted({(e.optimizer, e.group_index) for e in zero})
         findings.append(Finding("zero_learning_rate", "critical", [e.name for e in zero],
-                                {"groups": [{"optimizer": o, "group": g} for o, g in groups], "lr": 0.0,
+                                {"groups": [{"optimizer": o, "group": g} for o, g in groups], "saved_lr": 0.0,
+                                 "scheduled_peak_lr": sorted({e.initial_lr for e in zero if e.initial_lr}) or None,
                                  "unchanged_since_reference": all(e.unchanged for e in zero if e.has_reference)
                                  if any(e.has_reference for e in zero) else None},
                                 RECOMMENDATIONS["zero_learning_rate"]))
@@ -156,10 +199,13 @@ def diagnose(evidence: list[TensorEvidence], optimizers: list[OptimizerSummary],
         if e.name in claimed or not e.low_precision or e.frac_lost is None:
             continue
         # The rule predicts the loss; the reference (when there is one) must show it: the elements did not move.
-        kept = 1.0 if not e.has_reference else (e.frac_unchanged or 0.0)
+        # Without a reference the rule is a hypothesis: critical only when the checkpoint itself proves the tensor
+        # never moved (every element still at a standard initial constant: all-ones norms, all-zero biases).
+        at_init = e.constant_value in (0.0, 1.0)
+        kept = (1.0 if at_init else 0.0) if not e.has_reference else (e.frac_unchanged or 0.0)
         if e.frac_lost >= 0.99 and kept >= 0.99:
             frozen.append(e)
-        elif e.frac_lost >= 0.5 and kept >= 0.5:
+        elif e.frac_lost >= 0.5 and (kept >= 0.5 or not e.has_reference):
             partial.append(e)
     for group, sev in ((frozen, "critical"), (partial, "warning")):
         if not group:
@@ -180,6 +226,9 @@ def diagnose(evidence: list[TensorEvidence], optimizers: list[OptimizerSummary],
               "unchanged_since_reference": (all(e.unchanged for e in group if e.has_reference)
                                             if any(e.has_reference for e in group) else None),
               "reference": reference}
+        if not any(e.has_reference for e in group) and sev == "warning":
+            ev["hypothesis"] = ("predicted by the rounding rule alone: no reference checkpoint shows whether these tensors "
+                                "moved; pass --against with the run's initial checkpoint to confirm")
         consts = sorted({e.constant_value for e in group if e.constant_value is not None})
         if consts:
             ev["constant_values"] = consts[:4]
@@ -227,9 +276,24 @@ def diagnose(evidence: list[TensorEvidence], optimizers: list[OptimizerSummary],
                                      "robust_z": {e.name: z for e, z in outliers}, "reference": reference},
                                     RECOMMENDATIONS["excessive_update"]))
 
+    # 7. facts no cause explained: bitwise unchanged after optimizer steps
+    if trained is not False and not reference_identical:
+        frozen_left = [e for e in params if e.name not in claimed and e.fact == "unchanged" and e.alias_of is None]
+        if frozen_left:
+            have = [k for k, ok in (("a reference", True), ("optimizer state", has_optimizer_state),
+                                    ("a mapping of the optimizer state to names", has_optimizer_state and not unmapped_opt))
+                    if ok]
+            missing = [k for k in ("optimizer state", "a mapping of the optimizer state to names") if k not in have]
+            findings.append(Finding("frozen_unexplained", "critical", [e.name for e in frozen_left],
+                                    {"n_tensors": len(frozen_left), "unchanged_since_reference": True,
+                                     "reference": reference, "optimizer_steps": steps,
+                                     "evidence_available": have, "evidence_missing": missing,
+                                     "in_an_optimizer": sorted({e.optimizer for e in frozen_left if e.optimizer})},
+                                    RECOMMENDATIONS["frozen_unexplained"]))
+
     for f in findings:
         f.summary = summarize(f)
-    findings.sort(key=lambda f: (f.severity != "critical", CAUSES.index(f.cause)))
+    findings.sort(key=lambda f: (f.severity != "critical", -len(f.tensors), CAUSES.index(f.cause)))
     return findings
 
 
@@ -256,7 +320,16 @@ def summarize(f: Finding) -> str:
         return f"{n} tensors ({what}) are in an optimizer but never received a gradient" + (
             " (every tensor: see the recommendation)" if ev.get("all_tensors") else "")
     if f.cause == "zero_learning_rate":
-        return f"{n} tensors ({what}) are in a param group whose learning rate is 0"
+        peak = ev.get("scheduled_peak_lr")
+        return (f"{n} tensors ({what}) are in a param group whose saved learning rate is 0"
+                + (f" (scheduled peak {_fmt_list(peak)}: the scheduler set it to 0)" if peak else ""))
+    if f.cause == "non_finite":
+        return f"{n} tensors ({what}) hold NaN/inf values (first: {ev['first']})"
+    if f.cause == "frozen_unexplained":
+        return (f"{n} tensors ({what}) are bitwise unchanged since the reference after "
+                f"{ev['optimizer_steps'] if ev.get('optimizer_steps') is not None else 'some'} optimizer steps, and the "
+                f"checkpoint does not show why" + (f" (missing: {', '.join(ev['evidence_missing'])})"
+                                                    if ev.get("evidence_missing") else ""))
     if f.cause == "dead_experts":
         parts = [f"{m}: experts {ids}" for m, ids in (f.experts or {}).items()]
         return f"{ev['n_dead']} expert slices never trained ({'; '.join(parts)})"
@@ -272,9 +345,13 @@ def _fmt_list(xs) -> str:
     return "/".join(f"{x:.1e}" for x in (xs or [])) or "?"
 
 
-def status_of(findings: list[Finding]) -> str:
+def status_of(findings: list[Finding], inconclusive: list[str] | None = None, untrained: bool = False) -> str:
     if any(f.severity == "critical" for f in findings):
         return "critical"
     if findings:
         return "warning"
+    if untrained:
+        return "untrained"
+    if inconclusive:
+        return "inconclusive"
     return "healthy"

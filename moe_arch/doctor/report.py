@@ -4,7 +4,8 @@ JSON schema ``moe_arch.diagnosis/1``::
 
     {
       "schema": "moe_arch.diagnosis/1",
-      "status": "critical" | "warning" | "healthy",
+      "status": "critical" | "warning" | "inconclusive" | "untrained" | "healthy",
+      "inconclusive": [what is missing for a verdict, and which flag or file would give one],
       "checkpoint": {"path", "format", "step", "epoch", "tokens_seen", "reference", "n_tensors",
                      "n_parameters", "params_total", "params_active", "dtypes": {dtype: n_tensors},
                      "precision", "config"},
@@ -29,7 +30,7 @@ import json
 import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,11 @@ class Diagnosis:
     evidence: list[TensorEvidence]
     probe: dict | None
     notes: list[str]
+    inconclusive: list[str] = field(default_factory=list)  # what is missing for a verdict (status inconclusive)
 
     def to_json(self) -> dict:
-        return {"schema": SCHEMA, "status": self.status, "checkpoint": self.checkpoint,
+        return {"schema": SCHEMA, "status": self.status, "inconclusive": self.inconclusive,
+                "checkpoint": self.checkpoint,
                 "findings": [f.to_dict() for f in self.findings], "optimizers": self.optimizers,
                 "probe": self.probe, "notes": self.notes}
 
@@ -213,14 +216,21 @@ def build_blocks(d: Diagnosis, plots: bool = True):
     ck = d.checkpoint
     crit = [f for f in d.findings if f.severity == "critical"]
     warn = [f for f in d.findings if f.severity == "warning"]
-    status_word = {"critical": "CRITICAL", "warning": "WARNING", "healthy": "HEALTHY"}[d.status]
+    status_word = d.status.upper()
     blocks = [H(1, "Training Diagnostic Report"), H(2, "Executive summary")]
-    if crit:
-        lead = crit[0]
-        blocks.append(P(f"**Status: {status_word}.** Root cause: `{lead.cause}`. {lead.summary}."))
-    elif warn:
-        blocks.append(P(f"**Status: {status_word}.** {len(warn)} warning(s); no tensor is prevented from learning. "
-                        f"First: `{warn[0].cause}`: {warn[0].summary}."))
+    if crit or warn:
+        head = (f"**Status: {status_word}.** {len(crit + warn)} root cause(s), ranked by severity, then by the number "
+                "of tensors:" if crit else
+                f"**Status: {status_word}.** {len(warn)} warning(s); no tensor is prevented from learning:")
+        blocks.append(P(head))
+        blocks.append(UL([f"`{f.cause}` ({f.severity}, {len(f.tensors)} tensors): {f.summary}. **Fix:** "
+                          f"{f.recommendation}." for f in crit + warn]))
+    elif d.status == "untrained":
+        blocks.append(P(f"**Status: {status_word}.** Nothing trained yet: the checkpoint records 0 optimizer steps."))
+    elif d.status == "inconclusive":
+        blocks.append(P(f"**Status: {status_word}.** No problem was found, but the evidence cannot support a "
+                        "verdict of healthy:"))
+        blocks.append(UL(list(d.inconclusive)))
     else:
         blocks.append(P(f"**Status: {status_word}.** Every parameter has optimizer state and, where a reference is "
                         "available, has changed; no precision, learning-rate, gradient or routing problem was found."))

@@ -1,0 +1,235 @@
+"""Facts before causes: the doctor never calls a run healthy when a tensor did not train, says "inconclusive"
+when the evidence cannot support a verdict, and "untrained" before the first step. Runs are plain PyTorch loops
+(tests/plain_runs.py), not this project's trainer."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from moe_arch.cli import main
+from moe_arch.doctor.cli import run_analysis
+
+from plain_runs import Net, train
+
+
+def test_nan_weights_are_non_finite_and_critical(tmp_path):
+    train(tmp_path)
+    ck = torch.load(tmp_path / "final.pt")
+    ck["model"]["blocks.1.fc.weight"].fill_(float("nan"))
+    torch.save(ck, tmp_path / "nan.pt")
+    for against in (None, str(tmp_path / "init.pt")):
+        d = run_analysis(str(tmp_path / "nan.pt"), against=against)
+        assert d.status == "critical"
+        f = d.findings[0]
+        assert f.cause == "non_finite" and f.tensors == ["blocks.1.fc.weight"]
+        assert f.evidence["nonfinite_elements"]["blocks.1.fc.weight"] == 32 * 32
+
+
+def test_against_the_same_file_is_inconclusive(tmp_path, capsys):
+    train(tmp_path)
+    final = str(tmp_path / "final.pt")
+    d = run_analysis(final, against=final)
+    assert d.status == "inconclusive" and d.findings == []
+    assert "identical to the checkpoint" in d.inconclusive[0] and "--against" in d.inconclusive[0]
+    assert main(["diagnose", final, "--against", final, "--fail-on", "critical", "--quiet"]) == 3
+    assert main(["diagnose", final, "--against", final, "--quiet"]) == 0
+
+
+def test_a_runs_step_zero_checkpoint_is_untrained(tmp_path):
+    train(tmp_path)
+    d = run_analysis(str(tmp_path / "init.pt"))
+    assert d.status == "untrained" and d.findings == [] and "nothing trained yet" in d.notes[0]
+    assert main(["diagnose", str(tmp_path / "init.pt"), "--fail-on", "warning", "--quiet"]) == 0
+
+
+def test_our_trainers_step_zero_checkpoint_is_untrained(small_cfg):
+    from pathlib import Path
+
+    from moe_arch.training.trainer import Trainer
+
+    Trainer(small_cfg).run()
+    step0 = Path(small_cfg.train.out_dir) / "t" / "checkpoints" / "step_0000000.pt"
+    d = run_analysis(str(step0), probe=False)
+    assert d.status == "untrained" and d.findings == []
+
+
+def test_weights_only_without_a_reference_is_inconclusive(tmp_path):
+    from safetensors.torch import save_file
+
+    planted = train(tmp_path)
+    save_file({k: v.contiguous() for k, v in planted["model"].state_dict().items()}, tmp_path / "m.safetensors")
+    d = run_analysis(str(tmp_path / "m.safetensors"))
+    assert d.status == "inconclusive" and "neither optimizer state nor a reference" in d.inconclusive[0]
+
+
+def test_lambda_lr_zero_for_one_group_is_a_zero_learning_rate(tmp_path):
+    """LambdaLR whose lambda returns 0 for the norms' group: the saved lr is 0, initial_lr is not, the moments are
+    non-zero, the weights never moved."""
+    torch.manual_seed(0)
+    model = Net()
+    norms = [n for n, _ in model.named_parameters() if n.endswith("norm.weight")]
+    named = dict(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [p for n, p in named.items() if n not in norms]},
+                             {"params": [named[n] for n in norms]}], lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 1.0, lambda s: 0.0])
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 0}, tmp_path / "init.pt")
+    for _ in range(5):
+        tok = torch.randint(0, 64, (8, 8))
+        nn.functional.cross_entropy(model(tok[:, :-1]).reshape(-1, 64), tok[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "step": 5}, tmp_path / "final.pt")
+    d = run_analysis(str(tmp_path / "final.pt"), against=str(tmp_path / "init.pt"))
+    assert d.status == "critical"
+    f = d.findings[0]
+    assert f.cause == "zero_learning_rate" and sorted(f.tensors) == sorted(norms)
+    assert f.evidence["saved_lr"] == 0.0 and f.evidence["scheduled_peak_lr"] == [3e-3]
+    assert len(d.findings) == 1
+
+
+class StackedMoE(nn.Module):
+    """Experts stacked as ``mlp.w_in`` [E, d, h] beside ``mlp.router`` (no "expert" in any name)."""
+
+    def __init__(self, d=16, h=24, n=4, allowed=(0, 1)):
+        super().__init__()
+        self.embed = nn.Embedding(32, d)
+        self.mlp = nn.Module()
+        self.mlp.router = nn.Linear(d, n, bias=False)
+        self.mlp.w_in = nn.Parameter(torch.randn(n, d, h) * 0.1)
+        self.mlp.w_out = nn.Parameter(torch.randn(n, h, d) * 0.1)
+        self.head = nn.Linear(d, 32, bias=False)
+        self.allowed = list(allowed)
+
+    def forward(self, tok):
+        x = self.embed(tok)
+        logits = self.mlp.router(x)
+        mask = torch.full_like(logits, float("-inf"))
+        mask[..., self.allowed] = 0
+        top = (logits + mask).argmax(-1)
+        y = torch.einsum("btd,btdh->bth", x, self.mlp.w_in[top]).relu()
+        return self.head(x + torch.einsum("bth,bthd->btd", y, self.mlp.w_out[top]))
+
+
+def test_stacked_experts_are_found_by_structure_not_by_name(tmp_path):
+    torch.manual_seed(0)
+    model = StackedMoE()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 0}, tmp_path / "init.pt")
+    for _ in range(5):
+        tok = torch.randint(0, 32, (8, 8))
+        nn.functional.cross_entropy(model(tok[:, :-1]).reshape(-1, 32), tok[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 5}, tmp_path / "final.pt")
+    for against in (str(tmp_path / "init.pt"), None):
+        d = run_analysis(str(tmp_path / "final.pt"), against=against)
+        f = next(f for f in d.findings if f.cause == "dead_experts")
+        assert sorted(f.tensors) == ["mlp.w_in", "mlp.w_out"] and f.experts == {"mlp": [2, 3]}
+        assert d.status != "healthy"
+
+
+def test_tied_weights_are_not_reported_outside_the_optimizer(tmp_path):
+    """nanoGPT ties lm_head.weight to transformer.wte.weight: one parameter, two names in the state dict."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.transformer = nn.Module()
+    model.transformer.wte = nn.Embedding(64, 16)
+    model.transformer.ln_f = nn.LayerNorm(16)
+    model.lm_head = nn.Linear(16, 64, bias=False)
+    model.lm_head.weight = model.transformer.wte.weight
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # parameters() yields the tied weight once
+    assert len(opt.param_groups[0]["params"]) == 3
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iter_num": 0}, tmp_path / "init.pt")
+    for _ in range(3):
+        tok = torch.randint(0, 64, (4, 8))
+        h = model.transformer.ln_f(model.transformer.wte(tok))
+        nn.functional.cross_entropy(model.lm_head(h).reshape(-1, 64), tok.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iter_num": 3}, tmp_path / "ckpt.pt")
+    for against in (None, str(tmp_path / "init.pt")):
+        d = run_analysis(str(tmp_path / "ckpt.pt"), against=against)
+        assert not any(f.cause == "not_in_optimizer" for f in d.findings), [(f.cause, f.tensors) for f in d.findings]
+        ev = {e.name: e for e in d.evidence}
+        assert ev["lm_head.weight"].alias_of == "transformer.wte.weight"
+
+
+def test_healthy_bf16_run_without_a_reference_is_not_critical(tmp_path):
+    """bf16 weights, AdamW 1e-2 with a decaying schedule: every tensor moves. Without a reference, the rounding
+    rule on the final (decayed) moments is a hypothesis, never a critical finding."""
+    torch.manual_seed(0)
+    model = Net().to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 40, eta_min=1e-5)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(40):
+        tok = torch.randint(0, 64, (16, 8))
+        nn.functional.cross_entropy(model(tok[:, :-1]).float().reshape(-1, 64), tok[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    assert all(not torch.equal(v, init[k]) for k, v in model.state_dict().items())
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 40}, tmp_path / "final.pt")
+    d = run_analysis(str(tmp_path / "final.pt"))
+    assert d.status != "critical", [(f.cause, f.severity, f.tensors) for f in d.findings]
+    for f in d.findings:
+        assert f.cause == "precision_underflow" and "hypothesis" in f.evidence
+
+
+def test_unmapped_optimizer_is_inconclusive_alone_and_frozen_tensors_still_critical(tmp_path):
+    train(tmp_path)
+    init, final = torch.load(tmp_path / "init.pt"), torch.load(tmp_path / "final.pt")
+    other = torch.optim.AdamW([nn.Parameter(torch.randn(7, 3))], lr=1e-3)  # state for tensors this model lacks
+    nn.Parameter(torch.randn(7, 3)).sum().backward()
+    frozen = ["blocks.0.fc.weight", "final_norm.weight"]
+    for n in frozen:
+        final["model"][n] = init["model"][n].clone()
+    torch.save({"model": final["model"], "optimizer": other.state_dict(), "step": 30}, tmp_path / "foreign.pt")
+    d = run_analysis(str(tmp_path / "foreign.pt"))
+    assert d.status == "inconclusive" and "could not be mapped" in d.inconclusive[0]
+    d = run_analysis(str(tmp_path / "foreign.pt"), against=str(tmp_path / "init.pt"))
+    assert d.status == "critical"
+    f = next(f for f in d.findings if f.cause == "frozen_unexplained")
+    assert sorted(f.tensors) == sorted(frozen)
+    assert "a mapping of the optimizer state to names" in f.evidence["evidence_missing"]
+
+
+def test_the_summary_names_every_root_cause(tmp_path):
+    from moe_arch.doctor.report import build_blocks
+
+    train(tmp_path, "zero_lr")
+    ck = torch.load(tmp_path / "final.pt")
+    ck["model"]["blocks.1.fc.weight"].fill_(float("inf"))
+    torch.save(ck, tmp_path / "two.pt")
+    d = run_analysis(str(tmp_path / "two.pt"), against=str(tmp_path / "init.pt"))
+    assert {f.cause for f in d.findings} == {"zero_learning_rate", "non_finite"}
+    text = repr(build_blocks(d, plots=False)[:6])
+    assert "zero_learning_rate" in text and "non_finite" in text
+
+
+# ------------------------------------------------------------------------------------------ property
+_NAMES = [n for n, _ in Net().named_parameters()]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frozen=st.sets(st.sampled_from(_NAMES), min_size=1, max_size=5), nan=st.booleans())
+def test_planted_frozen_or_nan_tensors_never_read_healthy(tmp_path_factory, frozen, nan):
+    """Plant a random set of frozen tensors (restored to their initial values) or NaN tensors into a healthy run:
+    never healthy, and the finding names exactly the planted set."""
+    root = tmp_path_factory.mktemp("plant")
+    if not (root / "final.pt").exists():
+        train(root)
+    init, final = torch.load(root / "init.pt"), torch.load(root / "final.pt")
+    for n in frozen:
+        final["model"][n] = torch.full_like(final["model"][n], float("nan")) if nan else init["model"][n].clone()
+    torch.save(final, root / "planted.pt")
+    d = run_analysis(str(root / "planted.pt"), against=str(root / "init.pt"))
+    assert d.status == "critical"
+    cause = "non_finite" if nan else "frozen_unexplained"
+    f = next(f for f in d.findings if f.cause == cause)
+    assert sorted(f.tensors) == sorted(frozen)
