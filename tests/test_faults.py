@@ -385,3 +385,18 @@ def test_distributed_checkpoint_with_a_damaged_shard_is_one_line(tmp_path, damag
     one_line_error(out, str(folder))
     out = cli("export", folder, tmp_path / "out.pt")
     one_line_error(out, str(folder))
+
+
+def test_resume_and_export_of_our_distributed_checkpoint_with_a_truncated_shard(small_cfg, tmp_path, cli):
+    from moe_arch.parallel.dcp import save_dcp
+
+    t = Trainer(small_cfg)
+    folder = save_dcp(t.ckpt_dir / "step_0000000", t.raw_model, t.optimizers, t._meta("init"))
+    t.close()
+    del t
+    shard = next(folder.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="a shard is missing, truncated or does not match"):
+        Trainer(small_cfg, resume=str(folder))
+    one_line_error(cli("export", folder, tmp_path / "out.pt"), "a shard is missing, truncated")
+    one_line_error(cli("diagnose", folder, "--quiet", "--no-probe"), str(folder))

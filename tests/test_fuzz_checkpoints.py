@@ -51,15 +51,32 @@ def originals(tmp_path_factory) -> dict[str, Path]:
                                       "param_roles": {}, "config": {}})
     out["dcp"] = root / "dcp_step"
     dcp.save({f"model/{k}": v for k, v in m.state_dict().items()}, checkpoint_id=str(out["dcp"]), no_dist=True)
+    out["hf_trainer"] = _hf_trainer_folder(root / "hf")
     return out
+
+
+def _hf_trainer_folder(root: Path) -> Path:
+    """A checkpoint-N/ folder written by transformers' Trainer itself (model.safetensors, optimizer.pt,
+    scheduler.pt, trainer_state.json, ...)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from plain_runs import HFTokens, hf_tiny_llama_bf16
+
+    transformers.logging.set_verbosity_error()
+    args = TrainingArguments(output_dir=str(root), max_steps=2, per_device_train_batch_size=4, learning_rate=3e-4,
+                             save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=100)
+    Trainer(model=hf_tiny_llama_bf16(), args=args, train_dataset=HFTokens(n=8)).train()
+    return root / "checkpoint-2"
 
 
 def _files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fmt=st.sampled_from(["torch_dict", "state_dict", "safetensors", "moe_arch", "dcp"]),
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(["torch_dict", "state_dict", "safetensors", "moe_arch", "dcp", "hf_trainer"]),
        which=st.integers(0, 10), cut=st.floats(0, 1),
        writes=st.lists(st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=8)), max_size=4),
        truncate=st.booleans())
