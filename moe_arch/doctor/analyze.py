@@ -245,12 +245,13 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
         e = min(n, s + chunk)
         wc_raw = flat[s:e]
         wc = wc_raw.float()
-        bad = ~torch.isfinite(wc)
-        nb = int(bad.sum())
-        if nb:
-            nonfin += nb
+        nrm = float(torch.linalg.vector_norm(wc, dtype=f64))  # accumulated in float64: only NaN/inf make it non-finite
+        if not math.isfinite(nrm):
+            bad = ~torch.isfinite(wc)
+            nonfin += int(bad.sum())
             wc = torch.where(bad, torch.zeros_like(wc), wc)  # the statistics below describe the finite elements
-        sq += float(torch.linalg.vector_norm(wc, dtype=f64)) ** 2
+            nrm = float(torch.linalg.vector_norm(wc, dtype=f64))
+        sq += nrm ** 2
         mn, mx = torch.aminmax(wc)
         lo, hi = min(lo, float(mn)), max(hi, float(mx))
         if flat0 is not None:
@@ -269,18 +270,19 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
             diff2 += float(torch.linalg.vector_norm(d, dtype=f64)) ** 2
             ref2 += float(torch.linalg.vector_norm(w0c, dtype=f64)) ** 2
         mc = moment.reshape(-1)[s:e] if moment is not None else None
-        for stc in (mc, v.reshape(-1)[s:e] if v is not None else None):
-            if stc is not None and stc.is_floating_point() and not bool(torch.isfinite(stc).all()):
-                state_bad = True
         if mc is not None:
             if stacked:
                 nz = mc != 0
                 mom_nonzero |= bool(nz.any())
+                state_bad = state_bad or not all(math.isfinite(float(x)) for x in torch.aminmax(mc))
                 for k in range(s // per, (e + per - 1) // per):
                     a, b = max(s, k * per) - s, min(e, (k + 1) * per) - s
                     slice_mom[k] |= bool(nz[a:b].any())
-            else:
-                mom_nonzero = mom_nonzero or bool(torch.count_nonzero(mc))
+            else:  # one pass for both: min/max propagate NaN; any non-zero moves one of them off 0
+                m_lo, m_hi = (float(x) for x in torch.aminmax(mc))
+                mom_nonzero = mom_nonzero or m_lo != 0.0 or m_hi != 0.0
+                # the first moment is checked (a NaN/inf gradient reaches it on the same step as the second's)
+                state_bad = state_bad or not (math.isfinite(m_lo) and math.isfinite(m_hi))
         if low and lr is not None:
             hu = half_ulp(wc_raw)
             if muon_upd is not None:

@@ -19,6 +19,7 @@ import json
 import mmap
 import re
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,11 +32,11 @@ BUFFER_PATTERNS = re.compile(r"(running_mean|running_var|num_batches_tracked|inv
                              r"expert_bias|e_score_correction_bias|\.attn\.bias$)")
 
 
-try:  # torch.distributed.checkpoint reports failed reads with a BaseException subclass
-    from torch.distributed.checkpoint.api import CheckpointException as _DCPError
-except ImportError:  # pragma: no cover - builds without torch.distributed
-    class _DCPError(Exception):
-        pass
+def _dcp_errors() -> tuple[type[BaseException], ...]:
+    """torch.distributed.checkpoint reports failed reads with CheckpointException, a BaseException. Only a
+    module that was imported can raise it, so it is looked up, not imported (importing DCP costs ~2 s)."""
+    api = sys.modules.get("torch.distributed.checkpoint.api")
+    return (api.CheckpointException,) if api is not None else ()
 
 
 class LoadError(RuntimeError):
@@ -453,7 +454,7 @@ def open_checkpoint(spec: str | Path, trust_pickle: bool = False) -> CheckpointV
     except LoadError:
         raise
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, EOFError,
-            OverflowError, struct.error, MemoryError, _DCPError) as e:
+            OverflowError, struct.error, MemoryError, *_dcp_errors()) as e:
         raise LoadError(_corrupt(Path(spec), e)) from None
 
 
