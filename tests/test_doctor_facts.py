@@ -4,6 +4,7 @@ when the evidence cannot support a verdict, and "untrained" before the first ste
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -233,3 +234,33 @@ def test_planted_frozen_or_nan_tensors_never_read_healthy(tmp_path_factory, froz
     cause = "non_finite" if nan else "frozen_unexplained"
     f = next(f for f in d.findings if f.cause == cause)
     assert sorted(f.tensors) == sorted(frozen)
+
+
+def test_accelerate_save_state_folders_with_frozen_tensors_are_never_healthy(tmp_path):
+    """accelerate's save_state (model.safetensors with sorted names, optimizer.bin, scheduler.bin): a group with lr
+    0 for the norms; against the step-0 folder the norms are named, alone the run is not called healthy."""
+    accelerate = pytest.importorskip("accelerate")
+
+    torch.manual_seed(0)
+    acc = accelerate.Accelerator(cpu=True)
+    model = Net()
+    norms = sorted(n for n, _ in model.named_parameters() if n.endswith("norm.weight"))
+    named = dict(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [p for n, p in named.items() if n not in norms]},
+                             {"params": [named[n] for n in norms], "lr": 0.0}], lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model, opt, sched = acc.prepare(model, opt, sched)
+    acc.save_state(str(tmp_path / "step0"))
+    for _ in range(4):
+        tok = torch.randint(0, 64, (8, 8))
+        acc.backward(nn.functional.cross_entropy(model(tok[:, :-1]).reshape(-1, 64), tok[:, 1:].reshape(-1)))
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    acc.save_state(str(tmp_path / "step4"))
+    assert (tmp_path / "step4" / "optimizer.bin").is_file()
+    d = run_analysis(str(tmp_path / "step4"), against=str(tmp_path / "step0"))
+    assert d.checkpoint["format"] == "accelerate" and d.status == "critical"
+    frozen = {t for f in d.findings if f.cause in ("zero_learning_rate", "frozen_unexplained") for t in f.tensors}
+    assert sorted(frozen) == norms, [(f.cause, f.tensors) for f in d.findings]
+    assert run_analysis(str(tmp_path / "step4")).status != "healthy"

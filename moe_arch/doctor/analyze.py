@@ -128,16 +128,18 @@ def tied_tensors(view: CheckpointView) -> dict[str, str]:
     """Names that are the same tensor as an earlier name (tied or aliased weights share one storage in a
     torch.save file, e.g. nanoGPT's lm_head.weight and transformer.wte.weight): {alias: first name}. Formats that
     store each tensor once (safetensors drops tied copies) have none."""
-    if view.format in ("safetensors", "moe_arch-dcp", "dcp"):
+    if not view.from_pickle:
         return {}
     seen: dict[tuple, str] = {}
     out: dict[str, str] = {}
+    alive = []  # keep every tensor referenced while comparing, so no address is reused by a later one
     for name, ti in view.tensors.items():
         try:
             t = ti.get()
             key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
         except (RuntimeError, NotImplementedError):
             continue
+        alive.append(t)
         if t.numel() == 0 or key[0] == 0:
             continue
         if key in seen:

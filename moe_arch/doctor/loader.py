@@ -73,6 +73,8 @@ class CheckpointView:
     meta: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     mmapped: bool = False
+    # tensors come from torch.load, where tied weights share one storage (safetensors and DCP store each once)
+    from_pickle: bool = False
 
     @property
     def step(self):
@@ -224,7 +226,8 @@ def _from_torch_obj(path: Path, obj: Any, mmapped: bool) -> CheckpointView:
             meta["step" if k == "global_step" else k] = obj[k]
     if isinstance(meta.get("config"), dict) is False and "config" in meta:
         meta.pop("config")
-    view = CheckpointView(path, fmt, _tensor_infos(model_sd, notes), _optimizers_from(optim_obj), meta, notes, mmapped)
+    view = CheckpointView(path, fmt, _tensor_infos(model_sd, notes), _optimizers_from(optim_obj), meta, notes, mmapped,
+                          from_pickle=True)
     return view
 
 
@@ -364,14 +367,28 @@ def _load_hf_trainer(folder: Path, trust_pickle: bool) -> CheckpointView:
             obj, mm_b = _torch_load(b, trust_pickle)
             mm &= mm_b
             tensors.update(_tensor_infos(obj, notes))
-        view = CheckpointView(folder, "hf-trainer", tensors, [], {}, notes, mm)
+        view = CheckpointView(folder, "hf-trainer", tensors, [], {}, notes, mm, from_pickle=True)
     view.format = "hf-trainer"
-    opt_path = folder / "optimizer.pt"
-    if opt_path.is_file():
+    # Trainer writes optimizer.pt; accelerate's save_state writes optimizer.bin, optimizer_1.bin, ... (torch.save
+    # files either way) next to model.safetensors, and scheduler.bin with the schedule's base (peak) lrs.
+    opt_paths = [folder / "optimizer.pt"] + sorted(folder.glob("optimizer*.bin"), key=lambda p: (len(p.name), p.name))
+    opt_paths = [p for p in opt_paths if p.is_file()]
+    if opt_paths and not (folder / "trainer_state.json").is_file() and opt_paths[0].suffix == ".bin":
+        view.format = "accelerate"
+    for i, opt_path in enumerate(opt_paths):
         obj, _ = _torch_load(opt_path, trust_pickle)
-        view.optimizers = _optimizers_from(obj)
-    else:
-        view.notes.append("no optimizer.pt in the folder: optimizer analyses skipped")
+        found = _optimizers_from(obj)
+        for o in found:
+            o.name = opt_path.stem if len(opt_paths) > 1 else o.name
+        view.optimizers += found
+    if not opt_paths:
+        view.notes.append("no optimizer.pt / optimizer.bin in the folder: optimizer analyses skipped")
+    for sched_path in (folder / "scheduler.pt", folder / "scheduler.bin"):
+        if sched_path.is_file():
+            sched, _ = _torch_load(sched_path, trust_pickle)
+            if isinstance(sched, dict) and isinstance(sched.get("base_lrs"), list):
+                view.meta["scheduled_peak_lrs"] = [float(x) for x in sched["base_lrs"]]
+                view.meta.setdefault("step", sched.get("last_epoch") if view.format == "accelerate" else None)
     state = folder / "trainer_state.json"
     if state.is_file():
         ts = json.loads(state.read_text())
