@@ -264,3 +264,32 @@ def test_accelerate_save_state_folders_with_frozen_tensors_are_never_healthy(tmp
     frozen = {t for f in d.findings if f.cause in ("zero_learning_rate", "frozen_unexplained") for t in f.tensors}
     assert sorted(frozen) == norms, [(f.cause, f.tensors) for f in d.findings]
     assert run_analysis(str(tmp_path / "step4")).status != "healthy"
+
+
+def test_peft_lora_trainer_folders_diagnose_the_adapters(tmp_path):
+    """A LoRA run in Hugging Face's Trainer saves adapter_model.safetensors (the base is frozen on purpose)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("accelerate")
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from plain_runs import HFTokens
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
+                             save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=100,
+                             lr_scheduler_type="constant")
+    Trainer(model=model, args=args, train_dataset=HFTokens()).train()
+    ck = tmp_path / "checkpoint-4"
+    assert (ck / "adapter_model.safetensors").is_file() and not (ck / "model.safetensors").exists()
+    d = run_analysis(str(ck), against=str(tmp_path / "checkpoint-2"))
+    assert d.checkpoint["format"] == "peft" and d.checkpoint["step"] == 4
+    names = {e.name for e in d.evidence}
+    assert names and all("lora_" in n for n in names)
+    assert any("frozen on purpose" in n for n in d.notes)
+    assert d.status in ("healthy", "warning"), [(f.cause, f.tensors) for f in d.findings]
+    assert not any(f.cause in ("not_in_optimizer", "frozen_unexplained") for f in d.findings)

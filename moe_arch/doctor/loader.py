@@ -357,10 +357,23 @@ def _load_hf_trainer(folder: Path, trust_pickle: bool) -> CheckpointView:
     if shards:
         view = _load_safetensors(shards, folder)
         view.notes = [n for n in view.notes if not n.startswith("safetensors holds")]
+    elif (folder / "adapter_model.safetensors").is_file() or (folder / "adapter_model.bin").is_file():
+        # PEFT (LoRA, ...): the checkpoint holds the adapters only; the base model is frozen on purpose and not saved
+        st = folder / "adapter_model.safetensors"
+        if st.is_file():
+            view = _load_safetensors([st], folder)
+            view.notes = [n for n in view.notes if not n.startswith("safetensors holds")]
+        else:
+            obj, mm = _torch_load(folder / "adapter_model.bin", trust_pickle)
+            view = CheckpointView(folder, "peft", _tensor_infos(obj, notes), [], {}, notes, mm, from_pickle=True)
+        view.notes.append("PEFT adapter checkpoint: the adapters are diagnosed; the base model is frozen on purpose and "
+                          "not in the checkpoint (not a finding)")
+        view.meta["peft"] = True
     else:
         bins = sorted(folder.glob("pytorch_model*.bin"))
         if not bins:
-            raise LoadError(f"{folder}: a Hugging Face Trainer folder without model.safetensors or pytorch_model.bin")
+            raise LoadError(f"{folder}: a Hugging Face Trainer folder without model.safetensors, pytorch_model.bin or "
+                            "adapter_model.safetensors")
         tensors: dict[str, TensorInfo] = {}
         mm = True
         for b in bins:
@@ -368,7 +381,7 @@ def _load_hf_trainer(folder: Path, trust_pickle: bool) -> CheckpointView:
             mm &= mm_b
             tensors.update(_tensor_infos(obj, notes))
         view = CheckpointView(folder, "hf-trainer", tensors, [], {}, notes, mm, from_pickle=True)
-    view.format = "hf-trainer"
+    view.format = "peft" if view.meta.get("peft") else "hf-trainer"
     # Trainer writes optimizer.pt; accelerate's save_state writes optimizer.bin, optimizer_1.bin, ... (torch.save
     # files either way) next to model.safetensors, and scheduler.bin with the schedule's base (peak) lrs.
     opt_paths = [folder / "optimizer.pt"] + sorted(folder.glob("optimizer*.bin"), key=lambda p: (len(p.name), p.name))
@@ -447,7 +460,7 @@ def resolve_checkpoint_path(spec: str | Path) -> Path:
         raise LoadError(f"{p}: no such file or folder")
     if p.is_dir():
         if (p / ".metadata").is_file() or (p / "trainer_state.json").is_file() or list(p.glob("model*.safetensors")) \
-                or list(p.glob("pytorch_model*.bin")):
+                or list(p.glob("pytorch_model*.bin")) or list(p.glob("adapter_model.*")):
             return p
         # A run folder or its checkpoints/ folder: the newest checkpoint.
         base = p / "checkpoints" if (p / "checkpoints").is_dir() else p
