@@ -293,3 +293,37 @@ def test_peft_lora_trainer_folders_diagnose_the_adapters(tmp_path):
     assert any("frozen on purpose" in n for n in d.notes)
     assert d.status in ("healthy", "warning"), [(f.cause, f.tensors) for f in d.findings]
     assert not any(f.cause in ("not_in_optimizer", "frozen_unexplained") for f in d.findings)
+
+
+def test_lightning_ckpt_files_with_a_frozen_group(tmp_path):
+    """Lightning's .ckpt (state_dict with the module's attribute prefix, optimizer_states, global_step), written by
+    Lightning's own ModelCheckpoint; the norms' param group has lr 0."""
+    L = pytest.importorskip("lightning.pytorch")
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = Net()
+
+        def training_step(self, batch, _):
+            tok = batch[0]
+            return nn.functional.cross_entropy(self.net(tok[:, :-1]).reshape(-1, 64), tok[:, 1:].reshape(-1))
+
+        def configure_optimizers(self):
+            named = dict(self.net.named_parameters())
+            norms = [n for n in named if n.endswith("norm.weight")]
+            return torch.optim.AdamW([{"params": [p for n, p in named.items() if n not in norms]},
+                                      {"params": [named[n] for n in norms], "lr": 0.0}], lr=1e-2)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 64, (64, 8))), batch_size=8)
+    ckpt_cb = L.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1,
+                                          filename="{step}")
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[ckpt_cb])
+    trainer.fit(Module(), data)
+    d = run_analysis(str(tmp_path / "step=4.ckpt"), against=str(tmp_path / "step=2.ckpt"))
+    norms = sorted(e.name for e in d.evidence if e.name.endswith("norm.weight"))
+    assert len(norms) == 3 and d.status == "critical" and d.checkpoint["step"] == 4
+    frozen = {t for f in d.findings if f.cause in ("zero_learning_rate", "frozen_unexplained") for t in f.tensors}
+    assert sorted(frozen) == norms, [(f.cause, f.tensors) for f in d.findings]
