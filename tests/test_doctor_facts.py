@@ -16,6 +16,19 @@ from moe_arch.doctor.cli import run_analysis
 from plain_runs import Net, train
 
 
+def _steps(model, opt, n: int, vocab: int, sched=None, logits=None, dtype=torch.float32) -> None:
+    """n next-token steps on random tokens (``logits`` maps tokens to logits; default: the model itself)."""
+    forward = logits or model
+    for _ in range(n):
+        tok = torch.randint(0, vocab, (8, 8))
+        out = forward(tok[:, :-1]).to(dtype)
+        nn.functional.cross_entropy(out.reshape(-1, vocab), tok[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+        if sched is not None:
+            sched.step()
+
+
 def test_nan_weights_are_non_finite_and_critical(tmp_path):
     train(tmp_path)
     ck = torch.load(tmp_path / "final.pt")
@@ -77,12 +90,7 @@ def test_lambda_lr_zero_for_one_group_is_a_zero_learning_rate(tmp_path):
                              {"params": [named[n] for n in norms]}], lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 1.0, lambda s: 0.0])
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 0}, tmp_path / "init.pt")
-    for _ in range(5):
-        tok = torch.randint(0, 64, (8, 8))
-        nn.functional.cross_entropy(model(tok[:, :-1]).reshape(-1, 64), tok[:, 1:].reshape(-1)).backward()
-        opt.step()
-        opt.zero_grad()
-        sched.step()
+    _steps(model, opt, 5, 64, sched)
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "step": 5}, tmp_path / "final.pt")
     d = run_analysis(str(tmp_path / "final.pt"), against=str(tmp_path / "init.pt"))
@@ -121,11 +129,7 @@ def test_stacked_experts_are_found_by_structure_not_by_name(tmp_path):
     model = StackedMoE()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 0}, tmp_path / "init.pt")
-    for _ in range(5):
-        tok = torch.randint(0, 32, (8, 8))
-        nn.functional.cross_entropy(model(tok[:, :-1]).reshape(-1, 32), tok[:, 1:].reshape(-1)).backward()
-        opt.step()
-        opt.zero_grad()
+    _steps(model, opt, 5, 32)
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 5}, tmp_path / "final.pt")
     for against in (str(tmp_path / "init.pt"), None):
         d = run_analysis(str(tmp_path / "final.pt"), against=against)
@@ -146,12 +150,7 @@ def test_tied_weights_are_not_reported_outside_the_optimizer(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # parameters() yields the tied weight once
     assert len(opt.param_groups[0]["params"]) == 3
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iter_num": 0}, tmp_path / "init.pt")
-    for _ in range(3):
-        tok = torch.randint(0, 64, (4, 8))
-        h = model.transformer.ln_f(model.transformer.wte(tok))
-        nn.functional.cross_entropy(model.lm_head(h).reshape(-1, 64), tok.reshape(-1)).backward()
-        opt.step()
-        opt.zero_grad()
+    _steps(model, opt, 3, 64, logits=lambda tok: model.lm_head(model.transformer.ln_f(model.transformer.wte(tok))))
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iter_num": 3}, tmp_path / "ckpt.pt")
     for against in (None, str(tmp_path / "init.pt")):
         d = run_analysis(str(tmp_path / "ckpt.pt"), against=against)
@@ -168,12 +167,7 @@ def test_healthy_bf16_run_without_a_reference_is_not_critical(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 40, eta_min=1e-5)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    for _ in range(40):
-        tok = torch.randint(0, 64, (16, 8))
-        nn.functional.cross_entropy(model(tok[:, :-1]).float().reshape(-1, 64), tok[:, 1:].reshape(-1)).backward()
-        opt.step()
-        opt.zero_grad()
-        sched.step()
+    _steps(model, opt, 40, 64, sched)
     assert all(not torch.equal(v, init[k]) for k, v in model.state_dict().items())
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 40}, tmp_path / "final.pt")
     d = run_analysis(str(tmp_path / "final.pt"))
