@@ -24,8 +24,10 @@ $(TEST): $(BASE)
 
 setup: $(TEST)
 
+# --resume latest: the first run starts fresh; running it again continues (or, finished, re-evaluates) that run
+# instead of being refused for reusing its folder (a run folder belongs to one run).
 train: $(BASE)
-	$(BIN)/moe-arch train $(ARGS)
+	$(BIN)/moe-arch train --resume latest $(ARGS)
 
 test: $(TEST)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
