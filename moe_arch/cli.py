@@ -339,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from moe_arch.config import ConfigError
     from moe_arch.data.corpus import DataError
+    from moe_arch.model.cpu_kernels import KernelISAError
     from moe_arch.training.checkpoint import CheckpointError
 
     parser = build_parser()
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     try:
         return args.func(args, rest + overrides)
-    except (ConfigError, DataError, CheckpointError, UsageError) as e:
+    except (ConfigError, DataError, CheckpointError, UsageError, KernelISAError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -400,3 +400,8 @@ def test_resume_and_export_of_our_distributed_checkpoint_with_a_truncated_shard(
         Trainer(small_cfg, resume=str(folder))
     one_line_error(cli("export", folder, tmp_path / "out.pt"), "a shard is missing, truncated")
     one_line_error(cli("diagnose", folder, "--quiet", "--no-probe"), str(folder))
+
+
+def test_a_bad_kernel_isa_is_one_line_before_training(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("MOE_ARCH_KERNEL_ISA", "sse9")
+    one_line_error(cli("train", "tiny", "--train.out_dir", tmp_path), "MOE_ARCH_KERNEL_ISA='sse9'")

@@ -124,6 +124,10 @@ def supported_isas() -> list[str]:
             if name == "portable" or (platform.machine() in ("x86_64", "AMD64") and set(needs) <= flags)]
 
 
+class KernelISAError(ValueError):
+    """``MOE_ARCH_KERNEL_ISA`` names a path that does not exist or that this CPU cannot run."""
+
+
 def _auto() -> bool:
     return os.environ.get("MOE_ARCH_KERNEL_ISA", "auto").strip().lower() in ("", "auto")
 
@@ -134,9 +138,9 @@ def requested_isa() -> str:
     if want == "auto":
         return supported_isas()[0]
     if want not in ISAS:
-        raise ValueError(f"MOE_ARCH_KERNEL_ISA={want!r}: must be one of auto, {', '.join(ISAS)}")
+        raise KernelISAError(f"MOE_ARCH_KERNEL_ISA={want!r}: must be one of auto, {', '.join(ISAS)}")
     if want not in supported_isas():
-        raise ValueError(f"MOE_ARCH_KERNEL_ISA={want}: this CPU lacks "
+        raise KernelISAError(f"MOE_ARCH_KERNEL_ISA={want}: this CPU lacks "
                          f"{', '.join(sorted(set(ISAS[want][1]) - set(_cpu_flags().split())))}; "
                          f"it supports {', '.join(supported_isas())} (or unset it for auto)")
     return want

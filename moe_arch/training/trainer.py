@@ -126,6 +126,10 @@ class Trainer:
         if self.device.type == "cpu" and t.cpu_malloc_cache:
             tune_cpu_malloc()
         _check_fits(cfg, self.device, self.dist.world if t.parallel in ("auto", "fsdp") else 1)
+        if self.device.type == "cpu":
+            from moe_arch.model import cpu_kernels
+
+            cpu_kernels.requested_isa()  # a bad MOE_ARCH_KERNEL_ISA is a one-line error now, not at the first step
         self.run_dir = Path(t.out_dir) / t.run_name
         self.ckpt_dir = ckpt.checkpoint_dir(self.run_dir)
         self.ui = ConsoleUI("none", 0, enabled=False)  # replaced in run(); messages before it go to `log`
