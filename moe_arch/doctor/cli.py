@@ -155,7 +155,7 @@ def _missing_evidence(view: CheckpointView, ref, evidence, summaries, identical:
         reasons.append("neither optimizer state nor a reference: nothing shows whether the tensors trained; pass "
                        "--against the run's initial (or an earlier) checkpoint, or a checkpoint saved with its optimizer "
                        "state")
-    elif any(s.method == "unmapped" or s.n_mapped < s.n_params for s in summaries):
+    elif not all(s.fully_mapped for s in summaries):
         reasons.append("the optimizer state could not be mapped to the tensors, and there is no reference: pass --against "
                        "the run's initial (or an earlier) checkpoint")
     return reasons

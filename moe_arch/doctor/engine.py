@@ -39,7 +39,6 @@ from moe_arch.doctor.rules import half_ulp_at
 
 CAUSES = ("non_finite", "precision_underflow", "not_in_optimizer", "no_gradient", "zero_learning_rate",
           "frozen_unexplained", "excessive_update", "dead_experts")
-STATUSES = ("critical", "warning", "inconclusive", "untrained", "healthy")
 
 RECOMMENDATIONS = {
     "non_finite": ("the run diverged or was corrupted: resume from the last checkpoint whose tensors are finite, with a "
@@ -125,7 +124,7 @@ def diagnose(evidence: list[TensorEvidence], optimizers: list[OptimizerSummary],
     ambiguous_names = {n for o in optimizers for a in o.ambiguous for n in a["candidates"]}
     # An optimizer whose parameters could not all be matched to names: which tensors it holds is unknown, so
     # "in no optimizer" cannot be claimed for any tensor.
-    unmapped_opt = any(o.method == "unmapped" or o.n_mapped < o.n_params for o in optimizers)
+    unmapped_opt = not all(o.fully_mapped for o in optimizers)
 
     # 0. non-finite weights or optimizer state: nothing else about these tensors can be judged
     bad = [e for e in params if e.fact == "non_finite"]
@@ -280,10 +279,10 @@ def diagnose(evidence: list[TensorEvidence], optimizers: list[OptimizerSummary],
     if trained is not False and not reference_identical:
         frozen_left = [e for e in params if e.name not in claimed and e.fact == "unchanged" and e.alias_of is None]
         if frozen_left:
-            have = [k for k, ok in (("a reference", True), ("optimizer state", has_optimizer_state),
-                                    ("a mapping of the optimizer state to names", has_optimizer_state and not unmapped_opt))
-                    if ok]
-            missing = [k for k in ("optimizer state", "a mapping of the optimizer state to names") if k not in have]
+            checks = {"optimizer state": has_optimizer_state,
+                      "a mapping of the optimizer state to names": has_optimizer_state and not unmapped_opt}
+            have = ["a reference"] + [k for k, ok in checks.items() if ok]
+            missing = [k for k, ok in checks.items() if not ok]
             findings.append(Finding("frozen_unexplained", "critical", [e.name for e in frozen_left],
                                     {"n_tensors": len(frozen_left), "unchanged_since_reference": True,
                                      "reference": reference, "optimizer_steps": steps,

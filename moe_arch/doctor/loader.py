@@ -388,7 +388,7 @@ def _load_hf_trainer(folder: Path, trust_pickle: bool) -> CheckpointView:
     opt_paths = [p for p in opt_paths if p.is_file()]
     if opt_paths and not (folder / "trainer_state.json").is_file() and opt_paths[0].suffix == ".bin":
         view.format = "accelerate"
-    for i, opt_path in enumerate(opt_paths):
+    for opt_path in opt_paths:
         obj, _ = _torch_load(opt_path, trust_pickle)
         found = _optimizers_from(obj)
         for o in found:
@@ -401,7 +401,8 @@ def _load_hf_trainer(folder: Path, trust_pickle: bool) -> CheckpointView:
             sched, _ = _torch_load(sched_path, trust_pickle)
             if isinstance(sched, dict) and isinstance(sched.get("base_lrs"), list):
                 view.meta["scheduled_peak_lrs"] = [float(x) for x in sched["base_lrs"]]
-                view.meta.setdefault("step", sched.get("last_epoch") if view.format == "accelerate" else None)
+                if view.format == "accelerate":  # no trainer_state.json: the scheduler counts the steps
+                    view.meta.setdefault("step", sched.get("last_epoch"))
     state = folder / "trainer_state.json"
     if state.is_file():
         ts = json.loads(state.read_text())

@@ -38,6 +38,11 @@ class OptimizerSummary:
     ambiguous: list[dict] = field(default_factory=list)  # [{"index": i, "candidates": [names]}]
     unmatched: int = 0
 
+    @property
+    def fully_mapped(self) -> bool:
+        """Every parameter of this optimizer was matched to a tensor name (else which tensors it holds is unknown)."""
+        return self.method != "unmapped" and self.n_mapped == self.n_params
+
 
 def optimizer_kind(sd: dict) -> str:
     keys: set[str] = set()

@@ -128,22 +128,26 @@ class KernelISAError(ValueError):
     """``MOE_ARCH_KERNEL_ISA`` names a path that does not exist or that this CPU cannot run."""
 
 
-def _auto() -> bool:
-    return os.environ.get("MOE_ARCH_KERNEL_ISA", "auto").strip().lower() in ("", "auto")
+def _isa_candidates() -> list[str]:
+    """The paths to try, in order: for auto every path this CPU runs, widest first (an older compiler may not
+    know -march=x86-64-v4); for an explicit ``$MOE_ARCH_KERNEL_ISA`` that one, which must exist and run here."""
+    want = os.environ.get("MOE_ARCH_KERNEL_ISA", "auto").strip().lower() or "auto"
+    supported = supported_isas()
+    if want == "auto":
+        return supported
+    if want not in ISAS:
+        raise KernelISAError(f"MOE_ARCH_KERNEL_ISA={want!r}: must be one of auto, {', '.join(ISAS)}")
+    if want not in supported:
+        raise KernelISAError(f"MOE_ARCH_KERNEL_ISA={want}: this CPU lacks "
+                             f"{', '.join(sorted(set(ISAS[want][1]) - set(_cpu_flags().split())))}; "
+                             f"it supports {', '.join(supported)} (or unset it for auto)")
+    return [want]
 
 
 def requested_isa() -> str:
-    """``$MOE_ARCH_KERNEL_ISA`` resolved: an explicit name must be one this CPU runs (else a one-line error)."""
-    want = os.environ.get("MOE_ARCH_KERNEL_ISA", "auto").strip().lower() or "auto"
-    if want == "auto":
-        return supported_isas()[0]
-    if want not in ISAS:
-        raise KernelISAError(f"MOE_ARCH_KERNEL_ISA={want!r}: must be one of auto, {', '.join(ISAS)}")
-    if want not in supported_isas():
-        raise KernelISAError(f"MOE_ARCH_KERNEL_ISA={want}: this CPU lacks "
-                         f"{', '.join(sorted(set(ISAS[want][1]) - set(_cpu_flags().split())))}; "
-                         f"it supports {', '.join(supported_isas())} (or unset it for auto)")
-    return want
+    """``$MOE_ARCH_KERNEL_ISA`` resolved: auto is the widest path this CPU runs; an explicit name must be one this
+    CPU runs (else a one-line error)."""
+    return _isa_candidates()[0]
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -251,11 +255,8 @@ def load() -> ctypes.CDLL | None:
             if os.environ.get("MOE_ARCH_NO_KERNELS", "") not in ("", "0"):
                 _error = "disabled by MOE_ARCH_NO_KERNELS"
                 return None
-            want = requested_isa()
-            # auto: the widest path that builds (an older compiler may not know -march=x86-64-v4)
-            candidates = supported_isas()[supported_isas().index(want):] if _auto() else [want]
             errors = []
-            for name in candidates:
+            for name in _isa_candidates():
                 try:
                     _lib = build(name)
                     break

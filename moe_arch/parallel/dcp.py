@@ -121,7 +121,7 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
-def _first_error(e: Exception) -> str:
+def _first_error(e: BaseException) -> str:
     """DCP reports a failed read as a CheckpointException holding each rank's traceback: the innermost cause."""
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
@@ -129,6 +129,16 @@ def _first_error(e: Exception) -> str:
         e = getattr(inner, "exc_info", None) and inner.exc_info[1] or inner
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[-1][:200] if text else ''}"
+
+
+def _read(tensors: dict, folder: Path, no_dist: bool, error: Callable[[str], Exception]) -> None:
+    """dcp.load into ``tensors``; a missing, truncated or mismatched shard raises ``error(cause)`` (one line)."""
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(tensors, checkpoint_id=str(folder), no_dist=no_dist)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        raise error(_first_error(e)) from None
 
 
 def load_dcp(folder: Path, model, optimizers: dict) -> dict:
@@ -141,13 +151,8 @@ def load_dcp(folder: Path, model, optimizers: dict) -> dict:
     single = not (dist.is_available() and dist.is_initialized())
     from moe_arch.training.checkpoint import CheckpointError
 
-    try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(tensors, checkpoint_id=str(folder), no_dist=single)
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
-        raise CheckpointError(f"{folder}: a shard is missing, truncated or does not match this model "
-                              f"({_first_error(e)})") from None
+    _read(tensors, folder, single, lambda cause: CheckpointError(
+        f"{folder}: a shard is missing, truncated or does not match this model ({cause})"))
     msd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     state: dict[str, dict] = {}
     for k, v in tensors.items():
@@ -229,13 +234,8 @@ def load_dcp_view(folder: Path):
     def loader(key: str, shape, dtype):
         def get():
             t = torch.empty(shape, dtype=dtype)
-            try:
-                with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-                    warnings.simplefilter("ignore", UserWarning)
-                    dcp.load({key: t}, checkpoint_id=str(folder), no_dist=True)
-            except (Exception, CheckpointException) as e:  # noqa: BLE001 - a BaseException in DCP
-                raise LoadError(f"{folder}: cannot read {key} (a shard is missing or truncated: "
-                                f"{_first_error(e)})") from None
+            _read({key: t}, folder, True, lambda cause: LoadError(
+                f"{folder}: cannot read {key} (a shard is missing or truncated: {cause})"))
             return t
         return get
 

@@ -143,8 +143,8 @@ def prune(ckpt_dir: Path, keep_last: int, current_step: int | None = None) -> No
 
 
 def check_model_state(path, saved: dict, expected: dict) -> None:
-    """The checkpoint's weights fit the model: same names, shapes and floating-point-ness; else one line naming
-    the first tensor that does not."""
+    """The checkpoint's weights fit the model: same names, every entry a tensor of the model's shape; else one
+    line naming the first that does not."""
     missing = [k for k in expected if k not in saved]
     if missing:
         raise CheckpointError(f"{path}: model tensor {missing[0]!r} is missing"

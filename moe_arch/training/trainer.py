@@ -564,7 +564,6 @@ class Trainer:
         self.ui = ConsoleUI(t.progress, t.steps, self.step, enabled=main)
         old_handlers = self._install_signals()
         interval = {"loss": [], "lm_loss": [], "mtp_loss": [], "clipped": 0, "steps": 0, "tokens": 0, "t0": time.time()}
-        last_ckpt = None
         val_loss = None
         try:
             self.phase = "training"
@@ -597,20 +596,18 @@ class Trainer:
                     self.ui.print(f"step {self.step}: validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f}, "
                                   f"unigram baseline {unigram:.4f})")
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
-                    last_ckpt = self.save("periodic") or last_ckpt
-                    self.last_checkpoint = last_ckpt
+                    self.last_checkpoint = self.save("periodic") or self.last_checkpoint
                 interval["t0"] += time.time() - paused
                 if self._stop_requested():
-                    last_ckpt = self.save("interrupted", "checkpoint_interrupted")
+                    self.last_checkpoint = self.save("interrupted", "checkpoint_interrupted")
                     self.ui.close()
-                    self._log(f"interrupted at step {self.step}: saved {last_ckpt}; resume with "
-                              f"`moe-arch train ... --resume {last_ckpt}`")
+                    self._log(f"interrupted at step {self.step}: saved {self.last_checkpoint}; resume with "
+                              f"`moe-arch train ... --resume {self.last_checkpoint}`")
                     self.dist.barrier()
                     logger.close()
                     return RunResult(self.step, self.tokens_seen, None, None, unigram, None, self.run_dir,
-                                     interrupted=self._stop_signal, last_checkpoint=last_ckpt)
-            last_ckpt = self.save("final", "final") or last_ckpt
-            self.last_checkpoint = last_ckpt
+                                     interrupted=self._stop_signal, last_checkpoint=self.last_checkpoint)
+            self.last_checkpoint = self.save("final", "final") or self.last_checkpoint
             self.phase = "the final validation"
         finally:
             self.ui.close()
@@ -629,10 +626,10 @@ class Trainer:
                   f"(unigram baseline: loss {unigram:.4f}, perplexity {math.exp(unigram):.1f})")
         if text is not None:
             self._log(f"sample: {text!r}")
-        if main and last_ckpt is not None:
-            self._log(f"checkpoints: {self.ckpt_dir} (final: {last_ckpt.name}); metrics: {logger.path}")
+        if main and self.last_checkpoint is not None:
+            self._log(f"checkpoints: {self.ckpt_dir} (final: {self.last_checkpoint.name}); metrics: {logger.path}")
         return RunResult(self.step, self.tokens_seen, val_loss, math.exp(val_loss), unigram, text, self.run_dir,
-                         last_checkpoint=last_ckpt)
+                         last_checkpoint=self.last_checkpoint)
 
     def _log_interval(self, logger: MetricsLogger, interval: dict, stats: dict, fpt: float, peak: float) -> None:
         t = self.cfg.train
