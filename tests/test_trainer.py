@@ -136,8 +136,9 @@ def test_cli_train_smoke_and_plain_progress(small_cfg, tmp_path):
 
 
 def test_missing_data_is_a_one_line_error_exit_2(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "moe_arch", "train", "--data.source", str(tmp_path / "none.txt")],
-                         capture_output=True, text=True, cwd=ROOT)
+    # its own out_dir: the checkout's runs/ may hold a `make train` run, whose folder a fresh start may not reuse
+    out = subprocess.run([sys.executable, "-m", "moe_arch", "train", "--data.source", str(tmp_path / "none.txt"),
+                          "--train.out_dir", str(tmp_path / "runs")], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2
     assert out.stderr.startswith("error: data.source=") and out.stderr.count("\n") == 1
 
