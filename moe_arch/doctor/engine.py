@@ -14,8 +14,8 @@ Causes (a tensor gets the most fundamental one that its evidence supports, in th
 - ``precision_underflow`` stored in bf16/fp16, its expected update is below half a ULP for (almost) every
                           element, and the tensor did not change: every update rounded away;
 - ``dead_experts``       some expert slices of a stacked expert tensor never changed / never got a gradient;
-- ``excessive_update``   its relative change is an outlier among this run's tensors (robust z-score on the
-                          log of ||w - w0|| / ||w0||; not a fixed threshold);
+- ``excessive_update``   its change is an outlier among this run's tensors (robust z-score on the log of the
+                          update RMS, and of ||w - w0|| / ||w0|| where w0 has a size: see excessive_updates);
 - ``frozen_unexplained`` bitwise unchanged since the reference after optimizer steps, and none of the above
                           explains it.
 
@@ -110,6 +110,43 @@ def _median(xs: list[float]) -> float | None:
     return float(torch.tensor(xs, dtype=torch.float64).median()) if xs else None
 
 
+OUTLIER_Z = 4.0  # robust z-score (in MADs) above which a tensor's change is an outlier
+OUTLIER_DECADES = 1.0  # ... and at least this far above the run's median (so a tight run flags nothing)
+
+
+def _outliers(values: dict[str, float]) -> tuple[dict[str, float], float]:
+    """Robust outliers (high side) of log10 values: {name: z}, and the median (not in log)."""
+    logs = {k: math.log10(v) for k, v in values.items()}
+    center = _median(list(logs.values()))
+    # Robust scale in decades, floored so that a run whose tensors all move alike flags nothing.
+    scale = max(1.4826 * _median([abs(x - center) for x in logs.values()]), 0.25)
+    return ({k: (x - center) / scale for k, x in logs.items()
+             if (x - center) / scale > OUTLIER_Z and x - center > OUTLIER_DECADES}, 10 ** center)
+
+
+def excessive_updates(evidence: list[TensorEvidence]):
+    """Tensors whose change since the reference is an outlier among the run's tensors, on every scale that exists
+    for them; ``None`` when none is (or there are too few tensors to say).
+
+    Two scales: the *update RMS* per element, ||w - w0|| / sqrt(n), which every tensor has and which adaptive
+    optimizers keep within a decade or so across a healthy run; and the *relative change* ||w - w0|| / ||w0||,
+    which says a tensor was rewritten but only means that when w0 has a size of its own. Tensors that start at
+    zero or near it (Qwen's q/k/v biases, gates, D/dt terms, LoRA B) have a relative change of order 1 or more
+    by construction, whatever the optimizer did, so the relative scale alone raises false alarms on them. A
+    tensor is flagged only when its update RMS is an outlier, and also its relative change when it has one.
+    The checkpoint doctor and the live monitor both call this, on their own evidence.
+    """
+    moved = [e for e in evidence if e.update_rms and e.update_rms > 0 and e.numel >= 16]
+    if len(moved) < 8:
+        return None
+    abs_z, center_abs = _outliers({e.name: e.update_rms for e in moved})
+    with_rel = {e.name: e.rel_change for e in moved if e.rel_change and e.rel_change > 0}
+    rel_z, center_rel = _outliers(with_rel) if len(with_rel) >= 8 else ({}, None)
+    found = [(e, max(abs_z[e.name], rel_z.get(e.name, 0.0))) for e in moved
+             if e.name in abs_z and (e.name not in with_rel or e.name in rel_z)]
+    return (found, center_abs, center_rel) if found else None
+
+
 def diagnose(evidence: list[TensorEvidence], optimizers: list[OptimizerSummary], has_optimizer_state: bool,
              reference: str | None, steps: int | None = None, reference_identical: bool = False
              ) -> list[Finding]:
@@ -162,8 +199,11 @@ def diagnose(evidence: list[TensorEvidence], optimizers: list[OptimizerSummary],
     # 2. zero learning rate
     # The saved lr is what the last step used. 0 with no scheduled peak is a zero lr; 0 after a peak (a schedule that
     # sets it, e.g. a LambdaLR returning 0 for a group) is one only when the tensors show it: unchanged since the
-    # reference. A schedule that decays to 0 at its end leaves lr 0 on tensors that did move.
-    zero = [e for e in in_opt if e.lr == 0.0 and (not (e.initial_lr or 0) > 0 or (e.has_reference and e.unchanged))]
+    # reference, and while some other group still has a learning rate: a schedule that decays to 0 at its end (the
+    # Hugging Face default) leaves every group at lr 0, which says nothing about why some tensors never moved.
+    running = any((e.lr or 0) > 0 for e in params if e.optimizer is not None)
+    zero = [e for e in in_opt if e.lr == 0.0 and (not (e.initial_lr or 0) > 0
+                                                   or (running and e.has_reference and e.unchanged))]
     if zero:
         groups = sorted({(e.optimizer, e.group_index) for e in zero})
         findings.append(Finding("zero_learning_rate", "critical", [e.name for e in zero],
@@ -258,22 +298,18 @@ def diagnose(evidence: list[TensorEvidence], optimizers: list[OptimizerSummary],
                                 {"modules": dead_ev, "n_dead": sum(len(v) for v in dead.values())},
                                 RECOMMENDATIONS["dead_experts"], experts=dead))
 
-    # 6. excessive update: robust outliers of log relative change
-    moved = [e for e in params if e.name not in claimed and e.rel_change and e.rel_change > 0 and e.ref_norm
-             and e.numel >= 16]
-    if len(moved) >= 8:
-        logs = [math.log10(e.rel_change) for e in moved]
-        center = _median(logs)
-        # Robust scale in decades, floored so that a run whose tensors all move alike flags nothing.
-        scale = max(1.4826 * _median([abs(x - center) for x in logs]), 0.25)
-        outliers = [(e, (lg - center) / scale) for e, lg in zip(moved, logs)
-                    if (lg - center) / scale > 4.0 and lg - center > 1.0]
-        if outliers:
-            findings.append(Finding("excessive_update", "warning", [e.name for e, _ in outliers],
-                                    {"relative_change": {e.name: e.rel_change for e, _ in outliers},
-                                     "run_median_relative_change": 10 ** center,
-                                     "robust_z": {e.name: z for e, z in outliers}, "reference": reference},
-                                    RECOMMENDATIONS["excessive_update"]))
+    # 6. excessive update: outliers on every scale that exists for the tensor (see excessive_updates)
+    outliers = excessive_updates([e for e in params if e.name not in claimed])
+    if outliers:
+        found, center_abs, center_rel = outliers
+        findings.append(Finding("excessive_update", "warning", [e.name for e, _ in found],
+                                {"update_rms": {e.name: e.update_rms for e, _ in found},
+                                 "run_median_update_rms": center_abs,
+                                 "relative_change": {e.name: e.rel_change for e, _ in found
+                                                     if e.rel_change is not None},
+                                 "run_median_relative_change": center_rel,
+                                 "robust_z": {e.name: z for e, z in found}, "reference": reference},
+                                RECOMMENDATIONS["excessive_update"]))
 
     # 7. facts no cause explained: bitwise unchanged after optimizer steps
     if trained is not False and not reference_identical:
@@ -333,10 +369,13 @@ def summarize(f: Finding) -> str:
         parts = [f"{m}: experts {ids}" for m, ids in (f.experts or {}).items()]
         return f"{ev['n_dead']} expert slices never trained ({'; '.join(parts)})"
     if f.cause == "excessive_update":
-        rc = ev["relative_change"]
-        worst = max(rc, key=rc.get)
-        return (f"{n} tensors ({what}) changed far more than the run's median ({ev['run_median_relative_change']:.2g}); "
-                f"largest: {worst} ({rc[worst]:.2g})")
+        ur = ev["update_rms"]
+        worst = max(ur, key=ur.get)
+        rc = ev.get("relative_change") or {}
+        rel = (f", relative change {rc[worst]:.2g} (run median {ev['run_median_relative_change']:.2g})"
+               if worst in rc and ev.get("run_median_relative_change") else "")
+        return (f"{n} tensors ({what}) moved far more than the rest of the run: largest {worst}, update RMS "
+                f"{ur[worst]:.2g} per element (run median {ev['run_median_update_rms']:.2g}){rel}")
     return what
 
 

@@ -75,6 +75,11 @@ class CheckpointView:
     mmapped: bool = False
     # tensors come from torch.load, where tied weights share one storage (safetensors and DCP store each once)
     from_pickle: bool = False
+    # The model's parameters as the optimizer saw them, [(name, shape)] in registration order, when they differ
+    # from the saved tensors (transformers 5 trains MoE experts stacked but saves them per expert), with the
+    # function that turns {in-memory name: tensor} into {saved name: tensor}.
+    param_layout: list[tuple[str, tuple[int, ...]]] | None = None
+    to_saved: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
     @property
     def step(self):
@@ -414,23 +419,13 @@ def _load_hf_trainer(folder: Path, trust_pickle: bool) -> CheckpointView:
     cfg = folder / "config.json"
     if cfg.is_file():
         view.meta["hf_config"] = json.loads(cfg.read_text())
-        order = _hf_parameter_order(view.meta["hf_config"])
-        if order:
-            # safetensors sorts tensor names; the optimizer lists parameters in model registration order.
-            rank = {n: i for i, n in enumerate(order)}
-            view.tensors = dict(sorted(view.tensors.items(), key=lambda kv: rank.get(kv[0], len(rank))))
-            view.notes.append("Hugging Face Trainer checkpoint: parameter order rebuilt from config.json on the meta "
-                              "device; optimizer parameters mapped to names by that order and their state shapes")
-        else:
-            view.notes.append("Hugging Face Trainer checkpoint: the model's parameter order could not be rebuilt from "
-                              "config.json (is transformers installed?); safetensors sorts names, so optimizer "
-                              "parameters may stay unmapped")
+        _hf_layout(view, view.meta["hf_config"])
     return view
 
 
-def _hf_parameter_order(config: dict) -> list[str] | None:
-    """Parameter names in registration order, from the model class named in config.json (no weights, no code
-    from the checkpoint: only classes that ship with transformers)."""
+def _hf_meta_model(config: dict):
+    """The model class named in config.json, built on the meta device (no weights, no code from the checkpoint:
+    only classes that ship with transformers); None when transformers is absent or cannot build it."""
     try:
         import transformers
     except ImportError:
@@ -443,10 +438,48 @@ def _hf_parameter_order(config: dict) -> list[str] | None:
         conf = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "model_type"},
                                                  model_type=config["model_type"])
         with torch.device("meta"):
-            model = klass(conf)
-        return [n for n, _ in model.named_parameters()]
-    except Exception:  # an architecture this transformers version cannot build: fall back to file order
+            return klass(conf)
+    except Exception:  # an architecture this transformers version cannot build
         return None
+
+
+def _hf_layout(view: CheckpointView, config: dict) -> None:
+    """Give the optimizer mapping the parameters as the model registered them.
+
+    safetensors sorts tensor names, and the optimizer lists parameters in registration order, so the order comes
+    from the model built on the meta device. Where transformers converts weights between the saved and the
+    in-memory layout (v5 MoE models: per-expert ``experts.N.w1`` saved, stacked ``experts.gate_up_proj`` trained),
+    the optimizer's state is in the in-memory layout; transformers' own save-time conversion
+    (``revert_weight_conversion``, what ``save_pretrained`` applies) carries each state tensor to the saved names.
+    """
+    model = _hf_meta_model(config)
+    if model is None:
+        view.notes.append("Hugging Face checkpoint: the model's parameter order could not be rebuilt from config.json "
+                          "(is transformers installed, and does it know this architecture?); safetensors sorts names, "
+                          "so optimizer parameters may stay unmapped")
+        return
+    layout = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    if all(n in view.tensors and tuple(view.tensors[n].shape) == shp for n, shp in layout):
+        rank = {n: i for i, (n, _) in enumerate(layout)}
+        view.tensors = dict(sorted(view.tensors.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+        view.notes.append("Hugging Face checkpoint: parameter order rebuilt from config.json on the meta device; "
+                          "optimizer parameters mapped to names by that order and their state shapes")
+        return
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        view.notes.append("Hugging Face checkpoint: the model's in-memory parameters differ from the saved tensors and "
+                          "this transformers version has no revert_weight_conversion; the optimizer may stay unmapped")
+        return
+
+    def to_saved(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return revert_weight_conversion(model, sd)
+
+    view.param_layout, view.to_saved = layout, to_saved
+    view.notes.append("Hugging Face checkpoint: the model trains some tensors in another layout than it saves "
+                      f"({sum(1 for n, _ in layout if n not in view.tensors)} parameters differ); optimizer state "
+                      "mapped to the in-memory parameters by order and shape, then to the saved tensors with "
+                      "transformers' own save-time conversion")
 
 
 def _load_dcp(folder: Path) -> CheckpointView:

@@ -409,6 +409,7 @@ class Monitor:
         ev.frac_unchanged = float(s[1] / s[0]) if n else 1.0
         ev.ref_norm = math.sqrt(float(s[3]))
         ev.rel_change = math.sqrt(float(s[2])) / ev.ref_norm if ev.ref_norm > 0 else None
+        ev.update_rms = math.sqrt(float(s[2]) / n) if n else None
         ev.median_abs = med.get("abs")
         if t.slices:
             counts, eq = s[9:9 + t.slices], s[9 + t.slices:9 + 2 * t.slices]

@@ -100,7 +100,42 @@ def _bounds(seq: list[tuple[int, ...] | None], cand_shapes: list[tuple[int, ...]
 
 
 def map_optimizers(view: CheckpointView) -> tuple[dict[str, ParamSlot], list[OptimizerSummary]]:
-    cands = candidate_tensors(view)
+    if view.param_layout is not None:
+        # Map onto the parameters as the optimizer saw them, then carry each one's state to the saved tensors.
+        slots, summaries = _map(view, list(view.param_layout))
+        return _to_saved_names(view, slots, summaries)
+    return _map(view, candidate_tensors(view))
+
+
+def _to_saved_names(view: CheckpointView, slots: dict[str, ParamSlot], summaries: list[OptimizerSummary]
+                    ) -> tuple[dict[str, ParamSlot], list[OptimizerSummary]]:
+    """One in-memory parameter becomes one or more saved tensors (a stacked expert tensor: one per expert and
+    projection); each gets its share of every state tensor, and the group, lr and step of the parameter."""
+    shape_of = dict(view.param_layout)
+    by_name = {s.name: s for s in summaries}
+    out: dict[str, ParamSlot] = {}
+    for name, slot in slots.items():
+        try:
+            saved = list(view.to_saved({name: torch.empty(shape_of[name], device="meta")}))
+            pieces = {k: view.to_saved({name: v}) for k, v in slot.state.items()
+                      if isinstance(v, torch.Tensor) and tuple(v.shape) == shape_of[name]}
+        except Exception:  # a conversion that needs other parameters too: this one stays unmapped
+            saved, pieces = [], {}
+        ok = saved and all(n in view.tensors for n in saved) and all(
+            tuple(p[n].shape) == tuple(view.tensors[n].shape) for p in pieces.values() for n in saved)
+        summ = by_name[slot.optimizer]
+        if not ok:
+            summ.n_mapped -= 1
+            summ.unmatched += 1
+            continue
+        for n in saved:
+            state = {k: (pieces[k][n] if k in pieces else v) for k, v in slot.state.items()}
+            out[n] = ParamSlot(slot.optimizer, slot.group_index, slot.group, state, slot.method + "+hf-conversion")
+    return out, summaries
+
+
+def _map(view: CheckpointView, cands: list[tuple[str, tuple[int, ...]]]
+         ) -> tuple[dict[str, ParamSlot], list[OptimizerSummary]]:
     cand_names = [n for n, _ in cands]
     shape_of = dict(cands)
     slots: dict[str, ParamSlot] = {}
@@ -121,7 +156,7 @@ def map_optimizers(view: CheckpointView) -> tuple[dict[str, ParamSlot], list[Opt
             if have_names:
                 for pid, name in zip(g["params"], g["param_names"]):
                     name = _strip(name)
-                    if name in view.tensors:
+                    if name in shape_of or (view.param_layout is None and name in view.tensors):
                         slots[name] = ParamSlot(opt.name, gi, group_meta[gi], state.get(pid, {}), "param_names")
                         summ.n_mapped += 1
                     else:

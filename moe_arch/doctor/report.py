@@ -356,8 +356,10 @@ def _chain(f: Finding) -> str:
     if f.cause == "dead_experts":
         return f"per-expert slices: {_fmt({m: v['evidence'] for m, v in ev['modules'].items()})}; experts {_fmt(f.experts)}."
     if f.cause == "excessive_update":
-        return (f"relative change against the reference is {_fmt(ev['relative_change'])}, against a run median of "
-                f"{_fmt(ev['run_median_relative_change'])} (robust z {_fmt(ev['robust_z'])}).")
+        rel = (f"; relative change {_fmt(ev['relative_change'])} against a run median of "
+               f"{_fmt(ev['run_median_relative_change'])}" if ev.get("relative_change") else "")
+        return (f"update RMS per element since the reference is {_fmt(ev['update_rms'])}, against a run median of "
+                f"{_fmt(ev['run_median_update_rms'])}{rel} (robust z {_fmt(ev['robust_z'])}).")
     return f.summary
 
 
