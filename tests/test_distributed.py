@@ -88,7 +88,7 @@ def test_sharded_checkpoint_resumes_on_two_and_one_ranks_and_the_doctor_reads_it
     assert out.returncode == 0, out.stderr
     ck = torch.load(tmp_path / "one.pt", weights_only=True)
     view = d.evidence  # same weights in both forms
-    from moe_arch.doctor.loader import open_checkpoint
+    from moe_arch.doctor.readers import open_checkpoint
 
     dcp_view = open_checkpoint(final)
     for name in ("embed.weight", "layers.1.ffn.experts.w_gate", "final_norm.weight"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_arch.doctor.cli import run_analysis
-from moe_arch.doctor.loader import LoadError, open_checkpoint
+from moe_arch.doctor.readers import LoadError, open_checkpoint
 
 from conftest import ROOT
 from plain_runs import Net, train

@@ -13,7 +13,7 @@ from torch import nn
 from moe_arch.cli import main
 from moe_arch.doctor.cli import run_analysis
 
-from plain_runs import Net, train
+from plain_runs import Net, norm_names, train
 
 
 def _steps(model, opt, n: int, vocab: int, sched=None, logits=None, dtype=torch.float32) -> None:
@@ -321,3 +321,74 @@ def test_lightning_ckpt_files_with_a_frozen_group(tmp_path):
     assert len(norms) == 3 and d.status == "critical" and d.checkpoint["step"] == 4
     frozen = {t for f in d.findings if f.cause in ("zero_learning_rate", "frozen_unexplained") for t in f.tensors}
     assert sorted(frozen) == norms, [(f.cause, f.tensors) for f in d.findings]
+
+
+def test_torchtitan_style_dcp_step_folders(tmp_path):
+    """torchtitan saves step-N/ folders with torch.distributed.checkpoint: the model's state dict flattened into the
+    top level (get_model_state_dict), the optimizer under "optimizer" flattened per parameter
+    (get_optimizer_state_dict(flatten_optimizer_state_dict=True): state tensors and pickled hyper-parameters), and
+    TrainState's step as a tensor. torchtitan is not installable here, so the folders are written with the same
+    torch.distributed.checkpoint calls its ModelWrapper / OptimizersContainer / TrainState make. The norms' group has
+    lr 0: named exactly, against step-0 and alone (the hyper-parameters are read with weights_only=True)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    torch.manual_seed(0)
+    model = Net()
+    norms = sorted(norm_names(model))
+    named = dict(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [p for n, p in named.items() if n not in norms]},
+                             {"params": [named[n] for n in norms], "lr": 0.0}], lr=1e-2)
+
+    def save(step: int):
+        states = {**get_model_state_dict(model),
+                  "optimizer": get_optimizer_state_dict(
+                      model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True)),
+                  "train_state": {"step": torch.tensor(step, dtype=torch.int32)}}
+        dcp.save(states, checkpoint_id=str(tmp_path / f"step-{step}"), no_dist=True)
+
+    save(0)
+    _steps(model, opt, 4, 64)
+    save(4)
+    d = run_analysis(str(tmp_path / "step-4"), against=str(tmp_path / "step-0"), probe=False)
+    assert d.checkpoint["format"] == "torchtitan-dcp" and d.checkpoint["step"] == 4
+    assert all(s["n_mapped"] == s["n_params"] == len(named) for s in d.optimizers)
+    assert [(f.cause, sorted(f.tensors)) for f in d.findings] == [("zero_learning_rate", norms)]
+    alone = run_analysis(str(tmp_path / "step-4"), probe=False)
+    assert [(f.cause, sorted(f.tensors)) for f in alone.findings] == [("zero_learning_rate", norms)]
+
+
+def test_transformers5_moe_trained_stacked_saved_per_expert(tmp_path):
+    """transformers 5 trains Mixtral's experts stacked (mlp.experts.gate_up_proj [E, 2F, d]) and saves them per
+    expert (block_sparse_moe.experts.N.w1 / w3). The HF Trainer's optimizer.pt lists the stacked parameters; the
+    doctor maps them with transformers' own save-time conversion. Layer 0's gate_up_proj gets lr 0: the finding
+    names exactly the saved tensors that stayed unchanged (measured on the files), against the initial weights
+    and alone."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainingArguments
+
+    from arch_runs import Pattern, _build
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = _build("mixtral")
+    model.save_pretrained(tmp_path / "init")
+    named = dict(model.named_parameters())
+    frozen_param = "model.layers.0.mlp.experts.gate_up_proj"
+    assert frozen_param in named  # the in-memory (stacked) layout
+    opt = torch.optim.AdamW([{"params": [p for n, p in named.items() if n != frozen_param]},
+                             {"params": [named[frozen_param]], "lr": 0.0}], lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, report_to=[],
+                             use_cpu=True, disable_tqdm=True, logging_steps=100, save_steps=6)
+    Trainer(model=model, args=args, train_dataset=Pattern(48), optimizers=(opt, sched)).train()
+    ck = tmp_path / "checkpoint-6"
+    before, after = load_file(tmp_path / "init" / "model.safetensors"), load_file(ck / "model.safetensors")
+    unchanged = sorted(n for n in after if torch.equal(before[n], after[n]))
+    assert unchanged and all(".layers.0.block_sparse_moe.experts." in n for n in unchanged), unchanged
+    for d in (run_analysis(str(ck), against=str(tmp_path / "init"), probe=False), run_analysis(str(ck), probe=False)):
+        assert all(s["n_mapped"] == s["n_params"] for s in d.optimizers), d.optimizers
+        assert [(f.cause, sorted(f.tensors)) for f in d.findings] == [("zero_learning_rate", unchanged)]

@@ -359,7 +359,7 @@ def test_random_bytes_with_trust_pickle_and_non_utf8_names(tmp_path, cli):
     good = tmp_path / name
     torch.save({"lin.weight": torch.randn(4, 4), "norm.weight": torch.ones(4)}, str(tmp_path / "tmp.pt"))
     os.replace(tmp_path / "tmp.pt", good)
-    from moe_arch.doctor.loader import open_checkpoint
+    from moe_arch.doctor.readers import open_checkpoint
 
     view = open_checkpoint(good)
     assert set(view.tensors) == {"lin.weight", "norm.weight"}

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moe_arch.doctor.cli import run_analysis
-from moe_arch.doctor.loader import LoadError
+from moe_arch.doctor.readers import LoadError
 from moe_arch.training.checkpoint import save_checkpoint
 
 

@@ -151,6 +151,8 @@ def test_default_training_beats_the_unigram_baseline(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     ev = rows(tmp_path / "tiny", "eval")[-1]
     assert ev["val_loss"] < ev["unigram_loss"] - 1.5, ev
+    # a healthy run: the live monitor (on by default) raised no alert in its 400 steps
+    assert not (tmp_path / "tiny" / "alerts.jsonl").exists(), (tmp_path / "tiny" / "alerts.jsonl").read_text()[:2000]
 
 
 def test_wandb_requested_but_missing_is_a_one_line_error(tmp_path):

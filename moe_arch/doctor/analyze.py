@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from moe_arch.doctor.loader import BUFFER_PATTERNS, CheckpointView, LoadError, release
+from moe_arch.doctor.readers import BUFFER_PATTERNS, CheckpointView, LoadError, release
 from moe_arch.doctor.optim_map import ParamSlot
 from moe_arch.doctor.rules import LOW_PRECISION, adam_update, half_ulp, muon_update_rms
 

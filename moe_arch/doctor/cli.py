@@ -8,7 +8,7 @@ from pathlib import Path
 
 from moe_arch.doctor.analyze import analyze_tensors
 from moe_arch.doctor.engine import diagnose, status_of
-from moe_arch.doctor.loader import CheckpointView, LoadError, open_checkpoint
+from moe_arch.doctor.readers import CheckpointView, LoadError, open_checkpoint
 from moe_arch.doctor.optim_map import map_optimizers
 from moe_arch.doctor.report import Diagnosis, write_json, write_reports
 
@@ -158,6 +158,9 @@ def _missing_evidence(view: CheckpointView, ref, evidence, summaries, identical:
     elif not all(s.fully_mapped for s in summaries):
         reasons.append("the optimizer state could not be mapped to the tensors, and there is no reference: pass --against "
                        "the run's initial (or an earlier) checkpoint")
+    elif any(e.optimizer is not None and e.lr is None for e in params):
+        reasons.append("the optimizer's learning rates could not be read (a zero learning rate cannot be ruled out), and "
+                       "there is no reference: pass --against the run's initial (or an earlier) checkpoint")
     return reasons
 
 
@@ -198,7 +201,7 @@ def report_dir(checkpoint: str | Path, out: str | Path | None) -> Path:
 
 
 def run_diagnose(args) -> int:
-    from moe_arch.doctor.loader import resolve_checkpoint_path
+    from moe_arch.doctor.readers import resolve_checkpoint_path
     from moe_arch.training.run_dir import RunFolderError, writable_dir
 
     try:

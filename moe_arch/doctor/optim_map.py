@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from moe_arch.doctor.loader import BUFFER_PATTERNS, CheckpointView, _strip
+from moe_arch.doctor.readers import BUFFER_PATTERNS, CheckpointView, strip_prefixes
 
 
 @dataclass
@@ -155,7 +155,7 @@ def _map(view: CheckpointView, cands: list[tuple[str, tuple[int, ...]]]
         for gi, g in enumerate(groups):
             if have_names:
                 for pid, name in zip(g["params"], g["param_names"]):
-                    name = _strip(name)
+                    name = strip_prefixes(name)
                     if name in shape_of or (view.param_layout is None and name in view.tensors):
                         slots[name] = ParamSlot(opt.name, gi, group_meta[gi], state.get(pid, {}), "param_names")
                         summ.n_mapped += 1

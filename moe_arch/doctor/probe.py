@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_arch.config import Config
-from moe_arch.doctor.loader import CheckpointView
+from moe_arch.doctor.readers import CheckpointView
 
 
 @dataclass
