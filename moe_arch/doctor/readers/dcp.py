@@ -10,7 +10,6 @@ from typing import Callable
 import torch
 
 from moe_arch.doctor.readers.base import CheckpointView, LoadError, OptimizerInfo, TensorInfo
-from moe_arch.parallel.dcp import _read, read_meta
 
 
 class LazyState(dict):
@@ -105,8 +104,12 @@ def _groups_from_flat(param_groups: dict[str, dict]) -> list[dict]:
 
 def read_dcp(folder: Path) -> CheckpointView:
     """A :class:`~moe_arch.doctor.readers.CheckpointView` of a DCP folder, reading one tensor at a time."""
+    # Imported here, not at module level: torch.distributed.checkpoint costs ~2 s and ~50 MB to import, which
+    # every other reader would otherwise pay.
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    from moe_arch.parallel.dcp import _read, read_meta
 
     folder = Path(folder)
     try:
