@@ -392,3 +392,72 @@ def test_transformers5_moe_trained_stacked_saved_per_expert(tmp_path):
     for d in (run_analysis(str(ck), against=str(tmp_path / "init"), probe=False), run_analysis(str(ck), probe=False)):
         assert all(s["n_mapped"] == s["n_params"] for s in d.optimizers), d.optimizers
         assert [(f.cause, sorted(f.tensors)) for f in d.findings] == [("zero_learning_rate", unchanged)]
+
+
+def _accumulated_run(tmp_path, accum: int, optimizer_steps: int):
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    micro = 0
+    for _ in range(optimizer_steps):
+        for _ in range(accum):
+            tok = torch.randint(0, 64, (8, 8))
+            loss = nn.functional.cross_entropy(model(tok[:, :-1]).reshape(-1, 64), tok[:, 1:].reshape(-1)) / accum
+            loss.backward()
+            micro += 1
+        opt.step()
+        opt.zero_grad()
+    return model, opt, micro
+
+
+def test_steps_are_optimizer_steps_when_a_trainer_counts_micro_steps(tmp_path):
+    """A loop that saves its micro-step counter as ``step`` with gradient accumulation 4 in its config: the report
+    says 5 optimizer steps (the Adam state's own count agrees with 20 / 4) and names the counter."""
+    model, opt, micro = _accumulated_run(tmp_path, 4, 5)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": micro,
+                "config": {"train": {"grad_accum": 4}}}, tmp_path / "micro.pt")
+    d = run_analysis(str(tmp_path / "micro.pt"), probe=False)
+    assert micro == 20 and d.checkpoint["step"] == 20 and d.checkpoint["optimizer_steps"] == 5
+    assert any("counts micro-steps" in n and "5 optimizer steps" in n for n in d.notes), d.notes
+
+
+def test_nanogpt_iter_num_is_read_as_optimizer_steps(tmp_path):
+    """nanoGPT's ckpt.pt: ``iter_num`` counts optimizer steps (each of gradient_accumulation_steps micro-batches)."""
+    model, opt, micro = _accumulated_run(tmp_path, 4, 5)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "model_args": {"n_layer": 2},
+                "iter_num": 5, "best_val_loss": 1e9, "config": {"gradient_accumulation_steps": 4}},
+               tmp_path / "ckpt.pt")
+    d = run_analysis(str(tmp_path / "ckpt.pt"), probe=False)
+    assert d.checkpoint["step"] == 5 and d.checkpoint["optimizer_steps"] == 5
+    assert not any("micro-steps" in n for n in d.notes)
+
+
+@pytest.mark.parametrize("stage,ranks", [(2, 1), pytest.param(0, 1, marks=pytest.mark.slow),
+                                         pytest.param(1, 1, marks=pytest.mark.slow),
+                                         pytest.param(2, 2, marks=pytest.mark.slow)])
+def test_deepspeed_checkpoints_map_zero_partitions_by_name(tmp_path, stage, ranks):
+    """DeepSpeed's own engine and save_checkpoint (ZeRO 0, 1, 2; CPU, gloo; with 2 ranks a parameter's state is
+    split across both ranks' files): the norms' group has lr 0. Against global_step0 and alone, the finding names
+    exactly the norms; every parameter's optimizer state is mapped by name."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).with_name("deepspeed_run.py"))
+    launch = [sys.executable, script] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+        str(29400 + os.getpid() % 500), script]
+    out = subprocess.run(launch + [str(tmp_path), str(stage)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "latest").read_text().strip() == "global_step4"
+    assert len(list((tmp_path / "global_step4").glob("*optim_states.pt"))) == (ranks if stage else 0)
+    norms = sorted(norm_names(Net()))
+    n_params = len(list(Net().parameters()))
+    for d in (run_analysis(str(tmp_path), against=str(tmp_path / "global_step0"), probe=False),
+              run_analysis(str(tmp_path), probe=False)):
+        assert d.checkpoint["format"] == "deepspeed" and d.checkpoint["optimizer_steps"] == 4
+        assert [(s["n_mapped"], s["n_params"]) for s in d.optimizers] == [(n_params, n_params)], d.notes
+        assert [(f.cause, sorted(f.tensors)) for f in d.findings] == [("zero_learning_rate", norms)], d.notes

@@ -3,6 +3,7 @@ give a verdict or one LoadError line, never another exception (hypothesis picks 
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -52,6 +53,24 @@ def originals(tmp_path_factory) -> dict[str, Path]:
     out["dcp"] = root / "dcp_step"
     dcp.save({f"model/{k}": v for k, v in m.state_dict().items()}, checkpoint_id=str(out["dcp"]), no_dist=True)
     out["hf_trainer"] = _hf_trainer_folder(root / "hf")
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    out["torchtitan"] = root / "step-2"  # torchtitan's layout: model at the top level, optimizer flattened
+    dcp.save({**get_model_state_dict(m), "optimizer": get_optimizer_state_dict(
+        m, opt, options=StateDictOptions(flatten_optimizer_state_dict=True)),
+              "train_state": {"step": torch.tensor(2)}}, checkpoint_id=str(out["torchtitan"]), no_dist=True)
+    if "deepspeed" in FORMATS:
+        import os
+        import subprocess
+        import sys
+
+        ds = root / "deepspeed"
+        done = subprocess.run([sys.executable, str(Path(__file__).with_name("deepspeed_run.py")), str(ds), "2"],
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        shutil.rmtree(ds / "global_step0")
+        out["deepspeed"] = ds
     return out
 
 
@@ -75,8 +94,12 @@ def _files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fmt=st.sampled_from(["torch_dict", "state_dict", "safetensors", "moe_arch", "dcp", "hf_trainer"]),
+FORMATS = ["torch_dict", "state_dict", "safetensors", "moe_arch", "dcp", "hf_trainer", "torchtitan"] + (
+    ["deepspeed"] if importlib.util.find_spec("deepspeed") else [])
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(FORMATS),
        which=st.integers(0, 10), cut=st.floats(0, 1),
        writes=st.lists(st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=8)), max_size=4),
        truncate=st.booleans())

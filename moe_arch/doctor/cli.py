@@ -59,7 +59,7 @@ def run_analysis(path: str, against: str | None = None, model_config: str | None
     finally:
         if bar is not None:
             bar.stop()
-    steps = _optimizer_steps(view, evidence)
+    steps = _optimizer_steps(view, evidence, notes)
     identical = ref is not None and _same_state(view, ref, evidence)
     findings = diagnose(evidence, summaries, bool(view.optimizers), str(ref_path) if ref_path else None, steps,
                         identical)
@@ -112,17 +112,54 @@ def run_analysis(path: str, against: str | None = None, model_config: str | None
                      probe_res, notes, inconclusive)
 
 
-def _optimizer_steps(view: CheckpointView, evidence) -> int | None:
-    """Optimizer steps the checkpoint records: its step counter, else the optimizer state's own step counts
-    (None when neither says)."""
-    step = view.meta.get("step")
-    if step is not None:
-        try:
-            return int(step)
-        except (TypeError, ValueError):
-            pass
+ACCUMULATION_KEYS = ("gradient_accumulation_steps", "grad_accum", "accumulate_grad_batches", "grad_accum_steps",
+                     "gradient_accumulation_iters", "accum_steps")
+
+
+def _accumulation(config) -> int | None:
+    """Gradient accumulation from a checkpoint's saved config (any nesting), when it names it."""
+    if isinstance(config, dict):
+        for k, v in config.items():
+            if k in ACCUMULATION_KEYS and isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+                return v
+            found = _accumulation(v)
+            if found:
+                return found
+    return None
+
+
+def _optimizer_steps(view: CheckpointView, evidence, notes: list[str] | None = None) -> int | None:
+    """Optimizer steps the checkpoint records (None when nothing says).
+
+    Its step counter is used unless the optimizer state's own step count (Adam's per-parameter ``step``, which
+    counts optimizer steps and nothing else) disagrees: a counter of micro-steps (forward/backward passes) is
+    ``accumulation`` times larger. Then the state's count is the answer, and a note says what the counter was."""
+    notes = notes if notes is not None else []
     counts = [e.state_step for e in evidence if e.state_step is not None]
-    return int(max(counts)) if counts else None
+    opt_steps = int(max(counts)) if counts else None
+    step = view.meta.get("step")
+    try:
+        counter = int(step) if step is not None else None
+    except (TypeError, ValueError):
+        counter = None
+    accum = _accumulation(view.meta.get("config"))
+    if counter is None:
+        return opt_steps
+    if opt_steps is None or opt_steps == counter:
+        if accum and accum > 1 and opt_steps is None:
+            notes.append(f"the checkpoint's step counter is {counter} and its config sets gradient accumulation "
+                         f"{accum}: if the counter counts micro-steps, that is {counter // accum} optimizer steps (the "
+                         "optimizer state has no step count to tell)")
+        return counter
+    if accum and accum > 1 and counter // accum == opt_steps:
+        notes.append(f"the checkpoint's step counter ({counter}) counts micro-steps: with gradient accumulation "
+                     f"{accum} that is {opt_steps} optimizer steps, as the optimizer state's own step count says; "
+                     "steps here are optimizer steps")
+    else:
+        notes.append(f"the checkpoint's step counter ({counter}) differs from the optimizer state's step count "
+                     f"({opt_steps}); steps here are the optimizer's (a counter of micro-steps, or an optimizer "
+                     "re-created on resume, would explain it)")
+    return opt_steps
 
 
 def _same_state(view: CheckpointView, ref: CheckpointView, evidence) -> bool:
@@ -247,7 +284,7 @@ def print_summary(d: Diagnosis, md: Path, htm: Path) -> None:
     color = {"critical": "red", "warning": "yellow", "inconclusive": "magenta", "untrained": "cyan",
              "healthy": "green"}[d.status]
     ck = d.checkpoint
-    con.print(f"[bold]{ck['path']}[/] ({ck['format']}, step {ck.get('step')}, {ck['n_tensors']} tensors; reference: "
+    con.print(f"[bold]{ck['path']}[/] ({ck['format']}, optimizer step {ck.get('optimizer_steps')}, {ck['n_tensors']} tensors; reference: "
               f"{ck['reference'] or 'none'})")
     con.print(f"status: [bold {color}]{d.status.upper()}[/]")
     for f in d.findings:

@@ -235,7 +235,10 @@ def build_blocks(d: Diagnosis, plots: bool = True):
         blocks.append(P(f"**Status: {status_word}.** Every parameter has optimizer state and, where a reference is "
                         "available, has changed; no precision, learning-rate, gradient or routing problem was found."))
     blocks.append(H(2, "Checkpoint"))
-    rows = [["path", ck.get("path")], ["format", ck.get("format")], ["step", ck.get("step")],
+    rows = [["path", ck.get("path")], ["format", ck.get("format")], ["optimizer steps", ck.get("optimizer_steps")]]
+    if ck.get("step") is not None and ck.get("step") != ck.get("optimizer_steps"):
+        rows.append(["step counter as saved (see notes)", ck.get("step")])
+    rows += [
             ["epoch", ck.get("epoch")], ["tokens seen", ck.get("tokens_seen")],
             ["tensors", ck.get("n_tensors")], ["parameters (elements)", ck.get("n_parameters")],
             ["dtypes", _fmt(ck.get("dtypes"))], ["precision policy", ck.get("precision")],

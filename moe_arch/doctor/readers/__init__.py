@@ -5,6 +5,8 @@ reader (module)         what it reads                                   how opti
 ======================  ==============================================  =========================================
 ``dcp``                 torch.distributed.checkpoint folders (this      ``param_names`` from meta.pt, or the
                         project's FSDP2 runs, torchtitan ``step-N``)    flattened ``optimizer.state.<fqn>`` keys
+``deepspeed``           ``save_checkpoint`` folders (``latest``,         by name: ZeRO 1/2 ``param_slice_mappings``
+                        ``global_stepN/``), ZeRO stages 0-2             over every rank's flat partitions
 ``hf``                  HF Trainer ``checkpoint-N/``, accelerate        order + shape from the model class of
                         ``save_state``, PEFT adapters                   config.json on the meta device, carried
                                                                         through transformers' save conversion
@@ -31,6 +33,7 @@ from typing import Callable
 from moe_arch.doctor.readers.base import (BUFFER_PATTERNS, CheckpointView, LoadError, OptimizerInfo, TensorInfo,
                                           corrupt, dcp_errors, release, strip_prefixes)
 from moe_arch.doctor.readers.dcp import read_dcp
+from moe_arch.doctor.readers.deepspeed import is_deepspeed_dir, read_deepspeed
 from moe_arch.doctor.readers.hf import read_hf_folder
 from moe_arch.doctor.readers.safetensors import read_safetensors, read_safetensors_index
 from moe_arch.doctor.readers.torch_file import read_torch_file
@@ -48,6 +51,7 @@ class Reader:
 
 READERS: list[Reader] = [
     Reader("dcp", lambda p: p.is_dir() and (p / ".metadata").is_file(), lambda p, trust: read_dcp(p)),
+    Reader("deepspeed", is_deepspeed_dir, read_deepspeed),
     Reader("hf", lambda p: p.is_dir(), read_hf_folder),
     Reader("safetensors", lambda p: p.suffix == ".safetensors", lambda p, trust: read_safetensors([p], p)),
     Reader("safetensors-index", lambda p: p.name.endswith(".safetensors.index.json"),
@@ -61,8 +65,9 @@ def resolve_checkpoint_path(spec: str | Path) -> Path:
     if not p.exists():
         raise LoadError(f"{p}: no such file or folder")
     if p.is_dir():
-        if (p / ".metadata").is_file() or (p / "trainer_state.json").is_file() or list(p.glob("model*.safetensors")) \
-                or list(p.glob("pytorch_model*.bin")) or list(p.glob("adapter_model.*")):
+        if is_deepspeed_dir(p) or (p / ".metadata").is_file() or (p / "trainer_state.json").is_file() \
+                or list(p.glob("model*.safetensors")) or list(p.glob("pytorch_model*.bin")) \
+                or list(p.glob("adapter_model.*")):
             return p
         # A run folder or its checkpoints/ folder: the newest checkpoint.
         base = p / "checkpoints" if (p / "checkpoints").is_dir() else p

@@ -45,10 +45,12 @@ def from_torch_obj(path: Path, obj: Any, mmapped: bool) -> CheckpointView:
         else:
             raise LoadError(f"{path}: no model state found (looked for a bare state dict and the keys "
                             f"{list(MODEL_KEYS)}; top-level keys: {list(obj)[:10]})")
-    for k in ("step", "global_step", "epoch", "tokens_seen", "config", "precision", "param_roles", "buffers", "kind",
-              "version", "tokenizer_json", "precision_state"):
-        if k in obj:
-            meta["step" if k == "global_step" else k] = obj[k]
+    # global_step: Lightning (optimizer steps); iter_num: nanoGPT (optimizer steps, each of
+    # gradient_accumulation_steps micro-batches, which its saved config names)
+    for k in ("step", "global_step", "iter_num", "epoch", "tokens_seen", "config", "precision", "param_roles",
+              "buffers", "kind", "version", "tokenizer_json", "precision_state"):
+        if k in obj and not (k in ("global_step", "iter_num") and "step" in meta):
+            meta["step" if k in ("global_step", "iter_num") else k] = obj[k]
     if isinstance(meta.get("config"), dict) is False and "config" in meta:
         meta.pop("config")
     view = CheckpointView(path, fmt, tensor_infos(model_sd, notes), optimizers_from(optim_obj), meta, notes, mmapped,
