@@ -3,7 +3,7 @@
     moe-arch train [CONFIG|PRESET] [--resume PATH|latest] [--section.field VALUE ...]
     moe-arch info CONFIG|PRESET [--json] [--optimizer] [--section.field VALUE ...]
     moe-arch generate CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
-    moe-arch diagnose CHECKPOINT [--against REF] [--out DIR] [--json PATH] [--fail-on warning|critical]
+    moe-arch diagnose CHECKPOINT|RUN_DIR [--against REF] [--logs PATH] [--out DIR] [--json PATH] [--fail-on ...]
     moe-arch config [CONFIG|PRESET] [--section.field VALUE ...]     (print the resolved, validated config)
 
 Errors in the input (a bad config value, missing data, an unreadable checkpoint) print one line and exit 2.
@@ -310,12 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("diagnose", help="find out why a run is not learning, from its checkpoint(s)")
     d.add_argument("checkpoint", help="checkpoint file or folder (ours, torch.save, safetensors, HF Trainer checkpoint-N/, "
-                                      "or a distributed-checkpoint folder)")
+                                      "DeepSpeed, or a distributed-checkpoint folder), or a run folder (ours, an HF "
+                                      "output_dir, a Lightning log dir): its newest checkpoint and its history")
     d.add_argument("--against", default=None, help="reference checkpoint (default: this run's step-0 checkpoint)")
     d.add_argument("--out", default=None, help="folder for report.md / report.html (default: next to the checkpoint)")
     d.add_argument("--json", default=None, help="write the findings as JSON to this path ('-' for stdout)")
     d.add_argument("--fail-on", choices=["warning", "critical"], default=None,
                    help="exit 1 when a finding of this severity (or worse) is found")
+    d.add_argument("--logs", default=None, help="the run's history to read with the checkpoint: metrics.jsonl, "
+                                                "trainer_state.json, a Lightning metrics.csv, a CSV/JSONL with a step "
+                                                "column, or a TensorBoard event file/folder")
     d.add_argument("--model", default=None, help="config/preset to rebuild the model for the model-aware probes")
     d.add_argument("--no-probe", action="store_true", help="skip the model-aware probes (checkpoint analysis only)")
     d.add_argument("--trust-pickle", action="store_true",

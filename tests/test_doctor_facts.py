@@ -461,3 +461,79 @@ def test_deepspeed_checkpoints_map_zero_partitions_by_name(tmp_path, stage, rank
         assert d.checkpoint["format"] == "deepspeed" and d.checkpoint["optimizer_steps"] == 4
         assert [(s["n_mapped"], s["n_params"]) for s in d.optimizers] == [(n_params, n_params)], d.notes
         assert [(f.cause, sorted(f.tensors)) for f in d.findings] == [("zero_learning_rate", norms)], d.notes
+
+
+# ------------------------------------------------------------------- planted faults on several stacks
+@pytest.fixture(scope="module")
+def healthy_runs(tmp_path_factory) -> dict:
+    """Healthy runs written by three stacks: (reference, checkpoint, read, write) per stack, where read/write get and
+    put the checkpoint's model tensors by the names the doctor reports."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    L = pytest.importorskip("lightning.pytorch")
+    from safetensors.torch import load_file, save_file
+
+    from arch_runs import run
+
+    root = tmp_path_factory.mktemp("healthy_runs")
+    out = {}
+    train(root / "plain")
+    out["plain"] = (root / "plain" / "init.pt", root / "plain" / "final.pt",
+                    lambda p: torch.load(p)["model"],
+                    lambda p, sd: torch.save({**torch.load(p), "model": sd}, p))
+    hf = run("mixtral", "fp32", root / "hf", steps=10)  # experts saved per expert, trained stacked
+    out["hf_mixtral"] = (hf.init, hf.checkpoint, lambda p: load_file(p / "model.safetensors"),
+                         lambda p, sd: save_file(sd, p / "model.safetensors", metadata={"format": "pt"}))
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = Net()
+
+        def training_step(self, batch, _):
+            tok = batch[0]
+            return nn.functional.cross_entropy(self.net(tok[:, :-1]).reshape(-1, 64), tok[:, 1:].reshape(-1))
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    class SaveInitial(L.Callback):
+        def on_train_start(self, trainer, module):
+            trainer.save_checkpoint(root / "lightning" / "init.ckpt")
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 64, (64, 8))), batch_size=8)
+    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=[SaveInitial()])
+    trainer.fit(Module(), data)
+    trainer.save_checkpoint(root / "lightning" / "final.ckpt")
+    out["lightning"] = (root / "lightning" / "init.ckpt", root / "lightning" / "final.ckpt",
+                        lambda p: torch.load(p)["state_dict"],  # names as Lightning saves them: net.<name>
+                        lambda p, sd: torch.save({**torch.load(p), "state_dict": sd}, p))
+    for stack, (ref, ck, *_) in out.items():
+        d = run_analysis(str(ck), against=str(ref), probe=False)
+        assert d.status == "healthy", (stack, [(f.cause, f.tensors) for f in d.findings])
+    return out
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), stack=st.sampled_from(["plain", "hf_mixtral", "lightning"]), nan=st.booleans())
+def test_planted_faults_on_several_stacks_never_read_healthy(healthy_runs, tmp_path_factory, data, stack, nan):
+    """Restore a random set of tensors of a healthy run to their initial values (or fill them with NaN), in the
+    files each stack wrote: never healthy, and the findings name exactly the planted tensors."""
+    import shutil
+
+    ref, ck, read, write = healthy_runs[stack]
+    work = tmp_path_factory.mktemp("planted")
+    dst = work / ck.name
+    shutil.copytree(ck, dst) if ck.is_dir() else shutil.copy(ck, dst)
+    init, final = read(ref), read(dst)
+    names = sorted(n for n, t in final.items() if t.is_floating_point() and not torch.equal(t, init[n]))
+    planted = data.draw(st.sets(st.sampled_from(names), min_size=1, max_size=4))
+    for n in planted:
+        final[n] = torch.full_like(final[n], float("nan")) if nan else init[n].clone()
+    write(dst, final)
+    d = run_analysis(str(dst), against=str(ref), probe=False)
+    assert d.status == "critical", (stack, planted, [(f.cause, f.tensors) for f in d.findings])
+    named = {t for f in d.findings for t in f.tensors}
+    assert named == planted, (stack, [(f.cause, f.tensors) for f in d.findings])

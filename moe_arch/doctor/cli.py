@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import Counter
 from pathlib import Path
 
 from moe_arch.doctor.analyze import analyze_tensors
+from moe_arch.doctor.curves import curve_findings
 from moe_arch.doctor.engine import diagnose, status_of
+from moe_arch.doctor.history import HistoryError, find_history, read_history
 from moe_arch.doctor.readers import CheckpointView, LoadError, open_checkpoint
 from moe_arch.doctor.optim_map import map_optimizers
 from moe_arch.doctor.report import Diagnosis, write_json, write_reports
@@ -28,8 +31,110 @@ def default_reference(view: CheckpointView) -> Path | None:
 
 
 def run_analysis(path: str, against: str | None = None, model_config: str | None = None, probe: bool = True,
-                 trust_pickle: bool = False, progress: bool = False) -> Diagnosis:
-    view = open_checkpoint(path, trust_pickle)
+                 trust_pickle: bool = False, progress: bool = False, logs: str | None = None) -> Diagnosis:
+    """The diagnosis of a checkpoint, or of a run folder (its newest checkpoint and its history), or of a run's
+    history alone when its folder holds no checkpoint. ``logs``: a history to read with a checkpoint."""
+    history = Path(logs) if logs else (find_history(Path(path)) if Path(path).is_dir() else None)
+    if logs and not Path(logs).exists():
+        raise LoadError(f"{logs}: no such file or folder (--logs)")
+    try:
+        view = open_checkpoint(path, trust_pickle)
+    except LoadError:
+        if history is None or not Path(path).is_dir():
+            raise
+        return with_history(_history_only(Path(path)), history, None)
+    d = _analyse(view, path, against, model_config, probe, trust_pickle, progress)
+    return with_history(d, history, view) if history is not None else d
+
+
+def _history_only(folder: Path) -> Diagnosis:
+    checkpoint = {"path": str(folder), "format": "none (history only)", "step": None, "epoch": None,
+                  "tokens_seen": None, "reference": None, "n_tensors": 0, "n_parameters": 0, "dtypes": {},
+                  "precision": None, "config": None, "optimizer_steps": None}
+    missing = ["no checkpoint in the folder: only the run's history was read, so frozen tensors, precision and "
+               "optimizer problems cannot be ruled out; diagnose a checkpoint of the run (or pass the folder that "
+               "holds one)"]
+    return Diagnosis("inconclusive", checkpoint, [], [], [], None, [], missing)
+
+
+def _run_config(view: CheckpointView | None, history: Path) -> dict:
+    """What the curve rules use from the run's config: vocabulary, experts, MoD capacity, clip threshold."""
+    import yaml
+
+    cfg = view.meta.get("config") if view is not None and isinstance(view.meta.get("config"), dict) else None
+    if cfg is None:
+        for folder in (history.parent, history.parent.parent):
+            if (folder / "config.yaml").is_file():
+                try:
+                    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+                except (yaml.YAMLError, UnicodeDecodeError):
+                    cfg = None
+                break
+    out: dict = {}
+    if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
+        m, t = cfg["model"], cfg.get("train") or {}
+        out = {"vocab_size": m.get("vocab_size"), "n_experts": m.get("n_experts") if m.get("moe_layers") else None,
+               "mod_capacity": m.get("mod_capacity") if m.get("mod_layers") else None,
+               "grad_clip": t.get("grad_clip") or None}
+    hf = view.meta.get("hf_config") if view is not None else None
+    if isinstance(hf, dict):
+        out["vocab_size"] = hf.get("vocab_size")
+        out["n_experts"] = hf.get("num_local_experts") or hf.get("num_experts")
+    if history.name == "trainer_state.json" and (history.parent / "config.json").is_file() and "vocab_size" not in out:
+        import json
+
+        try:
+            out["vocab_size"] = json.loads((history.parent / "config.json").read_text()).get("vocab_size")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    if "vocab_size" not in out and view is not None:  # the input embedding's rows are the vocabulary
+        emb = [t for n, t in view.tensors.items() if len(t.shape) == 2
+               and re.search(r"(^|\.)(embed|embed_tokens|wte|tok_embeddings|word_embeddings)(\.weight)?$", n)]
+        if len(emb) == 1:
+            out["vocab_size"] = emb[0].shape[0]
+    return {k: v for k, v in out.items() if v}
+
+
+WEIGHT_CAUSES = ("precision_underflow", "not_in_optimizer", "no_gradient", "zero_learning_rate", "frozen_unexplained")
+
+
+def with_history(d: Diagnosis, history: Path, view: CheckpointView | None) -> Diagnosis:
+    """Add the run's history: its curve findings join the checkpoint's, and findings that explain each other are
+    linked (tensors that never trained + a loss that does not fall)."""
+    try:
+        h = read_history(history)
+    except HistoryError as e:
+        raise LoadError(str(e)) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LoadError(f"{history}: unreadable history ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    cfg = _run_config(view, history)
+    found = curve_findings(h, **cfg)
+    if "vocab_size" not in cfg:
+        d.notes.append("vocabulary size unknown (no config with it, no input embedding in a checkpoint): the "
+                       "loss-at-ln(vocab) check was skipped")
+    weights = [f for f in d.findings if f.cause in WEIGHT_CAUSES]
+    for f in found:
+        if f.cause in ("plateau", "not_learning") and weights:
+            f.evidence["related"] = [w.cause for w in weights]
+            f.summary += f" (see {', '.join(sorted({w.cause for w in weights}))}: tensors that never trained)"
+            for w in weights:
+                w.evidence.setdefault("related", []).append(f.cause)
+    d.findings = sorted(d.findings + found, key=lambda f: f.severity != "critical")
+    d.history = h
+    d.notes.append(f"history: {h.format} from {history} ({', '.join(h.found()[:12]) or 'no series'}"
+                   + (f"; not mapped: {', '.join(h.unmapped[:8])}" if h.unmapped else "") + ")")
+    if not h.found():
+        d.notes.append("the history holds no series this doctor reads (loss, lr, grad norm, ...)")
+    if d.checkpoint["format"].startswith("none"):
+        d.status = status_of(d.findings, d.inconclusive)
+    else:
+        d.status = status_of(d.findings, d.inconclusive, d.status == "untrained")
+    return d
+
+
+def _analyse(view: CheckpointView, path: str, against: str | None, model_config: str | None, probe: bool,
+             trust_pickle: bool, progress: bool) -> Diagnosis:
     ref_path = Path(against) if against else default_reference(view)
     ref = open_checkpoint(ref_path, trust_pickle) if ref_path else None
     notes = list(view.notes)
@@ -243,7 +348,13 @@ def run_diagnose(args) -> int:
 
     try:
         # Where the reports will go must take files before the analysis runs (it may take minutes).
-        writable_dir(report_dir(resolve_checkpoint_path(args.checkpoint), args.out), "diagnosis report")
+        try:
+            target = resolve_checkpoint_path(args.checkpoint)
+        except LoadError:  # a run folder with a history but no checkpoint is diagnosed from its history
+            if not (Path(args.checkpoint).is_dir() and find_history(Path(args.checkpoint))):
+                raise
+            target = Path(args.checkpoint)
+        writable_dir(report_dir(target, args.out), "diagnosis report")
         if args.json and args.json != "-":
             writable_dir(Path(args.json).resolve().parent, "JSON report")
     except (LoadError, RunFolderError) as e:
@@ -251,7 +362,7 @@ def run_diagnose(args) -> int:
         return EXIT_BAD_INPUT
     try:
         d = run_analysis(args.checkpoint, args.against, args.model, probe=not args.no_probe,
-                         trust_pickle=args.trust_pickle, progress=not args.quiet)
+                         trust_pickle=args.trust_pickle, progress=not args.quiet, logs=args.logs)
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -51,12 +51,20 @@ class Diagnosis:
     probe: dict | None
     notes: list[str]
     inconclusive: list[str] = field(default_factory=list)  # what is missing for a verdict (status inconclusive)
+    history: Any = None  # the run's History (moe_arch.doctor.history) when one was read
+
+    def history_json(self) -> dict | None:
+        h = self.history
+        if h is None:
+            return None
+        return {"path": str(h.path), "format": h.format, "series": h.found(), "unmapped": h.unmapped,
+                "points": {n: len(s.values) for n, s in h.series.items() if s.values}}
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "status": self.status, "inconclusive": self.inconclusive,
                 "checkpoint": self.checkpoint,
                 "findings": [f.to_dict() for f in self.findings], "optimizers": self.optimizers,
-                "probe": self.probe, "notes": self.notes}
+                "probe": self.probe, "notes": self.notes, "history": self.history_json()}
 
 
 def _fmt(v: Any) -> str:
@@ -212,6 +220,47 @@ def expert_heatmap(router: dict) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- report
+CURVE_CAUSES = ("not_learning", "divergence", "loss_spike", "plateau", "lr_schedule", "gradient_norm",
+                "throughput_collapse", "moe_collapse", "mod_drift")
+HISTORY_PANELS = (("loss", ("loss", "lm_loss", "eval_loss")), ("learning rate", ("lr", "lr/")),
+                  ("gradient norm", ("grad_norm",)))
+
+
+def history_plot(h, findings: list[Finding]) -> str | None:
+    """Loss, learning rate and gradient norm against the step, each curve finding marked at its first step."""
+    panels = []
+    for title, names in HISTORY_PANELS:
+        series = [s for n, s in sorted(h.series.items()) if s.values and any(
+            n == x or (x.endswith("/") and n.startswith(x)) for x in names)]
+        if series:
+            panels.append((title, series))
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
+    marks = [(f.evidence["first_step"], f.cause) for f in findings if isinstance(f.evidence.get("first_step"), int)]
+    for ax, (title, series) in zip(axes[:, 0], panels):
+        for s in series[:8]:
+            finite = [(a, b) for a, b in zip(s.steps, s.values) if math.isfinite(b)]
+            if finite:
+                ax.plot(*zip(*finite), label=s.name, lw=1)
+        if title == "gradient norm" or title == "learning rate" and all(v > 0 for s in series for v in s.values):
+            ax.set_yscale("log")
+        for step, cause in marks:
+            ax.axvline(step, color="red", lw=0.8, ls="--")
+        ax.set_ylabel(title)
+        ax.legend(fontsize=7, loc="best")
+    for step, cause in marks:
+        axes[0, 0].annotate(cause, (step, 1), xycoords=("data", "axes fraction"), fontsize=7, color="red",
+                            rotation=90, va="top", ha="right")
+    axes[-1, 0].set_xlabel("step")
+    return _png(fig)
+
+
 def build_blocks(d: Diagnosis, plots: bool = True):
     ck = d.checkpoint
     crit = [f for f in d.findings if f.severity == "critical"]
@@ -254,7 +303,8 @@ def build_blocks(d: Diagnosis, plots: bool = True):
             continue
         blocks.append(H(2, title))
         for f in group:
-            blocks.append(H(3, f"`{f.cause}` ({f.severity}): {len(f.tensors)} tensors"))
+            what = "series" if f.cause in CURVE_CAUSES else "tensors"
+            blocks.append(H(3, f"`{f.cause}` ({f.severity}): {len(f.tensors)} {what}"))
             blocks.append(P(f.summary + "."))
             blocks.append(UL([f"`{p}` \u00d7{c}" if c > 1 else f"`{p}`" for p, c in pattern_groups(f.tensors)[:30]]))
             blocks.append(TABLE(["evidence", "value"], [[k, _fmt(v)] for k, v in f.evidence.items()
@@ -270,6 +320,16 @@ def build_blocks(d: Diagnosis, plots: bool = True):
 
     blocks.append(H(2, "What is working"))
     blocks.append(UL(_working(d)))
+
+    if d.history is not None:
+        h = d.history
+        blocks.append(H(2, "Run history"))
+        blocks.append(P(f"Read from `{h.path}` ({h.format}): {', '.join(f'`{n}`' for n in h.found()[:20]) or 'no series'}"
+                        + (f"; not mapped to the schema: {', '.join(h.unmapped[:12])}" if h.unmapped else "") + "."))
+        if plots:
+            img = history_plot(h, [f for f in d.findings if f.cause in CURVE_CAUSES])
+            if img:
+                blocks.append(IMG(img, "loss, learning rate and gradient norm; dashed: where each curve finding starts"))
 
     blocks.append(H(2, "Optimizer configuration"))
     if d.optimizers:

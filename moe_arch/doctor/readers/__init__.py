@@ -69,6 +69,14 @@ def resolve_checkpoint_path(spec: str | Path) -> Path:
                 or list(p.glob("model*.safetensors")) or list(p.glob("pytorch_model*.bin")) \
                 or list(p.glob("adapter_model.*")):
             return p
+        # A Hugging Face output_dir: its newest checkpoint-N/ folder.
+        hf = [q for q in p.glob("checkpoint-*") if q.is_dir() and q.name.split("-")[-1].isdigit()]
+        if hf:
+            return max(hf, key=lambda q: int(q.name.split("-")[-1]))
+        # A Lightning log dir (lightning_logs/version_N/checkpoints/*.ckpt): the newest .ckpt.
+        ckpts = sorted(p.rglob("*.ckpt"), key=lambda q: q.stat().st_mtime)
+        if ckpts and not (p / "checkpoints" / "latest.txt").is_file():
+            return ckpts[-1]
         # A run folder or its checkpoints/ folder: the newest checkpoint.
         base = p / "checkpoints" if (p / "checkpoints").is_dir() else p
         latest = base / "latest.txt"

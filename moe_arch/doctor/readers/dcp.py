@@ -115,7 +115,8 @@ def read_dcp(folder: Path) -> CheckpointView:
     try:
         md = FileSystemReader(str(folder)).read_metadata()
     except Exception as e:
-        raise LoadError(f"{folder}: unreadable distributed checkpoint metadata ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise LoadError(f"{folder}: unreadable distributed checkpoint metadata ({type(e).__name__}: {first})") from None
     meta = read_meta(folder)
     notes = ["distributed checkpoint (torch.distributed.checkpoint): tensors read one at a time, non-tensor items "
              "never unpickled"]

@@ -1,0 +1,256 @@
+"""A run's history, from whatever logger wrote it, as one set of named series.
+
+Readers (each reads the files that logger writes; none needs the training stack installed):
+
+===========================  =========================================================================
+format                       files
+===========================  =========================================================================
+``moe_arch``                 ``metrics.jsonl`` rows ``{"kind": "train"|"eval"|"monitor", "step", ...}``
+``hf-trainer-state``         ``trainer_state.json``: ``log_history`` (``loss``, ``learning_rate``,
+                             ``grad_norm``, ``eval_loss``, ...)
+``tensorboard``              ``events.out.tfevents.*`` of any writer (read with the ``tensorboard``
+                             package's ``EventAccumulator``)
+``lightning-csv``            Lightning ``CSVLogger``'s ``metrics.csv`` (``step`` column, sparse rows)
+``csv`` / ``jsonl``          any table with a step column (``step``, ``global_step``, ``iter``, ``iteration``)
+===========================  =========================================================================
+
+Every logger's metric names are mapped onto one schema (``CANONICAL``): ``loss``, ``lm_loss``, ``eval_loss``,
+``lr`` (or ``lr/<group>`` per param group), ``grad_norm``, ``tokens_per_s``, ``clip_rate``,
+``moe_imbalance/<layer>`` (max / mean expert load), ``mod_fraction/<layer>``. Names that map to nothing are kept
+under their own name and listed as unmapped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STEP_KEYS = ("step", "global_step", "iter", "iteration", "iter_num", "trainer/global_step")
+
+# (pattern on the metric name, canonical name; \1 is a group / layer captured by the pattern)
+CANONICAL: list[tuple[str, str]] = [
+    (r"(?:train[/_])?loss(?:_step)?|train/train_loss", "loss"),
+    (r"(?:train[/_])?lm_loss", "lm_loss"),
+    (r"(?:eval|val|validation)[/_]loss|eval/loss|val_loss_epoch", "eval_loss"),
+    (r"(?:train[/_])?(?:learning_rate|lr)", "lr"),
+    (r"lr[-_/](.+)", r"lr/\1"),
+    (r"(?:train[/_])?(?:grad_norm|gradient_norm|grad-norm)", "grad_norm"),
+    (r"(?:train[/_])?(?:tokens_per_s|tokens_per_second|tok_per_s|throughput_tokens)", "tokens_per_s"),
+    (r"(?:train[/_])?clip_rate", "clip_rate"),
+    (r"moe_max_over_mean_(L\d+)", r"moe_imbalance/\1"),
+    (r"mod_selected_(L\d+)", r"mod_fraction/\1"),
+]
+_COMPILED = [(re.compile(rf"^(?:{p})$"), c) for p, c in CANONICAL]
+
+
+def canonical(name: str) -> str | None:
+    for pat, c in _COMPILED:
+        m = pat.match(name)
+        if m:
+            return m.expand(c)
+    return None
+
+
+@dataclass
+class Series:
+    name: str
+    source: str  # the metric's name in the log
+    steps: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+    def add(self, step: int, value: float) -> None:
+        self.steps.append(int(step))
+        self.values.append(float(value))
+
+
+@dataclass
+class History:
+    path: Path
+    format: str
+    series: dict[str, Series] = field(default_factory=dict)
+    unmapped: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)  # vocab_size, unigram_loss, mod_capacity, grad_clip, ... when known
+
+    def get(self, name: str) -> Series | None:
+        s = self.series.get(name)
+        return s if s is not None and s.values else None
+
+    def found(self) -> list[str]:
+        return sorted(n for n, s in self.series.items() if s.values)
+
+    def add(self, metric: str, step, value) -> None:
+        if step is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        name = canonical(metric)
+        if name is None:
+            if metric not in self.unmapped:
+                self.unmapped.append(metric)
+            name = metric
+        s = self.series.get(name)
+        if s is None:
+            s = self.series[name] = Series(name, metric)
+        elif s.source != metric:  # two log names for one series (e.g. loss and train/loss): keep the first
+            return
+        s.add(int(step), float(value))
+
+    def finish(self) -> "History":
+        for s in self.series.values():  # sorted by step, the last value of a step kept
+            pairs = dict(zip(s.steps, s.values))
+            s.steps, s.values = list(pairs), list(pairs.values())
+            order = sorted(range(len(s.steps)), key=s.steps.__getitem__)
+            s.steps, s.values = [s.steps[i] for i in order], [s.values[i] for i in order]
+        return self
+
+
+class HistoryError(ValueError):
+    """A history file that cannot be read: one line naming the file and the problem."""
+
+
+def _num(x):
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return x
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            return None
+    return None
+
+
+def _step_of(row: dict):
+    for k in STEP_KEYS:
+        v = _num(row.get(k))
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            return int(v)
+    return None
+
+
+def read_metrics_jsonl(path: Path) -> History:
+    """This project's metrics.jsonl, or any JSON-lines log whose rows carry a step."""
+    h = History(path, "jsonl")
+    ours = False
+    for i, line in enumerate(path.read_text(errors="replace").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == 0:
+                raise HistoryError(f"{path}: line 1 is not JSON") from None
+            continue  # a line cut by a crash: the rest is still the history
+        if not isinstance(row, dict):
+            continue
+        kind = row.get("kind")
+        ours |= kind in ("train", "eval", "monitor")
+        step = _step_of(row)
+        if kind == "eval":
+            for k in ("val_loss", "unigram_loss"):
+                if k in row:
+                    h.add("val_loss" if k == "val_loss" else "unigram_loss", step, row[k])
+            continue
+        for k, v in row.items():
+            if k in STEP_KEYS or k in ("kind", "time", "epoch"):
+                continue
+            h.add(k, step, _num(v))
+    h.format = "moe_arch" if ours else "jsonl"
+    u = h.get("unigram_loss")
+    if u:
+        h.meta["unigram_loss"] = u.values[-1]
+        h.series.pop("unigram_loss")
+        h.unmapped = [n for n in h.unmapped if n != "unigram_loss"]
+    return h.finish()
+
+
+def read_trainer_state(path: Path) -> History:
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HistoryError(f"{path}: not JSON ({e.__class__.__name__})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
+        raise HistoryError(f"{path}: no log_history list (not a Hugging Face trainer_state.json?)")
+    h = History(path, "hf-trainer-state")
+    for row in state["log_history"]:
+        if not isinstance(row, dict):
+            continue
+        step = _step_of(row)
+        for k, v in row.items():
+            if k in STEP_KEYS or k in ("epoch", "total_flos") or k.startswith(("train_", "eval_runtime",
+                                                                               "eval_samples", "eval_steps")):
+                continue
+            h.add(k, step, _num(v))
+    h.meta["max_steps"] = state.get("max_steps")
+    return h.finish()
+
+
+def read_csv(path: Path) -> History:
+    with open(path, newline="", errors="replace") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not any(k in rows[0] for k in STEP_KEYS):
+        raise HistoryError(f"{path}: no step column (looked for {', '.join(STEP_KEYS)})")
+    h = History(path, "lightning-csv" if path.name == "metrics.csv" and "epoch" in rows[0] else "csv")
+    for row in rows:
+        step = _step_of(row)
+        for k, v in row.items():
+            if k in STEP_KEYS or k in ("epoch", "time") or k is None:
+                continue
+            h.add(k, step, _num(v))
+    return h.finish()
+
+
+def read_tensorboard(folder: Path) -> History:
+    from tensorboard.backend.event_processing import event_accumulator
+
+    h = History(folder, "tensorboard")
+    files = sorted(folder.rglob("events.out.tfevents.*"))
+    if not files:
+        raise HistoryError(f"{folder}: no TensorBoard event files")
+    for f in files:
+        acc = event_accumulator.EventAccumulator(str(f), size_guidance={event_accumulator.SCALARS: 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            for ev in acc.Scalars(tag):
+                h.add(tag, ev.step, ev.value)
+    return h.finish()
+
+
+def find_history(path: Path) -> Path | None:
+    """The history file (or event folder) for a run folder, a checkpoint, or a history file itself."""
+    p = Path(path)
+    if p.is_file():
+        if p.name == "metrics.jsonl" or p.suffix in (".jsonl", ".csv") or p.name == "trainer_state.json" \
+                or p.name.startswith("events.out.tfevents."):
+            return p
+        p = p.parent
+    for folder in (p, p.parent, p.parent.parent):
+        if (folder / "metrics.jsonl").is_file():
+            return folder / "metrics.jsonl"
+    # Hugging Face output_dir: the newest checkpoint's trainer_state.json holds the whole log_history
+    states = sorted(p.glob("checkpoint-*/trainer_state.json"), key=lambda q: int(q.parent.name.split("-")[-1])
+                    if q.parent.name.split("-")[-1].isdigit() else -1)
+    if (p / "trainer_state.json").is_file():
+        return p / "trainer_state.json"
+    if states:
+        return states[-1]
+    csvs = sorted(p.rglob("metrics.csv"), key=lambda q: q.stat().st_mtime)
+    if csvs:
+        return csvs[-1]
+    if any(p.rglob("events.out.tfevents.*")):
+        return p
+    return None
+
+
+def read_history(path: Path) -> History:
+    p = Path(path)
+    if p.is_dir():
+        return read_tensorboard(p)
+    if p.name.startswith("events.out.tfevents."):
+        return read_tensorboard(p.parent)
+    if p.name == "trainer_state.json":
+        return read_trainer_state(p)
+    if p.suffix == ".csv":
+        return read_csv(p)
+    return read_metrics_jsonl(p)

@@ -1,0 +1,221 @@
+"""The doctor reads a run's history: each logger's files (written by that logger itself), the curve rules, and one
+report per run folder that joins the history to the checkpoint's evidence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from moe_arch.doctor.cli import run_analysis
+from moe_arch.doctor.curves import curve_findings
+from moe_arch.doctor.history import History, canonical, find_history, read_history
+
+
+# ------------------------------------------------------------------------------------------------ schema
+@pytest.mark.parametrize("name,expected", [
+    ("loss", "loss"), ("train/loss", "loss"), ("train_loss_step", "loss"), ("lm_loss", "lm_loss"),
+    ("eval_loss", "eval_loss"), ("val_loss", "eval_loss"), ("eval/loss", "eval_loss"),
+    ("learning_rate", "lr"), ("train/learning_rate", "lr"), ("lr-AdamW", "lr/AdamW"), ("lr_muon", "lr/muon"),
+    ("lr-AdamW/pg2", "lr/AdamW/pg2"), ("grad_norm", "grad_norm"), ("train/grad_norm", "grad_norm"),
+    ("tokens_per_s", "tokens_per_s"), ("clip_rate", "clip_rate"), ("moe_max_over_mean_L3", "moe_imbalance/L3"),
+    ("mod_selected_L1", "mod_fraction/L1"), ("mfu", None), ("epoch_time", None)])
+def test_logger_names_map_onto_one_schema(name, expected):
+    assert canonical(name) == expected
+
+
+# ------------------------------------------------------------------------------------------------ rules
+def _h(steps, **series) -> History:
+    h = History(None, "test")
+    for name, values in series.items():
+        for st, v in zip(steps, values):
+            h.add(name, st, v)
+    return h.finish()
+
+
+def _causes(h, **kw):
+    return [(f.cause, f.severity, f.evidence.get("first_step")) for f in curve_findings(h, **kw)]
+
+
+STEPS = list(range(1, 301))
+HEALTHY_LOSS = [4.2 * math.exp(-s / 80) + 1.5 for s in STEPS]
+WARMUP_COSINE = [3e-4 * min(1, s / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / 300))) for s in STEPS]
+
+
+def test_a_healthy_run_has_no_curve_finding():
+    grad = [1.0 + 0.1 * math.sin(s) for s in STEPS]
+    tps = [1000 + 10 * math.sin(s) for s in STEPS]
+    assert _causes(_h(STEPS, loss=HEALTHY_LOSS, lr=WARMUP_COSINE, grad_norm=grad, tokens_per_s=tps),
+                   vocab_size=64) == []
+
+
+def test_loss_at_ln_vocab_is_not_learning():
+    flat = [math.log(64) + 0.01 * math.sin(s) for s in STEPS]
+    assert _causes(_h(STEPS, loss=flat, lr=WARMUP_COSINE), vocab_size=64)[0] == ("not_learning", "critical", 1)
+
+
+def test_eval_loss_at_the_unigram_entropy_is_not_learning():
+    h = _h(STEPS, loss=HEALTHY_LOSS, val_loss=[5.5 + 0.5 * math.exp(-s / 20) for s in STEPS])
+    h.meta["unigram_loss"] = 5.5
+    assert [c for c, *_ in _causes(h, vocab_size=4096)] == ["not_learning"]
+
+
+def test_divergence_names_the_first_bad_step():
+    up = [HEALTHY_LOSS[i] if s < 150 else HEALTHY_LOSS[149] + (s - 150) * 0.05 for i, s in enumerate(STEPS)]
+    (cause, sev, first), = _causes(_h(STEPS, loss=up))
+    assert cause == "divergence" and sev == "critical" and 150 < first < 200
+    nan = HEALTHY_LOSS[:200] + [float("nan")] * 100
+    assert _causes(_h(STEPS, loss=nan)) == [("divergence", "critical", 201)]
+
+
+def test_spikes_recovered_or_not():
+    spiky = list(HEALTHY_LOSS)
+    spiky[100] += 3.0
+    f, = curve_findings(_h(STEPS, loss=spiky))
+    assert f.cause == "loss_spike" and f.evidence["first_step"] == 101 and f.evidence["n_unrecovered"] == 0
+
+
+def test_plateau_while_the_lr_is_high():
+    flat_end = [max(v, 2.5) for v in HEALTHY_LOSS]
+    const = [3e-4] * len(STEPS)
+    assert [c for c, *_ in _causes(_h(STEPS, loss=flat_end, lr=const))] == ["plateau"]
+    # the same curve under a schedule that decayed: the flat end is the schedule's, not a plateau
+    decayed = [3e-4 * (1 - s / 301) for s in STEPS]
+    assert _causes(_h(STEPS, loss=flat_end, lr=decayed)) == []
+
+
+def test_learning_rate_schedule_anomalies():
+    assert _causes(_h(STEPS, loss=HEALTHY_LOSS, lr=[0.0] * 300))[0][:2] == ("lr_schedule", "critical")
+    rising = [3e-4 * s / 1000 for s in STEPS]  # warmup of 1000 steps in a 300-step run
+    f, = curve_findings(_h(STEPS, loss=HEALTHY_LOSS, lr=rising))
+    assert f.evidence["issue"] == "warmup_longer_than_run"
+    groups = _h(STEPS, loss=HEALTHY_LOSS, **{"lr_muon": WARMUP_COSINE, "lr_adamw": [x * 1e-4 for x in WARMUP_COSINE]})
+    assert [f.evidence["issue"] for f in curve_findings(groups)] == ["group_ratio"]
+
+
+def test_gradient_norm_exploding_and_always_clipped():
+    grow = [0.5 * 1.03 ** s for s in STEPS]
+    assert [f.evidence["issue"] for f in curve_findings(_h(STEPS, loss=HEALTHY_LOSS, grad_norm=grow))] == ["exploding"]
+    clipped = curve_findings(_h(STEPS, loss=HEALTHY_LOSS, grad_norm=[5.0] * 300), grad_clip=1.0)
+    assert [f.evidence["issue"] for f in clipped] == ["always_clipped"]
+
+
+def test_throughput_collapse_and_routing_drift():
+    tps = [1000.0] * 150 + [400.0] * 150
+    f, = curve_findings(_h(STEPS, loss=HEALTHY_LOSS, tokens_per_s=tps))
+    assert f.cause == "throughput_collapse" and f.evidence["first_step"] == 151
+    moe = [1.1 + 3.0 * s / 300 for s in STEPS]
+    mod = [0.75 - 0.3 * s / 300 for s in STEPS]
+    found = curve_findings(_h(STEPS, loss=HEALTHY_LOSS, moe_max_over_mean_L2=moe, mod_selected_L1=mod),
+                           n_experts=4, mod_capacity=0.75)
+    assert sorted(f.cause for f in found) == ["mod_drift", "moe_collapse"]
+
+
+# ------------------------------------------------------------------------------------------------ readers
+def test_our_trainer_history_and_run_folder_report(small_cfg, tmp_path):
+    """Our trainer with every learning rate 0: the run folder's report joins the history (the loss stays at
+    ln(vocab), the lr is 0) to the checkpoint's zero_learning_rate, linked."""
+    from dataclasses import replace
+
+    from moe_arch.training.trainer import Trainer
+
+    cfg = replace(small_cfg, train=replace(small_cfg.train, steps=60, log_every=1, ckpt_every=60, tensorboard=True,
+                                           warmup_steps=0),
+                  optim=replace(small_cfg.optim, muon_lr=0.0, adamw_lr=0.0))
+    Trainer(cfg).run()
+    run = tmp_path / "runs" / "t"
+    assert find_history(run) == run / "metrics.jsonl"
+    h = read_history(run / "metrics.jsonl")
+    assert h.format == "moe_arch" and {"loss", "lm_loss", "grad_norm", "tokens_per_s"} <= set(h.found())
+    assert any(n.startswith("lr/") for n in h.found()) and len(h.get("loss").values) == 60
+    tb = read_history(run / "tensorboard")
+    assert tb.format == "tensorboard" and tb.get("loss") is not None
+    d = run_analysis(str(run), probe=False)
+    causes = {f.cause for f in d.findings}
+    assert {"not_learning", "lr_schedule", "zero_learning_rate"} <= causes, [(f.cause, f.summary) for f in d.findings]
+    nl = next(f for f in d.findings if f.cause == "not_learning")
+    assert "zero_learning_rate" in nl.evidence["related"]
+    assert d.to_json()["history"]["format"] == "moe_arch"
+
+
+def test_hugging_face_output_dir_history_and_checkpoint(tmp_path):
+    """transformers' Trainer (trainer_state.json log_history, TensorBoard events), lr 0 on a learnable task: the
+    output_dir's report names the loss stuck at ln(vocab), and the checkpoint's zero learning rate."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from arch_runs import VOCAB, Pattern, _build
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=60, per_device_train_batch_size=8, learning_rate=0.0,
+                             logging_steps=1, save_steps=60, report_to=["tensorboard"], use_cpu=True,
+                             disable_tqdm=True)
+    Trainer(model=_build("llama"), args=args, train_dataset=Pattern(480)).train()
+    assert find_history(tmp_path).name == "trainer_state.json"
+    h = read_history(find_history(tmp_path))
+    assert h.format == "hf-trainer-state" and {"loss", "lr", "grad_norm"} <= set(h.found())
+    tb = read_history(tmp_path)  # the event files under output_dir
+    assert tb.get("loss") is not None and len(tb.get("loss").values) == 60  # HF's TensorBoard writer: train/loss
+    d = run_analysis(str(tmp_path), probe=False)
+    assert d.checkpoint["path"].endswith("checkpoint-60")
+    causes = [(f.cause, f.severity) for f in d.findings]
+    assert ("not_learning", "critical") in causes and ("lr_schedule", "critical") in causes, causes
+    assert f"{math.log(VOCAB):.3f}" in next(f.summary for f in d.findings if f.cause == "not_learning")
+
+
+def test_lightning_csv_logger_divergence_and_history_only_folder(tmp_path):
+    """Lightning's CSVLogger (and LearningRateMonitor): a learning rate far too high diverges; the log dir holds no
+    checkpoint, so the verdict comes from the history alone and says what it could not check."""
+    L = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    from arch_runs import Pattern
+    from plain_runs import Net
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = Net()
+
+        def training_step(self, batch, _):
+            tok = batch["input_ids"]
+            loss = torch.nn.functional.cross_entropy(self.net(tok[:, :-1]).reshape(-1, 64), tok[:, 1:].reshape(-1))
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=50.0)
+
+    trainer = L.Trainer(max_steps=80, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=1,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[LearningRateMonitor()])
+    trainer.fit(Module(), torch.utils.data.DataLoader(Pattern(640), batch_size=8))
+    metrics = find_history(tmp_path)
+    assert metrics.name == "metrics.csv"
+    h = read_history(metrics)
+    assert h.format == "lightning-csv" and {"loss", "lr/SGD"} <= set(h.found()), (h.found(), h.unmapped)
+    d = run_analysis(str(tmp_path), probe=False)
+    assert d.checkpoint["format"].startswith("none") and d.inconclusive
+    assert d.status == "critical" and d.findings[0].cause == "divergence", [(f.cause, f.summary) for f in d.findings]
+
+
+def test_logs_flag_and_unreadable_history_is_one_line(tmp_path, capsys):
+    from moe_arch.cli import main
+
+    from plain_runs import train
+
+    train(tmp_path)
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps({"step": s, "loss": math.log(64)}) for s in range(1, 80)))
+    d = run_analysis(str(tmp_path / "final.pt"), against=str(tmp_path / "init.pt"), logs=str(log), probe=False)
+    assert d.to_json()["history"]["format"] == "jsonl" and "not_learning" in {f.cause for f in d.findings}
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    code = main(["diagnose", str(tmp_path / "final.pt"), "--logs", str(tmp_path / "bad.jsonl"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.jsonl: line 1 is not JSON" in err and err.count("\n") == 1
