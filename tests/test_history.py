@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,7 +99,8 @@ def test_learning_rate_schedule_anomalies():
 def test_gradient_norm_exploding_and_always_clipped():
     grow = [0.5 * 1.03 ** s for s in STEPS]
     assert [f.evidence["issue"] for f in curve_findings(_h(STEPS, loss=HEALTHY_LOSS, grad_norm=grow))] == ["exploding"]
-    clipped = curve_findings(_h(STEPS, loss=HEALTHY_LOSS, grad_norm=[5.0] * 300), grad_clip=1.0)
+    clipped = curve_findings(_h(STEPS, loss=HEALTHY_LOSS, grad_norm=[50.0] * 300), grad_clip=1.0)
+    assert curve_findings(_h(STEPS, loss=HEALTHY_LOSS, grad_norm=[1.8] * 300), grad_clip=1.0) == []  # ordinary
     assert [f.evidence["issue"] for f in clipped] == ["always_clipped"]
 
 
@@ -219,3 +221,125 @@ def test_logs_flag_and_unreadable_history_is_one_line(tmp_path, capsys):
     code = main(["diagnose", str(tmp_path / "final.pt"), "--logs", str(tmp_path / "bad.jsonl"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "bad.jsonl: line 1 is not JSON" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------- planted pathologies, real trainers
+_RUNS: list = []
+
+
+def _ours(small_cfg, steps: int = 100, patch=None, **train):
+    """Our trainer on the small model; ``patch(trainer)`` plants the pathology; returns the run folder's curve
+    findings as {cause: first_step}."""
+    from dataclasses import replace
+
+    from moe_arch.training.trainer import Trainer
+
+    optim = {k: train.pop(k) for k in ("muon_lr", "adamw_lr") if k in train}
+    _RUNS.append(None)  # one run folder per call
+    cfg = replace(small_cfg, train=replace(small_cfg.train, **{"steps": steps, "log_every": 1, "ckpt_every": 0,
+                                                               "warmup_steps": 5, "run_name": f"run{len(_RUNS)}",
+                                                               **train}),
+                  optim=replace(small_cfg.optim, **optim))
+    trainer = Trainer(cfg)
+    if patch:
+        patch(trainer)
+    trainer.run()
+    h = read_history(find_history(Path(cfg.train.out_dir) / cfg.train.run_name))
+    return {f.cause: f.evidence["first_step"] for f in curve_findings(h, vocab_size=cfg.model.vocab_size,
+                                                                      grad_clip=cfg.train.grad_clip or None)}, h
+
+
+def test_ours_healthy_and_clipped_every_step(small_cfg):
+    found, _ = _ours(small_cfg)
+    assert found == {}
+    found, h = _ours(small_cfg, grad_clip=1e-3)
+    assert found == {"gradient_norm": h.get("clip_rate").steps[0]}
+
+
+@pytest.mark.slow
+def test_ours_divergence_repeated_batch_and_a_sleeping_loop(small_cfg):
+    import time
+
+    found, h = _ours(small_cfg, adamw_lr=3.0, muon_lr=3.0, grad_clip=0.0, nan_policy="skip", max_nan_skips=1000)
+    assert "divergence" in found and found["divergence"] <= 100, found
+
+    def repeat_one_batch(trainer):
+        first = trainer.sampler.batch(0, 1)
+        trainer.sampler.batch = lambda rank, world: first.clone()
+
+    found, h = _ours(small_cfg, steps=150, eval_every=10, patch=repeat_one_batch)
+    assert "overfitting" in found, found
+    ev = h.get("eval_loss")
+    assert found["overfitting"] > ev.steps[min(range(len(ev.values)), key=ev.values.__getitem__)]
+
+    def sleep_from_step_50(trainer):
+        batch = trainer.sampler.batch
+
+        def slow(rank, world):
+            if trainer.step >= 50:
+                time.sleep(0.5)
+            return batch(rank, world)
+        trainer.sampler.batch = slow
+
+    found, _ = _ours(small_cfg, patch=sleep_from_step_50)
+    assert found.get("throughput_collapse") in (51, 52), found
+
+
+def _hf(tmp_path, lr: float, train_data, eval_data=None, steps: int = 80, **args):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from arch_runs import VOCAB, _build
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    targs = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
+                              learning_rate=lr, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                              disable_tqdm=True, **args)
+    trainer = Trainer(model=_build("llama"), args=targs, train_dataset=train_data, eval_dataset=eval_data)
+    trainer.train()
+    trainer.state.save_to_json(str(tmp_path / "trainer_state.json"))  # what a checkpoint-N/ folder holds
+    h = read_history(tmp_path / "trainer_state.json")
+    return {f.cause: f.evidence["first_step"] for f in curve_findings(h, vocab_size=VOCAB)}, h
+
+
+def test_hugging_face_healthy_divergent_and_repeated_batch_histories(tmp_path):
+    """transformers' Trainer on a learnable task: healthy (no curve finding), a learning rate far too high
+    (divergence), and a dataset that repeats one example (the eval loss rises while the training loss collapses)."""
+    from arch_runs import Pattern
+
+    found, _ = _hf(tmp_path / "healthy", 3e-3, Pattern(640))
+    assert found == {}
+    found, h = _hf(tmp_path / "divergent", 30.0, Pattern(640), max_grad_norm=1e9)
+    assert "divergence" in found and found["divergence"] >= h.get("loss").steps[0], found
+
+    class OneExample(torch.utils.data.Dataset):
+        def __len__(self):
+            return 640
+
+        def __getitem__(self, i):
+            return Pattern(1)[0]
+
+    found, h = _hf(tmp_path / "repeated", 3e-3, OneExample(), Pattern(64), steps=120, eval_strategy="steps",
+                   eval_steps=10)
+    assert "overfitting" in found, (found, h.get("eval_loss").values)
+    ev = h.get("eval_loss")
+    assert found["overfitting"] > ev.steps[min(range(len(ev.values)), key=ev.values.__getitem__)]
+
+
+def test_the_history_replays_the_monitors_spike_rule_exactly():
+    """One rule: the vectorised replay gives the live monitor's score (rules.spike_z) at every step."""
+    import random
+
+    from moe_arch.doctor.curves import _spike_scores
+    from moe_arch.doctor.rules import spike_z
+
+    rng = random.Random(0)
+    vals = [3.0 - s / 500 + rng.gauss(0, 0.05) + (2.0 if s in (90, 150) else 0.0) for s in range(300)]
+    span = 40
+    fast = _spike_scores(vals, span)
+    slow = [spike_z(vals[max(0, i - span):i], vals[i]) for i in range(len(vals))]
+    assert [a is None for a in fast] == [b is None for b in slow]
+    assert all(a is None or abs(a - b) <= 1e-9 * max(1.0, abs(b)) for a, b in zip(fast, slow))
+    assert [i for i, z in enumerate(fast) if z is not None and z > 6] == [90, 150]

@@ -11,15 +11,18 @@ cause                             rule
                                   learned token frequencies only); needs ≥ 50 logged steps
 ``divergence``                    a non-finite loss (its first step), or the loss leaves its running minimum by
                                   more than max(0.5 nats, 25%) and the last 10% never comes back within it
-``loss_spike``                    robust z-score (MAD) of a step-to-step loss rise ≥ 6 (the monitor's
-                                  threshold); recovered or not (back under the pre-spike level within 10% of
-                                  the run)
+``loss_spike``                    the live monitor's rule, replayed: robust z-score of a loss against the
+                                  previous 2 x monitor.window losses > monitor.spike_zscore; recovered or not
+                                  (back under the pre-spike median within 10% of the run)
+``overfitting``                   the eval loss rises ≥ max(0.1, 10%) above its minimum while the training
+                                  loss keeps falling
 ``plateau``                       over the last third of the run (≥ 30 points) the loss fell by < 1% while the
                                   learning rate stayed above half its peak (so not the schedule's decay)
 ``lr_schedule``                   lr 0 at every logged step (≥ 3); lr still rising at the last step (warmup longer
                                   than the run); param groups whose lrs differ by ≥ 10^3
 ``gradient_norm``                 grad norm growing ≥ 100x from the first to the last 10% (exploding), or
-                                  falling ≥ 10^4x (vanishing); clipping on ≥ 90% of steps
+                                  falling ≥ 10^4x (vanishing); clipping on ≥ 90% of steps by a median factor
+                                  ≥ 10 (a small factor is ordinary: Adam and Muon ignore the gradient's scale)
 ``throughput_collapse``           tokens/s falls to ≤ half its earlier median for ≥ 10% of the run, sustained
 ``moe_collapse``                  an MoE layer's max/mean expert load rises ≥ 2x and ends ≥ half the way to
                                   all tokens on one expert
@@ -35,7 +38,7 @@ import statistics
 from moe_arch.config import MonitorConfig
 from moe_arch.doctor.engine import Finding
 from moe_arch.doctor.history import History, Series
-from moe_arch.doctor.rules import robust_z
+from moe_arch.doctor.rules import spike_window, spike_z
 
 RECOMMENDATIONS = {
     "not_learning": ("the model is not learning beyond guessing (or beyond token frequencies): check that the labels "
@@ -44,6 +47,9 @@ RECOMMENDATIONS = {
     "divergence": ("lower the peak learning rate (or lengthen warmup), clip gradients, and resume from the last "
                    "checkpoint before the divergence"),
     "loss_spike": "inspect the batches at the spike; lower the learning rate or clip harder if spikes repeat",
+    "overfitting": ("the model memorises its training batches: check that the data pipeline does not repeat the same "
+                    "examples (shuffling, epoch boundaries, a dataloader restarted at the same offset), and that "
+                    "train and eval data differ; add data or regularisation"),
     "plateau": ("the loss stopped improving while the learning rate is still high: check for frozen tensors (moe-arch "
                 "diagnose on a checkpoint from this window), data that repeats, or a learning rate too high to settle"),
     "lr_schedule": "check the scheduler: warmup steps, total steps, and each param group's lr multiplier",
@@ -112,7 +118,15 @@ def not_learning(h: History, vocab_size: int | None) -> list[Finding]:
 
 
 def divergence(h: History) -> list[Finding]:
-    s = _loss(h)
+    """On the total loss and the next-token loss alike: auxiliary losses (router, MoD) can blow up alone."""
+    for name in ("loss", "lm_loss", "eval_loss"):
+        found = _diverged(h.get(name))
+        if found:
+            return found
+    return []
+
+
+def _diverged(s: Series | None) -> list[Finding]:
     if s is None:
         return []
     for st, v in zip(s.steps, s.values):
@@ -121,51 +135,87 @@ def divergence(h: History) -> list[Finding]:
                        f"the {s.name} became non-finite ({v}) at step {st}")]
     if len(s.values) < 20:
         return []
-    run_min, min_step, left_at = math.inf, None, None
+    run_min, min_step = math.inf, None
     for st, v in zip(s.steps, s.values):
         if v < run_min:
             run_min, min_step = v, st
     margin = max(0.5, 0.25 * run_min)
     tail = _tail(s)
     if min(tail) > run_min + margin:
-        floor = run_min + margin
-        left_at = next(st for st, v in zip(s.steps, s.values) if st > min_step and v > floor)
+        left_at = next(st for st, v in zip(s.steps, s.values) if st > min_step and v > run_min + margin)
         return [_f("divergence", "critical", [s.name],
                    {"first_step": left_at, "running_min": run_min, "min_step": min_step, "margin": margin,
                     "final_loss": statistics.median(tail)},
                    f"the {s.name} left its minimum ({run_min:.3f} at step {min_step}) by more than {margin:.2f} at "
-                   f"step {left_at} and never came back (ends at {statistics.median(tail):.3f})")]
+                   f"step {left_at} and never came back (ends at {statistics.median(tail):.3g})")]
     return []
 
 
-def loss_spikes(h: History, zscore: float | None = None) -> list[Finding]:
-    zscore = zscore if zscore is not None else MonitorConfig.spike_zscore  # the live monitor's threshold
+def _spike_scores(vals: list[float], span: int) -> list[float | None]:
+    """rules.spike_z of every loss against the ``span`` losses before it, as the monitor computes it live, with the
+    full windows vectorised (a 1M-step history is judged in seconds). Full windows hold span + 1 values, an odd
+    count, where the median is unambiguous and equals the monitor's torch.median."""
+    import numpy as np
+
+    out: list[float | None] = [spike_z(vals[max(0, i - span):i], vals[i]) for i in range(min(span, len(vals)))]
+    if len(vals) > span:
+        x = np.asarray(vals, dtype=np.float64)
+        for lo in range(span, len(vals), 1 << 16):  # chunks bound the window matrix's memory
+            hi = min(len(vals), lo + (1 << 16))
+            win = np.lib.stride_tricks.sliding_window_view(x[lo - span:hi], span + 1)
+            med = np.median(win, axis=1)
+            mad = np.median(np.abs(win - med[:, None]), axis=1) * 1.4826
+            mad[mad == 0] = 1e-12
+            out.extend(((win[:, -1] - med) / mad).tolist())
+    return out
+
+
+def loss_spikes(h: History, config: MonitorConfig | None = None) -> list[Finding]:
+    """The live monitor's spike rule (rules.spike_z over its window of recent losses, its z threshold), replayed
+    over the logged loss."""
+    cfg = config or MonitorConfig()
     s = _loss(h)
-    if s is None or len(s.values) < 20:
+    if s is None or len(s.values) < 20 or not all(math.isfinite(v) for v in s.values):
         return []
-    vals = s.values
-    diffs = [b - a for a, b in zip(vals, vals[1:])]
-    if not all(math.isfinite(d) for d in diffs):
-        return []
-    z = robust_z(diffs)
+    vals, span = s.values, spike_window(cfg.window)
     spikes = []
-    window = max(5, len(vals) // 10)
-    for i, (d, zi) in enumerate(zip(diffs, z)):
-        if d > 0 and zi >= zscore:
-            before = vals[i]
-            after = vals[i + 2:i + 2 + window]
-            recovered = any(v <= before for v in after)
-            spikes.append({"step": s.steps[i + 1], "loss": vals[i + 1], "before": before, "z": zi,
-                           "recovered": recovered})
+    recover_within = max(5, len(vals) // 10)
+    for i, z in enumerate(_spike_scores(vals, span)):
+        if z is not None and z > cfg.spike_zscore:
+            before = statistics.median(vals[max(0, i - span):i])
+            recovered = any(v <= before for v in vals[i + 1:i + 1 + recover_within])
+            spikes.append({"step": s.steps[i], "loss": vals[i], "before": before, "z": z, "recovered": recovered})
     if not spikes:
         return []
     unrecovered = [x for x in spikes if not x["recovered"]]
     return [_f("loss_spike", "warning", [s.name],
                {"first_step": spikes[0]["step"], "spikes": spikes[:20], "n_spikes": len(spikes),
                 "n_unrecovered": len(unrecovered)},
-               f"{len(spikes)} loss spike(s) (robust z ≥ {zscore:g}), first at step {spikes[0]['step']} "
-               f"({spikes[0]['before']:.3f} -> {spikes[0]['loss']:.3f})"
-               + (f"; {len(unrecovered)} did not recover" if unrecovered else "; all recovered"))]
+               f"{len(spikes)} loss spike(s) (robust z > {cfg.spike_zscore:g} against the last {span} losses, the "
+               f"live monitor's rule), first at step {spikes[0]['step']} ({spikes[0]['before']:.3f} -> "
+               f"{spikes[0]['loss']:.3f})" + (f"; {len(unrecovered)} did not recover" if unrecovered else
+                                              "; all recovered"))]
+
+
+def overfitting(h: History) -> list[Finding]:
+    """The eval loss rises well above its minimum while the training loss keeps falling (memorising: e.g. a data
+    pipeline that repeats the same batches)."""
+    ev, tr = h.get("eval_loss"), _loss(h)
+    if ev is None or tr is None or len(ev.values) < 4:
+        return []
+    i_min = min(range(len(ev.values)), key=ev.values.__getitem__)
+    best, last = ev.values[i_min], ev.values[-1]
+    if i_min == len(ev.values) - 1 or last < best + max(0.1, 0.1 * abs(best)):
+        return []
+    train_at_best, train_end = _value_at(tr, ev.steps[i_min]), statistics.median(_tail(tr))
+    if train_at_best is None or train_end > train_at_best:
+        return []
+    first = next(st for st, v in zip(ev.steps[i_min:], ev.values[i_min:]) if v >= best + 0.05 * abs(best))
+    return [_f("overfitting", "warning", [ev.name, tr.name],
+               {"first_step": first, "best_eval_loss": best, "best_step": ev.steps[i_min], "final_eval_loss": last,
+                "train_loss_at_best": train_at_best, "final_train_loss": train_end},
+               f"the eval loss rose from {best:.3f} (step {ev.steps[i_min]}) to {last:.3f} while the training loss "
+               f"kept falling ({train_at_best:.3f} -> {train_end:.3f}): the model memorises its training data")]
 
 
 def _lr_series(h: History) -> list[Series]:
@@ -175,13 +225,11 @@ def _lr_series(h: History) -> list[Series]:
 
 
 def _value_at(s: Series, step: int) -> float | None:
-    best = None
-    for st, v in zip(s.steps, s.values):
-        if st <= step:
-            best = v
-        else:
-            break
-    return best
+    """The series' value at ``step`` (its last logged value at or before it)."""
+    import bisect
+
+    i = bisect.bisect_right(s.steps, step)
+    return s.values[i - 1] if i else None
 
 
 def plateau(h: History) -> list[Finding]:
@@ -250,22 +298,25 @@ def gradient_norm(h: History, grad_clip: float | None) -> list[Finding]:
                 out.append(_f("gradient_norm", "warning", [s.name],
                               {"first_step": s.steps[0], "issue": "vanishing", "start": a, "end": b},
                               f"the gradient norm fell {a / max(b, 1e-30):.0e}x over the run ({a:.3g} -> {b:.3g})"))
+    # Clipping on (nearly) every step by a large factor: the clip, not the schedule, sets SGD's step size, and for
+    # Adam-type optimizers every gradient is rescaled to one norm (and can sink towards eps). Clipping by a small
+    # factor is ordinary (Adam and Muon updates do not depend on the gradient's scale), so the ratio must be >= 10.
     clip = h.get("clip_rate")
+    ratio = (statistics.median(s.values) / grad_clip) if s is not None and grad_clip else None
+    rate = None
     if clip is not None and len(clip.values) >= 10:
         rate = statistics.mean(clip.values)
-        if rate >= 0.9:
-            out.append(_f("gradient_norm", "warning", [clip.name],
-                          {"first_step": clip.steps[0], "issue": "always_clipped", "clip_rate": rate},
-                          f"gradients were clipped on {rate:.0%} of steps: the clip threshold sets the effective "
-                          "learning rate"))
     elif s is not None and grad_clip and len(s.values) >= 10:
         rate = sum(v > grad_clip for v in s.values) / len(s.values)
-        if rate >= 0.9:
-            out.append(_f("gradient_norm", "warning", [s.name],
-                          {"first_step": s.steps[0], "issue": "always_clipped", "clip_rate": rate,
-                           "grad_clip": grad_clip},
-                          f"the gradient norm exceeded the clip threshold {grad_clip:g} on {rate:.0%} of steps: the "
-                          "clip threshold sets the effective learning rate"))
+    if rate is not None and rate >= 0.9 and (ratio is None or ratio >= 10):
+        where = clip if clip is not None else s
+        out.append(_f("gradient_norm", "warning", [where.name],
+                      {"first_step": where.steps[0], "issue": "always_clipped", "clip_rate": rate,
+                       "grad_clip": grad_clip, "median_norm_over_clip": ratio},
+                      f"gradients were clipped on {rate:.0%} of steps"
+                      + (f", by a median factor of {ratio:.3g} (norm {statistics.median(s.values):.3g} against the "
+                         f"threshold {grad_clip:g})" if ratio else "")
+                      + ": the clip, not the schedule, sets the update"))
     return out
 
 
@@ -313,7 +364,7 @@ def routing(h: History, n_experts: int | None, mod_capacity: float | None) -> li
 def curve_findings(h: History, vocab_size: int | None = None, n_experts: int | None = None,
                    mod_capacity: float | None = None, grad_clip: float | None = None) -> list[Finding]:
     vocab_size = vocab_size or h.meta.get("vocab_size")
-    found = (divergence(h) + not_learning(h, vocab_size) + loss_spikes(h) + plateau(h) + lr_schedule(h)
+    found = (divergence(h) + not_learning(h, vocab_size) + loss_spikes(h) + overfitting(h) + plateau(h) + lr_schedule(h)
              + gradient_norm(h, grad_clip or h.meta.get("grad_clip")) + throughput(h)
              + routing(h, n_experts or h.meta.get("n_experts"), mod_capacity or h.meta.get("mod_capacity")))
     if any(f.cause == "divergence" for f in found):  # spikes leading into a divergence are part of it

@@ -74,6 +74,8 @@ class History:
     series: dict[str, Series] = field(default_factory=dict)
     unmapped: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)  # vocab_size, unigram_loss, mod_capacity, grad_clip, ... when known
+    # raw columns by the log's own metric names, in order of first appearance; finish() maps them to series
+    _cols: dict[str, tuple[list, list]] = field(default_factory=dict, repr=False)
 
     def get(self, name: str) -> Series | None:
         s = self.series.get(name)
@@ -82,27 +84,37 @@ class History:
     def found(self) -> list[str]:
         return sorted(n for n, s in self.series.items() if s.values)
 
+    def column(self, metric: str) -> tuple[list, list]:
+        """The (steps, values) lists a reader appends a metric's points to (the fast path for long logs)."""
+        c = self._cols.get(metric)
+        if c is None:
+            c = self._cols[metric] = ([], [])
+        return c
+
     def add(self, metric: str, step, value) -> None:
         if step is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             return
-        name = canonical(metric)
-        if name is None:
-            if metric not in self.unmapped:
-                self.unmapped.append(metric)
-            name = metric
-        s = self.series.get(name)
-        if s is None:
-            s = self.series[name] = Series(name, metric)
-        elif s.source != metric:  # two log names for one series (e.g. loss and train/loss): keep the first
-            return
-        s.add(int(step), float(value))
+        steps, values = self.column(metric)
+        steps.append(int(step))
+        values.append(float(value))
 
     def finish(self) -> "History":
-        for s in self.series.values():  # sorted by step, the last value of a step kept
-            pairs = dict(zip(s.steps, s.values))
-            s.steps, s.values = list(pairs), list(pairs.values())
-            order = sorted(range(len(s.steps)), key=s.steps.__getitem__)
-            s.steps, s.values = [s.steps[i] for i in order], [s.values[i] for i in order]
+        """Map the columns onto the schema (two log names for one series, e.g. ``loss`` and ``train/loss``: the
+        first seen is kept), each series sorted by step with the last value of a repeated step."""
+        for metric, (steps, values) in self._cols.items():
+            if not steps:
+                continue
+            name = canonical(metric)
+            if name is None:
+                self.unmapped.append(metric)
+                name = metric
+            if name in self.series:
+                continue
+            if any(b <= a for a, b in zip(steps, steps[1:])):
+                pairs = dict(zip(steps, values))
+                steps, values = sorted(pairs), [pairs[k] for k in sorted(pairs)]
+            self.series[name] = Series(name, metric, list(steps), [float(v) for v in values])
+        self._cols = {}
         return self
 
 
@@ -129,40 +141,62 @@ def _step_of(row: dict):
     return None
 
 
+def _json_rows(path: Path) -> list:
+    text = path.read_text(errors="replace")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return []
+    try:  # one C-level parse for the whole file: ~2x faster than a json.loads per line on long logs
+        return json.loads("[" + ",".join(lines) + "]")
+    except json.JSONDecodeError:
+        pass
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == 0:
+                raise HistoryError(f"{path}: line 1 is not JSON") from None
+            # a line cut by a crash: the rest is still the history
+    return rows
+
+
+_SKIP = frozenset(STEP_KEYS) | {"kind", "time", "epoch"}
+
+
 def read_metrics_jsonl(path: Path) -> History:
     """This project's metrics.jsonl, or any JSON-lines log whose rows carry a step."""
     h = History(path, "jsonl")
     ours = False
-    for i, line in enumerate(path.read_text(errors="replace").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == 0:
-                raise HistoryError(f"{path}: line 1 is not JSON") from None
-            continue  # a line cut by a crash: the rest is still the history
+    cols: dict = {}
+    for row in _json_rows(path):
         if not isinstance(row, dict):
             continue
         kind = row.get("kind")
-        ours |= kind in ("train", "eval", "monitor")
-        step = _step_of(row)
-        if kind == "eval":
-            for k in ("val_loss", "unigram_loss"):
-                if k in row:
-                    h.add("val_loss" if k == "val_loss" else "unigram_loss", step, row[k])
-            continue
-        for k, v in row.items():
-            if k in STEP_KEYS or k in ("kind", "time", "epoch"):
+        step = row.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            step = _step_of(row)
+            if step is None:
                 continue
-            h.add(k, step, _num(v))
+        if kind is not None:
+            ours |= kind in ("train", "eval", "monitor")
+            if kind == "eval":
+                row = {k: row[k] for k in ("val_loss", "unigram_loss") if k in row}
+        for k, v in row.items():
+            if k in _SKIP or v.__class__ not in (float, int):
+                continue
+            c = cols.get(k)
+            if c is None:
+                c = cols[k] = h.column(k)
+            c[0].append(step)
+            c[1].append(v)
     h.format = "moe_arch" if ours else "jsonl"
-    u = h.get("unigram_loss")
-    if u:
+    h.finish()
+    u = h.series.pop("unigram_loss", None)
+    if u is not None and u.values:
         h.meta["unigram_loss"] = u.values[-1]
-        h.series.pop("unigram_loss")
         h.unmapped = [n for n in h.unmapped if n != "unigram_loss"]
-    return h.finish()
+    return h
 
 
 def read_trainer_state(path: Path) -> History:
@@ -188,16 +222,28 @@ def read_trainer_state(path: Path) -> History:
 
 def read_csv(path: Path) -> History:
     with open(path, newline="", errors="replace") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not any(k in rows[0] for k in STEP_KEYS):
-        raise HistoryError(f"{path}: no step column (looked for {', '.join(STEP_KEYS)})")
-    h = History(path, "lightning-csv" if path.name == "metrics.csv" and "epoch" in rows[0] else "csv")
-    for row in rows:
-        step = _step_of(row)
-        for k, v in row.items():
-            if k in STEP_KEYS or k in ("epoch", "time") or k is None:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header or not any(k in header for k in STEP_KEYS):
+            raise HistoryError(f"{path}: no step column (looked for {', '.join(STEP_KEYS)})")
+        h = History(path, "lightning-csv" if path.name == "metrics.csv" and "epoch" in header else "csv")
+        step_at = next(header.index(k) for k in STEP_KEYS if k in header)
+        cols = [(i, h.column(k)) for i, k in enumerate(header) if k not in STEP_KEYS and k not in ("epoch", "time")]
+        for row in reader:
+            if len(row) != len(header):
                 continue
-            h.add(k, step, _num(v))
+            try:
+                step = int(float(row[step_at]))
+            except ValueError:
+                continue
+            for i, (steps, values) in cols:
+                cell = row[i]
+                if cell:  # Lightning writes sparse rows: a metric's cell is empty at steps it was not logged
+                    try:
+                        values.append(float(cell))
+                    except ValueError:
+                        continue
+                    steps.append(step)
     return h.finish()
 
 

@@ -39,7 +39,8 @@ from moe_arch.doctor.analyze import TensorEvidence, infer_role, is_stacked
 from moe_arch.doctor.engine import Finding, describe, diagnose
 from moe_arch.doctor.optim_map import OptimizerSummary
 from moe_arch.parallel.parallelize import global_grad_norm, local
-from moe_arch.doctor.rules import LOW_PRECISION, adam_update, half_ulp, half_ulp_at, muon_update_rms, robust_z
+from moe_arch.doctor.rules import (LOW_PRECISION, adam_update, half_ulp, half_ulp_at, muon_update_rms, spike_window,
+                                   spike_z)
 
 SHORT_FIX = {
     "precision_underflow": "use --train.precision bf16-mixed (fp32 master weights) or bf16-compensated",
@@ -139,7 +140,7 @@ class Monitor:
         self.step = start_step
         self.alerts: list[Alert] = []
         self._alerted: set[tuple[str, str]] = set()
-        self._losses: deque[float] = deque(maxlen=max(20, self.cfg.window * 2))
+        self._losses: deque[float] = deque(maxlen=spike_window(self.cfg.window))
         self._nonfinite_seen = False
         self._hooks_armed: list = []
         self._last_checked = -1
@@ -250,8 +251,8 @@ class Monitor:
                                      "forward hooks are armed to name the first module producing NaN/Inf on the next "
                                      f"forward pass — {SHORT_FIX['non_finite']}", {"loss": str(loss)})])
         alerts = []
-        if len(self._losses) >= 10:
-            z = robust_z(list(self._losses) + [loss])[-1]
+        z = spike_z(list(self._losses), loss)
+        if z is not None:
             if z > self.cfg.spike_zscore:
                 med = sorted(self._losses)[len(self._losses) // 2]
                 alerts = self._emit([Alert(self.step, "loss_spike", "warning", [],

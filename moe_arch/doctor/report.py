@@ -220,7 +220,7 @@ def expert_heatmap(router: dict) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- report
-CURVE_CAUSES = ("not_learning", "divergence", "loss_spike", "plateau", "lr_schedule", "gradient_norm",
+CURVE_CAUSES = ("not_learning", "divergence", "loss_spike", "overfitting", "plateau", "lr_schedule", "gradient_norm",
                 "throughput_collapse", "moe_collapse", "mod_drift")
 HISTORY_PANELS = (("loss", ("loss", "lm_loss", "eval_loss")), ("learning rate", ("lr", "lr/")),
                   ("gradient norm", ("grad_norm",)))
