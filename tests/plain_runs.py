@@ -151,3 +151,28 @@ def hf_tiny_llama_bf16():
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def lightning_module(configure_optimizers, log_name: str | None = None):
+    """A LightningModule training :class:`Net` on next-token prediction. Batches: a TensorDataset tuple of token
+    tensors or a dict with ``input_ids``; ``configure_optimizers(module)`` returns the optimizer; ``log_name`` logs
+    the loss under that name (for Lightning's loggers)."""
+    import lightning.pytorch as L
+
+    class NetModule(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = Net()
+
+        def training_step(self, batch, _):
+            tok = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+            loss = nn.functional.cross_entropy(self.net(tok[:, :-1]).reshape(-1, 64), tok[:, 1:].reshape(-1))
+            if log_name:
+                self.log(log_name, loss)
+            return loss
+
+        def configure_optimizers(self):
+            return configure_optimizers(self)
+
+    return NetModule()

@@ -13,7 +13,7 @@ from torch import nn
 from moe_arch.cli import main
 from moe_arch.doctor.cli import run_analysis
 
-from plain_runs import Net, norm_names, train
+from plain_runs import Net, lightning_module, norm_names, train
 
 
 def _steps(model, opt, n: int, vocab: int, sched=None, logits=None, dtype=torch.float32) -> None:
@@ -294,28 +294,18 @@ def test_lightning_ckpt_files_with_a_frozen_group(tmp_path):
     Lightning's own ModelCheckpoint; the norms' param group has lr 0."""
     L = pytest.importorskip("lightning.pytorch")
 
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = Net()
-
-        def training_step(self, batch, _):
-            tok = batch[0]
-            return nn.functional.cross_entropy(self.net(tok[:, :-1]).reshape(-1, 64), tok[:, 1:].reshape(-1))
-
-        def configure_optimizers(self):
-            named = dict(self.net.named_parameters())
-            norms = [n for n in named if n.endswith("norm.weight")]
-            return torch.optim.AdamW([{"params": [p for n, p in named.items() if n not in norms]},
-                                      {"params": [named[n] for n in norms], "lr": 0.0}], lr=1e-2)
+    def norms_frozen(module):
+        named = dict(module.net.named_parameters())
+        norms = [n for n in named if n.endswith("norm.weight")]
+        return torch.optim.AdamW([{"params": [p for n, p in named.items() if n not in norms]},
+                                  {"params": [named[n] for n in norms], "lr": 0.0}], lr=1e-2)
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 64, (64, 8))), batch_size=8)
     ckpt_cb = L.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1,
                                           filename="{step}")
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[ckpt_cb])
-    trainer.fit(Module(), data)
+    trainer.fit(lightning_module(norms_frozen), data)
     d = run_analysis(str(tmp_path / "step=4.ckpt"), against=str(tmp_path / "step=2.ckpt"))
     norms = sorted(e.name for e in d.evidence if e.name.endswith("norm.weight"))
     assert len(norms) == 3 and d.status == "critical" and d.checkpoint["step"] == 4
@@ -485,19 +475,6 @@ def healthy_runs(tmp_path_factory) -> dict:
     out["hf_mixtral"] = (hf.init, hf.checkpoint, lambda p: load_file(p / "model.safetensors"),
                          lambda p, sd: save_file(sd, p / "model.safetensors", metadata={"format": "pt"}))
 
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = Net()
-
-        def training_step(self, batch, _):
-            tok = batch[0]
-            return nn.functional.cross_entropy(self.net(tok[:, :-1]).reshape(-1, 64), tok[:, 1:].reshape(-1))
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
     class SaveInitial(L.Callback):
         def on_train_start(self, trainer, module):
             trainer.save_checkpoint(root / "lightning" / "init.ckpt")
@@ -505,7 +482,7 @@ def healthy_runs(tmp_path_factory) -> dict:
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 64, (64, 8))), batch_size=8)
     trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, callbacks=[SaveInitial()])
-    trainer.fit(Module(), data)
+    trainer.fit(lightning_module(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2)), data)
     trainer.save_checkpoint(root / "lightning" / "final.ckpt")
     out["lightning"] = (root / "lightning" / "init.ckpt", root / "lightning" / "final.ckpt",
                         lambda p: torch.load(p)["state_dict"],  # names as Lightning saves them: net.<name>

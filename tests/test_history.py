@@ -177,27 +177,13 @@ def test_lightning_csv_logger_divergence_and_history_only_folder(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     from arch_runs import Pattern
-    from plain_runs import Net
-
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = Net()
-
-        def training_step(self, batch, _):
-            tok = batch["input_ids"]
-            loss = torch.nn.functional.cross_entropy(self.net(tok[:, :-1]).reshape(-1, 64), tok[:, 1:].reshape(-1))
-            self.log("train_loss", loss)
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=50.0)
+    from plain_runs import lightning_module
 
     trainer = L.Trainer(max_steps=80, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=1,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[LearningRateMonitor()])
-    trainer.fit(Module(), torch.utils.data.DataLoader(Pattern(640), batch_size=8))
+    module = lightning_module(lambda m: torch.optim.SGD(m.parameters(), lr=50.0), log_name="train_loss")
+    trainer.fit(module, torch.utils.data.DataLoader(Pattern(640), batch_size=8))
     metrics = find_history(tmp_path)
     assert metrics.name == "metrics.csv"
     h = read_history(metrics)
