@@ -271,7 +271,7 @@ def test_ours_divergence_repeated_batch_and_a_sleeping_loop(small_cfg):
     assert found.get("throughput_collapse") in (51, 52), found
 
 
-def _hf(tmp_path, lr: float, train_data, eval_data=None, steps: int = 80, **args):
+def _hf(tmp_path, lr: float, train_data, eval_data=None, steps: int = 80, callbacks=(), history=None, **args):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from transformers import Trainer, TrainingArguments
@@ -281,12 +281,14 @@ def _hf(tmp_path, lr: float, train_data, eval_data=None, steps: int = 80, **args
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     targs = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
-                              learning_rate=lr, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                              disable_tqdm=True, **args)
-    trainer = Trainer(model=_build("llama"), args=targs, train_dataset=train_data, eval_dataset=eval_data)
+                              learning_rate=lr, logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True,
+                              **{"report_to": [], **args})
+    trainer = Trainer(model=_build("llama"), args=targs, train_dataset=train_data, eval_dataset=eval_data,
+                      callbacks=list(callbacks))
     trainer.train()
     trainer.state.save_to_json(str(tmp_path / "trainer_state.json"))  # what a checkpoint-N/ folder holds
-    h = read_history(tmp_path / "trainer_state.json")
+    torch.save(targs, tmp_path / "training_args.bin")  # as the Trainer's _save does, next to it
+    h = read_history(history(tmp_path) if history else tmp_path / "trainer_state.json")
     return {f.cause: f.evidence["first_step"] for f in curve_findings(h, vocab_size=VOCAB)}, h
 
 
@@ -329,3 +331,27 @@ def test_the_history_replays_the_monitors_spike_rule_exactly():
     assert [a is None for a in fast] == [b is None for b in slow]
     assert all(a is None or abs(a - b) <= 1e-9 * max(1.0, abs(b)) for a, b in zip(fast, slow))
     assert [i for i, z in enumerate(fast) if z is not None and z > 6] == [90, 150]
+
+
+def test_hugging_face_clip_every_step_and_a_sleeping_loop(tmp_path):
+    """max_grad_norm 1e-3 (read from the Trainer's training_args.bin with inert stand-ins: no transformers code
+    runs) clips every step by ~1000x; a callback sleeping 1 s on every step from step 40 on collapses the speed, seen in
+    the TensorBoard events' wall times (the Trainer logs no per-step throughput)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    from arch_runs import Pattern
+
+    found, h = _hf(tmp_path / "clip", 3e-3, Pattern(640), max_grad_norm=1e-3)
+    assert h.meta["grad_clip"] == 1e-3 and found == {"gradient_norm": h.get("grad_norm").steps[0]}, found
+
+    class Sleep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= 40:
+                time.sleep(1.0)
+
+    found, h = _hf(tmp_path / "sleep", 3e-3, Pattern(480), steps=60, callbacks=[Sleep()], report_to=["tensorboard"],
+                   history=lambda p: p)
+    assert h.format == "tensorboard" and h.get("steps_per_s") is not None
+    assert found.get("throughput_collapse") in (40, 41), found  # the log of step 40 comes after its sleep

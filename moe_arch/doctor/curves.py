@@ -321,7 +321,7 @@ def gradient_norm(h: History, grad_clip: float | None) -> list[Finding]:
 
 
 def throughput(h: History) -> list[Finding]:
-    s = h.get("tokens_per_s")
+    s = h.get("tokens_per_s") or h.get("steps_per_s")
     if s is None or len(s.values) < 20:
         return []
     vals = s.values
@@ -335,7 +335,7 @@ def throughput(h: History) -> list[Finding]:
             return [_f("throughput_collapse", "warning", [s.name],
                        {"first_step": s.steps[first], "baseline": base,
                         "median_after": statistics.median(vals[first:])},
-                       f"tokens/s fell from a median of {base:.4g} to {statistics.median(vals[first:]):.4g} from "
+                       f"{s.name} fell from a median of {base:.4g} to {statistics.median(vals[first:]):.4g} from "
                        f"step {s.steps[first]} on")]
     return []
 

@@ -15,7 +15,8 @@ format                       files
 ===========================  =========================================================================
 
 Every logger's metric names are mapped onto one schema (``CANONICAL``): ``loss``, ``lm_loss``, ``eval_loss``,
-``lr`` (or ``lr/<group>`` per param group), ``grad_norm``, ``tokens_per_s``, ``clip_rate``,
+``lr`` (or ``lr/<group>`` per param group), ``grad_norm``, ``tokens_per_s`` (or ``steps_per_s``, derived from
+TensorBoard event wall times when nothing else gives the speed), ``clip_rate``,
 ``moe_imbalance/<layer>`` (max / mean expert load), ``mod_fraction/<layer>``. Names that map to nothing are kept
 under their own name and listed as unmapped.
 """
@@ -41,6 +42,7 @@ CANONICAL: list[tuple[str, str]] = [
     (r"(?:train[/_])?(?:grad_norm|gradient_norm|grad-norm)", "grad_norm"),
     (r"(?:train[/_])?(?:tokens_per_s|tokens_per_second|tok_per_s|throughput_tokens)", "tokens_per_s"),
     (r"(?:train[/_])?clip_rate", "clip_rate"),
+    (r"(?:train[/_])?steps_per_s(?:econd)?", "steps_per_s"),
     (r"moe_max_over_mean_(L\d+)", r"moe_imbalance/\1"),
     (r"mod_selected_(L\d+)", r"mod_fraction/\1"),
 ]
@@ -217,7 +219,25 @@ def read_trainer_state(path: Path) -> History:
                 continue
             h.add(k, step, _num(v))
     h.meta["max_steps"] = state.get("max_steps")
+    clip = _hf_max_grad_norm(path.parent / "training_args.bin")
+    if clip:
+        h.meta["grad_clip"] = clip
     return h.finish()
+
+
+def _hf_max_grad_norm(path: Path) -> float | None:
+    """``max_grad_norm`` from the Trainer's pickled TrainingArguments, read with weights_only=True and inert
+    stand-ins for transformers' classes (no transformers code runs; None when it cannot be read)."""
+    if not path.is_file():
+        return None
+    from moe_arch.doctor.readers.base import LoadError, load_with_inert_classes
+
+    try:
+        args = load_with_inert_classes(path, ("transformers.", "accelerate."))
+    except LoadError:
+        return None
+    v = getattr(args, "max_grad_norm", None)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
 
 
 def read_csv(path: Path) -> History:
@@ -258,8 +278,14 @@ def read_tensorboard(folder: Path) -> History:
         acc = event_accumulator.EventAccumulator(str(f), size_guidance={event_accumulator.SCALARS: 0})
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
-            for ev in acc.Scalars(tag):
+            events = acc.Scalars(tag)
+            for ev in events:
                 h.add(tag, ev.step, ev.value)
+            if canonical(tag) == "loss" and "steps_per_s" not in h._cols:
+                # Event wall times give the run's speed even where no throughput metric is logged (HF's Trainer)
+                for a, b in zip(events, events[1:]):
+                    if b.step > a.step and b.wall_time > a.wall_time:
+                        h.add("steps_per_s", b.step, (b.step - a.step) / (b.wall_time - a.wall_time))
     return h.finish()
 
 

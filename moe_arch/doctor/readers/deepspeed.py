@@ -18,45 +18,19 @@ and DeepSpeed need not be installed.
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from moe_arch.doctor.readers.base import CheckpointView, LoadError, OptimizerInfo, load_error, optimizers_from, \
-    tensor_infos
+from moe_arch.doctor.readers.base import (CheckpointView, LoadError, OptimizerInfo, load_with_inert_classes,
+                                          optimizers_from, tensor_infos)
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 _OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
-class _Inert:
-    """Stands in for a DeepSpeed class in a pickle: keeps the constructor arguments and pickled attributes."""
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-
 def _load(path: Path, trust_pickle: bool) -> Any:
-    if trust_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    allowed: list = []
-    for _ in range(32):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as e:
-            m = re.search(r"Unsupported global: GLOBAL (deepspeed\.[\w.]+)", str(e))
-            if not m:
-                raise load_error(path, e) from None
-            name = m.group(1)
-            allowed.append((type(name.rsplit(".", 1)[1], (_Inert,), {}), name))
-        except Exception as e:  # noqa: BLE001 - truncated / corrupt: one line naming the file
-            raise load_error(path, e, trust_pickle) from None
-    raise LoadError(f"{path}: more DeepSpeed objects than expected in the pickle; re-run with --trust-pickle "
-                    "if you trust the file")
+    return load_with_inert_classes(path, ("deepspeed.",), trust_pickle)
 
 
 def is_deepspeed_dir(p: Path) -> bool:
