@@ -127,3 +127,10 @@ def test_damaged_checkpoints_give_a_verdict_or_one_line(originals, tmp_path_fact
         assert "\n" not in str(e) and str(e)
     else:
         assert d.status in ("healthy", "warning", "critical", "inconclusive")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_undamaged_original_is_read(originals, fmt):
+    """Each reader runs on its format's undamaged files every time (hypothesis may not draw every format clean)."""
+    d = run_analysis(str(originals[fmt]), probe=False)
+    assert d.status in ("healthy", "warning", "critical", "inconclusive") and d.evidence

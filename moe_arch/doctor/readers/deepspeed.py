@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from moe_arch.doctor.readers.base import (CheckpointView, LoadError, OptimizerInfo, load_with_inert_classes,
                                           optimizers_from, tensor_infos)
 
