@@ -53,7 +53,7 @@ class LazyState(dict):
 
 
 # Top-level keys of DCP writers' other states: never model tensors.
-NOT_MODEL = ("optim/", "optimizer.", "optim.", "lr_scheduler", "dataloader", "train_state", "meta")
+NOT_MODEL = ("optim/", "optimizer.", "optim.", "lr_scheduler.", "dataloader.", "train_state.")
 
 
 def _safe_bytes_planner(into: dict):
