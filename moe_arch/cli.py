@@ -173,10 +173,9 @@ def cmd_generate(args, rest) -> int:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _, _ = materialize(cfg.model, state["model"], device)
     model.eval()
-    from tokenizers import Tokenizer
-
-    tok = TextTokenizer(Tokenizer.from_str(state["tokenizer_json"]), f"{args.checkpoint} (tokenizer)")
-    ids = torch.tensor([tok.encode(args.prompt) or [tok.eos_id]], device=device)
+    tok = TextTokenizer.from_checkpoint(state, args.checkpoint)
+    prompt = ([tok.bos_id] if tok.add_bos else []) + tok.encode(args.prompt)
+    ids = torch.tensor([prompt or [tok.eos_id]], device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     room = min(args.max_new_tokens, cfg.model.max_seq_len - ids.shape[1])
     for _ in range(args.num_samples):
@@ -185,6 +184,36 @@ def cmd_generate(args, rest) -> int:
         print(tok.decode(out[0].tolist()))
         if args.num_samples > 1:
             print("-" * 40)
+    return 0
+
+
+def cmd_eval(args, rest) -> int:
+    import json
+
+    from moe_arch.config import ConfigError, parse_overrides
+    from moe_arch.evaluation.loss import run_eval
+
+    ov = parse_overrides(_split_overrides(rest)) if rest else {}
+    if set(ov) - {"data"}:
+        raise UsageError(f"eval: only --data.FIELD overrides apply (got --{sorted(set(ov) - {'data'})[0]}.*)")
+    data = dict(ov.get("data", {}))
+    if args.data is not None:
+        data["source"] = args.data
+    for name, value in [("--max-tokens", args.max_tokens), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size)]:
+        if value < 0:
+            raise UsageError(f"eval {name} {value}: must be >= 0 (0: {'all' if name == '--max-tokens' else 'the checkpoint config'})")
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if not args.quiet else (lambda *a, **k: None)
+    try:
+        res = run_eval(args.checkpoint, data, args.split, args.max_tokens, args.device, args.seq_len, args.batch_size,
+                       log=log)
+    except ValueError as e:
+        raise ConfigError(f"eval {args.checkpoint}: {e}") from None
+    text = json.dumps(res, indent=2)
+    if args.json:
+        from moe_arch.utils import atomic_write_text
+
+        atomic_write_text(args.json, text + "\n")
+    print(text)
     return 0
 
 
@@ -307,6 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-at-eos", action="store_true")
     g.add_argument("--device", default="auto")
     g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("eval", help="next-token loss, perplexity and bits-per-byte of a checkpoint on any data source",
+                       epilog="--data.FIELD VALUE sets any other data field (e.g. --data.text_field body, "
+                              "--data.hf_config wikitext-103-raw-v1, --data.streaming true, --data.max_tokens N)")
+    v.add_argument("checkpoint", help="a .pt checkpoint (ours or exported) or a distributed-checkpoint folder")
+    v.add_argument("--data", default=None, help="data source (as data.source): a file, folder or glob, hf:NAME[:SPLIT] "
+                                                "or hf:NAME:CONFIG:SPLIT; default: the checkpoint's training source")
+    v.add_argument("--split", choices=["val", "train", "all"], default=None,
+                   help="which part of the tokenized source: its held-out validation documents (the default for the "
+                        "training source), the training part, or all of it (the default with --data)")
+    v.add_argument("--max-tokens", type=int, default=0, help="stop after this many predicted tokens (0: every token)")
+    v.add_argument("--seq-len", type=int, default=0, help="window length (default: the checkpoint's train.seq_len)")
+    v.add_argument("--batch-size", type=int, default=0, help="windows per forward (default: train.batch_size)")
+    v.add_argument("--device", default="auto")
+    v.add_argument("--json", default=None, help="also write the result to this file")
+    v.add_argument("--quiet", action="store_true", help="no data-preparation messages on stderr")
+    v.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("diagnose", help="find out why a run is not learning, from its checkpoint(s)")
     d.add_argument("checkpoint", help="checkpoint file or folder (ours, torch.save, safetensors, HF Trainer checkpoint-N/, "

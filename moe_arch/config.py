@@ -293,19 +293,43 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    # "embedded" (the corpus shipped with the package), a text/JSONL file or folder, or "hf:NAME[:SPLIT]".
+    # "embedded" (the corpus shipped with the package); a file, folder or glob of .txt / .jsonl / .parquet /
+    # .arrow / .csv (text, JSONL and CSV also .gz / .zst); a folder saved by datasets' save_to_disk; or
+    # "hf:NAME[:SPLIT]" / "hf:NAME:CONFIG:SPLIT" (a hub dataset or a local dataset folder).
     source: str = "embedded"
     text_field: str = "text"
-    # "auto" trains a byte-level BPE on the corpus (cached); otherwise a path to a tokenizer.json.
-    tokenizer: str = "auto"
+    # Hugging Face sources: the dataset config (e.g. sample-10BT), the split, and whether to stream it.
+    hf_config: str = ""
+    split: str = ""
+    streaming: bool = False
+    # Stop after this many documents / tokens (0: all). Documents are kept whole.
+    max_documents: int = 0
+    max_tokens: int = 0
+    # "train-bpe" trains a byte-level BPE of model.vocab_size tokens on the training split (cached); otherwise a
+    # tokenizer.json or a Hugging Face tokenizer folder, whose vocabulary the model then follows.
+    tokenizer: str = "train-bpe"
+    # The end-of-document token; empty: the tokenizer config's eos_token.
+    eos_token: str = ""
     val_fraction: float = 0.05
     cache_dir: str = ".cache/moe_arch"
+    shard_tokens: int = 1 << 28  # tokens per memory-mapped shard file of the token cache
 
     def __post_init__(self) -> None:
+        s = "data"
         if not 0 < self.val_fraction < 0.5:
-            _fail("data", "val_fraction", self.val_fraction, "must be in (0, 0.5)")
+            _fail(s, "val_fraction", self.val_fraction, "must be in (0, 0.5)")
         if not self.source:
-            _fail("data", "source", self.source, "must name 'embedded', a file or folder, or hf:NAME")
+            _fail(s, "source", self.source, "must name 'embedded', a file, folder or glob, or hf:NAME")
+        for name in ("max_documents", "max_tokens"):
+            if getattr(self, name) < 0:
+                _fail(s, name, getattr(self, name), "must be >= 0 (0: no limit)")
+        if self.shard_tokens < 1024:
+            _fail(s, "shard_tokens", self.shard_tokens, "must be >= 1024")
+        if not self.tokenizer:
+            _fail(s, "tokenizer", self.tokenizer, "must be 'train-bpe', a tokenizer.json or a tokenizer folder")
+        if (self.hf_config or self.streaming) and not self.source.startswith("hf:"):
+            _fail(s, "hf_config" if self.hf_config else "streaming", self.hf_config or self.streaming,
+                  "applies to hf: sources only; set data.source to hf:NAME")
 
 
 @dataclass
@@ -341,6 +365,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    # "section.field" names the user set by hand (their YAML file, command-line overrides), as opposed to a
+    # preset's or the class's defaults. Not part of the saved config: load_config fills it.
+    explicit: typing.ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
@@ -536,13 +563,24 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
+def _keys(data: dict) -> set[str]:
+    return {f"{sec}.{k}" for sec, vals in data.items() if isinstance(vals, dict) for k in vals}
+
+
 def load_config(path_or_preset: str | None = None, overrides: list[str] | dict | None = None) -> Config:
     data, source = load_raw(path_or_preset)
+    explicit: set[str] = set()
+    if path_or_preset is not None and not source.startswith("preset "):
+        own, _ = _read_yaml(path_or_preset)
+        explicit |= _keys({k: v for k, v in own.items() if k != "preset"}) if isinstance(own, dict) else set()
     if overrides:
         ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         data = _merge(data, ov)
+        explicit |= _keys(ov)
         source = f"{source} (with overrides)"
-    return Config.from_dict(data, source)
+    cfg = Config.from_dict(data, source)
+    cfg.explicit = frozenset(explicit)
+    return cfg
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -56,17 +56,16 @@ def _tokens(cfg: Config, view: CheckpointView, n_tokens: int) -> tuple[torch.Ten
     from moe_arch.data.corpus import Corpus, DataError
     from moe_arch.data.tokenizer import TextTokenizer
 
-    tok_json = view.meta.get("tokenizer_json")
-    if tok_json:
-        from tokenizers import Tokenizer
-
-        tok = TextTokenizer(Tokenizer.from_str(tok_json), "checkpoint tokenizer")
+    if view.meta.get("tokenizer_json"):
+        tok = TextTokenizer.from_checkpoint(view.meta, "checkpoint")
     else:
         from moe_arch.data.dataset import prepare_data
 
         tok = prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a: None).tokenizer
     try:
-        corpus, source = Corpus(cfg.data.source, cfg.data.text_field), cfg.data.source
+        from moe_arch.data.dataset import _corpus
+
+        corpus, source = _corpus(cfg.data), cfg.data.source
         docs = corpus.documents()
         first = next(docs)
         docs = itertools.chain([first], docs)
@@ -75,7 +74,7 @@ def _tokens(cfg: Config, view: CheckpointView, n_tokens: int) -> tuple[torch.Ten
         docs = corpus.documents()
     ids: list[int] = []
     for d in docs:
-        ids.extend(tok.encode(d) + [tok.eos_id])
+        ids.extend(tok.encode_documents([d])[0])
         if len(ids) >= n_tokens + 1:
             break
     if max(ids) >= cfg.model.vocab_size:

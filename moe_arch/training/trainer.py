@@ -57,11 +57,40 @@ class RunResult:
     last_checkpoint: Path | None = None
 
 
-def unigram_cross_entropy(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
-    """Cross-entropy (nats) of the validation tokens under the training split's add-one-smoothed unigram model."""
-    counts = np.bincount(np.asarray(train), minlength=vocab).astype(np.float64) + 1.0
+def unigram_cross_entropy(train, val, vocab: int) -> float:
+    """Cross-entropy (nats) of the validation tokens under the training split's add-one-smoothed unigram model.
+    Streams over the token shards (the corpus may be larger than memory)."""
+    from moe_arch.data.dataset import token_counts
+
+    counts = token_counts(train, vocab).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
-    return float(-logp[np.asarray(val)].mean())
+    return float(-(token_counts(val, vocab) * logp).sum() / max(len(val), 1))
+
+
+def follow_tokenizer(cfg: Config, tok) -> Config:
+    """The model's vocabulary follows a given tokenizer (padded up to a multiple of 64), as torchtitan sets
+    vocab_size from its tokenizer; a train-bpe tokenizer is trained to model.vocab_size instead. A vocabulary set
+    by hand (config file, command line) that does not match is an error naming both numbers."""
+    from moe_arch.config import ConfigError
+    from moe_arch.data.tokenizer import TRAIN_BPE, padded_vocab
+
+    have, want = cfg.model.vocab_size, padded_vocab(tok.vocab_size)
+    if cfg.data.tokenizer in TRAIN_BPE:
+        if tok.vocab_size > have:
+            raise ConfigError(f"data.tokenizer: the tokenizer has {tok.vocab_size} tokens but model.vocab_size={have}")
+        return cfg
+    if have in (want, tok.vocab_size):
+        return cfg
+    if "model.vocab_size" in cfg.explicit:
+        raise ConfigError(f"model.vocab_size={have} was set by hand, but data.tokenizer={cfg.data.tokenizer!r} has "
+                          f"{tok.vocab_size} tokens (the model needs {want}, padded to a multiple of 64); remove "
+                          f"model.vocab_size or set it to {want}")
+    explicit = cfg.explicit
+    d = cfg.to_dict()
+    d["model"]["vocab_size"] = want
+    out = Config.from_dict(d, "config (vocabulary from the tokenizer)")
+    out.explicit = explicit
+    return out
 
 
 def _check_fits(cfg: Config, device: torch.device, shards: int) -> None:
@@ -146,10 +175,16 @@ class Trainer:
 
         # Data: rank 0 tokenizes (and caches) first; the others read the cache.
         if self.dist.is_main:
-            self.data: TokenData = prepare_data(cfg.data, cfg.model.vocab_size, log=self._log)
+            self.data: TokenData = prepare_data(cfg.data, cfg.model.vocab_size, log=self._log,
+                                                progress=t.progress in ("auto", "rich"))
         self.dist.barrier()
         if not self.dist.is_main:
             self.data = prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a: None)
+        vocab_before = cfg.model.vocab_size
+        cfg = self.cfg = follow_tokenizer(cfg, self.data.tokenizer)
+        if cfg.model.vocab_size != vocab_before:
+            self._log(f"model.vocab_size {vocab_before} -> {cfg.model.vocab_size}: follows the tokenizer's "
+                      f"{self.data.tokenizer.vocab_size} tokens (padded to a multiple of 64)")
 
         # Model, in the precision policy's storage dtype.
         self.raw_model: HybridLM = build_model(cfg.model, seed=t.seed, device=self.device)
@@ -168,7 +203,7 @@ class Trainer:
 
         self.sampler = WindowSampler(self.data.train, t.seq_len, cfg.model.n_predict, t.batch_size * self.dist.world,
                                      t.seed)
-        self._tokenizer_json = self.data.tokenizer.tok.to_str()  # stored in every checkpoint (self-contained)
+        self._tokenizer_entries = self.data.tokenizer.checkpoint_entries()  # in every checkpoint (self-contained)
         self.step = 0
         self.tokens_seen = 0
         self.nan_skips = 0
@@ -256,7 +291,7 @@ class Trainer:
             "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
             "param_roles": dict(self.roles),
             "buffers": [n for n, _ in self.raw_model.named_buffers()],
-            "tokenizer_json": self._tokenizer_json,
+            **self._tokenizer_entries,
             "world_size": self.dist.world,
         }
 

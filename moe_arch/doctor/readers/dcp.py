@@ -203,7 +203,7 @@ def read_dcp(folder: Path) -> CheckpointView:
         notes.append("optimizer hyper-parameters (lr, betas) were not readable without unpickling; rules that need "
                      "the learning rate are skipped")
     view_meta = {k: meta[k] for k in ("step", "epoch", "tokens_seen", "config", "precision", "param_roles", "buffers",
-                                      "kind", "version", "tokenizer_json") if k in meta}
+                                      "kind", "version", "tokenizer_json", "tokenizer_specials") if k in meta}
     if "step" not in view_meta and isinstance(scalars.get("train_state.step"), (int, float)):
         view_meta["step"] = int(scalars["train_state.step"])
     fmt = "moe_arch-dcp" if meta else ("torchtitan-dcp" if not prefixed and "train_state.step" in scalars else "dcp")

@@ -48,7 +48,7 @@ def from_torch_obj(path: Path, obj: Any, mmapped: bool) -> CheckpointView:
     # global_step: Lightning (optimizer steps); iter_num: nanoGPT (optimizer steps, each of
     # gradient_accumulation_steps micro-batches, which its saved config names)
     for k in ("step", "global_step", "iter_num", "epoch", "tokens_seen", "config", "precision", "param_roles",
-              "buffers", "kind", "version", "tokenizer_json", "precision_state"):
+              "buffers", "kind", "version", "tokenizer_json", "tokenizer_specials", "precision_state"):
         if k in obj and not (k in ("global_step", "iter_num") and "step" in meta):
             meta["step" if k in ("global_step", "iter_num") else k] = obj[k]
     if isinstance(meta.get("config"), dict) is False and "config" in meta:
