@@ -217,6 +217,40 @@ def cmd_eval(args, rest) -> int:
     return 0
 
 
+def cmd_lm_eval(args, rest) -> int:
+    """lm-evaluation-harness tasks on a checkpoint, through the registered ``moe_arch`` model."""
+    import json
+
+    if rest:
+        raise UsageError(f"unexpected arguments {rest}")
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import make_table
+    except ImportError:
+        raise UsageError("lm-eval needs lm-evaluation-harness: pip install 'moe-arch[eval]'") from None
+    from moe_arch.evaluation.harness import MoeArchLM
+
+    model = MoeArchLM(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    tasks = [t for t in args.tasks.split(",") if t]
+    # Indexing lm_eval's thousands of built-in task YAMLs takes most of a minute: only when a task is not local.
+    tm = TaskManager(include_path=args.include_path, include_defaults=False) if args.include_path else None
+    if tm is None or any(t not in tm.all_tasks for t in tasks):
+        tm = TaskManager(include_path=args.include_path)
+    missing = [t for t in tasks if t not in tm.all_tasks]
+    if missing:
+        raise UsageError(f"lm-eval --tasks: unknown task(s) {missing}; give --include-path for a folder of task YAMLs")
+    res = lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=tm, limit=args.limit,
+                                  num_fewshot=args.num_fewshot, log_samples=False)
+    print(make_table(res))
+    if args.output:
+        from moe_arch.utils import atomic_write_text
+
+        atomic_write_text(args.output, json.dumps({k: res[k] for k in ("results", "versions", "n-shot", "config")
+                                                   if k in res}, indent=2, default=str))
+    return 0
+
+
 def cmd_diagnose(args, rest) -> int:
     from moe_arch.doctor.cli import run_diagnose
 
@@ -353,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", default=None, help="also write the result to this file")
     v.add_argument("--quiet", action="store_true", help="no data-preparation messages on stderr")
     v.set_defaults(func=cmd_eval)
+
+    h = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks on a checkpoint (optional extra: eval)")
+    h.add_argument("checkpoint")
+    h.add_argument("--tasks", required=True, help="comma-separated lm_eval task names")
+    h.add_argument("--include-path", default=None, help="a folder of your own task YAMLs")
+    h.add_argument("--limit", type=float, default=None, help="documents per task (or a fraction)")
+    h.add_argument("--num-fewshot", type=int, default=None)
+    h.add_argument("--batch-size", default="1")
+    h.add_argument("--device", default="auto")
+    h.add_argument("--output", default=None, help="write the results as JSON to this file")
+    h.set_defaults(func=cmd_lm_eval)
 
     d = sub.add_parser("diagnose", help="find out why a run is not learning, from its checkpoint(s)")
     d.add_argument("checkpoint", help="checkpoint file or folder (ours, torch.save, safetensors, HF Trainer checkpoint-N/, "

@@ -2,6 +2,7 @@
 checkpoints resumed on 1 and 2 ranks, the doctor on sharded checkpoints, the monitor under FSDP2, a killed rank."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -94,6 +95,13 @@ def test_sharded_checkpoint_resumes_on_two_and_one_ranks_and_the_doctor_reads_it
     for name in ("embed.weight", "layers.1.ffn.experts.w_gate", "final_norm.weight"):
         assert torch.equal(ck["model"][name], dcp_view.tensors[name].get())
     assert run_analysis(str(tmp_path / "one.pt")).status == "healthy" and view
+    # `moe-arch eval` reads both forms and gives the same validation loss.
+    from moe_arch.evaluation.loss import run_eval
+
+    sharded = run_eval(str(final), {}, "val", 1024, "cpu", log=lambda *a: None)
+    single = run_eval(str(tmp_path / "one.pt"), {}, "val", 1024, "cpu", log=lambda *a: None)
+    assert sharded["tokens"] == single["tokens"] == 1024 and sharded["step"] == single["step"]
+    assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-6) and math.isfinite(single["bits_per_byte"])
 
 
 def test_monitor_and_doctor_under_fsdp_bf16_pure(dist_cfg, tmp_path):
