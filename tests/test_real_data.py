@@ -385,3 +385,30 @@ def test_eval_reproduces_the_in_training_validation_loss(small_cfg, tmp_path, ca
     assert other["tokens"] in (n_tokens - 1, n_tokens - 2)  # each of the two streams' first token is not predicted
     assert cli.main(["eval", str(final), "--model.d_model", "8"]) == 2
     assert "only --data.FIELD overrides apply" in capsys.readouterr().err
+
+
+def test_training_with_a_downloaded_style_tokenizer_folder(small_cfg, tmp_path, capsys):
+    """End to end: a Llama-style folder and a parquet source; the model's vocabulary follows the tokenizer, the
+    checkpoint carries the tokenizer and its special tokens, and generation starts the prompt with its BOS."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from moe_arch import cli
+    from moe_arch.training.trainer import Trainer
+
+    folder = _llama_style_folder(tmp_path / "llama")
+    pq.write_table(pa.table({"text": DOCS * 4}), tmp_path / "train.parquet")
+    d = small_cfg.to_dict()
+    d["data"].update(source=str(tmp_path / "train.parquet"), tokenizer=str(folder))
+    d["train"]["steps"] = 2
+    d["model"]["vocab_size"] = 300  # a preset's value, not set by hand: the tokenizer decides
+    res = Trainer(Config.from_dict(d)).run()
+    state = torch.load(res.last_checkpoint, weights_only=True)
+    assert state["config"]["model"]["vocab_size"] == 512 and state["model"]["embed.weight"].shape[0] == 512
+    assert "model.vocab_size 300 -> 512: follows the tokenizer's 500 tokens" in capsys.readouterr().out
+    tok = TextTokenizer.from_checkpoint(state, "ck")
+    assert (tok.eos_token, tok.bos_token, tok.add_bos) == ("</s>", "<s>", True)
+    data = prepare_data(Config.from_dict(d).data, 512, log=lambda *a: None)
+    first = np.asarray(data.train[:40]).tolist()
+    assert first[0] == tok.bos_id and tok.eos_id in first and first[first.index(tok.eos_id) + 1] == tok.bos_id
+    assert cli.main(["generate", str(res.last_checkpoint), "--prompt", "The router", "--max-new-tokens", "3"]) == 0
