@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from moe_arch.config import ModelConfig
@@ -148,6 +149,21 @@ class LMOutput:
     aux: Aux | None = None
 
 
+def _checkpoint_block(block: Block, x: torch.Tensor, ctx: SeqContext, aux: Aux | None) -> torch.Tensor:
+    """``block(x)`` under non-reentrant ``torch.utils.checkpoint``. The recomputation in the backward runs the
+    same operations (so the same tensors are saved: auxiliary-loss graphs included) but records its routing
+    statistics into a throw-away ``Aux``: the step's statistics are counted once. RNG state is restored for the
+    recomputation (``preserve_rng_state``), so any dropout would reproduce."""
+    calls = 0
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return block(inp, ctx, aux if calls == 1 or aux is None else Aux(), None)
+
+    return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False, preserve_rng_state=True)
+
+
 class HybridLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -160,6 +176,18 @@ class HybridLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.mtp_heads = nn.ModuleList(MTPHead(cfg) for _ in range(cfg.n_predict - 1))
         self.rotary = Rotary(cfg.resolved_head_dim, cfg.rope_theta)
+        self.checkpointing = "none"
+
+    def set_activation_checkpointing(self, mode: str) -> "HybridLM":
+        """none | full (every block) | selective (every other block, the odd ones): in training forwards, a
+        checkpointed block keeps only its input and recomputes the rest in the backward."""
+        if mode not in ("none", "full", "selective"):
+            raise ValueError(f"activation checkpointing {mode!r}: allowed none, full, selective")
+        self.checkpointing = mode
+        return self
+
+    def _checkpointed(self, i: int) -> bool:
+        return self.checkpointing == "full" or (self.checkpointing == "selective" and i % 2 == 1)
 
     # ---------------------------------------------------------------------------------------------- init
     @torch.no_grad()
@@ -199,7 +227,10 @@ class HybridLM(nn.Module):
             cache = caches[i] if caches is not None else None
             ctx = SeqContext(base.positions, self.rotary, cache=cache["seq"] if cache else None,
                              cos_sin_table=base._table, contiguous=base._contiguous)
-            x = block(x, ctx, aux, cache)
+            if cache is None and self._checkpointed(i) and self.training and torch.is_grad_enabled():
+                x = _checkpoint_block(block, x, ctx, aux)
+            else:
+                x = block(x, ctx, aux, cache)
         return self.final_norm(x)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = False,

@@ -189,6 +189,7 @@ class Trainer:
         # Model, in the precision policy's storage dtype.
         self.raw_model: HybridLM = build_model(cfg.model, seed=t.seed, device=self.device)
         self.raw_model.to(self.policy.param_dtype)
+        self.raw_model.set_activation_checkpointing(t.activation_checkpointing)
         if t.compile:
             self.raw_model.compile_blocks()
         self.model = self._parallelize(self.raw_model)
