@@ -61,6 +61,11 @@ class ModelConfig:
     n_experts: int = 0
     top_k: int = 2
     d_ff_expert: int = 0
+    # Always-on experts added to the routed output (DeepSeekMoE / Qwen2-MoE), each d_ff_expert wide, run as one
+    # SwiGLU of n_shared_experts * d_ff_expert; with shared_expert_gate, scaled per token by sigmoid(w . x)
+    # as in Qwen2-MoE (DeepSeekMoE: no gate).
+    n_shared_experts: int = 0
+    shared_expert_gate: bool = True
     router_aux_loss_coef: float = 0.01  # Switch load-balance loss weight
     router_z_loss_coef: float = 0.001  # ST-MoE router z-loss weight
     router_bias_balancing: bool = False  # DeepSeek-V3 auxiliary-loss-free balancing
@@ -129,6 +134,8 @@ class ModelConfig:
                 _fail(s, "top_k", self.top_k, f"must be in [1, model.n_experts={self.n_experts}]")
             if self.d_ff_expert <= 0:
                 _fail(s, "d_ff_expert", self.d_ff_expert, "must be a positive integer when model.moe_layers is not empty")
+        if self.n_shared_experts < 0 or (self.n_shared_experts and not self.moe_layers):
+            _fail(s, "n_shared_experts", self.n_shared_experts, "must be >= 0, and 0 without model.moe_layers")
         if self.mamba_scan not in ("auto", "chunked"):
             _fail(s, "mamba_scan", self.mamba_scan, "allowed: auto, chunked")
         if self.mamba_layers:
@@ -159,7 +166,9 @@ class ModelConfig:
         per_layer = []
         for i in range(self.n_layers):
             seq = mamba if i in self.mamba_layers else attn
-            ffn = (self.n_experts * 3 * d * self.d_ff_expert + d * self.n_experts) if i in self.moe_layers \
+            shared = self.n_shared_experts * 3 * d * self.d_ff_expert + (d if self.n_shared_experts and
+                                                                           self.shared_expert_gate else 0)
+            ffn = (self.n_experts * 3 * d * self.d_ff_expert + d * self.n_experts + shared) if i in self.moe_layers \
                 else 3 * d * self.d_ff
             per_layer.append(seq + ffn + 2 * d + (d if i in self.mod_layers else 0))
         return heads + sum(per_layer) + d

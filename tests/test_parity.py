@@ -75,6 +75,72 @@ def test_moe_matches_mixtral_sparse_moe_block_top2():
     torch.testing.assert_close(go[1], gr[1].transpose(1, 2), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("gate", [True, False])
+def test_shared_and_fine_grained_experts_match_qwen2_moe_sparse_moe_block(gate):
+    """16 fine-grained experts (d_ff_expert 16), top-4, 2 shared experts: transformers' Qwen2-MoE block, weights
+    copied; outputs and gradients (router, experts, shared expert, its gate, input) equal. Without the gate
+    (DeepSeekMoE), the reference's gate is pinned open (sigmoid -> 1) by a huge constant weight on a constant
+    input feature."""
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    torch.manual_seed(0)
+    d, f, E, k, S = 32, 16, 16, 4, 2
+    hf_cfg = Qwen2MoeConfig(hidden_size=d, moe_intermediate_size=f, num_experts=E, num_experts_per_tok=k,
+                            shared_expert_intermediate_size=S * f, norm_topk_prob=True, hidden_act="silu")
+    hf_cfg._experts_implementation = "eager"
+    ref = Qwen2MoeSparseMoeBlock(hf_cfg)
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.2)
+    cfg = ModelConfig(d_model=d, n_layers=1, moe_layers=[0], n_experts=E, top_k=k, d_ff_expert=f, n_shared_experts=S,
+                      shared_expert_gate=gate)
+    ours = MoE(cfg, 0)
+    x = torch.randn(3, 17, d, requires_grad=True)
+    with torch.no_grad():
+        ours.router.weight.copy_(ref.gate.weight)
+        gate_up = ref.experts.gate_up_proj  # [E, 2f, d]: gate rows then up rows
+        ours.experts.w_gate.copy_(gate_up[:, :f, :].transpose(1, 2))
+        ours.experts.w_up.copy_(gate_up[:, f:, :].transpose(1, 2))
+        ours.experts.w_down.copy_(ref.experts.down_proj.transpose(1, 2))
+        ours.shared.w1.weight.copy_(ref.shared_expert.gate_proj.weight)
+        ours.shared.w3.weight.copy_(ref.shared_expert.up_proj.weight)
+        ours.shared.w2.weight.copy_(ref.shared_expert.down_proj.weight)
+        if gate:
+            ours.shared_gate.weight.copy_(ref.shared_expert_gate.weight)
+        else:
+            assert ours.shared_gate is None
+            ref.shared_expert_gate.weight.zero_()
+            ref.shared_expert_gate.weight[0, 0] = 1e4
+            x.data[..., 0] = 1.0
+    y_ref = ref(x)
+    y = ours(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    ref_w = [x, ref.gate.weight, ref.experts.down_proj, ref.shared_expert.down_proj.weight, ref.shared_expert.gate_proj.weight]
+    our_w = [x, ours.router.weight, ours.experts.w_down, ours.shared.w2.weight, ours.shared.w1.weight]
+    if gate:
+        ref_w.append(ref.shared_expert_gate.weight)
+        our_w.append(ours.shared_gate.weight)
+    gr = torch.autograd.grad(y_ref, ref_w, g)
+    go = torch.autograd.grad(y, our_w, g)
+    for i, (a, b) in enumerate(zip(go, gr)):
+        torch.testing.assert_close(a, b.transpose(1, 2) if i == 2 else b, rtol=1e-4, atol=1e-5)
+
+
+def test_info_counts_shared_experts_as_active():
+    from moe_arch.model.params import count_parameters
+    from moe_arch.model.transformer import build_model
+
+    base = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=64, moe_layers=[1], n_experts=8,
+                top_k=2, d_ff_expert=16)
+    a = count_parameters(build_model(ModelConfig(**base), device="meta"))
+    cfg = ModelConfig(**base, n_shared_experts=2)
+    b = count_parameters(build_model(cfg, device="meta"))
+    shared = 2 * 3 * 32 * 16 + 32  # two experts' SwiGLU + the gate
+    assert b["total"] - a["total"] == shared == b["active"] - a["active"]
+    assert cfg.estimated_parameters() == b["total"]
+
+
 @pytest.mark.parametrize("T, chunk", [(19, 0), (32, 5)])
 def test_mamba_matches_hf_mamba_mixer_slow_path(T, chunk):
     from transformers import MambaConfig

@@ -21,6 +21,7 @@ from torch import nn
 
 from moe_arch.config import ModelConfig
 from moe_arch.model import fused
+from moe_arch.model.layers import SwiGLU
 from moe_arch.model.roles import RouterLinear, register_roles
 
 _GROUPED_MM = getattr(F, "grouped_mm", None)
@@ -90,11 +91,20 @@ class MoE(nn.Module):
         self.bias_update_rate = cfg.router_bias_update_rate
         # Selection-only bias for auxiliary-loss-free balancing (saved with the model, never trained by gradient).
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=cfg.router_bias_balancing)
+        # Shared experts: n_shared SwiGLUs of width d_ff_expert on the same input sum to one SwiGLU of their
+        # total width, so they run as one dense layer (every token, no routing).
+        self.shared = SwiGLU(cfg.d_model, cfg.n_shared_experts * cfg.d_ff_expert) if cfg.n_shared_experts else None
+        self.shared_gate = (RouterLinear(cfg.d_model, 1, bias=False)
+                            if cfg.n_shared_experts and cfg.shared_expert_gate else None)
 
     def init_weights(self, std: float, out_std: float, gen: torch.Generator) -> None:
         nn.init.normal_(self.router.weight, 0.0, std, generator=gen)
         self.experts.init_weights(std, out_std, gen)
         self.expert_bias.zero_()
+        if self.shared is not None:
+            self.shared.init_weights(std, out_std, gen)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, 0.0, std, generator=gen)
 
     def route(self, x: torch.Tensor):
         """x [N, d] -> router logits [N, E] (fp32), chosen experts [N, k], their renormalised weights [N, k]."""
@@ -122,6 +132,11 @@ class MoE(nn.Module):
         out = self.experts(flat.index_select(0, token_of), counts)
         out = out * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(out.dtype)
         y = torch.zeros_like(flat).index_add_(0, token_of, out.to(flat.dtype))
+        if self.shared is not None:
+            shared = self.shared(flat)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(flat)) * shared
+            y = y + shared
         if aux is not None and n_tok > 0:
             frac = counts.float() / (n_tok * self.top_k)  # share of assignments per expert (sums to 1)
             load_balance = self.n_experts * (frac * probs.mean(0)).sum()  # 1.0 when perfectly balanced
