@@ -34,6 +34,10 @@ from moe_arch.utils import atomic_write_text
 CACHE_VERSION = 2
 BATCH_DOCS = 1024
 BATCH_CHARS = 1 << 18
+# train-bpe learns its merges from at most this many characters of training text (the first documents): word
+# statistics settle long before, and a second full pass over a corpus of terabytes would cost as much as the
+# tokenization itself.
+BPE_TRAIN_CHARS = 1 << 30
 
 
 class ShardedTokens:
@@ -99,7 +103,7 @@ def resolve_tokenizer(cfg: DataConfig) -> TextTokenizer | None:
     return None if cfg.tokenizer in TRAIN_BPE else TextTokenizer.load(cfg.tokenizer, cfg.eos_token)
 
 
-def _corpus(cfg: DataConfig) -> Corpus:
+def open_corpus(cfg: DataConfig) -> Corpus:
     return Corpus(cfg.source, cfg.text_field, hf_config=cfg.hf_config, split=cfg.split, streaming=cfg.streaming,
                   max_documents=cfg.max_documents)
 
@@ -115,7 +119,7 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print, tokenizer: TextTok
                  progress: bool = False) -> TokenData:
     """Tokenize ``cfg``'s source once (cached) and open it. ``tokenizer`` (e.g. a checkpoint's) replaces
     data.tokenizer; with neither, a byte-level BPE of ``vocab_size`` is trained on the training split."""
-    corpus = _corpus(cfg)
+    corpus = open_corpus(cfg)
     tok = tokenizer if tokenizer is not None else resolve_tokenizer(cfg)
     cache = cache_folder(cfg, corpus, tok, vocab_size)
     meta_path = cache / "meta.json"
@@ -129,8 +133,8 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print, tokenizer: TextTok
             tok = TextTokenizer.load(cache / "tokenizer")
         elif tok is None:
             log(f"training a byte-level BPE tokenizer ({vocab_size} tokens) on {corpus.describe()}")
-            tok = train_bpe((d for i, d in _numbered(corpus.documents()) if not _is_val(i, cfg.val_fraction)),
-                            vocab_size)
+            tok = train_bpe(_first_chars((d for i, d in _numbered(corpus.documents())
+                                          if not _is_val(i, cfg.val_fraction)), BPE_TRAIN_CHARS), vocab_size)
             tok.save(cache / "tokenizer")
         else:
             tok.save(cache / "tokenizer")
@@ -148,6 +152,15 @@ def _numbered(docs: Iterator[str]) -> Iterator[tuple[int, str]]:
         yield i, d
         if not isinstance(d, Piece):
             i += 1
+
+
+def _first_chars(docs: Iterator[str], limit: int) -> Iterator[str]:
+    n = 0
+    for d in docs:
+        if n >= limit:
+            return
+        n += len(d)
+        yield d
 
 
 def _in_background(it: Iterator, depth: int = 2) -> Iterator:

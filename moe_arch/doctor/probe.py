@@ -63,9 +63,9 @@ def _tokens(cfg: Config, view: CheckpointView, n_tokens: int) -> tuple[torch.Ten
 
         tok = prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a: None).tokenizer
     try:
-        from moe_arch.data.dataset import _corpus
+        from moe_arch.data.dataset import open_corpus
 
-        corpus, source = _corpus(cfg.data), cfg.data.source
+        corpus, source = open_corpus(cfg.data), cfg.data.source
         docs = corpus.documents()
         first = next(docs)
         docs = itertools.chain([first], docs)
