@@ -295,11 +295,8 @@ def cmd_export(args, rest) -> int:
     """A distributed (sharded) checkpoint folder -> one single-file checkpoint, loaded on one process."""
     from pathlib import Path
 
-    from moe_arch.config import Config
-    from moe_arch.model.transformer import build_model
-    from moe_arch.parallel.dcp import is_dcp_dir, load_dcp, read_meta
-    from moe_arch.training.checkpoint import CheckpointError, save_checkpoint
-    from moe_arch.training.optim import build_optimizers
+    from moe_arch.parallel.dcp import load_dcp_run
+    from moe_arch.training.checkpoint import save_checkpoint
 
     if rest:
         raise UsageError(f"unexpected arguments {rest}")
@@ -307,17 +304,7 @@ def cmd_export(args, rest) -> int:
 
     src = Path(args.checkpoint)
     writable_dir(Path(args.output).resolve().parent, "exported checkpoint")  # before the (long) load
-    if not is_dcp_dir(src):
-        raise CheckpointError(f"{src}: not a distributed-checkpoint folder (no .metadata)")
-    meta = read_meta(src)
-    if "config" not in meta:
-        raise CheckpointError(f"{src}: no moe_arch meta.pt; only moe_arch distributed checkpoints can be exported")
-    cfg = Config.from_dict(meta["config"], f"{src} (config)")
-    model = build_model(cfg.model, seed=0)
-    if meta.get("precision") in ("bf16-pure", "bf16-compensated"):
-        model.to(torch.bfloat16)
-    opts = build_optimizers(model, cfg.optim)
-    meta = load_dcp(src, model, opts)
+    model, _, opts, meta = load_dcp_run(src, "exported")
     keep = {k: v for k, v in meta.items() if k not in ("optim_param_groups", "optim_scalars", "optimizer_layout",
                                                        "has_optimizer_state")}
     payload = {**keep, "model": model.state_dict(), "optimizers": {n: o.state_dict() for n, o in opts.items()},

@@ -44,6 +44,17 @@ def test_attention_matches_llama_attention_gqa_rope():
     torch.testing.assert_close(gq, gq_ref, rtol=1e-4, atol=1e-5)
 
 
+@torch.no_grad()
+def _copy_routed_experts(ours, ref, f: int) -> None:
+    """transformers' router and stacked experts (gate_up_proj [E, 2f, d]: gate rows then up rows; down_proj
+    [E, d, f]) into ours (w_gate, w_up [E, d, f]; w_down [E, f, d])."""
+    ours.router.weight.copy_(ref.gate.weight)
+    gate_up = ref.experts.gate_up_proj
+    ours.experts.w_gate.copy_(gate_up[:, :f, :].transpose(1, 2))
+    ours.experts.w_up.copy_(gate_up[:, f:, :].transpose(1, 2))
+    ours.experts.w_down.copy_(ref.experts.down_proj.transpose(1, 2))
+
+
 def test_moe_matches_mixtral_sparse_moe_block_top2():
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -57,12 +68,7 @@ def test_moe_matches_mixtral_sparse_moe_block_top2():
     for p in ref.parameters():
         torch.nn.init.normal_(p, 0.0, 0.2)
     ours = MoE(ModelConfig(d_model=d, n_layers=1, moe_layers=[0], n_experts=E, top_k=2, d_ff_expert=f), 0)
-    with torch.no_grad():
-        ours.router.weight.copy_(ref.gate.weight)
-        gate_up = ref.experts.gate_up_proj  # [E, 2f, d]: gate rows then up rows
-        ours.experts.w_gate.copy_(gate_up[:, :f, :].transpose(1, 2))
-        ours.experts.w_up.copy_(gate_up[:, f:, :].transpose(1, 2))
-        ours.experts.w_down.copy_(ref.experts.down_proj.transpose(1, 2))
+    _copy_routed_experts(ours, ref, f)
     x = torch.randn(3, 17, d)
     y_ref = ref(x)
     y = ours(x)
@@ -96,12 +102,8 @@ def test_shared_and_fine_grained_experts_match_qwen2_moe_sparse_moe_block(gate):
                       shared_expert_gate=gate)
     ours = MoE(cfg, 0)
     x = torch.randn(3, 17, d, requires_grad=True)
+    _copy_routed_experts(ours, ref, f)
     with torch.no_grad():
-        ours.router.weight.copy_(ref.gate.weight)
-        gate_up = ref.experts.gate_up_proj  # [E, 2f, d]: gate rows then up rows
-        ours.experts.w_gate.copy_(gate_up[:, :f, :].transpose(1, 2))
-        ours.experts.w_up.copy_(gate_up[:, f:, :].transpose(1, 2))
-        ours.experts.w_down.copy_(ref.experts.down_proj.transpose(1, 2))
         ours.shared.w1.weight.copy_(ref.shared_expert.gate_proj.weight)
         ours.shared.w3.weight.copy_(ref.shared_expert.up_proj.weight)
         ours.shared.w2.weight.copy_(ref.shared_expert.down_proj.weight)

@@ -34,23 +34,13 @@ class LoadedCheckpoint:
 def load_for_eval(path: str | Path, device: torch.device) -> LoadedCheckpoint:
     """A single-file checkpoint (ours, or one ``moe-arch export`` made from a distributed one) or a distributed
     checkpoint folder, as a model in eval mode with its tokenizer."""
-    from moe_arch.model.transformer import build_model, materialize
-    from moe_arch.parallel.dcp import is_dcp_dir, load_dcp, read_meta
+    from moe_arch.model.transformer import materialize
+    from moe_arch.parallel.dcp import is_dcp_dir, load_dcp_run
     from moe_arch.training.checkpoint import CheckpointError, load_checkpoint
 
     path = Path(path)
     if is_dcp_dir(path):
-        meta = read_meta(path)
-        if "config" not in meta:
-            raise CheckpointError(f"{path}: no moe_arch meta.pt; only moe_arch distributed checkpoints can be evaluated")
-        cfg = Config.from_dict(meta["config"], f"{path} (config)")
-        model = build_model(cfg.model, seed=0)
-        if meta.get("precision") in ("bf16-pure", "bf16-compensated"):
-            model.to(torch.bfloat16)
-        from moe_arch.training.optim import build_optimizers
-
-        meta = load_dcp(path, model, build_optimizers(model, cfg.optim))
-        state = meta
+        model, cfg, _, state = load_dcp_run(path, "evaluated")
         model.to(device)
     else:
         state = load_checkpoint(path)

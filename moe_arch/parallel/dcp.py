@@ -169,6 +169,29 @@ def load_dcp(folder: Path, model, optimizers: dict) -> dict:
     return meta
 
 
+def load_dcp_run(folder: Path, what: str = "loaded"):
+    """A moe_arch distributed checkpoint folder on one process: (model, config, optimizers, meta), the model in the
+    run's storage precision. ``what`` completes the error for folders that are not ours."""
+    from moe_arch.config import Config
+    from moe_arch.model.transformer import build_model
+    from moe_arch.training.checkpoint import CheckpointError
+    from moe_arch.training.optim import build_optimizers
+
+    folder = Path(folder)
+    if not is_dcp_dir(folder):
+        raise CheckpointError(f"{folder}: not a distributed-checkpoint folder (no .metadata)")
+    meta = read_meta(folder)
+    if "config" not in meta:
+        raise CheckpointError(f"{folder}: no moe_arch meta.pt; only moe_arch distributed checkpoints can be {what}")
+    cfg = Config.from_dict(meta["config"], f"{folder} (config)")
+    model = build_model(cfg.model, seed=0)
+    if meta.get("precision") in ("bf16-pure", "bf16-compensated"):
+        model.to(torch.bfloat16)
+    opts = build_optimizers(model, cfg.optim)
+    meta = load_dcp(folder, model, opts)
+    return model, cfg, opts, meta
+
+
 def full_model_state(model) -> dict[str, torch.Tensor]:
     """The whole model state dict on rank 0's CPU (a collective: every rank must call it)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
