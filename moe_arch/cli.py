@@ -55,9 +55,17 @@ def cmd_train(args, rest) -> int:
     from moe_arch.training.trainer import NonFiniteLossError, TrainingStopped, Trainer
 
     cfg = load_config(args.config, _split_overrides(rest))
+    init_state = None
+    if args.init_from:
+        from moe_arch.hf.export import ExportError, init_from_config
+
+        try:
+            cfg, init_state = init_from_config(cfg, args.init_from)
+        except ExportError as e:
+            raise UsageError(str(e)) from None
     trainer = None
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, init_state=init_state)
         result = trainer.run()
     except (NonFiniteLossError, TrainingStopped) as e:  # raised on every rank together
         trainer.close()
@@ -292,8 +300,22 @@ def cmd_reproduce_seed(args, rest) -> int:
 
 
 def cmd_export(args, rest) -> int:
-    """A distributed (sharded) checkpoint folder -> one single-file checkpoint, loaded on one process."""
+    """A distributed (sharded) checkpoint folder -> one single-file checkpoint, loaded on one process; or any of
+    our checkpoints -> a Hugging Face model folder (--hf DIR)."""
     from pathlib import Path
+
+    if (args.output is None) == (args.hf is None):
+        raise UsageError("export: give either OUTPUT.pt (a sharded checkpoint as one file) or --hf DIR")
+    if args.hf is not None:
+        from moe_arch.hf.export import ExportError, export_hf
+
+        try:
+            out = export_hf(args.checkpoint, args.hf, args.max_shard_size)
+        except ExportError as e:
+            raise UsageError(str(e)) from None
+        print(f"exported {args.checkpoint} -> {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}, "
+              "trust_remote_code=True))")
+        return 0
 
     from moe_arch.parallel.dcp import load_dcp_run
     from moe_arch.training.checkpoint import save_checkpoint
@@ -329,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=OVERRIDES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", nargs="?", default=None, help="YAML config file or preset name (default: tiny)")
     t.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'latest' (this run's newest)")
+    t.add_argument("--init-from", default=None, metavar="HF_DIR",
+                   help="start from the weights, model config and tokenizer of a folder `moe-arch export --hf` wrote")
     t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("info", help="parameter counts and optimizer routing of a config (built on the meta device)",
@@ -405,9 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no console report, no progress bar")
     d.set_defaults(func=cmd_diagnose)
 
-    e = sub.add_parser("export", help="convert a distributed (sharded) checkpoint folder into one .pt file")
+    e = sub.add_parser("export", help="a distributed (sharded) checkpoint folder -> one .pt file; or a checkpoint -> "
+                                      "a Hugging Face model folder (--hf DIR)")
     e.add_argument("checkpoint")
-    e.add_argument("output")
+    e.add_argument("output", nargs="?", default=None)
+    e.add_argument("--hf", default=None, metavar="DIR", help="write a Hugging Face folder (config, safetensors, "
+                                                             "tokenizer, modeling code) for trust_remote_code")
+    e.add_argument("--max-shard-size", default="5GB", help="safetensors shard size for --hf (e.g. 500MB)")
     e.set_defaults(func=cmd_export)
 
     r = sub.add_parser("reproduce-seed", help="reproduce the seed report's frozen-norm bug (or its fix), then diagnose")

@@ -144,7 +144,7 @@ def _loading(path, name: str):
 class Trainer:
     phase = "start-up"  # what the run is doing, for the message when a second signal stops it at once
 
-    def __init__(self, cfg: Config, resume: str | None = None, log=None):
+    def __init__(self, cfg: Config, resume: str | None = None, log=None, init_state: dict | None = None):
         self.cfg = cfg
         t = cfg.train
         self.device = resolve_device(t.device)
@@ -188,6 +188,9 @@ class Trainer:
 
         # Model, in the precision policy's storage dtype.
         self.raw_model: HybridLM = build_model(cfg.model, seed=t.seed, device=self.device)
+        if init_state is not None and not resume:  # train --init-from: a fresh run starting from given weights
+            with torch.no_grad(), _loading("--init-from", "model"):
+                self.raw_model.load_state_dict(init_state, strict=True)
         self.raw_model.to(self.policy.param_dtype)
         self.raw_model.set_activation_checkpointing(t.activation_checkpointing)
         if t.compile:
