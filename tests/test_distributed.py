@@ -63,6 +63,17 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(dist_cfg, tmp_path)
     assert (ck / "latest.txt").read_text().strip() == "final"
 
 
+@pytest.mark.slow
+def test_fsdp_with_activation_checkpointing_matches_one_rank(dist_cfg, tmp_path):
+    """FSDP2 shards each block; activation checkpointing recomputes the block in the backward, where FSDP gathers
+    its parameters again: the losses are those of one process without either."""
+    fsdp = with_train(dist_cfg, run_name="fsdp_ac", parallel="fsdp", activation_checkpointing="full", ckpt_every=0)
+    single = with_train(dist_cfg, run_name="single", batch_size=8, ckpt_every=0)
+    torchrun(fsdp, tmp_path)
+    Trainer(single).run()
+    torch.testing.assert_close(torch.tensor(run_losses(fsdp)), torch.tensor(run_losses(single)), rtol=2e-4, atol=0)
+
+
 def test_sharded_checkpoint_resumes_on_two_and_one_ranks_and_the_doctor_reads_it(dist_cfg, tmp_path):
     base = with_train(dist_cfg, run_name="base", parallel="fsdp")
     torchrun(base, tmp_path)
