@@ -405,3 +405,15 @@ def test_resume_and_export_of_our_distributed_checkpoint_with_a_truncated_shard(
 def test_a_bad_kernel_isa_is_one_line_before_training(cli, monkeypatch, tmp_path):
     monkeypatch.setenv("MOE_ARCH_KERNEL_ISA", "sse9")
     one_line_error(cli("train", "tiny", "--train.out_dir", tmp_path), "MOE_ARCH_KERNEL_ISA='sse9'")
+
+
+def test_eval_and_export_input_errors_are_one_line(tmp_path, cli):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    out = cli("eval", tmp_path / "junk.pt")
+    assert out.returncode == 2 and "junk.pt: cannot be read as a checkpoint" in out.stderr
+    out = cli("eval", tmp_path / "missing.pt")
+    assert out.returncode == 2 and "missing.pt: no such checkpoint file" in out.stderr
+    out = cli("export", tmp_path / "junk.pt")
+    assert out.returncode == 2 and "give either OUTPUT.pt" in out.stderr
+    out = cli("train", "--init-from", tmp_path)
+    assert out.returncode == 2 and "no config.json; give a folder written by `moe-arch export CKPT --hf DIR`" in out.stderr
