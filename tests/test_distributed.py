@@ -74,6 +74,7 @@ def test_fsdp_with_activation_checkpointing_matches_one_rank(dist_cfg, tmp_path)
     torch.testing.assert_close(torch.tensor(run_losses(fsdp)), torch.tensor(run_losses(single)), rtol=2e-4, atol=0)
 
 
+@pytest.mark.slow  # three torchrun launches, ~60 s
 def test_sharded_checkpoint_resumes_on_two_and_one_ranks_and_the_doctor_reads_it(dist_cfg, tmp_path):
     base = with_train(dist_cfg, run_name="base", parallel="fsdp")
     torchrun(base, tmp_path)
