@@ -40,6 +40,17 @@ def small_cfg(tmp_path, data_cache) -> Config:
     })
 
 
+def trained_checkpoint(root, data_cache: str, steps: int):
+    """The final checkpoint of a short quiet run of the small model (for tests that read a real checkpoint)."""
+    from moe_arch.training.trainer import Trainer
+
+    cfg = Config.from_dict({"model": small_overrides(), "data": {"cache_dir": data_cache}, "monitor": {"enabled": False},
+                            "train": dict(out_dir=str(root), run_name="r", steps=steps, batch_size=4, seq_len=32,
+                                          warmup_steps=1, log_every=1, eval_every=0, ckpt_every=0,
+                                          eval_max_tokens=512, sample_tokens=0, progress="none", tensorboard=False)})
+    return Trainer(cfg).run().last_checkpoint, cfg
+
+
 @pytest.fixture(params=["avx512", "avx2", "portable"])
 def kernel_isa(request):
     """Run the test on one SIMD path of the CPU kernels (each path this CPU supports; the others skip), so one

@@ -8,23 +8,17 @@ import json
 import pytest
 import torch
 
-from moe_arch.config import Config
 
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, data_cache):
-    from conftest import small_overrides
+    from conftest import trained_checkpoint
     from moe_arch import cli
-    from moe_arch.training.trainer import Trainer
 
     root = tmp_path_factory.mktemp("hf_export")
-    cfg = Config.from_dict({"model": small_overrides(), "data": {"cache_dir": data_cache}, "monitor": {"enabled": False},
-                            "train": dict(out_dir=str(root), run_name="r", steps=3, batch_size=4, seq_len=32,
-                                          warmup_steps=1, log_every=1, eval_every=0, ckpt_every=0,
-                                          eval_max_tokens=512, sample_tokens=0, progress="none", tensorboard=False)})
-    ckpt = Trainer(cfg).run().last_checkpoint
+    ckpt, cfg = trained_checkpoint(root, data_cache, steps=3)
     out = root / "hf"
     assert cli.main(["export", str(ckpt), "--hf", str(out), "--max-shard-size", "300KB"]) == 0
     return ckpt, out, cfg

@@ -11,7 +11,6 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from moe_arch.config import Config  # noqa: E402
 
 DOCS = ["The router sends each token to two experts.", "A norm weight that never moves is a frozen norm.",
         "Mamba layers carry a recurrent state.", "Depth routing skips a quarter of the tokens."]
@@ -19,15 +18,9 @@ DOCS = ["The router sends each token to two experts.", "A norm weight that never
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, data_cache):
-    from conftest import small_overrides
-    from moe_arch.training.trainer import Trainer
+    from conftest import trained_checkpoint
 
-    root = tmp_path_factory.mktemp("lm_eval_run")
-    cfg = Config.from_dict({"model": small_overrides(), "data": {"cache_dir": data_cache}, "monitor": {"enabled": False},
-                            "train": dict(out_dir=str(root), run_name="r", steps=4, batch_size=4, seq_len=32,
-                                          warmup_steps=1, log_every=2, eval_every=0, ckpt_every=0,
-                                          eval_max_tokens=512, sample_tokens=0, progress="none", tensorboard=False)})
-    return Trainer(cfg).run().last_checkpoint
+    return trained_checkpoint(tmp_path_factory.mktemp("lm_eval_run"), data_cache, steps=4)[0]
 
 
 @pytest.fixture

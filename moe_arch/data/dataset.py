@@ -12,6 +12,7 @@ is written last: a cache without it is never used for training.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -189,7 +190,7 @@ def _in_background(it: Iterator, depth: int = 2) -> Iterator:
             yield x
     finally:
         stop.set()
-        with __import__("contextlib").suppress(queue.Empty):
+        with contextlib.suppress(queue.Empty):
             while True:
                 q.get_nowait()
 
@@ -516,3 +517,11 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int = 0) -> Itera
         start = end
         if max_tokens and done >= max_tokens:
             break
+
+
+def eval_batches(windows: list[tuple[torch.Tensor, torch.Tensor]], seq_len: int, batch: int) -> list[list]:
+    """Evaluation windows grouped for forwards: full-length windows ``batch`` at a time, then each shorter (last)
+    window alone. The in-training validation and ``moe-arch eval`` batch alike, so their losses agree."""
+    full = [w for w in windows if len(w[0]) == seq_len]
+    return ([full[i:i + batch] for i in range(0, len(full), batch)]
+            + [[w] for w in windows if len(w[0]) != seq_len])

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_arch.config import Config
-from moe_arch.data.dataset import eval_windows
+from moe_arch.data.dataset import eval_batches, eval_windows
 from moe_arch.data.tokenizer import TextTokenizer
 
 
@@ -65,10 +65,7 @@ def evaluate_streams(model, streams, seq_len: int, batch_size: int, device: torc
         if max_tokens and left <= 0:
             break
         windows = list(eval_windows(tokens, seq_len, left if max_tokens else 0))
-        full = [w for w in windows if len(w[0]) == seq_len]
-        batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
-        batches += [[w] for w in windows if len(w[0]) != seq_len]
-        for gb in batches:
+        for gb in eval_batches(windows, seq_len, batch_size):
             inp = torch.stack([w[0] for w in gb]).to(device)
             tgt = torch.stack([w[1] for w in gb]).to(device)
             with autocast:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_arch.config import Config, save_config
-from moe_arch.data.dataset import TokenData, WindowSampler, eval_windows, prepare_data
+from moe_arch.data.dataset import TokenData, WindowSampler, eval_batches, eval_windows, prepare_data
 from moe_arch.model.params import count_parameters, flops_per_token
 from moe_arch.model.roles import named_parameter_roles
 from moe_arch.model.transformer import HybridLM, build_model
@@ -460,10 +460,7 @@ class Trainer:
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         windows = list(eval_windows(self.data.val, t.seq_len, max_tokens))
-        full = [w for w in windows if len(w[0]) == t.seq_len]
-        batches = [full[i:i + t.batch_size * self.dist.world] for i in range(0, len(full), t.batch_size * self.dist.world)]
-        batches += [[w] for w in windows if len(w[0]) != t.seq_len]
-        for gb in batches:
+        for gb in eval_batches(windows, t.seq_len, t.batch_size * self.dist.world):
             mine = gb[self.dist.rank * t.batch_size:(self.dist.rank + 1) * t.batch_size] if len(gb) > 1 else \
                 (gb if self.dist.rank == 0 else [])
             dummy = not mine
