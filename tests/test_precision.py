@@ -88,3 +88,23 @@ def test_compensated_run_resumes_exactly(small_cfg):
     a = losses(full.train.out_dir and __import__("pathlib").Path(full.train.out_dir) / "a")
     b = losses(__import__("pathlib").Path(half.train.out_dir) / "b")
     assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]
+
+
+def test_bf16_autocast_runs_mod_on_every_block_kind():
+    """Under autocast a MoD block with a dense feed-forward (attention or Mamba) adds a bf16 update to the float32
+    residual stream: the scatter must cast it (it raised a dtype error before; the seed-3b preset has such blocks)."""
+    from moe_arch.config import ModelConfig
+    from moe_arch.model.transformer import build_model
+
+    cfg = ModelConfig(vocab_size=128, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=64,
+                      moe_layers=[2, 3], n_experts=4, top_k=2, d_ff_expert=32, mamba_layers=[1, 3],
+                      mod_layers=[0, 1, 2, 3], mod_capacity=0.5, n_predict=2)
+    model = build_model(cfg, seed=0).train()
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens, targets)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    for i, blk in enumerate(model.layers):
+        assert blk.mod_router.weight.grad is not None and blk.mod_router.weight.grad.abs().sum() > 0, i

@@ -121,7 +121,8 @@ class Block(nn.Module):
             aux.add_mod(self.layer_idx, F.binary_cross_entropy_with_logits(logits, selected.float()),
                         selected.float().mean().detach(), w_sel.mean().detach(),
                         w_sel.std().detach() if w_sel.numel() > 1 else torch.zeros((), device=x.device))
-        return x.scatter_add(1, idx, update)
+        # Under autocast a block whose layers are all matmuls returns bf16 while the residual stream stays float32.
+        return x.scatter_add(1, idx, update.to(x.dtype))
 
 
 class MTPHead(nn.Module):
