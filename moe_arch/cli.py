@@ -1,7 +1,7 @@
 """``moe-arch``: train, inspect, sample from and diagnose hybrid MoE language models.
 
     moe-arch train [CONFIG|PRESET] [--resume PATH|latest] [--section.field VALUE ...]
-    moe-arch info CONFIG|PRESET [--json] [--optimizer] [--section.field VALUE ...]
+    moe-arch info CONFIG|PRESET [--json] [--optimizer] [--memory [--gpus N --gpu-memory GB ...]] [--section.field VALUE ...]
     moe-arch generate CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     moe-arch diagnose CHECKPOINT|RUN_DIR [--against REF] [--logs PATH] [--out DIR] [--json PATH] [--fail-on ...]
     moe-arch config [CONFIG|PRESET] [--section.field VALUE ...]     (print the resolved, validated config)
@@ -96,6 +96,8 @@ def cmd_info(args, rest) -> int:
     from moe_arch.training.optim import format_plan, plan_parameters
 
     cfg = load_config(args.config, _split_overrides(rest))
+    if args.memory:
+        return _info_memory(args, cfg)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = HybridLM(cfg.model)
     counts = count_parameters(model)
@@ -142,6 +144,50 @@ def cmd_info(args, rest) -> int:
             o.add_row(p["name"], "x".join(map(str, p["shape"])), p["role"], p["optimizer"], f"{p['lr']:.2e}",
                       f"{p['effective_lr']:.2e}", f"{p['weight_decay']:g}")
         con.print(o)
+    return 0
+
+
+def _info_memory(args, cfg) -> int:
+    from moe_arch.training.memory import USABLE, plan_memory
+
+    for name in ("gpus", "batch_size", "seq_len"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            print(f"error: --{name.replace('_', '-')} {v}: must be >= 1", file=sys.stderr)
+            return 2
+    if args.gpu_memory <= 0:
+        print(f"error: --gpu-memory {args.gpu_memory}: must be > 0 (GiB per device)", file=sys.stderr)
+        return 2
+    try:
+        plan = plan_memory(cfg, name=args.config, gpus=args.gpus, gpu_memory_gb=args.gpu_memory, parallel=args.parallel,
+                           batch_size=args.batch_size, seq_len=args.seq_len, checkpointing=args.activation_checkpointing,
+                           precision=args.precision, device=args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(highlight=False)
+    con.print(f"[bold]{args.config}[/]: {plan.parameters / 1e9:.3f}B parameters, {plan.precision}, micro-batch "
+              f"{plan.batch_size} x {plan.seq_len} tokens, activation checkpointing {plan.activation_checkpointing}, "
+              f"{plan.gpus} x {args.gpu_memory:g} GiB {plan.device} ({plan.parallel})")
+    t = Table(title="per device")
+    t.add_column("component")
+    t.add_column("GiB", justify="right")
+    for k, v in plan.gb.items():
+        t.add_row(k, f"{v:.2f}")
+    t.add_row("[bold]peak[/]", f"[bold]{plan.peak_gb:.2f}[/]")
+    con.print(t)
+    verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
+    con.print(f"peak during the {plan.phase}: {plan.peak_gb:.1f} GiB of {args.gpu_memory:g} GiB ({USABLE:.0%} usable "
+              f"after the CUDA context and allocator reserve): {verdict}; largest micro-batch that fits: "
+              f"{plan.max_batch_size}")
+    for note in plan.notes:
+        con.print(f"[dim]{note}[/]")
     return 0
 
 
@@ -360,6 +406,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("config", help="YAML config file or preset name")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--optimizer", action="store_true", help="per-tensor optimizer, lr and weight decay")
+    i.add_argument("--memory", action="store_true",
+                   help="per-device memory of a training step (parameters, gradients, optimizer states, activations, "
+                        "temporaries), whether it fits and the largest micro-batch that does")
+    i.add_argument("--gpus", type=int, default=1, help="--memory: devices (default 1)")
+    i.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB", help="--memory: GiB per device (default 80)")
+    i.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp", help="--memory: data parallelism")
+    i.add_argument("--batch-size", type=int, default=None, help="--memory: micro-batch (default train.batch_size)")
+    i.add_argument("--seq-len", type=int, default=None, help="--memory: tokens per sequence (default train.seq_len)")
+    i.add_argument("--activation-checkpointing", choices=("none", "full", "selective"), default=None,
+                   help="--memory: default train.activation_checkpointing")
+    i.add_argument("--precision", choices=("fp32", "bf16-mixed", "bf16-compensated", "bf16-pure"), default=None,
+                   help="--memory: default train.precision (auto: bf16-mixed on a GPU)")
+    i.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="--memory: what runs the step (cpu: the CPU kernels' activations; default cuda)")
     i.set_defaults(func=cmd_info)
 
     c = sub.add_parser("config", help="print the resolved, validated config", epilog=OVERRIDES_HELP,

@@ -63,10 +63,16 @@ def test_newton_schulz_precision_routes_2d_matrices():
         OptimConfig(muon_ns_dtype="float16")
 
 
-def test_batched_muon_shape_groups_give_the_per_matrix_result():
+@pytest.mark.parametrize("max_batch", [None, 200])
+def test_batched_muon_shape_groups_give_the_per_matrix_result(max_batch, monkeypatch):
     """Same-shape matrices (also transposed ones, and expert slices) share one batched Newton-Schulz: the result
-    must be that of orthogonalising each matrix alone."""
+    must be that of orthogonalising each matrix alone, also when batches are cut at MAX_BATCH_ELEMENTS (200: the
+    three 8x12 matrices and the 3x8x12 stack go in separate batches)."""
+    from moe_arch.training import optim
     from moe_arch.training.optim import BatchedMuon
+
+    if max_batch:
+        monkeypatch.setattr(optim, "MAX_BATCH_ELEMENTS", max_batch)
 
     torch.manual_seed(0)
     shapes = [(8, 12), (8, 12), (12, 8), (3, 8, 12), (5, 7)]

@@ -91,38 +91,54 @@ class BatchedMuon(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
-            params, wholes = [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.lerp_(grad, 1 - mom)
-                update = grad.lerp(buf, mom) if group["nesterov"] else buf
-                whole = full(update)  # all-gather when sharded: orthogonalisation needs the whole matrix
-                params.append(p)
-                wholes.append(whole if whole.ndim == 3 else whole.unsqueeze(0))
             # Newton-Schulz works on the wide orientation (m <= n), so [m, n] and [n, m] matrices share a batch.
-            wide = [w if w.shape[1] <= w.shape[2] else w.transpose(1, 2) for w in wholes]
-            by_shape: dict[tuple[int, int], list[int]] = {}
-            for i, w in enumerate(wide):
-                by_shape.setdefault(tuple(w.shape[1:]), []).append(i)
-            orthos: list[torch.Tensor | None] = [None] * len(params)
-            for idx in by_shape.values():
-                batch = wide[idx[0]] if len(idx) == 1 else torch.cat([wide[i] for i in idx])
-                ortho = zeropower_batched(batch, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                          dtype=self.ns_dtype)
-                for i, o in zip(idx, ortho.split([wide[i].shape[0] for i in idx])):
-                    orthos[i] = o if wide[i] is wholes[i] else o.transpose(1, 2)
-            for p, ortho in zip(params, orthos):
-                p.mul_(1 - lr * wd)
-                p.add_(shard_like(ortho.view(p.shape).to(p.dtype), p),  # DTensor .shape is the global shape
-                       alpha=-muon_adjusted_lr(lr, tuple(p.shape), group["adjust_lr_fn"]))
+            by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape.setdefault(tuple(sorted(p.shape[-2:])), []).append(p)
+            for (m, n), params in by_shape.items():
+                chunk: list[torch.Tensor] = []
+                for p in params:
+                    size = (p.shape[0] if p.ndim == 3 else 1) * m * n
+                    if chunk and sum(q.numel() for q in chunk) + size > MAX_BATCH_ELEMENTS:
+                        self._update(group, chunk)
+                        chunk = []
+                    chunk.append(p)
+                self._update(group, chunk)
         return loss
+
+    def _update(self, group: dict, params: list[torch.Tensor]) -> None:
+        """Momentum, one batched Newton-Schulz and the weight update for same-shape parameters. Batches are cut at
+        MAX_BATCH_ELEMENTS, so the step's temporaries (updates, their concatenation, X and A, B) stay bounded
+        instead of growing with the model (seed-3b's expert matrices: ~17 GB in one batch, see the planner)."""
+        lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+        wholes = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - mom)
+            update = p.grad.lerp(buf, mom) if group["nesterov"] else buf
+            whole = full(update)  # all-gather when sharded: orthogonalisation needs the whole matrix
+            whole = whole if whole.ndim == 3 else whole.unsqueeze(0)
+            wholes.append(whole if whole.shape[1] <= whole.shape[2] else whole.transpose(1, 2))
+        batch = wholes[0] if len(wholes) == 1 else torch.cat(wholes)
+        del wholes
+        ortho = zeropower_batched(batch, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype=self.ns_dtype)
+        del batch
+        for p, o in zip(params, ortho.split([p.shape[0] if p.ndim == 3 else 1 for p in params])):
+            if p.shape[-2] > p.shape[-1]:
+                o = o.transpose(1, 2)
+            p.mul_(1 - lr * wd)
+            p.add_(shard_like(o.reshape(p.shape).to(p.dtype), p),  # DTensor .shape is the global shape
+                   alpha=-muon_adjusted_lr(lr, tuple(p.shape), group["adjust_lr_fn"]))
+
+
+# Largest Newton-Schulz batch of BatchedMuon, in matrix elements (2^27: 512 MB of float32 updates): large enough
+# that small models run one batch per shape, small enough that a 3B model's step does not hold every expert's
+# update and orthogonalisation at once.
+MAX_BATCH_ELEMENTS = 1 << 27
 
 
 def resolve_ns_dtype(cfg: OptimConfig, device: torch.device) -> torch.dtype:

@@ -1,0 +1,155 @@
+"""Memory planner vs measured peak memory of training steps on this CPU.
+
+Each configuration runs in a fresh child process: it records its resident memory (VmRSS) once the inputs exist and
+before the model is built, runs three training steps exactly as the trainer composes them (precision policy,
+activation checkpointing, Muon + AdamW, compensated updates, clipping, zero_grad(set_to_none)), and reports the
+high-water mark (VmHWM, the kernel's own peak of this process: ru_maxrss would carry the forking parent's peak).
+Two measurements: the peak of live tensor bytes from the profiler's allocation events (``profile_memory=True``: the
+CPU analogue of ``torch.cuda.max_memory_allocated``, what the planner models), and the process's resident peak
+(VmHWM - baseline), which adds what glibc malloc keeps and fragments (no planner models that; on a GPU the caching
+allocator's reserve plays that part, hence the planner's 90% usable rule). predicted = ``plan_memory(...,
+device="cpu")`` for the same config.
+
+    python bench/bench_memory.py            # the table
+    python bench/bench_memory.py --json     # machine-readable rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from common import ROOT, header
+
+# (label, preset, overrides, precision, checkpointing, batch, seq): sizes, precisions and checkpointing differ.
+CONFIGS = [
+    ("tiny fp32", "tiny", [], "fp32", "none", 16, 128),
+    ("medium bf16-mixed full", "medium", [], "bf16-mixed", "full", 8, 256),
+    ("medium bf16-compensated", "medium", [], "bf16-compensated", "none", 8, 256),
+    ("wide fp32 selective", "medium", ["--model.d_model", "384", "--model.n_heads", "6", "--model.d_ff", "1024",
+                                       "--model.d_ff_expert", "512", "--model.vocab_size", "8192"],
+     "fp32", "selective", 4, 512),
+]
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(preset: str, overrides: list[str], precision: str, ckpt: str, batch: int, seq: int, steps: int = 3) -> None:
+    import torch
+
+    from moe_arch.config import load_config
+    from moe_arch.model.transformer import build_model
+    from moe_arch.parallel.parallelize import clip_grads_
+    from moe_arch.training.optim import build_optimizers
+    from moe_arch.training.precision import CompensatedUpdates, resolve_policy
+    from moe_arch.utils import tune_cpu_malloc
+
+    import os
+
+    if os.environ.get("BENCH_TUNE_MALLOC", "1") == "1":
+        tune_cpu_malloc()  # as the trainer does on CPU
+    torch.manual_seed(0)
+    cfg = load_config(preset, overrides)
+    V = cfg.model.vocab_size
+    tokens = torch.randint(0, V, (batch, seq))
+    targets = torch.randint(0, V, (batch, seq + cfg.model.n_predict - 1))
+    policy = resolve_policy(precision, torch.device("cpu"))
+    # One step of a miniature model first: what the first step loads once (the C kernels, optimizer modules,
+    # thread pools: ~70 MB of code and buffers) is not what the planner models. Its tensors are KB-sized.
+    mini = load_config(preset, overrides + ["--model.d_model", "32", "--model.n_heads", "2", "--model.n_kv_heads", "1",
+                                            "--model.head_dim", "16", "--model.vocab_size", "64", "--model.d_ff", "32",
+                                            "--model.d_ff_expert", "16"])
+    warm = build_model(mini.model, seed=0).to(policy.param_dtype).train()
+    warm_opts = build_optimizers(warm, cfg.optim)
+    with policy.autocast(torch.device("cpu")):
+        warm(tokens[:1, :8] % 64, targets[:1, :8 + cfg.model.n_predict - 1] % 64).loss.backward()
+    for o in warm_opts.values():
+        o.step()
+    del warm, warm_opts
+    base = _status("VmRSS")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model = build_model(cfg.model, seed=0).to(policy.param_dtype).train()
+        model.set_activation_checkpointing(ckpt)
+        opts = build_optimizers(model, cfg.optim)
+        comp = CompensatedUpdates(dict(model.named_parameters())) if policy.compensated else None
+        for _ in range(steps):
+            with policy.autocast(torch.device("cpu")):
+                out = model(tokens, targets)
+            out.loss.backward()
+            del out
+            clip_grads_([p for p in model.parameters() if p.grad is not None], cfg.train.grad_clip)
+            with comp.fp32_view() if comp else torch.no_grad():
+                for o in opts.values():
+                    o.step()
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
+    hwm = _status("VmHWM") - base
+    # The profiler's allocation events (+bytes / -bytes, in time order): the peak of live tensor bytes, what
+    # torch.cuda.max_memory_allocated reports on a GPU.
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    print(json.dumps({"tensors": peak, "rss": hwm}))
+
+
+def plan(preset, overrides, precision, ckpt, batch, seq):
+    from moe_arch.config import load_config
+    from moe_arch.training.memory import GiB, plan_memory
+
+    cfg = load_config(preset, overrides)
+    p = plan_memory(cfg, name=preset, gpus=1, batch_size=batch, seq_len=seq, checkpointing=ckpt, precision=precision,
+                    device="cpu")
+    return p.peak_gb * GiB, p
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--child", nargs=argparse.REMAINDER)
+    args = ap.parse_args()
+    if args.child:
+        spec = json.loads(args.child[0])
+        child(**spec)
+        return
+    rows = []
+    if not args.json:
+        header("memory planner vs measured peak (CPU, 3 training steps, fresh process per config)")
+        print(f"{'config':>26} {'params':>8} {'B x T':>9} {'predicted MB':>13} {'tensors MB':>12} {'error':>7} "
+              f"{'RSS MB':>10} {'peak phase':>15}")
+    for label, preset, ov, prec, ckpt, b, t in CONFIGS:
+        spec = dict(preset=preset, overrides=ov, precision=prec, ckpt=ckpt, batch=b, seq=t)
+        res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                             cwd=ROOT)
+        if res.returncode:
+            raise SystemExit(f"{label}: child failed\n{res.stderr[-3000:]}")
+        got = json.loads(res.stdout.strip().splitlines()[-1])
+        predicted, p = plan(preset, ov, prec, ckpt, b, t)
+        err = predicted / got["tensors"] - 1
+        rows.append(dict(config=label, parameters=p.parameters, batch=b, seq=t, precision=prec, checkpointing=ckpt,
+                         predicted_mb=predicted / 2**20, tensors_mb=got["tensors"] / 2**20, error=err,
+                         rss_mb=got["rss"] / 2**20, phase=p.phase))
+        if not args.json:
+            print(f"{label:>26} {p.parameters / 1e6:>7.1f}M {f'{b}x{t}':>9} {predicted / 2**20:>13.1f} "
+                  f"{got['tensors'] / 2**20:>12.1f} {err:>+7.1%} {got['rss'] / 2**20:>10.1f} {p.phase:>15}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print("tensors: peak live tensor bytes (profiler allocation events) = what the planner predicts; error = "
+              "predicted / tensors - 1. RSS: the process's resident peak over its baseline (glibc keeps and fragments "
+              "freed blocks). predicted: the planner for device=cpu (CPU kernels' activations, float32 Newton-Schulz).")
+
+
+if __name__ == "__main__":
+    main()

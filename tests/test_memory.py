@@ -1,0 +1,143 @@
+"""The memory planner (moe_arch/training/memory.py) against what PyTorch really holds: each block's activation
+term against the bytes autograd saves (counted with saved_tensors_hooks), and a whole training step's plan against
+the peak of live tensor bytes from the profiler's allocation events (bench/bench_memory.py does the same on larger
+configs and prints the table in bench/RESULTS.md)."""
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+from moe_arch.cli import main
+from moe_arch.config import load_config
+from moe_arch.model import cpu_kernels
+from moe_arch.model.transformer import HybridLM, build_model
+from moe_arch.training.memory import GiB, Numerics, block_activations, head_activations, plan_memory
+
+B, T = 4, 64
+
+
+def saved_per_block(cfg, precision: str) -> dict:
+    """Bytes autograd keeps for the backward, per block and for the head, distinct storages, parameters excluded."""
+    model = build_model(cfg, seed=0).train()
+    autocast = contextlib.nullcontext()
+    if precision == "bf16-pure":
+        model.to(torch.bfloat16)
+    if precision == "bf16-mixed":
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    where = ["head"]
+    for i, blk in enumerate(model.layers):
+        blk.register_forward_pre_hook(lambda m, a, i=i: where.__setitem__(0, i))
+    model.final_norm.register_forward_pre_hook(lambda m, a: where.__setitem__(0, "head"))
+    seen, per = set(), {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params and s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            per[where[0]] = per.get(where[0], 0) + s.nbytes()
+        return t
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    targets = torch.randint(0, cfg.vocab_size, (B, T + cfg.n_predict - 1), generator=g)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        model(tokens, targets)
+    return per
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-pure", "bf16-mixed"])
+def test_activation_terms_match_what_autograd_saves(precision):
+    cfg = load_config("tiny").model
+    measured = saved_per_block(cfg, precision)
+    num = Numerics(precision, "cpu", cpu_kernels.available())
+    with torch.device("meta"):
+        meta = HybridLM(cfg)
+    blocks = block_activations(cfg, num, B, T, meta)
+    head, _ = head_activations(cfg, num, B, T)
+    for b in blocks:  # MoD selection varies with the random router: a few percent
+        assert b.saved == pytest.approx(measured[b.index], rel=0.1), (b.index, b.kind)
+    assert head == pytest.approx(measured["head"], rel=0.03)
+    total = sum(b.saved for b in blocks) + head
+    assert total == pytest.approx(sum(measured.values()), rel=0.05)
+
+
+def peak_live_bytes(cfg, precision: str, ckpt: str, batch: int, seq: int) -> int:
+    """Peak of live tensor bytes over model creation and three training steps (profiler allocation events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moe_arch.parallel.parallelize import clip_grads_
+    from moe_arch.training.optim import build_optimizers
+    from moe_arch.training.precision import CompensatedUpdates, resolve_policy
+
+    policy = resolve_policy(precision, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=g)
+    targets = torch.randint(0, cfg.model.vocab_size, (batch, seq + cfg.model.n_predict - 1), generator=g)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model = build_model(cfg.model, seed=0).to(policy.param_dtype).train().set_activation_checkpointing(ckpt)
+        opts = build_optimizers(model, cfg.optim)
+        comp = CompensatedUpdates(dict(model.named_parameters())) if policy.compensated else None
+        for _ in range(3):
+            with policy.autocast(torch.device("cpu")):
+                out = model(tokens, targets)
+            out.loss.backward()
+            del out
+            clip_grads_([p for p in model.parameters() if p.grad is not None], 1.0)
+            with comp.fp32_view() if comp else torch.no_grad():
+                for o in opts.values():
+                    o.step()
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
+    live = peak = 0
+    for _, n in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                       if e.name() == "[memory]"):
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("precision,ckpt", [("fp32", "none"), ("bf16-compensated", "full"),
+                                            ("bf16-mixed", "selective")])
+def test_plan_matches_measured_peak_of_a_training_step(precision, ckpt):
+    cfg = load_config("tiny")
+    measured = peak_live_bytes(cfg, precision, ckpt, 8, 128)
+    plan = plan_memory(cfg, batch_size=8, seq_len=128, checkpointing=ckpt, precision=precision, device="cpu")
+    assert plan.peak_gb * GiB == pytest.approx(measured, rel=0.15)
+
+
+def test_sharding_checkpointing_and_the_largest_batch():
+    cfg = load_config("seed-3b")
+    one = plan_memory(cfg, gpus=1, gpu_memory_gb=80)
+    eight = plan_memory(cfg, gpus=8, gpu_memory_gb=80, parallel="fsdp")
+    for k in ("parameters", "gradients", "optimizer states"):
+        assert eight.gb[k] == pytest.approx(one.gb[k] / 8)
+    assert "fsdp gathered" in eight.gb and "autocast bf16 weight copies" not in eight.gb  # FSDP gathers in bf16
+    ddp = plan_memory(cfg, gpus=8, gpu_memory_gb=80, parallel="ddp")
+    assert ddp.gb["ddp buckets"] == pytest.approx(one.gb["gradients"]) and ddp.peak_gb > one.peak_gb
+    kept = {c: plan_memory(cfg, checkpointing=c).gb["activations (kept)"] for c in ("none", "selective", "full")}
+    assert kept["full"] < kept["selective"] < kept["none"]
+    # Optimizer states follow the routing: Muon 1 buffer, AdamW 2, float32 under bf16-mixed.
+    assert one.gb["optimizer states"] > one.gb["parameters"]
+    # The largest micro-batch is the boundary: it fits, one more does not.
+    best = one.max_batch_size
+    assert best >= 1
+    assert plan_memory(cfg, batch_size=best).peak_gb <= 80 * 0.9 < plan_memory(cfg, batch_size=best + 1).peak_gb
+    small = plan_memory(cfg, gpus=1, gpu_memory_gb=24)
+    assert small.fits is False and small.max_batch_size == 0
+
+
+def test_info_memory_cli(capsys):
+    assert main(["info", "seed-3b", "--memory", "--gpus", "8", "--json", "--activation-checkpointing", "full"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpus"] == 8 and out["parallel"] == "fsdp" and out["activation_checkpointing"] == "full"
+    assert out["fits"] is True and out["max_batch_size"] > 1 and out["peak_gb"] < 80
+    assert main(["info", "tiny", "--memory", "--gpu-memory", "1", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "optimizer states" in text and "largest micro-batch" in text and "fits" in text
+    assert main(["info", "tiny", "--memory", "--gpus", "0"]) == 2
+    assert "--gpus 0: must be >= 1" in capsys.readouterr().err
+    assert main(["info", "tiny", "--memory", "--gpus", "2", "--precision", "bf16-compensated"]) == 2
+    assert "bf16-compensated is not supported with FSDP" in capsys.readouterr().err
