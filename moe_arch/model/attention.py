@@ -38,6 +38,18 @@ class KVCache:
         self.valid[:, self.max_len] = False
         self.limit = max(self.limit, int(positions.max()) + 1)
 
+    def row(self, b: int) -> "KVCache":
+        """A cache of batch 1 that reads and writes row ``b`` of this one (for one prompt's prefill)."""
+        view = KVCache.__new__(KVCache)
+        view.max_len, view.limit = self.max_len, 0
+        view.k, view.v, view.valid = self.k[b:b + 1], self.v[b:b + 1], self.valid[b:b + 1]
+        return view
+
+    def rollback(self, end: torch.Tensor) -> None:
+        """Forget the keys at positions >= end[b] of each sequence (speculative tokens that were not accepted)."""
+        slots = torch.arange(self.valid.shape[1], device=self.valid.device)
+        self.valid &= slots[None, :] < end[:, None]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):

@@ -302,11 +302,39 @@ def reference_scan(u, dt, A, Bm, Cm, h0=None):
 
 
 class MambaCache:
-    """Recurrent state of one Mamba layer: the last d_conv-1 conv inputs and the SSM state."""
+    """Recurrent state of one Mamba layer: the last d_conv-1 conv inputs [B, d_conv-1, D] and the SSM state
+    [B, D, N]. Allocated once per generation and updated in place.
+
+    Speculative decoding verifies several tokens in one call and then keeps only some of them. While
+    ``recording``, a call keeps the state after each of its rows and its conv inputs, so ``rollback`` can
+    restore the state after any prefix (a recurrent state cannot be "un-scanned")."""
 
     def __init__(self, batch: int, d_inner: int, d_state: int, d_conv: int, device, dtype):
-        self.conv = torch.zeros(batch, d_inner, d_conv - 1, device=device, dtype=dtype)
-        self.ssm = torch.zeros(batch, d_inner, d_state, device=device, dtype=torch.float32)
+        self.conv = torch.zeros(batch, d_conv - 1, d_inner, device=device, dtype=dtype)
+        # the scan runs in float32 at least (bf16 models) and in float64 for float64 models
+        self.ssm = torch.zeros(batch, d_inner, d_state, device=device, dtype=torch.promote_types(dtype, torch.float32))
+        self.recording = False
+        self._states: torch.Tensor | None = None  # [B, T + 1, D, N]: before the call, then after each row
+        self._conv_in: torch.Tensor | None = None  # [B, d_conv - 1 + T, D]
+
+    def row(self, b: int) -> "MambaCache":
+        """A cache of batch 1 that reads and writes row ``b`` of this one (for one prompt's prefill)."""
+        view = MambaCache.__new__(MambaCache)
+        view.conv, view.ssm = self.conv[b:b + 1], self.ssm[b:b + 1]
+        view.recording, view._states, view._conv_in = False, None, None
+        return view
+
+    def rollback(self, rows: torch.Tensor) -> None:
+        """Keep the first ``rows[b]`` rows of sequence b's last recorded call (0: none of them)."""
+        if self._states is None:
+            return
+        idx = rows.to(torch.long)
+        ar = torch.arange(idx.shape[0], device=idx.device)
+        self.ssm.copy_(self._states[ar, idx])
+        k1 = self.conv.shape[1]
+        take = idx[:, None] + torch.arange(k1, device=idx.device)[None, :]
+        self.conv.copy_(self._conv_in.gather(1, take[:, :, None].expand(-1, -1, self.conv.shape[2])))
+        self._states = self._conv_in = None
 
 
 @register_roles({"A_log": "ssm", "D": "ssm"})
@@ -363,22 +391,37 @@ class Mamba(nn.Module):
             xc = causal_conv_silu(xi, w, self.conv1d.bias)  # [B, T, D]
         else:
             # Generation: the cached inputs stand in front of the new ones instead of zeros.
-            conv_in = torch.cat([cache.conv.transpose(1, 2).to(xi.dtype), xi], dim=1)
+            conv_in = torch.cat([cache.conv.to(xi.dtype), xi], dim=1)
             xc = shifted_conv_silu(conv_in, w, self.conv1d.bias)
+        sdt = torch.promote_types(x.dtype, torch.float32)  # bf16 models scan in float32, float64 ones in float64
         dt_low, Bm, Cm = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(dt_low).float())
+        dt = F.softplus(self.dt_proj(dt_low).to(sdt))
         if valid is not None:
             dt = dt * valid.unsqueeze(-1)  # padding: dt = 0 leaves the state untouched
-        A = -torch.exp(self.A_log.float())
-        h0 = cache.ssm if cache is not None else None
-        y, h_last = selective_scan(xc.float(), dt, A, Bm.float(), Cm.float(), h0, self.chunk, self.scan_impl,
-                                   D=self.D.float(), z=z.float())
+        A = -torch.exp(self.A_log.to(sdt))
+        u, Bm, Cm, z, Dskip = xc.to(sdt), Bm.to(sdt), Cm.to(sdt), z.to(sdt), self.D.to(sdt)
+        if cache is not None and cache.recording and T > 1:
+            # Speculative verification: one scan step per row (the arithmetic of one-token decoding), keeping the
+            # state after each row for the rollback.
+            states = [cache.ssm.clone()]
+            ys = []
+            for t in range(T):
+                y_t, h = selective_scan(u[:, t:t + 1], dt[:, t:t + 1], A, Bm[:, t:t + 1], Cm[:, t:t + 1], states[-1],
+                                        self.chunk, self.scan_impl, D=Dskip, z=z[:, t:t + 1])
+                ys.append(y_t)
+                states.append(h)
+            y, h_last = torch.cat(ys, 1), states[-1]
+            cache._states, cache._conv_in = torch.stack(states, 1), conv_in
+        else:
+            h0 = cache.ssm if cache is not None else None
+            y, h_last = selective_scan(u, dt, A, Bm, Cm, h0, self.chunk, self.scan_impl, D=Dskip, z=z)
+            if cache is not None:
+                cache._states = cache._conv_in = None
         y = y.to(x.dtype)
         if cache is not None:
-            cache.ssm = h_last
+            cache.ssm.copy_(h_last)
             # Keep the last d_conv-1 *valid* conv inputs of each sequence (padding sits at the end).
             n_valid = torch.full((B,), T, device=x.device) if valid is None else valid.sum(1)
             idx = n_valid[:, None] + torch.arange(k - 1, device=x.device)[None, :]  # in conv_in coordinates
-            last = conv_in.gather(1, idx[:, :, None].expand(-1, -1, self.d_inner))  # [B, k-1, D]
-            cache.conv = last.transpose(1, 2).to(cache.conv.dtype)
+            cache.conv.copy_(conv_in.gather(1, idx[:, :, None].expand(-1, -1, self.d_inner)))
         return self.out_proj(y)

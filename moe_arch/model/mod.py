@@ -59,3 +59,28 @@ def gather_selected(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor 
 def capacity_tokens(capacity: float, T: int) -> float:
     """Expected number of tokens selected in a sequence of length T (for FLOP estimates)."""
     return float(sum(math.ceil(capacity * (t + 1) - 1e-9) / (t + 1) for t in range(T)))
+
+
+class ModScores:
+    """Router scores of one MoD block by position, for generation: [B, max_len], allocated once. A new token is
+    ranked against the scores of the positions before it in its own sequence, so sequences of different lengths
+    decode together and speculative tokens that were not accepted are simply overwritten later."""
+
+    def __init__(self, batch: int, max_len: int, device):
+        self.scores = torch.zeros(batch, max_len, dtype=torch.float32, device=device)
+
+    def row(self, b: int) -> "ModScores":
+        view = ModScores.__new__(ModScores)
+        view.scores = self.scores[b:b + 1]
+        return view
+
+    def select(self, scores: torch.Tensor, positions: torch.Tensor, capacity: float) -> torch.Tensor:
+        """scores, positions [B, T] -> selected [B, T]: the rule of :func:`causal_capacity_select` at each
+        token's own position (every position before it in its sequence is filled)."""
+        self.scores.scatter_(1, positions, scores.float())
+        n = int(positions.max()) + 1
+        keys = self.scores[:, :n]
+        earlier = torch.arange(n, device=scores.device)[None, None, :] < positions[:, :, None]  # [B, T, n]
+        rank = ((keys[:, None, :] >= scores.float()[:, :, None]) & earlier).sum(-1)
+        limit = torch.ceil(capacity * (positions + 1).double() - 1e-9).long()
+        return rank < limit

@@ -22,7 +22,7 @@ from moe_arch.model.attention import Attention, SeqContext
 from moe_arch.model.layers import RMSNorm, Rotary, SwiGLU
 from moe_arch.model.losses import linear_cross_entropy
 from moe_arch.model.mamba import Mamba
-from moe_arch.model.mod import causal_capacity_select, gather_selected
+from moe_arch.model.mod import ModScores, causal_capacity_select, gather_selected
 from moe_arch.model.moe import MoE
 from moe_arch.model.roles import OutputHead, RouterLinear
 
@@ -100,10 +100,11 @@ class Block(nn.Module):
         if self.mod_router is None:
             return x + self._residual(x, ctx, aux)
         logits = self.mod_router(x).squeeze(-1).float()  # [B, T]
-        past = cache["mod_scores"] if cache is not None else None
-        selected = causal_capacity_select(logits.detach(), self.mod_capacity, past)
-        if cache is not None:
-            cache["mod_scores"] = logits.detach() if past is None else torch.cat([past, logits.detach()], 1)
+        if cache is not None:  # generation: ranked against the cached scores of the earlier positions
+            selected = cache["mod"].select(logits.detach(), ctx.positions, self.mod_capacity)
+            cache["selected"] = selected  # what a speculative rollback needs to know
+        else:
+            selected = causal_capacity_select(logits.detach(), self.mod_capacity)
         order, valid = gather_selected(selected)
         if order.shape[1] == 0:  # decoding a token no sequence in the batch selected: nothing to compute
             return x
@@ -214,16 +215,27 @@ class HybridLM(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------- forward
-    def _context(self, B: int, T: int, device, start: int = 0, cache=None) -> SeqContext:
-        positions = torch.arange(start, start + T, device=device).unsqueeze(0).expand(B, -1)
-        table = self.rotary.cos_sin(torch.arange(start + T, device=device), torch.float32)
-        return SeqContext(positions, self.rotary, cos_sin_table=table, contiguous=(start == 0 and cache is None))
+    def _context(self, B: int, T: int, device, start: int | torch.Tensor = 0, cache=None,
+                 table: tuple[torch.Tensor, torch.Tensor] | None = None) -> SeqContext:
+        if isinstance(start, torch.Tensor):  # one start per sequence (batched generation of different lengths)
+            positions = start[:, None] + torch.arange(T, device=device)[None, :]
+            contiguous = False
+        else:
+            positions = torch.arange(start, start + T, device=device).unsqueeze(0).expand(B, -1)
+            contiguous = start == 0 and cache is None
+        if table is None:
+            n = int(positions.max()) + 1 if isinstance(start, torch.Tensor) else start + T
+            table = self.rotary.cos_sin(torch.arange(n, device=device), torch.float32)
+        return SeqContext(positions, self.rotary, cos_sin_table=table, contiguous=contiguous)
 
     def hidden_states(self, tokens: torch.Tensor, aux: Aux | None = None, caches: list | None = None,
-                      start: int = 0) -> torch.Tensor:
+                      start: int | torch.Tensor = 0, table: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> torch.Tensor:
+        """Final-norm hidden states. With ``caches`` (generation), ``start`` is the position of the first token
+        (an int, or one per sequence) and ``table`` a precomputed rotary table covering every position."""
         B, T = tokens.shape
         x = self.embed(tokens)
-        base = self._context(B, T, tokens.device, start, caches)
+        base = self._context(B, T, tokens.device, start, caches, table)
         for i, block in enumerate(self.layers):
             cache = caches[i] if caches is not None else None
             ctx = SeqContext(base.positions, self.rotary, cache=cache["seq"] if cache else None,
@@ -295,54 +307,26 @@ class HybridLM(nn.Module):
 
     # ---------------------------------------------------------------------------------------- generation
     def new_caches(self, batch: int, max_len: int) -> list[dict]:
+        """Per block: its sequence layer's cache (KV or Mamba state) and, with MoD, the router scores by position;
+        all allocated once for ``max_len`` positions."""
         p = self.embed.weight
-        return [{"seq": blk.seq_layer.new_cache(batch, max_len, p.device, p.dtype), "mod_scores": None}
+        return [{"seq": blk.seq_layer.new_cache(batch, max_len, p.device, p.dtype),
+                 "mod": ModScores(batch, max_len, p.device) if blk.mod_router is not None else None,
+                 "selected": None}
                 for blk in self.layers]
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, eos_id: int | None = None, generator: torch.Generator | None = None):
-        """Sample continuations of ``prompt`` [B, T] with the KV / SSM caches (next-token head)."""
-        B, T = prompt.shape
-        max_len = T + max_new_tokens
-        if max_len > self.cfg.max_seq_len:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len="
-                             f"{self.cfg.max_seq_len}")
-        caches = self.new_caches(B, max_len)
-        h = self.hidden_states(prompt, caches=caches, start=0)
-        out = [prompt]
-        pos = T
-        done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-        for _ in range(max_new_tokens):
-            logits = self.lm_head(h[:, -1]).float()
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            out.append(nxt[:, None])
-            if eos_id is not None and bool(done.all()):
-                break
-            h = self.hidden_states(nxt[:, None], caches=caches, start=pos)
-            pos += 1
-        return torch.cat(out, 1)
+                 top_p: float = 1.0, eos_id: int | None = None, generator: torch.Generator | None = None,
+                 speculative: bool = False) -> torch.Tensor:
+        """``prompt`` [B, T] followed by ``max_new_tokens`` sampled tokens (greedy at temperature 0), with the KV /
+        SSM caches; ``speculative``: the MTP heads draft tokens that one forward verifies (same tokens when
+        greedy, same distribution when sampling). See ``model/generation.py``."""
+        from moe_arch.model.generation import generate
 
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        out = generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       eos_id=eos_id, generator=generator, draft_tokens=len(self.mtp_heads) if speculative else 0)
+        return torch.cat([prompt, out.tokens], 1)
 
 
 def materialize(cfg: ModelConfig, state_dict: dict, device: str | torch.device = "cpu", strict: bool = True):

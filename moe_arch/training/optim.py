@@ -18,8 +18,8 @@ would force all its singular values to ~1 and fight the softmax's temperature.
 - Newton-Schulz precision (``optim.muon_ns_dtype``): torch's Muon runs it in bfloat16, which is what a GPU's
   tensor cores want; a CPU without bf16 matrix units runs it ~2x faster in float32 (and float32 is the more exact
   of the two). With ``auto`` a CPU run therefore sends its 2-D matrices to :class:`BatchedMuon` in float32;
-  BatchedMuon also batches the Newton-Schulz of all same-shape matrices into one ``baddbmm`` chain, which on
-  small models removes most of the per-matrix call overhead. bfloat16 without FSDP keeps torch.optim.Muon.
+  BatchedMuon also batches the Newton-Schulz of same-shape matrices into one ``baddbmm`` chain (batches of at
+  most ``MAX_BATCH_ELEMENTS``), which on small models removes most of the per-matrix call overhead. bfloat16 without FSDP keeps torch.optim.Muon.
 - Muon's lr is scaled by shape with the Moonlight rule (``adjust_lr_fn="match_rms_adamw"``): update RMS
   ~= 0.2 * lr, comparable to AdamW's, so the two base learning rates are on one scale.
 - No weight decay on norms, biases, routers and state-space parameters (A_log, D).
