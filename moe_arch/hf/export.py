@@ -21,8 +21,8 @@ import torch
 from moe_arch.config import Config
 
 PACKAGE = Path(__file__).resolve().parents[1]
-MODEL_FILES = ["attention.py", "cpu_kernels.py", "fused.py", "layers.py", "losses.py", "mamba.py", "mod.py", "moe.py",
-               "roles.py", "transformer.py"]
+MODEL_FILES = ["attention.py", "cpu_kernels.py", "fused.py", "generation.py", "layers.py", "losses.py", "mamba.py",
+               "mod.py", "moe.py", "roles.py", "transformer.py"]
 HERE_FILES = ["configuration_moe_arch.py", "modeling_moe_arch.py"]
 
 
