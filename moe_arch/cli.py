@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import torch
 
@@ -232,10 +233,20 @@ def cmd_generate(args, rest) -> int:
     ids = torch.tensor([prompt or [tok.eos_id]], device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     room = min(args.max_new_tokens, cfg.model.max_seq_len - ids.shape[1])
+    drafts = len(model.mtp_heads) if args.speculative == "auto" else 0
+    from moe_arch.model.generation import generate
+
     for _ in range(args.num_samples):
-        out = model.generate(ids, room, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             eos_id=tok.eos_id if args.stop_at_eos else None, generator=gen)
-        print(tok.decode(out[0].tolist()))
+        t0 = time.perf_counter()
+        out = generate(model, ids, room, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       eos_id=tok.eos_id if args.stop_at_eos else None, generator=gen, draft_tokens=drafts)
+        seconds = time.perf_counter() - t0
+        print(tok.decode(ids[0].tolist() + out.tokens[0].tolist()))
+        n = out.tokens.shape[1]
+        how = (f"speculative ({drafts} MTP drafts per forward): acceptance {out.acceptance_rate:.1%}, "
+               f"{out.tokens_per_forward:.2f} tokens per forward" if drafts else
+               "plain decoding" + (" (the model has no MTP heads)" if args.speculative == "auto" else ""))
+        print(f"[{how}; {n} new tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.0f} tokens/s]", file=sys.stderr)
         if args.num_samples > 1:
             print("-" * 40)
     return 0
@@ -440,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--stop-at-eos", action="store_true")
     g.add_argument("--device", default="auto")
+    g.add_argument("--speculative", choices=("auto", "off"), default="auto",
+                   help="auto: the model's multi-token-prediction heads draft tokens that one forward verifies (same "
+                        "tokens when greedy, same distribution when sampling); off: one forward per token")
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("eval", help="next-token loss, perplexity and bits-per-byte of a checkpoint on any data source",

@@ -33,9 +33,9 @@ def oracle(reference: torch.Tensor, wrong: float, seed: int = 0):
     every pattern of accepted and rejected drafts, hence every rollback point, occurs."""
     rng = random.Random(seed)
 
-    def draft(new: torch.Tensor, k: int) -> torch.Tensor:
-        n = new.shape[1]
-        d = reference[:, n:n + k].clone()
+    def draft(new: torch.Tensor, counts: torch.Tensor, k: int) -> torch.Tensor:
+        padded = torch.cat([reference, torch.zeros_like(reference[:, :k])], 1)  # past the end: anything
+        d = torch.stack([padded[b, int(n):int(n) + k] for b, n in enumerate(counts)])
         for b in range(d.shape[0]):
             for j in range(d.shape[1]):
                 if rng.random() < wrong:

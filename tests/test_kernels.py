@@ -115,6 +115,25 @@ def test_kernels_step_aside_for_other_dtypes_and_inside_compile(monkeypatch):
     fused.swiglu(x.float(), x.float())
 
 
+def test_inference_calls_the_forward_kernels_directly(monkeypatch):
+    """Under no_grad (evaluation, generation) the chains call the forward kernels without an autograd.Function:
+    the same kernels, so the same bits as with gradients."""
+    if not cpu_kernels.available():
+        pytest.skip(f"the CPU kernels cannot be built here: {cpu_kernels._error}")
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(3, 5, 16, generator=gen), torch.rand(16, generator=gen) + 0.5
+    q = torch.randn(2, 4, 5, 16, generator=gen)
+    cos, sin = torch.randn(5, 16, generator=gen), torch.randn(5, 16, generator=gen)
+    calls = (("rms_norm", lambda t: fused.rms_norm(t, w, 1e-6), x), ("swiglu", lambda t: fused.swiglu(t, t * 2), x),
+             ("rope", lambda t: fused.rope(t, cos, sin), q))
+    with_grad = {name: f(t.clone().requires_grad_()).detach() for name, f, t in calls}
+    for cls in (fused._RMSNorm, fused._SwiGLU, fused._Rope):
+        monkeypatch.setattr(cls, "apply", lambda *a: pytest.fail("autograd.Function used under no_grad"))
+    with torch.no_grad():
+        for name, f, t in calls:
+            assert torch.equal(f(t), with_grad[name]), name
+
+
 def test_library_shares_pytorchs_openmp_runtime():
     """When PyTorch runs on GNU OpenMP, the kernels bind to the same runtime (one mapped), so their parallel
     regions run on PyTorch's threads instead of competing with them."""

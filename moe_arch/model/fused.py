@@ -22,6 +22,12 @@ def _kernel_ok(*tensors: torch.Tensor) -> bool:
             and cpu_kernels.available())
 
 
+def _no_grad(*tensors: torch.Tensor) -> bool:
+    """Nothing to differentiate: call the forward kernel directly (an autograd.Function's bookkeeping costs more
+    than the kernel on one decoding token)."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
 # ---- RMSNorm ----
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -46,6 +52,9 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight over the last dim, in float32 (the caller casts back)."""
     if _kernel_ok(x, weight) and x.shape[-1] == weight.shape[0]:
+        if _no_grad(x, weight):
+            return cpu_kernels.rmsnorm_forward(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(),
+                                               eps)[0].view(x.shape)
         return _RMSNorm.apply(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
@@ -68,6 +77,8 @@ class _SwiGLU(torch.autograd.Function):
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) * b."""
     if a.shape == b.shape and _kernel_ok(a, b):
+        if _no_grad(a, b):
+            return cpu_kernels.swiglu_forward(a.contiguous(), b.contiguous())
         return _SwiGLU.apply(a, b)
     return F.silu(a) * b
 
@@ -143,5 +154,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if (_kernel_ok(x, cos, sin) and D % 2 == 0 and x.stride(-1) == 1 and not cos.requires_grad
             and not sin.requires_grad and cos.is_contiguous() and sin.is_contiguous()
             and cos.shape == sin.shape and cos.shape[-2:] == (T, D) and (cos.dim() == 2 or cos.shape[0] == B)):
+        if _no_grad(x):
+            return cpu_kernels.rope(x, cos, sin)
         return _Rope.apply(x, cos, sin)
     return rope_reference(x, cos, sin)

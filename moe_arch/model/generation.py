@@ -16,10 +16,9 @@ the draft model, as Medusa and DeepSeek-V3 do:
                  overwritten by the next call (they are indexed by position)
 
 Sequences of a batch may have prompts of different lengths (each prompt is prefilled alone into its row of the
-caches; decoding then runs all rows together, each at its own position). In a batch, every row keeps the number of
-drafts the *least* accepting unfinished row accepted (rows stay aligned; a row's extra accepted draft becomes its
-next token, which is still an exact sample). Caches are allocated once: the KV cache and the MoD scores by position,
-the Mamba states updated in place.
+caches; decoding then runs all rows together, each at its own position), and each row keeps as many drafts as it
+accepted: rows drift apart in position, which the caches (indexed by position per row) allow. Caches are allocated
+once: the KV cache and the MoD scores by position, the Mamba states updated in place.
 """
 
 from __future__ import annotations
@@ -82,18 +81,20 @@ def _recording(caches: list[dict], on: bool) -> None:
             c["seq"].recording = on
 
 
-def _rollback(model, caches: list[dict], pos: torch.Tensor, keep: int) -> None:
-    """Keep the first ``keep`` tokens of the last (verification) call, which started at positions ``pos``."""
+def _rollback(model, caches: list[dict], pos: torch.Tensor, keep: torch.Tensor) -> None:
+    """Row b keeps the first ``keep[b]`` tokens of the last (verification) call, which started at ``pos[b]``."""
     end = pos + keep
-    rows = torch.full_like(pos, keep)
     for blk, c in zip(model.layers, caches):
         seq = c["seq"]
         if isinstance(seq, KVCache):
             seq.rollback(end)
+        elif blk.mod_router is not None:
+            # a MoD block's layers saw only the tokens it selected, in order: keep those among the first keep[b]
+            sel = c["selected"]
+            first = torch.arange(sel.shape[1], device=sel.device)[None, :] < keep[:, None]
+            seq.rollback((sel & first).sum(1))
         else:
-            # a MoD block's layers saw only the tokens it selected, in order: keep those among the first `keep`
-            kept = c["selected"][:, :keep].sum(1) if blk.mod_router is not None else rows
-            seq.rollback(kept)
+            seq.rollback(keep)
 
 
 @torch.no_grad()
@@ -102,8 +103,8 @@ def generate(model, prompts: torch.Tensor | list[torch.Tensor], max_new_tokens: 
              draft_tokens: int = 0, drafter=None) -> Generated:
     """``prompts``: a [B, T] tensor or a list of 1-D token tensors (lengths may differ). ``draft_tokens``: tokens
     drafted per forward (0: plain decoding; at most the number of MTP heads). ``drafter``, for greedy speculative
-    decoding with another draft source (tests use an oracle): ``drafter(new_tokens [B, n], k)`` returns [B, k]
-    draft tokens for the positions after ``new_tokens``; it replaces the MTP heads."""
+    decoding with another draft source (tests use an oracle): ``drafter(new_tokens [B, N], counts [B], k)`` returns
+    [B, k] draft tokens for the positions after the first counts[b] new tokens of row b; it replaces the MTP heads."""
     device = model.embed.weight.device
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2 or prompts.shape[1] == 0:
@@ -130,8 +131,9 @@ def generate(model, prompts: torch.Tensor | list[torch.Tensor], max_new_tokens: 
     result = Generated(out, 0, 0, 0)
     if max_new_tokens == 0:
         return result
-    caches = model.new_caches(B, max_len)
-    table = model.rotary.cos_sin(torch.arange(max_len, device=device), torch.float32)
+    # Verification writes up to k positions past a row's last token (rolled back if not accepted): room for them.
+    caches = model.new_caches(B, max_len + k)
+    table = model.rotary.cos_sin(torch.arange(max_len + k, device=device), torch.float32)
     # ---- prefill: one forward for equal lengths, else each prompt alone into its row of the caches
     if same:
         h = model.hidden_states(torch.stack(rows), caches=caches, start=0, table=table)[:, -1]
@@ -144,26 +146,39 @@ def generate(model, prompts: torch.Tensor | list[torch.Tensor], max_new_tokens: 
                 if isinstance(c["seq"], KVCache):
                     c["seq"].limit = max(c["seq"].limit, p["seq"].limit)
         h = torch.cat(hs)
-    pos = lengths.clone()
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     greedy = temperature <= 0
+    ar = torch.arange(B, device=device)
+    n = torch.zeros(B, dtype=torch.long, device=device)  # tokens emitted per row
+    active = torch.ones(B, dtype=torch.bool, device=device)  # neither finished nor stopped at EOS
+
+    def emit(tokens: torch.Tensor, counts: torch.Tensor) -> None:
+        """Append the first counts[b] of tokens[b] to row b (cut after an EOS), and update ``active``."""
+        m = tokens.shape[1]
+        if m == 0:
+            return
+        j = torch.arange(m, device=device)[None, :]
+        if eos_id is not None:  # nothing after a row's first EOS
+            first = torch.where(tokens == eos_id, j, m).amin(1)
+            counts = torch.minimum(counts, first + 1)
+            active.copy_(active & (first >= counts))
+        take = (j < counts[:, None]) & active.new_ones(B, 1)
+        out[ar[:, None].expand(-1, m)[take], (n[:, None] + j)[take]] = tokens[take]
+        n.add_(counts)
+        active.copy_(active & (n < max_new_tokens))
+
     nxt = sample_next(model.lm_head(h).float(), temperature, top_k, top_p, generator)
-    n = 0
+    pos = lengths.clone()  # position of nxt in each row (it is emitted, not yet in the caches)
     while True:
-        remaining = max_new_tokens - n
-        if eos_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-        out[:, n] = nxt
-        n += 1
-        if eos_id is not None:
-            done |= nxt == eos_id
-        if remaining == 1 or (eos_id is not None and bool(done.all())):
+        emit(nxt[:, None], active.long())
+        if not bool(active.any()):
             break
-        # ---- drafts from the MTP heads at h (the hidden state of the token before nxt)
-        kk = min(k, remaining - 2)  # nxt plus kk drafts, then one more token from the verification
+        # ---- drafts from the MTP heads at h (the hidden state of the token before nxt). A row may keep at most
+        # cap drafts: they and the token after them must fit in max_new_tokens.
+        cap = torch.where(active, max_new_tokens - n - 1, 0)
+        kk = min(k, int(cap.max()))
         drafts, q = [], []
         if drafter is not None and kk:
-            drafts = list(drafter(out[:, :n], kk).to(device).unbind(1))
+            drafts = list(drafter(out, n.clone(), kk).to(device).unbind(1))
         for head in model.mtp_heads[:kk] if drafter is None else ():
             logits = head(h).float()
             if greedy:
@@ -180,51 +195,45 @@ def generate(model, prompts: torch.Tensor | list[torch.Tensor], max_new_tokens: 
             _recording(caches, False)
         result.forwards += 1
         p_logits = model.lm_head(hidden).float()  # p_logits[:, j] is the distribution of the token after inp[:, j]
-        # ---- accept
-        accepted = torch.zeros(B, dtype=torch.long, device=device)  # leading accepted drafts per row
-        replacement = None
+        # ---- accept, per row
         if kk:
+            d = torch.stack(drafts, 1)
             if greedy:
-                ok = torch.stack(drafts, 1) == p_logits[:, :kk].argmax(-1)
+                ok = d == p_logits[:, :kk].argmax(-1)
             else:
                 p = transform_logits(p_logits[:, :kk], temperature, top_k, top_p).softmax(-1)  # [B, kk, V]
                 qs = torch.stack(q, 1)
-                d = torch.stack(drafts, 1)
                 pd = p.gather(2, d[:, :, None]).squeeze(2)
                 qd = qs.gather(2, d[:, :, None]).squeeze(2)
                 u = torch.rand(pd.shape, generator=generator, device=device)
                 ok = u * qd < pd  # accept with probability min(1, p(d) / q(d))
-            accepted = torch.cumprod(ok.long(), 1).sum(1)
-            live = accepted[~done] if eos_id is not None and bool(done.any()) else accepted
-            a = int(live.min()) if live.numel() else kk
-            result.drafted += kk * B
-            result.accepted += int(accepted.sum())
-            if not greedy and a < kk:
-                # rows rejected at draft a+1: sample from normalise(max(0, p - q)) there; rows that accepted it keep it
-                resid = (p[:, a] - qs[:, a]).clamp(min=0)
-                mass = resid.sum(-1, keepdim=True)
-                resid = torch.where(mass > 0, resid / mass.clamp(min=1e-30), p[:, a])
-                fixed = torch.multinomial(resid, 1, generator=generator).squeeze(-1)
-                replacement = torch.where(accepted > a, d[:, a], fixed)
+            accepted = torch.cumprod(ok.long(), 1).sum(1)  # leading accepted drafts
+            result.drafted += kk * int(active.sum())
+            result.accepted += int(accepted[active].sum())
+            a = torch.where(active, torch.minimum(accepted, cap), 0)
         else:
-            a = 0
-        keep = 1 + a
-        for j in range(a):  # the accepted drafts
-            tok = drafts[j]
-            if eos_id is not None:
-                tok = torch.where(done, torch.full_like(tok, eos_id), tok)
-                done |= tok == eos_id
-            out[:, n] = tok
-            n += 1
+            d = inp[:, :0]
+            accepted = a = torch.zeros(B, dtype=torch.long, device=device)
+        keep = torch.where(active, 1 + a, 0)  # a finished row keeps nothing: its caches stay where they were
+        emit(d, a)
         if kk:
             _rollback(model, caches, pos, keep)
         pos = pos + keep
-        h = hidden[:, a]
-        if replacement is not None:
-            nxt = replacement
-        elif greedy:
-            nxt = p_logits[:, a].argmax(-1)
+        h = hidden[ar, a]
+        at_a = p_logits[ar, a]  # the distribution of the token after the last kept one
+        if greedy:
+            nxt = at_a.argmax(-1)
         else:
-            nxt = sample_next(p_logits[:, a], temperature, top_k, top_p, generator)
-    result.tokens = out[:, :n]  # shorter when every row stopped at EOS
+            nxt = sample_next(at_a, temperature, top_k, top_p, generator)
+            if kk:
+                # a row that rejected draft a+1 samples from normalise(max(0, p - q)) there; a row that accepted it
+                # but may not keep more (cap) takes that draft
+                rejected = (accepted == a) & (a < kk)
+                ai = a.clamp(max=kk - 1)
+                resid = (p[ar, ai] - qs[ar, ai]).clamp(min=0)
+                mass = resid.sum(-1, keepdim=True)
+                resid = torch.where(mass > 0, resid / mass.clamp(min=1e-30), p[ar, ai])
+                fixed = torch.multinomial(resid, 1, generator=generator).squeeze(-1)
+                nxt = torch.where(rejected, fixed, torch.where(accepted > a, d[ar, ai], nxt))
+    result.tokens = out[:, :int(n.max())]  # shorter when every row stopped at EOS
     return result
