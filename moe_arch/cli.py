@@ -243,7 +243,7 @@ def cmd_generate(args, rest) -> int:
         seconds = time.perf_counter() - t0
         print(tok.decode(ids[0].tolist() + out.tokens[0].tolist()))
         n = out.tokens.shape[1]
-        how = (f"speculative ({drafts} MTP drafts per forward): acceptance {out.acceptance_rate:.1%}, "
+        how = (f"speculative ({drafts} MTP draft{'s' if drafts != 1 else ''} per forward): acceptance {out.acceptance_rate:.1%}, "
                f"{out.tokens_per_forward:.2f} tokens per forward" if drafts else
                "plain decoding" + (" (the model has no MTP heads)" if args.speculative == "auto" else ""))
         print(f"[{how}; {n} new tokens in {seconds:.2f} s, {n / max(seconds, 1e-9):.0f} tokens/s]", file=sys.stderr)

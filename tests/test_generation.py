@@ -136,3 +136,23 @@ def test_speculative_sampling_has_the_plain_sampling_distribution(temperature, t
             obs = torch.cat([observed[keep], observed[~keep].sum()[None]])
             exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
             assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3, (draft_tokens, i, j)
+
+
+def test_generate_cli_speculative_auto_and_off(tmp_path, data_cache, capsys):
+    from moe_arch.cli import main
+
+    from conftest import trained_checkpoint
+
+    ckpt, _ = trained_checkpoint(tmp_path, data_cache, steps=4)
+    capsys.readouterr()  # the training run's output
+    texts = {}
+    for mode in ("auto", "off"):
+        assert main(["generate", str(ckpt), "--prompt", "The hacker", "--max-new-tokens", "20", "--temperature", "0",
+                     "--speculative", mode]) == 0
+        out = capsys.readouterr()
+        texts[mode] = out.out
+        if mode == "auto":
+            assert "speculative (1 MTP draft per forward): acceptance" in out.err and "tokens/s" in out.err
+        else:
+            assert "plain decoding" in out.err
+    assert texts["auto"] == texts["off"]  # greedy: the same text either way
