@@ -17,7 +17,7 @@ from common import header
 from moe_arch.config import load_config
 from moe_arch.model.transformer import build_model
 
-MODES = ("none", "selective", "full")
+MODES = ("none", "sequence", "selective", "full")
 
 
 def saved_bytes(model, tokens, targets) -> int:

@@ -28,6 +28,7 @@ CONFIGS = [
     ("tiny fp32", "tiny", [], "fp32", "none", 16, 128),
     ("medium bf16-mixed full", "medium", [], "bf16-mixed", "full", 8, 256),
     ("medium bf16-compensated", "medium", [], "bf16-compensated", "none", 8, 256),
+    ("medium fp32 sequence", "medium", [], "fp32", "sequence", 8, 256),
     ("wide fp32 selective", "medium", ["--model.d_model", "384", "--model.n_heads", "6", "--model.d_ff", "1024",
                                        "--model.d_ff_expert", "512", "--model.vocab_size", "8192"],
      "fp32", "selective", 4, 512),

@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp", help="--memory: data parallelism")
     i.add_argument("--batch-size", type=int, default=None, help="--memory: micro-batch (default train.batch_size)")
     i.add_argument("--seq-len", type=int, default=None, help="--memory: tokens per sequence (default train.seq_len)")
-    i.add_argument("--activation-checkpointing", choices=("none", "full", "selective"), default=None,
+    i.add_argument("--activation-checkpointing", choices=("none", "full", "selective", "sequence"), default=None,
                    help="--memory: default train.activation_checkpointing")
     i.add_argument("--precision", choices=("fp32", "bf16-mixed", "bf16-compensated", "bf16-pure"), default=None,
                    help="--memory: default train.precision (auto: bf16-mixed on a GPU)")

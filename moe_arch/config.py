@@ -258,7 +258,8 @@ class TrainConfig:
     max_nan_skips: int = 3
     compile: bool = False
     # Recompute activations in the backward instead of keeping them: none | full (every block) | selective (every
-    # other block). torch.utils.checkpoint, non-reentrant; gradients equal the unchecked ones.
+    # other block) | sequence (every block's attention / Mamba part). torch.utils.checkpoint, non-reentrant;
+    # gradients equal the unchecked ones.
     activation_checkpointing: str = "none"
     # CPU runs: keep freed large blocks in the process (glibc mallopt) instead of returning them to the OS
     # and page-faulting them back in on the next step (~20% of a tiny-preset step). See utils.tune_cpu_malloc.
@@ -297,8 +298,9 @@ class TrainConfig:
             _fail(s, "nan_policy", self.nan_policy, "allowed: stop, skip")
         if self.parallel not in ("auto", "none", "ddp", "fsdp"):
             _fail(s, "parallel", self.parallel, "allowed: auto, none, ddp, fsdp")
-        if self.activation_checkpointing not in ("none", "full", "selective"):
-            _fail(s, "activation_checkpointing", self.activation_checkpointing, "allowed: none, full, selective")
+        if self.activation_checkpointing not in ("none", "full", "selective", "sequence"):
+            _fail(s, "activation_checkpointing", self.activation_checkpointing,
+                  "allowed: none, full, selective, sequence")
         if self.progress not in ("auto", "rich", "plain", "none"):
             _fail(s, "progress", self.progress, "allowed: auto, rich, plain, none")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):

@@ -28,7 +28,7 @@ def _step(model, tokens, targets):
     return out.loss.detach(), grads, stats, saved["bytes"], len(out.aux.moe_lb), len(out.aux.mod_bce)
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("mode", ["full", "selective", "sequence"])
 def test_checkpointed_gradients_are_bitwise_equal(mode):
     cfg = ModelConfig(**small_overrides(n_layers=4))
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def test_the_trainer_setting(small_cfg):
 
     d = small_cfg.to_dict()
     d["train"]["activation_checkpointing"] = "everything"
-    with pytest.raises(ConfigError, match="train.activation_checkpointing.*allowed: none, full, selective"):
+    with pytest.raises(ConfigError, match="train.activation_checkpointing.*allowed: none, full, selective, sequence"):
         Config.from_dict(d)
     losses = {}
     for mode in ("none", "full"):

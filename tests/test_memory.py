@@ -100,7 +100,7 @@ def peak_live_bytes(cfg, precision: str, ckpt: str, batch: int, seq: int) -> int
 
 
 @pytest.mark.parametrize("precision,ckpt", [("fp32", "none"), ("bf16-compensated", "full"),
-                                            ("bf16-mixed", "selective")])
+                                            ("bf16-mixed", "selective"), ("fp32", "sequence")])
 def test_plan_matches_measured_peak_of_a_training_step(precision, ckpt):
     cfg = load_config("tiny")
     measured = peak_live_bytes(cfg, precision, ckpt, 8, 128)
@@ -117,8 +117,9 @@ def test_sharding_checkpointing_and_the_largest_batch():
     assert "fsdp gathered" in eight.gb and "autocast bf16 weight copies" not in eight.gb  # FSDP gathers in bf16
     ddp = plan_memory(cfg, gpus=8, gpu_memory_gb=80, parallel="ddp")
     assert ddp.gb["ddp buckets"] == pytest.approx(one.gb["gradients"]) and ddp.peak_gb > one.peak_gb
-    kept = {c: plan_memory(cfg, checkpointing=c).gb["activations (kept)"] for c in ("none", "selective", "full")}
-    assert kept["full"] < kept["selective"] < kept["none"]
+    kept = {c: plan_memory(cfg, checkpointing=c).gb["activations (kept)"]
+            for c in ("none", "sequence", "selective", "full")}
+    assert kept["full"] < kept["selective"] < kept["none"] and kept["sequence"] < kept["none"]
     # Optimizer states follow the routing: Muon 1 buffer, AdamW 2, float32 under bf16-mixed.
     assert one.gb["optimizer states"] > one.gb["parameters"]
     # The largest micro-batch is the boundary: it fits, one more does not.

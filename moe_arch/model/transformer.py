@@ -34,6 +34,9 @@ FFN_LAYERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
 }
 
 
+CHECKPOINTING = ("none", "full", "selective", "sequence")
+
+
 def layer_kinds(cfg: ModelConfig, i: int) -> tuple[str, str]:
     return ("mamba" if i in cfg.mamba_layers else "attention", "moe" if i in cfg.moe_layers else "dense")
 
@@ -77,6 +80,7 @@ class Block(nn.Module):
         self.mod_capacity = cfg.mod_capacity
         self.mod_router = (RouterLinear(cfg.d_model, 1, bias=False)
                            if cfg.mod_enabled and layer_idx in cfg.mod_layers else None)
+        self.checkpoint_seq = False  # set by HybridLM.set_activation_checkpointing("sequence")
 
     def init_weights(self, std: float, out_std: float, gen: torch.Generator) -> None:
         self.seq_norm.reset_parameters()
@@ -88,7 +92,12 @@ class Block(nn.Module):
 
     def _residual(self, x: torch.Tensor, ctx: SeqContext, aux: Aux | None) -> torch.Tensor:
         """What the block adds to the residual stream: seq_layer(...) + ffn(...)."""
-        a = self.seq_layer(self.seq_norm(x), ctx)
+        if self.checkpoint_seq and ctx.cache is None and self.training and torch.is_grad_enabled():
+            # activation_checkpointing=sequence: keep x, recompute the norm and attention / Mamba in the backward
+            a = torch.utils.checkpoint.checkpoint(lambda inp: self.seq_layer(self.seq_norm(inp), ctx), x,
+                                                  use_reentrant=False, preserve_rng_state=True)
+        else:
+            a = self.seq_layer(self.seq_norm(x), ctx)
         h = x + a
         if self.ffn_kind == "moe":
             f = self.ffn(self.ffn_norm(h), ctx.valid, aux)
@@ -181,11 +190,14 @@ class HybridLM(nn.Module):
         self.checkpointing = "none"
 
     def set_activation_checkpointing(self, mode: str) -> "HybridLM":
-        """none | full (every block) | selective (every other block, the odd ones): in training forwards, a
-        checkpointed block keeps only its input and recomputes the rest in the backward."""
-        if mode not in ("none", "full", "selective"):
-            raise ValueError(f"activation checkpointing {mode!r}: allowed none, full, selective")
+        """none | full (every block) | selective (every other block, the odd ones) | sequence (every block's norm +
+        attention / Mamba only): in training forwards, a checkpointed part keeps only its input and recomputes the
+        rest in the backward."""
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"activation checkpointing {mode!r}: allowed {', '.join(CHECKPOINTING)}")
         self.checkpointing = mode
+        for blk in self.layers:
+            blk.checkpoint_seq = mode == "sequence"
         return self
 
     def _checkpointed(self, i: int) -> bool:

@@ -192,6 +192,7 @@ class BlockActivations:
     saved: float  # bytes kept for the backward (autocast's weight copies included)
     transient: float  # largest extra while its backward runs
     copies: float = 0.0  # of which autocast's bf16 weight copies
+    seq_saved: float = 0.0  # of which the sequence part (seq_norm + attention / Mamba, without weight copies)
 
 
 def block_activations(cfg, num: Numerics, batch: int, seq: int, model=None) -> list[BlockActivations]:
@@ -206,13 +207,14 @@ def block_activations(cfg, num: Numerics, batch: int, seq: int, model=None) -> l
         seq_kind, ffn_kind = layer_kinds(cfg, i)
         mod = cfg.mod_enabled and i in cfg.mod_layers
         rows, real = mod_rows(cfg, batch, seq) if mod else (N, N)
-        b = rows * _norm_and_consumer(num, d) * 2  # seq_norm and ffn_norm, with their consumers' inputs
+        seq_part = rows * _norm_and_consumer(num, d)  # seq_norm with its consumer's input
         if seq_kind == "attention":
-            b += attention_bytes(cfg, num, rows) + attention_constant(cfg, num)
+            seq_part += attention_bytes(cfg, num, rows) + attention_constant(cfg, num)
             width = max(3 * cfg.n_heads * cfg.resolved_head_dim, d)
         else:
-            b += mamba_bytes(cfg, num, rows)
+            seq_part += mamba_bytes(cfg, num, rows)
             width = 2 * cfg.mamba_expand * d
+        b = seq_part + rows * _norm_and_consumer(num, d)  # and ffn_norm
         if ffn_kind == "moe":
             b += moe_bytes(cfg, num, real, padded=mod)
             width = max(width, cfg.top_k * cfg.d_ff_expert)
@@ -224,7 +226,7 @@ def block_activations(cfg, num: Numerics, batch: int, seq: int, model=None) -> l
         copies = 2 * _matmul_params(model.layers[i], num) if num.autocast and not num.fsdp_mixed and model else 0
         # backward temporaries: the gradient of the block's widest intermediate and of the residual stream
         out.append(BlockActivations(i, f"{seq_kind}/{ffn_kind}{'/mod' if mod else ''}", rows, b + copies,
-                                    rows * 4 * (width + 2 * d), copies))
+                                    rows * 4 * (width + 2 * d), copies, seq_part))
     return out
 
 
@@ -335,8 +337,8 @@ def plan_memory(cfg: Config, *, name: str = "", gpus: int = 1, gpu_memory_gb: fl
         raise ValueError(f"--gpus {gpus}: must be >= 1")
     if parallel not in ("fsdp", "ddp"):
         raise ValueError(f"--parallel {parallel!r}: allowed fsdp, ddp")
-    if ckpt not in ("none", "full", "selective"):
-        raise ValueError(f"--activation-checkpointing {ckpt!r}: allowed none, full, selective")
+    if ckpt not in ("none", "full", "selective", "sequence"):
+        raise ValueError(f"--activation-checkpointing {ckpt!r}: allowed none, full, selective, sequence")
     if prec == "bf16-compensated" and parallel == "fsdp" and gpus > 1:
         raise ValueError("bf16-compensated is not supported with FSDP (train.parallel=fsdp); use bf16-mixed or "
                          "--parallel ddp")
@@ -365,9 +367,13 @@ def plan_memory(cfg: Config, *, name: str = "", gpus: int = 1, gpu_memory_gb: fl
     checkpointed = [ckpt == "full" or (ckpt == "selective" and i % 2 == 1) for i in range(m.n_layers)]
     N = B * T
     kept = [N * num.resid * m.d_model if c else b.saved for b, c in zip(blocks, checkpointed)]
+    if ckpt == "sequence":  # each block keeps its input in place of the sequence part's activations
+        kept = [b.saved - b.seq_saved + b.tokens * num.resid * m.d_model for b in blocks]
     per_block_params = [sum(p.numel() for p in blk.parameters()) for blk in model.layers]
     # the one block being recomputed holds its full activations again during its backward
     recompute = max((b.saved for b, c in zip(blocks, checkpointed) if c), default=0.0)
+    if ckpt == "sequence":
+        recompute = max(b.seq_saved for b in blocks)
     activations = sum(kept) + head_saved
     autocast_copies = head_copies(m, num) + sum(b.copies for b, c in zip(blocks, checkpointed) if not c)
 
@@ -391,7 +397,7 @@ def plan_memory(cfg: Config, *, name: str = "", gpus: int = 1, gpu_memory_gb: fl
     live = acc_grads + activations - head_saved + head_params * num.param / shard + head_transient
     backward = live
     for i in reversed(range(m.n_layers)):
-        extra = blocks[i].transient + (recompute if checkpointed[i] else 0.0)
+        extra = blocks[i].transient + (recompute if checkpointed[i] or ckpt == "sequence" else 0.0)
         backward = max(backward, live + extra + gathered)
         live += per_block_params[i] * num.param / shard - kept[i]
     muon_groups = [[pl.shape for pl in plans if pl.optimizer == o] for o in ("muon", "expert_muon")]
