@@ -161,7 +161,7 @@ def generate(model, prompts: torch.Tensor | list[torch.Tensor], max_new_tokens: 
             first = torch.where(tokens == eos_id, j, m).amin(1)
             counts = torch.minimum(counts, first + 1)
             active.copy_(active & (first >= counts))
-        take = (j < counts[:, None]) & active.new_ones(B, 1)
+        take = j < counts[:, None]
         out[ar[:, None].expand(-1, m)[take], (n[:, None] + j)[take]] = tokens[take]
         n.add_(counts)
         active.copy_(active & (n < max_new_tokens))
