@@ -72,6 +72,13 @@ def test_train_init_from_an_exported_folder(exported, tmp_path, capsys):
     for name, p in t.raw_model.state_dict().items():
         assert torch.equal(p, saved[name]), name
     t.run()
+    t.close()
+    # Run again with --resume latest (as `make train` does): it continues; the folder's weights are not re-applied,
+    # and it says so instead of ignoring the flag silently.
+    capsys.readouterr()
+    again = Trainer(new, resume="latest", init_state=state)
+    assert again.step == 1 and "--init-from: not applied, the run continues from" in capsys.readouterr().out
+    again.close()
     with pytest.raises(ExportError, match=r"model.d_model=96 was set by hand, but .* holds a model with d_model=64"):
         init_from_config(load_config("tiny", ["--model.d_model", "96"]), out)
     (tmp_path / "other").mkdir()

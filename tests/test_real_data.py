@@ -358,8 +358,10 @@ def test_eval_reproduces_the_in_training_validation_loss(small_cfg, tmp_path, ca
     val = [r for r in logged if "val_loss" in r][-1]
     final = res.last_checkpoint
     capsys.readouterr()
+    caches = sorted(Path(cfg.data.cache_dir).iterdir())
     assert cli.main(["eval", str(final), "--max-tokens", str(cfg.train.eval_max_tokens), "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert sorted(Path(cfg.data.cache_dir).iterdir()) == caches  # the run's train-bpe tokens, not a second copy
     assert out["split"] == "val" and out["tokens"] == val["val_tokens"]
     assert out["loss"] == pytest.approx(val["val_loss"], rel=1e-6)
     assert out["perplexity"] == pytest.approx(math.exp(out["loss"]))

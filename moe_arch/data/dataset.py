@@ -127,6 +127,14 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print, tokenizer: TextTok
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         return _open(cache, meta, TextTokenizer.load(cache / "tokenizer"))
+    if tokenizer is not None:
+        # A run that trained its BPE keyed its cache before the tokenizer existed ("train-bpe-V"): a checkpoint's
+        # copy of that tokenizer (moe-arch eval, resuming) finds the same tokens there instead of re-tokenizing.
+        trained = cache_folder(cfg, corpus, None, vocab_size)
+        if (trained / "meta.json").is_file():
+            meta = json.loads((trained / "meta.json").read_text())
+            if meta.get("tokenizer") == tokenizer.fingerprint():
+                return _open(trained, meta, TextTokenizer.load(trained / "tokenizer"))
     _check_writable(cache)  # before tokenizing, which can take long
     try:
         cache.mkdir(parents=True, exist_ok=True)

@@ -405,9 +405,8 @@ def plan_memory(cfg: Config, *, name: str = "", gpus: int = 1, gpu_memory_gb: fl
     if device == "cpu" and cfg.optim.muon_ns_dtype == "bfloat16":
         ns_bytes = 2
     batched = [ns_bytes != 2 or sharded, True]
+    # Under FSDP, BatchedMuon gathers each update whole: the same temporaries on every rank (not sharded).
     step_tmp = _muon_step_transient(muon_groups, ns_bytes, batched)
-    if sharded:
-        step_tmp = step_tmp  # BatchedMuon gathers each update whole: the same temporaries on every rank
     if prec == "bf16-compensated":
         step_tmp += n_params * (2 + 2)  # weights and gradients viewed in float32 during the step
     step = grads + step_tmp

@@ -216,6 +216,9 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         if resume:
             self._resume(resume)
+            if init_state is not None:  # e.g. `train --init-from DIR --resume latest` run a second time
+                self._log(f"--init-from: not applied, the run continues from {self.resumed_from} (its weights "
+                          "descend from the folder's if the run began with it)")
         self.monitor = None
         if cfg.monitor.enabled:  # after resuming: its first reference is the weights training continues from
             from moe_arch.doctor.monitor import Monitor
