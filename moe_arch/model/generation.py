@@ -216,7 +216,7 @@ def generate(model, prompts: torch.Tensor | list[torch.Tensor], max_new_tokens: 
             accepted = a = torch.zeros(B, dtype=torch.long, device=device)
         keep = torch.where(active, 1 + a, 0)  # a finished row keeps nothing: its caches stay where they were
         emit(d, a)
-        if kk:
+        if kk and bool((keep < 1 + kk).any()):  # every row kept every token: the caches are already right
             _rollback(model, caches, pos, keep)
         pos = pos + keep
         h = hidden[ar, a]
