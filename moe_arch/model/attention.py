@@ -23,12 +23,13 @@ class KVCache:
         self.k = torch.zeros(batch, n_kv_heads, max_len + 1, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.valid = torch.zeros(batch, max_len + 1, dtype=torch.bool, device=device)
-        self.limit = 0  # one past the largest position written so far
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None):
-        """k, v [B, Hkv, T, D]; positions [B, T]; valid [B, T] or None (all valid)."""
-        if int(positions.max()) >= self.max_len:
-            raise ValueError(f"generation reached position {int(positions.max())}, beyond the cache's max_len "
+    def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None) -> int:
+        """k, v [B, Hkv, T, D]; positions [B, T]; valid [B, T] or None (all valid). Returns one past the largest
+        position: no query of this call sees a key beyond it."""
+        last = int(positions.max())
+        if last >= self.max_len:
+            raise ValueError(f"generation reached position {last}, beyond the cache's max_len "
                              f"{self.max_len}; raise model.max_seq_len or generate fewer tokens")
         slots = positions if valid is None else torch.where(valid, positions, torch.full_like(positions, self.max_len))
         idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
@@ -36,12 +37,12 @@ class KVCache:
         self.v.scatter_(2, idx, v.to(self.v.dtype))
         self.valid.scatter_(1, slots, torch.ones_like(slots, dtype=torch.bool) if valid is None else valid)
         self.valid[:, self.max_len] = False
-        self.limit = max(self.limit, int(positions.max()) + 1)
+        return last + 1
 
     def row(self, b: int) -> "KVCache":
         """A cache of batch 1 that reads and writes row ``b`` of this one (for one prompt's prefill)."""
         view = KVCache.__new__(KVCache)
-        view.max_len, view.limit = self.max_len, 0
+        view.max_len = self.max_len
         view.k, view.v, view.valid = self.k[b:b + 1], self.v[b:b + 1], self.valid[b:b + 1]
         return view
 
@@ -91,8 +92,7 @@ class Attention(nn.Module):
             # and right-padding from MoD sits after every real token, so the causal mask alone is exact.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            cache.write(k, v, ctx.positions, ctx.valid)
-            n = cache.limit
+            n = cache.write(k, v, ctx.positions, ctx.valid)
             keys_pos = torch.arange(n, device=x.device)
             # A query at position p sees the cached keys at positions <= p that are valid.
             mask = cache.valid[:, None, None, :n] & (keys_pos[None, None, None, :] <= ctx.positions[:, None, :, None])

@@ -142,9 +142,6 @@ def generate(model, prompts: torch.Tensor | list[torch.Tensor], max_new_tokens: 
         for b, r in enumerate(rows):
             part = _row_caches(caches, b)
             hs.append(model.hidden_states(r[None], caches=part, start=0, table=table)[:, -1])
-            for c, p in zip(caches, part):
-                if isinstance(c["seq"], KVCache):
-                    c["seq"].limit = max(c["seq"].limit, p["seq"].limit)
         h = torch.cat(hs)
     greedy = temperature <= 0
     ar = torch.arange(B, device=device)

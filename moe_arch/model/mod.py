@@ -24,6 +24,15 @@ import math
 import torch
 
 
+def _within_capacity(keys: torch.Tensor, q: torch.Tensor, qpos: torch.Tensor, capacity: float) -> torch.Tensor:
+    """The causal rule. keys [B, n]: scores by position; q [B, t]: the queries' scores at positions qpos ([t], or
+    [B, t] per sequence) -> [B, t]: fewer than ceil(capacity * (p + 1)) earlier positions score at least as high
+    (ties go to the earlier token)."""
+    earlier = torch.arange(keys.shape[1], device=keys.device) < qpos[..., None]  # [(B,) t, n]
+    rank = ((keys[:, None, :] >= q[:, :, None]) & earlier).sum(-1)  # earlier tokens scoring at least as high
+    return rank < torch.ceil(capacity * (qpos + 1).double() - 1e-9).long()
+
+
 def causal_capacity_select(scores: torch.Tensor, capacity: float, past: torch.Tensor | None = None,
                            query_chunk: int = 512) -> torch.Tensor:
     """scores [B, T] (positions P..P+T-1), past [B, P] (scores of positions 0..P-1) -> selected [B, T] bool."""
@@ -31,16 +40,10 @@ def causal_capacity_select(scores: torch.Tensor, capacity: float, past: torch.Te
     full = scores if past is None or past.numel() == 0 else torch.cat([past, scores], dim=1)
     P = full.shape[1] - T
     pos = torch.arange(P, P + T, device=scores.device)
-    limit = torch.ceil(capacity * (pos + 1).double() - 1e-9).long()  # how many of the prefix may be selected
-    keys = torch.arange(full.shape[1], device=scores.device)
     out = torch.empty(B, T, dtype=torch.bool, device=scores.device)
-    for s in range(0, T, query_chunk):
-        q = scores[:, s:s + query_chunk]  # [B, q]
-        qpos = pos[s:s + query_chunk]
-        earlier = keys[None, :] < qpos[:, None]  # [q, P+T]
-        ahead = (full[:, None, :] >= q[:, :, None]) & earlier[None]  # earlier tokens scoring at least as high
-        rank = ahead.sum(-1)  # [B, q]
-        out[:, s:s + query_chunk] = rank < limit[s:s + query_chunk][None, :]
+    for s in range(0, T, query_chunk):  # queries in chunks: [B, chunk, P + T] comparisons at a time
+        out[:, s:s + query_chunk] = _within_capacity(full, scores[:, s:s + query_chunk], pos[s:s + query_chunk],
+                                                     capacity)
     return out
 
 
@@ -79,8 +82,4 @@ class ModScores:
         token's own position (every position before it in its sequence is filled)."""
         self.scores.scatter_(1, positions, scores.float())
         n = int(positions.max()) + 1
-        keys = self.scores[:, :n]
-        earlier = torch.arange(n, device=scores.device)[None, None, :] < positions[:, :, None]  # [B, T, n]
-        rank = ((keys[:, None, :] >= scores.float()[:, :, None]) & earlier).sum(-1)
-        limit = torch.ceil(capacity * (positions + 1).double() - 1e-9).long()
-        return rank < limit
+        return _within_capacity(self.scores[:, :n], scores.float(), positions, capacity)
