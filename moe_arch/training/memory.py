@@ -291,32 +291,22 @@ class MemoryPlan:
 
 
 def _muon_step_transient(groups: list[list[tuple[int, ...]]], ns_bytes: int, batched: list[bool]) -> float:
-    """Muon's temporaries in bytes (``training/optim.py``). BatchedMuon handles same-shape parameters in batches of
-    at most MAX_BATCH_ELEMENTS: the Nesterov updates (fp32) while they are concatenated, then the batch, and in
+    """Muon's temporaries in bytes (``training/optim.py``). BatchedMuon handles its matrices in the batches of
+    ``newton_schulz_batches``: the Nesterov updates (fp32) while they are concatenated, then the batch, and in
     each Newton-Schulz iteration X, the next X (ns dtype) and A, B [b, m, m]. torch.optim.Muon does one matrix at
     a time: the same terms for one matrix."""
-    from moe_arch.training.optim import MAX_BATCH_ELEMENTS
+    from moe_arch.training.optim import newton_schulz_batches
 
-    def batch(b: int, m: int, n: int, several: bool) -> float:
+    def batch(shapes: list[tuple[int, ...]]) -> float:
+        m, n = sorted(shapes[0][-2:])
+        b = sum(s[0] if len(s) == 3 else 1 for s in shapes)
         x = b * m * n
-        return max(8 * x if several else 0, x * (4 + 2 * ns_bytes) + 2 * b * m * m * ns_bytes)
+        return max(8 * x if len(shapes) > 1 else 0, x * (4 + 2 * ns_bytes) + 2 * b * m * m * ns_bytes)
 
     peak = 0.0
     for shapes, is_batched in zip(groups, batched):
-        by_shape: dict[tuple[int, int], list[int]] = {}
-        for s in shapes:
-            m, n = sorted(s[-2:])
-            by_shape.setdefault((m, n), []).append(s[0] if len(s) == 3 else 1)
-        for (m, n), counts in by_shape.items():
-            if not is_batched:
-                peak = max(peak, max(batch(e, m, n, False) for e in counts))
-                continue
-            chunk: list[int] = []
-            for e in counts + [0]:
-                if e == 0 or (chunk and (sum(chunk) + e) * m * n > MAX_BATCH_ELEMENTS):
-                    peak = max(peak, batch(sum(chunk), m, n, len(chunk) > 1))
-                    chunk = []
-                chunk.append(e)
+        batches = newton_schulz_batches(shapes) if is_batched else [[i] for i in range(len(shapes))]
+        peak = max([peak] + [batch([shapes[i] for i in idx]) for idx in batches])
     return peak
 
 

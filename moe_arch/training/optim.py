@@ -19,7 +19,8 @@ would force all its singular values to ~1 and fight the softmax's temperature.
   tensor cores want; a CPU without bf16 matrix units runs it ~2x faster in float32 (and float32 is the more exact
   of the two). With ``auto`` a CPU run therefore sends its 2-D matrices to :class:`BatchedMuon` in float32;
   BatchedMuon also batches the Newton-Schulz of same-shape matrices into one ``baddbmm`` chain (batches of at
-  most ``MAX_BATCH_ELEMENTS``), which on small models removes most of the per-matrix call overhead. bfloat16 without FSDP keeps torch.optim.Muon.
+  most ``MAX_BATCH_ELEMENTS``), which on small models removes most of the per-matrix call overhead. bfloat16
+  without FSDP keeps torch.optim.Muon.
 - Muon's lr is scaled by shape with the Moonlight rule (``adjust_lr_fn="match_rms_adamw"``): update RMS
   ~= 0.2 * lr, comparable to AdamW's, so the two base learning rates are on one scale.
 - No weight decay on norms, biases, routers and state-space parameters (A_log, D).
@@ -91,20 +92,9 @@ class BatchedMuon(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            # Newton-Schulz works on the wide orientation (m <= n), so [m, n] and [n, m] matrices share a batch.
-            by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_shape.setdefault(tuple(sorted(p.shape[-2:])), []).append(p)
-            for (m, n), params in by_shape.items():
-                chunk: list[torch.Tensor] = []
-                for p in params:
-                    size = (p.shape[0] if p.ndim == 3 else 1) * m * n
-                    if chunk and sum(q.numel() for q in chunk) + size > MAX_BATCH_ELEMENTS:
-                        self._update(group, chunk)
-                        chunk = []
-                    chunk.append(p)
-                self._update(group, chunk)
+            params = [p for p in group["params"] if p.grad is not None]
+            for batch in newton_schulz_batches([tuple(p.shape) for p in params]):
+                self._update(group, [params[i] for i in batch])
         return loss
 
     def _update(self, group: dict, params: list[torch.Tensor]) -> None:
@@ -139,6 +129,27 @@ class BatchedMuon(Optimizer):
 # that small models run one batch per shape, small enough that a 3B model's step does not hold every expert's
 # update and orthogonalisation at once.
 MAX_BATCH_ELEMENTS = 1 << 27
+
+
+def newton_schulz_batches(shapes: list[tuple[int, ...]]) -> list[list[int]]:
+    """How BatchedMuon groups its matrices (indices into ``shapes``; 2-D or stacked [E, m, n]): same shape up to
+    transposition (Newton-Schulz works on the wide orientation, so [m, n] and [n, m] share a batch), in order, cut
+    before a batch would exceed MAX_BATCH_ELEMENTS. The memory planner counts the same batches."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(shapes):
+        by_shape.setdefault(tuple(sorted(s[-2:])), []).append(i)
+    batches = []
+    for idx in by_shape.values():
+        batch, size = [], 0
+        for i in idx:
+            n = math.prod(shapes[i])
+            if batch and size + n > MAX_BATCH_ELEMENTS:
+                batches.append(batch)
+                batch, size = [], 0
+            batch.append(i)
+            size += n
+        batches.append(batch)
+    return batches
 
 
 def resolve_ns_dtype(cfg: OptimConfig, device: torch.device) -> torch.dtype:
