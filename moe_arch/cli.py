@@ -151,14 +151,6 @@ def cmd_info(args, rest) -> int:
 def _info_memory(args, cfg) -> int:
     from moe_arch.training.memory import USABLE, plan_memory
 
-    for name in ("gpus", "batch_size", "seq_len"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            print(f"error: --{name.replace('_', '-')} {v}: must be >= 1", file=sys.stderr)
-            return 2
-    if args.gpu_memory <= 0:
-        print(f"error: --gpu-memory {args.gpu_memory}: must be > 0 (GiB per device)", file=sys.stderr)
-        return 2
     try:
         plan = plan_memory(cfg, name=args.config, gpus=args.gpus, gpu_memory_gb=args.gpu_memory, parallel=args.parallel,
                            batch_size=args.batch_size, seq_len=args.seq_len, checkpointing=args.activation_checkpointing,

@@ -131,10 +131,6 @@ def mamba_bytes(cfg, num: Numerics, n: float) -> float:
     return n * per
 
 
-def dense_bytes(cfg, num: Numerics, n: float, width: int) -> float:
-    return _swiglu(num, n, width, num.compute)
-
-
 def moe_bytes(cfg, num: Numerics, n: float, padded: bool) -> float:
     """Dropless MoE on n routed tokens (n * top_k assignments). padded: MoD's padding rows are removed first."""
     d, E, k, f = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_ff_expert
@@ -221,7 +217,7 @@ def block_activations(cfg, num: Numerics, batch: int, seq: int, model=None) -> l
             b += moe_bytes(cfg, num, real, padded=mod)
             width = max(width, cfg.top_k * cfg.d_ff_expert)
         else:
-            b += dense_bytes(cfg, num, rows, cfg.d_ff)
+            b += _swiglu(num, rows, cfg.d_ff, num.compute)
             width = max(width, cfg.d_ff)
         if mod:
             b += mod_bytes(cfg, num, N, rows)
@@ -317,6 +313,11 @@ def plan_memory(cfg: Config, *, name: str = "", gpus: int = 1, gpu_memory_gb: fl
     from moe_arch.model.transformer import HybridLM
     from moe_arch.training.optim import plan_parameters
 
+    for flag, v in (("--gpus", gpus), ("--batch-size", batch_size), ("--seq-len", seq_len)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} {v}: must be >= 1")
+    if gpu_memory_gb is not None and gpu_memory_gb <= 0:
+        raise ValueError(f"--gpu-memory {gpu_memory_gb}: must be > 0 (GiB per device)")
     m = cfg.model
     B = batch_size or cfg.train.batch_size
     T = seq_len or cfg.train.seq_len
@@ -325,8 +326,6 @@ def plan_memory(cfg: Config, *, name: str = "", gpus: int = 1, gpu_memory_gb: fl
     if prec == "auto":
         prec = "bf16-mixed" if device == "cuda" else "fp32"
     accum = grad_accum or cfg.train.grad_accum
-    if gpus < 1:
-        raise ValueError(f"--gpus {gpus}: must be >= 1")
     if parallel not in ("fsdp", "ddp"):
         raise ValueError(f"--parallel {parallel!r}: allowed fsdp, ddp")
     if ckpt not in ("none", "full", "selective", "sequence"):
