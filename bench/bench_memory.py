@@ -1,7 +1,7 @@
 """Memory planner vs measured peak memory of training steps on this CPU.
 
-Each configuration runs in a fresh child process: it records its resident memory (VmRSS) once the inputs exist and
-before the model is built, runs three training steps exactly as the trainer composes them (precision policy,
+Each configuration runs in a fresh child process: it records its resident memory (VmRSS) before the model is built,
+runs three training steps exactly as the trainer composes them (``memory.measure_step_peak``: precision policy,
 activation checkpointing, Muon + AdamW, compensated updates, clipping, zero_grad(set_to_none)), and reports the
 high-water mark (VmHWM, the kernel's own peak of this process: ru_maxrss would carry the forking parent's peak).
 Two measurements: the peak of live tensor bytes from the profiler's allocation events (``profile_memory=True``: the
@@ -44,24 +44,20 @@ def _status(field: str) -> int:
 
 
 def child(preset: str, overrides: list[str], precision: str, ckpt: str, batch: int, seq: int, steps: int = 3) -> None:
+    import os
+
     import torch
 
     from moe_arch.config import load_config
     from moe_arch.model.transformer import build_model
-    from moe_arch.parallel.parallelize import clip_grads_
+    from moe_arch.training.memory import measure_step_peak
     from moe_arch.training.optim import build_optimizers
-    from moe_arch.training.precision import CompensatedUpdates, resolve_policy
+    from moe_arch.training.precision import resolve_policy
     from moe_arch.utils import tune_cpu_malloc
-
-    import os
 
     if os.environ.get("BENCH_TUNE_MALLOC", "1") == "1":
         tune_cpu_malloc()  # as the trainer does on CPU
-    torch.manual_seed(0)
     cfg = load_config(preset, overrides)
-    V = cfg.model.vocab_size
-    tokens = torch.randint(0, V, (batch, seq))
-    targets = torch.randint(0, V, (batch, seq + cfg.model.n_predict - 1))
     policy = resolve_policy(precision, torch.device("cpu"))
     # One step of a miniature model first: what the first step loads once (the C kernels, optimizer modules,
     # thread pools: ~70 MB of code and buffers) is not what the planner models. Its tensors are KB-sized.
@@ -70,39 +66,15 @@ def child(preset: str, overrides: list[str], precision: str, ckpt: str, batch: i
                                             "--model.d_ff_expert", "16"])
     warm = build_model(mini.model, seed=0).to(policy.param_dtype).train()
     warm_opts = build_optimizers(warm, cfg.optim)
+    tokens = torch.randint(0, 64, (1, 8 + cfg.model.n_predict))
     with policy.autocast(torch.device("cpu")):
-        warm(tokens[:1, :8] % 64, targets[:1, :8 + cfg.model.n_predict - 1] % 64).loss.backward()
+        warm(tokens[:, :8], tokens[:, 1:]).loss.backward()
     for o in warm_opts.values():
         o.step()
     del warm, warm_opts
     base = _status("VmRSS")
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model = build_model(cfg.model, seed=0).to(policy.param_dtype).train()
-        model.set_activation_checkpointing(ckpt)
-        opts = build_optimizers(model, cfg.optim)
-        comp = CompensatedUpdates(dict(model.named_parameters())) if policy.compensated else None
-        for _ in range(steps):
-            with policy.autocast(torch.device("cpu")):
-                out = model(tokens, targets)
-            out.loss.backward()
-            del out
-            clip_grads_([p for p in model.parameters() if p.grad is not None], cfg.train.grad_clip)
-            with comp.fp32_view() if comp else torch.no_grad():
-                for o in opts.values():
-                    o.step()
-            for o in opts.values():
-                o.zero_grad(set_to_none=True)
-    hwm = _status("VmHWM") - base
-    # The profiler's allocation events (+bytes / -bytes, in time order): the peak of live tensor bytes, what
-    # torch.cuda.max_memory_allocated reports on a GPU.
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, n in events:
-        live += n
-        peak = max(peak, live)
-    print(json.dumps({"tensors": peak, "rss": hwm}))
+    tensors = measure_step_peak(cfg, precision, ckpt, batch, seq, steps)
+    print(json.dumps({"tensors": tensors, "rss": _status("VmHWM") - base}))
 
 
 def plan(preset, overrides, precision, ckpt, batch, seq):

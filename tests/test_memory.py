@@ -13,7 +13,8 @@ from moe_arch.cli import main
 from moe_arch.config import load_config
 from moe_arch.model import cpu_kernels
 from moe_arch.model.transformer import HybridLM, build_model
-from moe_arch.training.memory import GiB, Numerics, block_activations, head_activations, plan_memory
+from moe_arch.training.memory import (GiB, Numerics, block_activations, head_activations, measure_step_peak,
+                                     plan_memory)
 
 B, T = 4, 64
 
@@ -64,46 +65,11 @@ def test_activation_terms_match_what_autograd_saves(precision):
     assert total == pytest.approx(sum(measured.values()), rel=0.05)
 
 
-def peak_live_bytes(cfg, precision: str, ckpt: str, batch: int, seq: int) -> int:
-    """Peak of live tensor bytes over model creation and three training steps (profiler allocation events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from moe_arch.parallel.parallelize import clip_grads_
-    from moe_arch.training.optim import build_optimizers
-    from moe_arch.training.precision import CompensatedUpdates, resolve_policy
-
-    policy = resolve_policy(precision, torch.device("cpu"))
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=g)
-    targets = torch.randint(0, cfg.model.vocab_size, (batch, seq + cfg.model.n_predict - 1), generator=g)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model = build_model(cfg.model, seed=0).to(policy.param_dtype).train().set_activation_checkpointing(ckpt)
-        opts = build_optimizers(model, cfg.optim)
-        comp = CompensatedUpdates(dict(model.named_parameters())) if policy.compensated else None
-        for _ in range(3):
-            with policy.autocast(torch.device("cpu")):
-                out = model(tokens, targets)
-            out.loss.backward()
-            del out
-            clip_grads_([p for p in model.parameters() if p.grad is not None], 1.0)
-            with comp.fp32_view() if comp else torch.no_grad():
-                for o in opts.values():
-                    o.step()
-            for o in opts.values():
-                o.zero_grad(set_to_none=True)
-    live = peak = 0
-    for _, n in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                       if e.name() == "[memory]"):
-        live += n
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize("precision,ckpt", [("fp32", "none"), ("bf16-compensated", "full"),
                                             ("bf16-mixed", "selective"), ("fp32", "sequence")])
 def test_plan_matches_measured_peak_of_a_training_step(precision, ckpt):
     cfg = load_config("tiny")
-    measured = peak_live_bytes(cfg, precision, ckpt, 8, 128)
+    measured = measure_step_peak(cfg, precision, ckpt, 8, 128)
     plan = plan_memory(cfg, batch_size=8, seq_len=128, checkpointing=ckpt, precision=precision, device="cpu")
     assert plan.peak_gb * GiB == pytest.approx(measured, rel=0.15)
 

@@ -428,6 +428,47 @@ def plan_memory(cfg: Config, *, name: str = "", gpus: int = 1, gpu_memory_gb: fl
 USABLE = 0.9
 
 
+def measure_step_peak(cfg: Config, precision: str, checkpointing: str, batch: int, seq: int, steps: int = 3) -> int:
+    """What ``plan_memory(..., device="cpu")`` predicts, measured: the peak of live tensor bytes over building the
+    model and ``steps`` training steps composed as the trainer does (precision policy, checkpointing, Muon + AdamW,
+    compensated updates, clipping, zero_grad(set_to_none)), from the profiler's allocation events (+bytes / -bytes
+    in time order; the CPU analogue of torch.cuda.max_memory_allocated). Used by bench_memory.py and the tests."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moe_arch.model.transformer import build_model
+    from moe_arch.parallel.parallelize import clip_grads_
+    from moe_arch.training.optim import build_optimizers
+    from moe_arch.training.precision import CompensatedUpdates, resolve_policy
+
+    cpu = torch.device("cpu")
+    policy = resolve_policy(precision, cpu)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=g)
+    targets = torch.randint(0, cfg.model.vocab_size, (batch, seq + cfg.model.n_predict - 1), generator=g)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model = build_model(cfg.model, seed=0).to(policy.param_dtype).train().set_activation_checkpointing(
+            checkpointing)
+        opts = build_optimizers(model, cfg.optim)
+        comp = CompensatedUpdates(dict(model.named_parameters())) if policy.compensated else None
+        for _ in range(steps):
+            with policy.autocast(cpu):
+                out = model(tokens, targets)
+            out.loss.backward()
+            del out
+            clip_grads_([p for p in model.parameters() if p.grad is not None], cfg.train.grad_clip)
+            with comp.fp32_view() if comp else torch.no_grad():
+                for o in opts.values():
+                    o.step()
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
+    live = peak = 0
+    for _, n in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                       if e.name() == "[memory]"):
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
 def _largest_batch(cfg, name, gpus, gpu_memory_gb, parallel, T, ckpt, prec, device, kernels, accum) -> int:
     def fits(b: int) -> bool:
         p = plan_memory(cfg, name=name, gpus=gpus, gpu_memory_gb=None, parallel=parallel, batch_size=b, seq_len=T,
