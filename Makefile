@@ -1,6 +1,7 @@
 # One command each, from a fresh clone:
 #   make train   - create .venv, install, train the tiny preset on the embedded corpus (CPU, a few minutes)
 #   make test    - create .venv, install with test extras, run the test suite
+#   make test-portable - the numerics-bearing tests under other CPUs' code paths (CI runs it after make test)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ TEST := $(VENV)/.installed-test
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-slow bench clean
+.PHONY: setup train test test-slow test-portable bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +35,11 @@ test: $(TEST)
 
 test-slow: $(TEST)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The numerics-bearing tests again under other CPUs' code paths (MKL_CBWR, ATEN_CPU_CAPABILITY, our kernels' ISA):
+# a bitwise assertion between two different computations fails here on any machine, not only on the CPU it differs on.
+test-portable: $(TEST)
+	$(BIN)/python tools/test_portable.py $(PYTEST_ARGS)
 
 bench: $(TEST)
 	$(BIN)/python bench/run_all.py

@@ -13,6 +13,26 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 from moe_arch.config import Config, load_config  # noqa: E402
 
 
+_BF16_SDPA: list = []
+
+
+def skip_unless_bf16_attention_runs() -> None:
+    """Skip when bf16 SDPA cannot run in this process. PyTorch's CPU flash attention chooses its bf16 GEMM by the
+    CPU's features (AVX512-BF16 present) but packs with the kernels of ``ATEN_CPU_CAPABILITY``: forced to avx2 on
+    such a CPU (the portability run, tools/test_portable.py) it raises "pack_vnni2 is only supported when avx512
+    is supported". A real AVX2 CPU never takes that branch, so nothing of ours is untested by the skip."""
+    if not _BF16_SDPA:
+        q = torch.randn(1, 4, 64, 32, dtype=torch.bfloat16)  # long enough for the flash kernel
+        try:
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+            _BF16_SDPA.append(None)
+        except RuntimeError as e:
+            _BF16_SDPA.append(f"bf16 attention cannot run under ATEN_CPU_CAPABILITY="
+                              f"{os.environ.get('ATEN_CPU_CAPABILITY', 'default')} on this CPU: {e}")
+    if _BF16_SDPA[0]:
+        pytest.skip(_BF16_SDPA[0])
+
+
 def small_overrides(**extra) -> dict:
     """A model with every feature on, small enough for sub-second steps on 2 CPU cores."""
     model = dict(vocab_size=512, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256,

@@ -200,3 +200,32 @@ def selective_scan_bounds(u, dt, A, Bm, Cm, h0, Dp, z, gy):
     dz = gamma(L * step + N + EXP_ULPS + 12) * (gy.abs() * y_pre_abs * s * (1 + z.abs()))
     grads = {"u": du, "dt": ddt, "A": dA, "B": dB, "C": dC, "D": dD, "z": dz}
     return y_bound, h_bound, {k: v + TINY for k, v in grads.items()}
+
+
+def moe_experts_bound(x, w_gate, w_up, w_down, idx, weights):
+    """Reference (float64) and bound for a top-k MoE layer's routed part, out_n = sum_k w_nk E_k(x_n) with
+    E(x) = (silu(x Wg) * (x Wu)) Wd, whatever GEMMs compute it (one grouped GEMM over sorted tokens or one
+    matmul per token). Gate and up projections: d-term dot products; the SwiGLU gate: exp's ulps and a few
+    roundings, its inputs' errors amplified by |silu'| <= 1.1 and |silu|; the down projection: an f-term dot
+    product of the gate's output, with its error carried through |Wd|; the combine: k scaled terms.
+
+    x [N, d]; w_gate, w_up [E, d, f]; w_down [E, f, d]; idx, weights [N, k] (the router's choice, computed
+    identically by every path). Returns (reference [N, d], bound [N, d])."""
+    x, wg, wu, wd, w = (t.double() for t in (x, w_gate, w_up, w_down, weights))
+    d, f = wg.shape[1], wg.shape[2]
+    k = idx.shape[1]
+    wg, wu, wd = wg[idx], wu[idx], wd[idx]  # [N, k, d, f], [N, k, d, f], [N, k, f, d]
+    a = torch.einsum("nd,nkdf->nkf", x, wg)
+    b = torch.einsum("nd,nkdf->nkf", x, wu)
+    e_a = gamma(d) * torch.einsum("nd,nkdf->nkf", x.abs(), wg.abs())
+    e_b = gamma(d) * torch.einsum("nd,nkdf->nkf", x.abs(), wu.abs())
+    silu = torch.nn.functional.silu(a)
+    h = silu * b
+    e_h = (1.1 * e_a * (b.abs() + e_b) + silu.abs() * e_b + gamma(EXP_ULPS + 4) * h.abs())
+    y = torch.einsum("nkf,nkfd->nkd", h, wd)
+    e_y = gamma(f) * torch.einsum("nkf,nkfd->nkd", h.abs() + e_h, wd.abs()) \
+        + torch.einsum("nkf,nkfd->nkd", e_h, wd.abs())
+    ref = torch.einsum("nk,nkd->nd", w, y)
+    bound = torch.einsum("nk,nkd->nd", w.abs(), e_y) * (1 + gamma(1)) \
+        + gamma(k + 1) * torch.einsum("nk,nkd->nd", w.abs(), y.abs()) + TINY
+    return ref, bound

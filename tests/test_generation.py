@@ -3,7 +3,8 @@ plain sampling distribution), batches of prompts of different lengths, static ca
 
 Exact-equality tests run the model in float64: a GEMM's rounding can depend on how many rows it multiplies (the
 verification forward multiplies 1 + k rows where plain decoding multiplies one), and float64 keeps those
-differences (~1e-16) far below any gap between two logits."""
+differences (~1e-16 relative) far below the gap between the two best logits, which ``assert_clear_greedy`` checks
+for every greedy token the tests compare: the tokens are equal because no decision was closer than that."""
 
 import random
 
@@ -45,9 +46,23 @@ def oracle(reference: torch.Tensor, wrong: float, seed: int = 0):
     return draft
 
 
+def assert_clear_greedy(model, prompt: torch.Tensor, new: torch.Tensor) -> None:
+    """Every greedy choice of ``new`` (1-D) after ``prompt`` (1-D) won by a margin far above float64 rounding
+    (1e-9 of the logits' scale against ~1e-16): two computations of the same model cannot pick differently."""
+    seq = torch.cat([prompt, new[:-1]])[None]
+    with torch.no_grad():
+        logits = model(seq, return_logits=True).logits[0, len(prompt) - 1:]
+    top2 = logits.topk(2, dim=-1)
+    assert torch.equal(top2.indices[:, 0], new)
+    margin = (top2.values[:, 0] - top2.values[:, 1]).min().item()
+    assert margin > 1e-9 * logits.abs().max().item(), margin
+
+
 def test_speculative_greedy_gives_the_plain_greedy_tokens(model):
     p = prompts(3, 7)
     plain = generate(model, p, 40, temperature=0)
+    for b in range(3):
+        assert_clear_greedy(model, p[b], plain.tokens[b])
     assert plain.forwards == 39 and plain.tokens.shape == (3, 40)
     mtp = generate(model, p, 40, temperature=0, draft_tokens=2)  # the model's own (untrained) heads
     assert torch.equal(mtp.tokens, plain.tokens)
@@ -64,6 +79,7 @@ def test_batches_of_different_lengths_equal_each_prompt_alone(model):
     batch = generate(model, rows, 25, temperature=0)
     for b, r in enumerate(rows):
         alone = generate(model, r[None], 25, temperature=0)
+        assert_clear_greedy(model, r, alone.tokens[0])
         assert torch.equal(batch.tokens[b], alone.tokens[0]), b
     reference = batch.tokens
     spec = generate(model, rows, 25, temperature=0, draft_tokens=2, drafter=oracle(reference, 0.25))
@@ -74,6 +90,8 @@ def test_model_generate_keeps_its_interface(model):
     p = prompts(2, 5)
     out = model.generate(p, 12, temperature=0, speculative=True)
     assert out.shape == (2, 17) and torch.equal(out[:, :5], p)
+    for b in range(2):
+        assert_clear_greedy(model, p[b], out[b, 5:])
     assert torch.equal(out, model.generate(p, 12, temperature=0))
     eos = int(out[0, 5])  # the first new token of row 0 as EOS: row 0 stops at once, row 1 goes on
     stopped = model.generate(p, 12, temperature=0, eos_id=eos)

@@ -72,11 +72,21 @@ def test_cached_generation_equals_full_forward(model):
 
 
 def test_greedy_generate_agrees_with_forward(model):
+    """Greedy decoding with caches picks the full forward's best token at every position. The cached path is
+    another float32 computation (one-row GEMMs, the MoE decoding path), within 1e-4 of the full forward's logits
+    (test_cached_generation_equals_full_forward): where the two best logits are closer than twice that, either is
+    a correct pick; everywhere else the pick must be the argmax."""
     prompt = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(3))
     out = model.generate(prompt, 20, temperature=0)
     with torch.no_grad():
-        logits = model(out[:, :-1], return_logits=True).logits
-    assert torch.equal(logits[:, 5:].argmax(-1), out[:, 6:])
+        logits = model(out[:, :-1], return_logits=True).logits[:, 5:]
+    picked = out[:, 6:]
+    top2 = logits.topk(2, dim=-1).values
+    tol = 2 * (1e-4 + 1e-4 * top2[..., 0].abs())
+    clear = top2[..., 0] - top2[..., 1] > tol
+    assert clear.float().mean() > 0.5  # the check below is not vacuous
+    assert torch.equal(logits.argmax(-1)[clear], picked[clear])
+    assert bool((logits.gather(-1, picked[..., None]).squeeze(-1) >= top2[..., 0] - tol).all())
 
 
 def test_train_and_eval_compute_the_same_function(model):

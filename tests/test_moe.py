@@ -6,6 +6,8 @@ from moe_arch.model import moe as moe_mod
 from moe_arch.model.moe import MoE
 from moe_arch.model.transformer import Aux
 
+from numerics import assert_within, moe_experts_bound
+
 
 def make(E=6, k=2, balancing=False, seed=0):
     cfg = ModelConfig(d_model=32, n_layers=1, moe_layers=[0], n_experts=E, top_k=k, d_ff_expert=48,
@@ -34,18 +36,22 @@ def test_sorted_grouped_dispatch_equals_dense_definition():
 
 @pytest.mark.parametrize("k,tokens", [(2, 1), (2, 4), (3, 2)])
 def test_decoding_path_equals_the_grouped_dispatch(k, tokens, monkeypatch):
-    """Without gradient and with few assignments (decoding), experts run as plain matmuls: same outputs as the
-    sorted grouped dispatch (bitwise for top-2, where the two products add in either order)."""
+    """Without gradient and with few assignments (decoding), experts run as plain matmuls: the same products as
+    the sorted grouped dispatch, but other GEMM kernels (a 1-row matmul vs a grouped GEMM over sorted rows), so
+    the two agree within the float32 bound of the layer's dot products, not bit for bit: whether their bits match
+    depends on the BLAS kernel the CPU gets (MKL's AVX-512 path differs, its AVX2 and COMPATIBLE paths do not)."""
     m = make(k=k)
     x = torch.randn(1, tokens, 32)
     with torch.no_grad():
         fast = m(x)
         monkeypatch.setattr(moe_mod, "DECODE_ASSIGNMENTS", 0)
         grouped = m(x)
-    if k == 2:
-        assert torch.equal(fast, grouped)
-    torch.testing.assert_close(fast, grouped, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(fast, dense_reference(m, x), rtol=1e-5, atol=1e-6)
+        _, _, idx, weights = m.route(x.reshape(-1, 32))
+    e = m.experts
+    ref, bound = moe_experts_bound(x.reshape(-1, 32), e.w_gate, e.w_up, e.w_down, idx, weights)
+    assert_within(fast.reshape(-1, 32), ref, bound, "plain matmuls")
+    assert_within(grouped.reshape(-1, 32), ref, bound, "grouped dispatch")
+    assert_within(fast, grouped, 2 * bound.reshape(fast.shape), "plain matmuls vs grouped dispatch")
 
 
 def test_loop_fallback_equals_grouped_gemm(monkeypatch):
