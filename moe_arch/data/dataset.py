@@ -5,9 +5,22 @@ parallel ``encode_batch``, on all cores, while a reader thread fetches the next 
 memory-mapped token files, so peak memory does not grow with the corpus. Each document goes to the train or the
 validation split by a hash of its index, framed as the tokenizer frames a text ([BOS] text EOS).
 
-A build is resumable: ``progress.json`` records, after every appended batch, how many source items are done and
-how long each shard is; an interrupted build truncates its shards back to that point and continues. ``meta.json``
-is written last: a cache without it is never used for training.
+The cache is crash-consistent by construction:
+
+* Shard files are only ever appended to while tokenizing; nothing rewrites them afterwards (a tail split is a cut
+  position recorded in the manifest, not a truncation), so no later step can destroy what an earlier one made.
+* ``progress.json`` (the journal) records, after every appended batch whose shards were fsynced, how many source
+  items are done and each shard's length and sha256. A resumed build verifies every shard against it (the bytes
+  past the recorded length are cut away) and starts over when they do not match: it resumes only from verified
+  state.
+* ``meta.json`` (the manifest) is written last, atomically: every shard's size, sha256, a sampled sha256 and its
+  largest token id, the segments each split reads, the tokenizer's fingerprint, and a checksum of itself. A cache
+  without a manifest is never used.
+* Opening a cache verifies it against the manifest (sizes always; the content hash of every shard that is small,
+  or whose mtime changed, a sampled hash of the others; token ids against the vocabulary). A damaged cache is
+  rebuilt from the source, with one line saying why, or refused in one line when it cannot be rebuilt there.
+  Every slice read during training is checked against the vocabulary as well.
+* One process builds a cache at a time (``flock`` on ``<cache>/.lock``); the others wait, then open it.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import itertools
 import json
 import os
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -30,35 +44,65 @@ import torch
 from moe_arch.config import DataConfig
 from moe_arch.data.corpus import Corpus, DataError, Piece
 from moe_arch.data.tokenizer import TRAIN_BPE, TextTokenizer, train_bpe
-from moe_arch.utils import atomic_write_text
+from moe_arch.utils import atomic_write_text, clean_stale_temps
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 BATCH_DOCS = 1024
 BATCH_CHARS = 1 << 18
 # train-bpe learns its merges from at most this many characters of training text (the first documents): word
 # statistics settle long before, and a second full pass over a corpus of terabytes would cost as much as the
 # tokenization itself.
 BPE_TRAIN_CHARS = 1 << 30
+# Opening a cache hashes every shard up to this size in full (~50 ms at sha256's ~1.3 GB/s), and larger ones in
+# full only when their mtime moved since the manifest was written (a write through the file system); otherwise a
+# sample of SAMPLE_BLOCKS blocks spread over the file, so that starting a run on a cache of terabytes stays cheap.
+FULL_CHECK_BYTES = 64 << 20
+SAMPLE_BLOCKS = 16
+SAMPLE_BLOCK_BYTES = 64 << 10
+READ_CHUNK = 16 << 20
 
 
 class ShardedTokens:
-    """Token shards (memory-mapped files) read as one 1-D array: ``len``, ``size`` and slices that may cross a
-    shard boundary. Nothing is loaded until a slice is read."""
+    """Token segments of memory-mapped shard files, read as one 1-D array: ``len``, ``size`` and slices that may
+    cross a segment boundary. Nothing is loaded until a slice is read.
 
-    def __init__(self, paths: list[Path], dtype):
+    ``parts`` are shard paths (the whole file) or ``(path, start, stop)`` token ranges. With ``vocab``, every read
+    is checked against it: an id outside the vocabulary (a file changed after it was verified) is a DataError
+    naming ``where``, never an index error inside the embedding."""
+
+    def __init__(self, parts: list, dtype, vocab: int | None = None, where: str = "the token cache"):
         self.dtype = np.dtype(dtype)
-        self.shards = [np.memmap(p, dtype=self.dtype, mode="r") for p in paths if p.stat().st_size]
+        self.vocab, self.where = vocab, where
+        self.shards = []
+        for part in parts:
+            if isinstance(part, (str, Path)):
+                path, lo, hi = Path(part), 0, Path(part).stat().st_size // self.dtype.itemsize
+            else:
+                path, lo, hi = Path(part[0]), int(part[1]), int(part[2])
+            if hi > lo:
+                self.shards.append(np.memmap(path, dtype=self.dtype, mode="r", offset=lo * self.dtype.itemsize,
+                                             shape=(hi - lo,)))
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.size = int(self.starts[-1])
 
     def __len__(self) -> int:
         return self.size
 
+    def _checked(self, a: np.ndarray, start: int) -> np.ndarray:
+        if self.vocab is not None and a.size and int(a.max()) >= self.vocab:
+            k = int(np.argmax(a >= self.vocab))
+            raise DataError(f"{self.where}: token {start + k:,} is id {int(a[k])}, outside the tokenizer's "
+                            f"{self.vocab} ids (the cache changed after it was verified); remove the folder so that "
+                            "the next run rebuilds it")
+        return a
+
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
             key = int(key) + (self.size if key < 0 else 0)
+            if not 0 <= key < self.size:
+                raise IndexError(f"token {key} of {self.size}")
             i = int(np.searchsorted(self.starts, key, side="right")) - 1
-            return self.shards[i][key - self.starts[i]]
+            return self._checked(self.shards[i][key - self.starts[i]:key - self.starts[i] + 1], key)[0]
         start, stop, step = key.indices(self.size)
         if step != 1:
             raise IndexError("ShardedTokens supports contiguous slices only")
@@ -67,19 +111,21 @@ class ShardedTokens:
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         j = int(np.searchsorted(self.starts, stop - 1, side="right")) - 1
         if i == j:
-            return self.shards[i][start - self.starts[i]:stop - self.starts[i]]
-        parts = [self.shards[k][max(start - self.starts[k], 0):min(stop - self.starts[k], len(self.shards[k]))]
-                 for k in range(i, j + 1)]
-        return np.concatenate(parts)
+            out = self.shards[i][start - self.starts[i]:stop - self.starts[i]]
+        else:
+            out = np.concatenate([self.shards[k][max(start - self.starts[k], 0):
+                                                 min(stop - self.starts[k], len(self.shards[k]))]
+                                  for k in range(i, j + 1)])
+        return self._checked(out, start)
 
     def __array__(self, dtype=None, copy=None):
         out = self[0:self.size]
         return out.astype(dtype) if dtype is not None else np.asarray(out)
 
     def chunks(self, n: int = 1 << 24) -> Iterator[np.ndarray]:
-        for s in self.shards:
+        for s, base in zip(self.shards, self.starts):
             for a in range(0, len(s), n):
-                yield s[a:a + n]
+                yield self._checked(s[a:a + n], int(base) + a)
 
 
 @dataclass
@@ -118,42 +164,218 @@ def cache_folder(cfg: DataConfig, corpus: Corpus, tok: TextTokenizer | None, voc
 
 def prepare_data(cfg: DataConfig, vocab_size: int, log=print, tokenizer: TextTokenizer | None = None,
                  progress: bool = False) -> TokenData:
-    """Tokenize ``cfg``'s source once (cached) and open it. ``tokenizer`` (e.g. a checkpoint's) replaces
+    """Tokenize ``cfg``'s source once (cached) and open it, verified. ``tokenizer`` (e.g. a checkpoint's) replaces
     data.tokenizer; with neither, a byte-level BPE of ``vocab_size`` is trained on the training split."""
     corpus = open_corpus(cfg)
     tok = tokenizer if tokenizer is not None else resolve_tokenizer(cfg)
     cache = cache_folder(cfg, corpus, tok, vocab_size)
-    meta_path = cache / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        return _open(cache, meta, TextTokenizer.load(cache / "tokenizer"))
-    if tokenizer is not None:
+    data, problem = _open_verified(cache)
+    if data is not None:
+        return data
+    if tokenizer is not None and problem is None:
         # A run that trained its BPE keyed its cache before the tokenizer existed ("train-bpe-V"): a checkpoint's
         # copy of that tokenizer (moe-arch eval, resuming) finds the same tokens there instead of re-tokenizing.
         trained = cache_folder(cfg, corpus, None, vocab_size)
-        if (trained / "meta.json").is_file():
-            meta = json.loads((trained / "meta.json").read_text())
-            if meta.get("tokenizer") == tokenizer.fingerprint():
-                return _open(trained, meta, TextTokenizer.load(trained / "tokenizer"))
-    _check_writable(cache)  # before tokenizing, which can take long
+        meta, _ = _read_manifest(trained)
+        if meta is not None and meta.get("tokenizer_fingerprint") == tokenizer.fingerprint():
+            data, _ = _open_verified(trained, meta)
+            if data is not None:
+                return data
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        if (cache / "tokenizer" / "tokenizer.json").is_file():  # a resumed build keeps the tokenizer it began with
-            tok = TextTokenizer.load(cache / "tokenizer")
-        elif tok is None:
-            log(f"training a byte-level BPE tokenizer ({vocab_size} tokens) on {corpus.describe()}")
-            tok = train_bpe(_first_chars((d for i, d in _numbered(corpus.documents())
-                                          if not _is_val(i, cfg.val_fraction)), BPE_TRAIN_CHARS), vocab_size)
-            tok.save(cache / "tokenizer")
+        _check_writable(cache)  # before tokenizing, which can take long
+    except DataError as e:
+        if problem is None:
+            raise
+        raise DataError(f"{cache}: the token cache is damaged ({problem}) and cannot be rebuilt there ({e}); "
+                        "remove the folder, or set data.cache_dir to a writable folder") from None
+    with _build_lock(cache, log):
+        data, problem = _open_verified(cache)  # another process may have built (or repaired) it meanwhile
+        if data is not None:
+            return data
+        if problem is not None:
+            log(f"{cache}: the token cache is damaged ({problem}); rebuilding it from {corpus.describe()}")
+        try:
+            meta = _build(cfg, corpus, tok, vocab_size, cache, log, progress, damaged=problem is not None)
+        except OSError as e:  # the manifest is written last, so a half-written cache is never used
+            raise DataError(f"{cache}: cannot write the token cache ({e.strerror or e}); free space or set "
+                            "data.cache_dir to another folder") from None
+        data, problem = _open_verified(cache, meta)
+        if data is None:  # the files changed under the build: a second build would fare no better
+            raise DataError(f"{cache}: the token cache just built does not verify ({problem}); check the disk, or "
+                            "set data.cache_dir to another folder")
+        return data
+
+
+@contextlib.contextmanager
+def _build_lock(cache: Path, log):
+    """An exclusive flock on ``<cache>/.lock`` while a cache is built: two runs that start on the same data at
+    once would otherwise append to the same shards. Where no lock can be had (a file system without locks, such
+    as some NFS mounts) the build goes on unguarded, as it always did."""
+    import fcntl
+
+    f = None
+    try:
+        f = open(cache / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"{cache}: another process is preparing this token cache; waiting for it to finish")
+            fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        if f is not None:
+            f.close()  # closing drops the lock (as the kernel does when the process dies)
+
+
+# ---------------------------------------------------------------------------------------------- the manifest
+def _checksum(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> tuple[dict | None, str | None]:
+    try:
+        obj = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return None, f"{path.name} is not readable JSON ({type(e).__name__})"
+    if not isinstance(obj, dict):
+        return None, f"{path.name} holds a JSON {type(obj).__name__}, not an object"
+    return obj, None
+
+
+def _read_manifest(cache: Path) -> tuple[dict | None, str | None]:
+    """(manifest, None), (None, None) when there is none, or (None, what is wrong with it)."""
+    meta, problem = _read_json(cache / "meta.json")
+    if meta is None:
+        return None, problem
+    if meta.get("version") != CACHE_VERSION or meta.get("checksum") != _checksum(meta):
+        return None, "meta.json does not match its own checksum (changed after it was written)"
+    return meta, None
+
+
+def _scan(path: Path, nbytes: int, dtype: np.dtype) -> tuple:
+    """(sha256 object over the first ``nbytes`` of ``path``, largest token id there or -1)."""
+    h = hashlib.sha256()
+    top = -1
+    with open(path, "rb") as f:
+        left = nbytes
+        while left:
+            b = f.read(min(READ_CHUNK, left))
+            if not b or len(b) % dtype.itemsize:
+                raise OSError(f"{path.name} ended early")
+            h.update(b)
+            top = max(top, int(np.frombuffer(b, dtype=dtype).max()))
+            left -= len(b)
+    return h, top
+
+
+def _sample_blocks(nbytes: int, itemsize: int) -> list[tuple[int, int]]:
+    if nbytes <= SAMPLE_BLOCKS * SAMPLE_BLOCK_BYTES:
+        return [(0, nbytes)]
+    span = nbytes - SAMPLE_BLOCK_BYTES
+    return [(k * span // (SAMPLE_BLOCKS - 1) // itemsize * itemsize, SAMPLE_BLOCK_BYTES) for k in range(SAMPLE_BLOCKS)]
+
+
+def _sample_digest(path: Path, nbytes: int, dtype: np.dtype) -> tuple[str, int]:
+    h, top = hashlib.sha256(), -1
+    with open(path, "rb") as f:
+        for off, n in _sample_blocks(nbytes, dtype.itemsize):
+            f.seek(off)
+            b = f.read(n)
+            if len(b) != n:
+                raise OSError(f"{path.name} ended early")
+            h.update(b)
+            if b:
+                top = max(top, int(np.frombuffer(b, dtype=dtype).max()))
+    return h.hexdigest(), top
+
+
+def _check_shard(path: Path, rec: dict, dtype: np.dtype, vocab: int) -> tuple[str | None, bool]:
+    """(what is wrong with one shard, or None; whether its mtime moved and the full hash vouched for it)."""
+    tokens = rec["tokens"]
+    want = tokens * dtype.itemsize
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return f"{path.name} is missing", False
+    if st.st_size != want:
+        return (f"{path.name} is {st.st_size:,} bytes, meta.json records {tokens:,} tokens ({want:,} bytes)"), False
+    if not -1 <= rec["max_id"] < vocab:
+        return f"meta.json records token id {rec['max_id']} in {path.name}, outside the {vocab}-token vocabulary", False
+    moved = st.st_mtime_ns != rec["mtime_ns"]
+    try:
+        if want <= FULL_CHECK_BYTES or moved:
+            h, top = _scan(path, want, dtype)
+            ok = h.hexdigest() == rec["sha256"]
         else:
-            tok.save(cache / "tokenizer")
-        meta = _Builder(cfg, corpus, tok, cache, log, progress).run()
-    except OSError as e:  # meta.json is written last, so a half-written cache is never used
-        raise DataError(f"{cache}: cannot write the token cache ({e.strerror or e}); free space or set "
-                        "data.cache_dir to another folder") from None
-    return _open(cache, meta, TextTokenizer.load(cache / "tokenizer"))
+            digest, top = _sample_digest(path, want, dtype)
+            ok = digest == rec["sample_sha256"]
+    except OSError as e:
+        return f"{path.name} cannot be read ({e.strerror or e})", False
+    if top >= vocab:
+        return f"{path.name} holds token id {top}, outside the {vocab}-token vocabulary", False
+    if not ok:
+        return f"{path.name} does not match its sha256 in meta.json (its bytes changed)", False
+    return None, moved
 
 
+def _open_verified(cache: Path, meta: dict | None = None) -> tuple[TokenData | None, str | None]:
+    """The cache, opened after checking it against its manifest; or (None, what is damaged), (None, None) when
+    there is no manifest yet."""
+    if meta is None:
+        meta, problem = _read_manifest(cache)
+        if meta is None:
+            return None, problem
+    try:
+        dtype = np.dtype(meta["dtype"])
+        try:
+            tok = TextTokenizer.load(cache / "tokenizer")
+        except DataError:
+            return None, "tokenizer/ cannot be read"
+        if tok.fingerprint() != meta["tokenizer_fingerprint"]:
+            return None, "tokenizer/ is not the tokenizer the tokens were made with"
+        moved = False
+        for name, rec in meta["files"].items():
+            if Path(name).name != name:
+                return None, f"meta.json names a shard {name!r} outside the folder"
+            problem, m = _check_shard(cache / name, rec, dtype, tok.vocab_size)
+            if problem:
+                return None, problem
+            moved |= m
+        parts = {}
+        for split in ("train", "val"):
+            parts[split] = []
+            for name, lo, hi in meta["segments"][split]:
+                if not 0 <= lo <= hi <= meta["files"][name]["tokens"]:
+                    return None, f"meta.json's {split} segment {name}[{lo}:{hi}] is outside the shard"
+                parts[split].append((cache / name, lo, hi))
+        if sum(hi - lo for _, lo, hi in parts["train"]) != meta["train_tokens"] or \
+                sum(hi - lo for _, lo, hi in parts["val"]) != meta["val_tokens"]:
+            return None, "meta.json's segments do not add up to its token counts"
+    except (KeyError, TypeError, ValueError) as e:
+        return None, f"meta.json lacks or mistypes a field ({type(e).__name__}: {e})"
+    if moved:  # copied or touched, and the full hashes vouched for it: record the new mtimes (best effort)
+        with contextlib.suppress(OSError):
+            for name, rec in meta["files"].items():
+                rec["mtime_ns"] = (cache / name).stat().st_mtime_ns
+            meta["checksum"] = _checksum(meta)
+            atomic_write_text(cache / "meta.json", json.dumps(meta, indent=2))
+    with contextlib.suppress(OSError):  # a build killed after its manifest, before removing its journal
+        (cache / "progress.json").unlink(missing_ok=True)
+    where = str(cache)
+    train = ShardedTokens(parts["train"], dtype, tok.vocab_size, f"{where} (train split)")
+    val = ShardedTokens(parts["val"], dtype, tok.vocab_size, f"{where} (validation split)")
+    if train.size == 0 or val.size == 0:
+        raise DataError(f"{cache}: the tokenized data is empty; remove the folder and check data.source")
+    return TokenData(train, val, tok, cache, meta), None
+
+
+# ---------------------------------------------------------------------------------------------- building
 def _numbered(docs: Iterator[str]) -> Iterator[tuple[int, str]]:
     """(document index, item): the pieces of one document share its index."""
     i = 0
@@ -203,36 +425,138 @@ def _in_background(it: Iterator, depth: int = 2) -> Iterator:
                 q.get_nowait()
 
 
-class _ShardWriter:
-    """Appends tokens to ``<split>-NNNNN.bin`` shards of at most ``shard_tokens`` tokens each."""
+def _dtype(tok: TextTokenizer) -> np.dtype:
+    return np.dtype(np.uint16 if tok.vocab_size <= 65535 else np.uint32)
 
-    def __init__(self, cache: Path, split: str, dtype, shard_tokens: int, sizes: list[int]):
-        self.cache, self.split, self.dtype, self.cap = cache, split, np.dtype(dtype), shard_tokens
-        self.sizes = list(sizes) or [0]
-        # Resuming: cut every shard back to what progress.json vouches for; later shards never counted.
-        for k, n in enumerate(self.sizes):
-            p = self.path(k)
-            if p.exists() and p.stat().st_size != n * self.dtype.itemsize:
-                os.truncate(p, n * self.dtype.itemsize)
-        for p in cache.glob(f"{split}-*.bin"):
-            if int(p.stem.split("-")[1]) >= len(self.sizes):
-                p.unlink()
-        self.f = open(self.path(len(self.sizes) - 1), "ab")
+
+def _shard_path(cache: Path, split: str, k: int) -> Path:
+    return cache / f"{split}-{k:05d}.bin"
+
+
+def _clear(cache: Path) -> None:
+    """Remove a cache's files, the manifest first: a crash part-way leaves a folder that is never opened."""
+    for name in ("meta.json", "progress.json"):
+        (cache / name).unlink(missing_ok=True)
+    for p in cache.glob("*.bin"):
+        p.unlink()
+    shutil.rmtree(cache / "tokenizer", ignore_errors=True)
+
+
+def _journal_shards(journal: dict, split: str) -> list[dict]:
+    shards = journal["shards"][split]
+    if not isinstance(shards, list) or not all(isinstance(r, dict) and isinstance(r.get("tokens"), int)
+                                               and r["tokens"] >= 0 and isinstance(r.get("sha256"), str)
+                                               for r in shards):
+        raise TypeError("shards")
+    return shards
+
+
+def _resume_state(cache: Path, tok_given: TextTokenizer | None, log) -> tuple[TextTokenizer, dict, dict] | None:
+    """The tokenizer, journal and verified shards of an interrupted build, or None when there is nothing
+    verifiable to resume (then the build starts over). Bytes past the journal's lengths are cut away."""
+    journal, problem = _read_json(cache / "progress.json")
+    if journal is None:
+        if problem:
+            log(f"{cache}: {problem}; starting the tokenization over")
+        return None
+    try:
+        tok = TextTokenizer.load(cache / "tokenizer")
+    except DataError:
+        tok = None
+    why = None
+    if journal.get("version") != CACHE_VERSION or tok is None or journal.get("tokenizer") != tok.fingerprint():
+        why = "the tokenizer it began with is not in tokenizer/"
+    elif tok_given is not None and journal.get("given_tokenizer") != tok_given.fingerprint():
+        why = "it began with another tokenizer"
+    elif journal.get("dtype") != _dtype(tok).name:
+        why = "its token type differs"
+    if why is None:
+        try:
+            dtype = _dtype(tok)
+            shards: dict = {}
+            for split in ("train", "val"):
+                shards[split] = []
+                for k, rec in enumerate(_journal_shards(journal, split)):
+                    p, n = _shard_path(cache, split, k), rec["tokens"] * dtype.itemsize
+                    if not p.is_file() or p.stat().st_size < n:
+                        raise ValueError(f"{p.name} is shorter than progress.json records")
+                    h, top = _scan(p, n, dtype)
+                    if h.hexdigest() != rec["sha256"]:
+                        raise ValueError(f"{p.name} does not match its sha256 in progress.json")
+                    if p.stat().st_size > n:  # written after the last journal entry: never counted
+                        os.truncate(p, n)
+                    shards[split].append({"tokens": rec["tokens"], "hash": h, "max_id": top})
+                for p in cache.glob(f"{split}-*.bin"):
+                    if p.name not in {_shard_path(cache, split, k).name for k in range(len(shards[split]))}:
+                        p.unlink()
+            for key in ("items", "chars"):
+                if not isinstance(journal.get(key), int):
+                    raise TypeError(key)
+            if not all(isinstance(journal["docs"].get(s), int) for s in ("train", "val")):
+                raise TypeError("docs")
+        except (KeyError, TypeError, AttributeError, OSError, ValueError) as e:
+            why = str(e) if isinstance(e, ValueError) else f"progress.json lacks or mistypes {e}"
+    if why is not None:
+        log(f"{cache}: cannot resume the interrupted tokenization ({why}); starting it over")
+        return None
+    return tok, journal, shards
+
+
+def _build(cfg: DataConfig, corpus: Corpus, tok_given: TextTokenizer | None, vocab_size: int, cache: Path, log,
+           progress: bool, damaged: bool = False) -> dict:
+    cache.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(cache)
+    state = None if damaged else _resume_state(cache, tok_given, log)
+    if state is None:
+        _clear(cache)
+        if tok_given is None:
+            log(f"training a byte-level BPE tokenizer ({vocab_size} tokens) on {corpus.describe()}")
+            tok = train_bpe(_first_chars((d for i, d in _numbered(corpus.documents())
+                                          if not _is_val(i, cfg.val_fraction)), BPE_TRAIN_CHARS), vocab_size)
+        else:
+            tok = tok_given
+        tok.save(cache / "tokenizer")
+        tok = TextTokenizer.load(cache / "tokenizer")  # what every reader of the cache loads
+        journal = {"version": CACHE_VERSION, "tokenizer": tok.fingerprint(),
+                   "given_tokenizer": tok_given.fingerprint() if tok_given is not None else None,
+                   "dtype": _dtype(tok).name, "items": 0, "docs": {"train": 0, "val": 0}, "chars": 0,
+                   "mid_doc": False, "done": False, "shards": {"train": [], "val": []}}
+        atomic_write_text(cache / "progress.json", json.dumps(journal))  # the tokenizer is now part of the build
+        state = tok, journal, {"train": [], "val": []}
+    return _Builder(cfg, corpus, *state, cache, log, progress).run()
+
+
+class _ShardWriter:
+    """Appends tokens to ``<split>-NNNNN.bin`` shards of at most ``shard_tokens`` tokens each, keeping each shard's
+    sha256 and largest id as it goes. ``shards`` are the verified shards of an interrupted build."""
+
+    def __init__(self, cache: Path, split: str, dtype: np.dtype, shard_tokens: int, shards: list[dict]):
+        self.cache, self.split, self.dtype, self.cap = cache, split, dtype, shard_tokens
+        self.shards = shards or [self._new()]
+        self.f = open(self.path(len(self.shards) - 1), "ab" if shards else "wb")
+
+    @staticmethod
+    def _new() -> dict:
+        return {"tokens": 0, "hash": hashlib.sha256(), "max_id": -1}
 
     def path(self, k: int) -> Path:
-        return self.cache / f"{self.split}-{k:05d}.bin"
+        return _shard_path(self.cache, self.split, k)
 
     def write(self, tokens: np.ndarray) -> None:
         while tokens.size:
-            room = self.cap - self.sizes[-1]
-            if room == 0:
+            last = self.shards[-1]
+            room = self.cap - last["tokens"]
+            if room <= 0:  # full (or data.shard_tokens lowered between a build and its resumption)
                 self.f.close()
-                self.sizes.append(0)
-                self.f = open(self.path(len(self.sizes) - 1), "ab")
-                room = self.cap
+                self.shards.append(self._new())
+                self.f = open(self.path(len(self.shards) - 1), "wb")
+                continue
             part, tokens = tokens[:room], tokens[room:]
-            part.astype(self.dtype, copy=False).tofile(self.f)
-            self.sizes[-1] += part.size
+            raw = part.astype(self.dtype, copy=False).tobytes()
+            self.f.write(raw)
+            last["hash"].update(raw)
+            last["max_id"] = max(last["max_id"], int(part.max()))
+            last["tokens"] += part.size
 
     def sync(self) -> None:
         self.f.flush()
@@ -244,32 +568,22 @@ class _ShardWriter:
 
     @property
     def total(self) -> int:
-        return sum(self.sizes)
+        return sum(s["tokens"] for s in self.shards)
 
-    def paths(self) -> list[Path]:
-        return [self.path(k) for k in range(len(self.sizes))]
+    def journal(self) -> list[dict]:
+        return [{"tokens": s["tokens"], "sha256": s["hash"].hexdigest()} for s in self.shards]
 
 
 class _Builder:
-    def __init__(self, cfg: DataConfig, corpus: Corpus, tok: TextTokenizer, cache: Path, log, progress: bool):
+    def __init__(self, cfg: DataConfig, corpus: Corpus, tok: TextTokenizer, journal: dict, shards: dict,
+                 cache: Path, log, progress: bool):
         self.cfg, self.corpus, self.tok, self.cache, self.log, self.progress = cfg, corpus, tok, cache, log, progress
-        self.dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+        self.journal, self.shards = journal, shards
+        self.dtype = _dtype(tok)
         self.state_path = cache / "progress.json"
 
-    def _state(self) -> dict:
-        fresh = {"items": 0, "docs": {"train": 0, "val": 0}, "shards": {"train": [], "val": []}, "mid_doc": False,
-                 "chars": 0, "dtype": np.dtype(self.dtype).name, "tokenizer": self.tok.fingerprint()}
-        if not self.state_path.is_file():
-            return fresh
-        try:
-            st = json.loads(self.state_path.read_text())
-        except json.JSONDecodeError:
-            return fresh
-        if st.get("dtype") != fresh["dtype"] or st.get("tokenizer") != fresh["tokenizer"]:
-            return fresh
-        return st
-
-    def _batches(self, skip: int, doc_index: int, mid_doc: bool) -> Iterator[tuple[list[str], list[int], list[bool], list[bool]]]:
+    def _batches(self, skip: int, doc_index: int,
+                 mid_doc: bool) -> Iterator[tuple[list[str], list[int], list[bool], list[bool]]]:
         """Batches of (texts, document indices, starts-a-document, ends-a-document), after ``skip`` items."""
         texts, idx, starts, ends, chars = [], [], [], [], 0
         i, starting = doc_index, not mid_doc
@@ -288,24 +602,31 @@ class _Builder:
         if texts:
             yield texts, idx, starts, ends
 
+    def _record(self, writers: dict, **changes) -> None:
+        """Journal a point every shard was fsynced at: what a resumed build may start from."""
+        for w in writers.values():
+            w.sync()
+        self.journal = {**self.journal, **changes, "shards": {s: w.journal() for s, w in writers.items()}}
+        atomic_write_text(self.state_path, json.dumps(self.journal))
+
     def run(self) -> dict:
-        cfg, tok = self.cfg, self.tok
-        st = self._state()
-        resumed = st["items"] > 0
-        writers = {s: _ShardWriter(self.cache, s, self.dtype, cfg.shard_tokens, st["shards"][s]) for s in ("train", "val")}
+        cfg, tok, st = self.cfg, self.tok, self.journal
+        writers = {s: _ShardWriter(self.cache, s, self.dtype, cfg.shard_tokens, self.shards[s])
+                   for s in ("train", "val")}
         docs = dict(st["docs"])
         chars, items = st["chars"], st["items"]
         doc_index = docs["train"] + docs["val"]
-        if resumed:
+        if items > 0:
             self.log(f"resuming the interrupted tokenization of {self.corpus.describe()} after {items:,} items "
-                     f"({writers['train'].total + writers['val'].total:,} tokens)")
+                     f"({writers['train'].total + writers['val'].total:,} tokens, verified)")
         t0, last_log = time.perf_counter(), time.perf_counter()
         tokens_at_start = writers["train"].total + writers["val"].total
         bar = _Progress(self.progress, f"tokenizing {self.corpus.describe()}")
-        capped = False
+        capped = bool(st.get("capped"))
         mid_doc = bool(st.get("mid_doc"))
         try:
-            for texts, idx, starts, ends in _in_background(self._batches(items, doc_index, mid_doc)):
+            batches = () if st.get("done") else _in_background(self._batches(items, doc_index, mid_doc))
+            for texts, idx, starts, ends in batches:
                 encoded = tok.encode_documents(texts, starts, ends)
                 n_keep = len(texts)
                 if cfg.max_tokens:
@@ -328,11 +649,7 @@ class _Builder:
                 items += n_keep
                 chars += sum(len(texts[k]) for k in range(n_keep))
                 mid_doc = not ends[n_keep - 1]
-                for w in writers.values():
-                    w.sync()
-                st = {**st, "items": items, "docs": docs, "chars": chars, "mid_doc": mid_doc,
-                      "shards": {s: w.sizes for s, w in writers.items()}}
-                atomic_write_text(self.state_path, json.dumps(st))
+                self._record(writers, items=items, docs=docs, chars=chars, mid_doc=mid_doc, capped=capped)
                 n_tok = writers["train"].total + writers["val"].total
                 rate = (n_tok - tokens_at_start) / max(time.perf_counter() - t0, 1e-9)
                 bar.update(f"{docs['train'] + docs['val']:,} documents, {n_tok:,} tokens, {rate:,.0f} tokens/s")
@@ -341,54 +658,66 @@ class _Builder:
                     last_log = time.perf_counter()
                 if capped:
                     break
+            if not st.get("done"):  # a rerun after this point re-reads nothing from the source
+                self._record(writers, done=True)
         finally:
             bar.close()
             for w in writers.values():
                 w.close()
         seconds = time.perf_counter() - t0
+        return self._commit(writers, docs, chars, capped, seconds, tokens_at_start)
+
+    def _commit(self, writers: dict, docs: dict, chars: int, capped: bool, seconds: float,
+                tokens_at_start: int) -> dict:
+        """Write the manifest: the one step that makes the cache usable. Nothing before it changed a shard."""
+        cfg, tok = self.cfg, self.tok
+        files, order = {}, []
+        for split in ("train", "val"):
+            w = writers[split]
+            for k, s in enumerate(w.shards):
+                p = w.path(k)
+                nbytes = s["tokens"] * self.dtype.itemsize
+                sample, _ = _sample_digest(p, nbytes, self.dtype)
+                files[p.name] = {"tokens": s["tokens"], "sha256": s["hash"].hexdigest(), "sample_sha256": sample,
+                                 "max_id": s["max_id"], "mtime_ns": p.stat().st_mtime_ns}
+                order.append((split, p.name, s["tokens"]))
+        segments: dict = {"train": [], "val": []}
         split = "documents"
         if docs["val"] < 2 or docs["train"] == 0:
-            # Too few documents to split by document (e.g. one big text file): hold out the tail of the tokens.
-            self._tail_split(writers)
+            # Too few documents to split by document (e.g. one big text file): every token in one stream (train
+            # then val), the last val_fraction of it held out. A cut position, not a rewrite of any shard.
             split = "tail"
-        n_train, n_val = writers["train"].total, writers["val"].total
-        meta = {"version": CACHE_VERSION, "source": self.cfg.source, "describe": self.corpus.describe(),
-                "dtype": np.dtype(self.dtype).name, "train_tokens": n_train, "val_tokens": n_val,
+            total = sum(n for _, _, n in order)
+            cut = int(total * (1 - cfg.val_fraction))
+            pos = 0
+            for _, name, n in order:
+                if min(pos + n, cut) > pos:
+                    segments["train"].append([name, 0, min(pos + n, cut) - pos])
+                if pos + n > max(pos, cut):
+                    segments["val"].append([name, max(pos, cut) - pos, n])
+                pos += n
+        else:
+            for s, name, n in order:
+                if n:
+                    segments[s].append([name, 0, n])
+        n_train = sum(hi - lo for _, lo, hi in segments["train"])
+        n_val = sum(hi - lo for _, lo, hi in segments["val"])
+        meta = {"version": CACHE_VERSION, "source": cfg.source, "describe": self.corpus.describe(),
+                "dtype": self.dtype.name, "train_tokens": n_train, "val_tokens": n_val,
                 "train_docs": docs["train"], "val_docs": docs["val"], "split": split, "characters": chars,
-                "train_shards": [p.name for p in writers["train"].paths()],
-                "val_shards": [p.name for p in writers["val"].paths()],
-                "tokenizer": tok.source, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
-                "capped": capped, "seconds": round(seconds, 3),
-                "tokens_per_s": round((n_train + n_val - tokens_at_start) / max(seconds, 1e-9))}
+                "train_shards": [name for name, _, _ in segments["train"]],
+                "val_shards": [name for name, _, _ in segments["val"]],
+                "tokenizer": tok.source, "tokenizer_fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size,
+                "eos_id": tok.eos_id, "bos_id": tok.bos_id, "capped": capped, "seconds": round(seconds, 3),
+                "tokens_per_s": round((n_train + n_val - tokens_at_start) / max(seconds, 1e-9)),
+                "files": files, "segments": segments}
+        meta["checksum"] = _checksum(meta)
         atomic_write_text(self.cache / "meta.json", json.dumps(meta, indent=2))
         self.state_path.unlink(missing_ok=True)
         self.log(f"tokenized {docs['train'] + docs['val']:,} documents: {n_train:,} train / {n_val:,} validation "
                  f"tokens (vocabulary {tok.vocab_size}, {meta['tokens_per_s']:,} tokens/s)"
                  + (f"; stopped at data.max_tokens={cfg.max_tokens:,}" if capped else ""))
         return meta
-
-    def _tail_split(self, writers: dict[str, _ShardWriter]) -> None:
-        """Every token into one stream (train then val), the last val_fraction of it becomes the validation split."""
-        stream = ShardedTokens(writers["train"].paths() + writers["val"].paths(), self.dtype)
-        cut = int(stream.size * (1 - self.cfg.val_fraction))
-        tail = self.cache / "val-tail.bin"
-        with open(tail, "wb") as f:
-            for a in range(cut, stream.size, 1 << 24):
-                np.asarray(stream[a:min(a + (1 << 24), stream.size)]).tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
-        del stream
-        for p in writers["val"].paths():
-            p.unlink()
-        # Train keeps its first `cut` tokens.
-        left = cut
-        for k, n in enumerate(writers["train"].sizes):
-            keep = min(n, left)
-            os.truncate(writers["train"].path(k), keep * np.dtype(self.dtype).itemsize)
-            writers["train"].sizes[k] = keep
-            left -= keep
-        os.replace(tail, writers["val"].path(0))
-        writers["val"].sizes = [int((writers["val"].path(0).stat().st_size) // np.dtype(self.dtype).itemsize)]
 
 
 class _Progress:
@@ -424,15 +753,6 @@ def _check_writable(cache: Path) -> None:
         writable_dir(cache, "token cache")
     except RunFolderError as e:
         raise DataError(f"{e} (data.cache_dir)") from None
-
-
-def _open(cache: Path, meta: dict, tok: TextTokenizer) -> TokenData:
-    dtype = np.dtype(meta["dtype"])
-    train = ShardedTokens([cache / n for n in meta["train_shards"]], dtype)
-    val = ShardedTokens([cache / n for n in meta["val_shards"]], dtype)
-    if train.size == 0 or val.size == 0:
-        raise DataError(f"{cache}: the tokenized data is empty; remove the folder and check data.source")
-    return TokenData(train, val, tok, cache, meta)
 
 
 def token_counts(tokens: ShardedTokens, vocab: int) -> np.ndarray:
@@ -501,8 +821,8 @@ class WindowSampler:
                             f"data gives {self.n_windows}; resume with the same data and train.seq_len")
         saved = state.get("global_batch", self.global_batch)
         if saved != self.global_batch:
-            raise DataError(f"the checkpoint was saved with a global batch of {saved} sequences per micro-step, this run "
-                            f"has {self.global_batch} (train.batch_size x processes); set train.batch_size so that "
+            raise DataError(f"the checkpoint was saved with a global batch of {saved} sequences per micro-step, this "
+                            f"run has {self.global_batch} (train.batch_size x processes); set train.batch_size so that "
                             f"batch_size x processes = {saved}")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 

@@ -170,6 +170,21 @@ class TextTokenizer:
         return cls(tok, str(path), eos_token or cfg.get("eos_token"), cfg.get("bos_token"), cfg.get("add_bos_token"))
 
 
+def tokenizer_difference(a: TextTokenizer, b: TextTokenizer) -> str:
+    """How tokenizer ``b`` differs from ``a``, in a few words for an error message."""
+    if a.specials() != b.specials():
+        return f"special tokens {a.specials()} before, {b.specials()} now"
+    va, vb = a.tok.get_vocab(with_added_tokens=True), b.tok.get_vocab(with_added_tokens=True)
+    if len(va) != len(vb):
+        return f"{len(va)} tokens before, {len(vb)} now"
+    ia, ib = {i: t for t, i in va.items()}, {i: t for t, i in vb.items()}
+    moved = sorted(i for i in ia if ia[i] != ib.get(i))
+    if moved:
+        i = moved[0]
+        return f"{len(moved)} ids stand for other tokens now, e.g. id {i}: {ia[i]!r} before, {ib.get(i)!r} now"
+    return "the same vocabulary with other merges, normalisation or pre-tokenization"
+
+
 def _decoder_kinds(spec) -> set[str]:
     if not spec:
         return set()

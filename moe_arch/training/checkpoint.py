@@ -96,8 +96,23 @@ def write_latest(ckpt_dir: Path, name: str) -> None:
     atomic_write_text(ckpt_dir / "latest.txt", name + "\n")
 
 
-def resolve_resume(spec: str, run_dir: Path) -> Path:
-    """``latest`` (this run's newest checkpoint), a run folder, or a checkpoint file."""
+def is_complete(path: Path) -> bool:
+    """A checkpoint that can be offered for resuming: a ``.pt`` file whose zip directory (at its end, where a cut
+    file loses it) is intact, or a distributed-checkpoint folder with its ``.metadata``. Saves are atomic, so this
+    only rejects files damaged afterwards; reading them in full is load_checkpoint's job."""
+    import zipfile
+
+    if path.name.startswith("."):
+        return False
+    if path.is_dir():
+        return (path / ".metadata").is_file()
+    return path.suffix == ".pt" and path.is_file() and zipfile.is_zipfile(path)
+
+
+def resolve_resume(spec: str, run_dir: Path, log=None) -> Path:
+    """``latest`` (this run's newest checkpoint), a run folder, or a checkpoint file. ``latest.txt`` names the
+    newest; when it is unreadable, empty, or names a checkpoint that is missing or damaged, the newest complete
+    checkpoint is taken instead and ``log`` says why."""
     if spec == "latest":
         base = checkpoint_dir(run_dir)
     else:
@@ -108,16 +123,34 @@ def resolve_resume(spec: str, run_dir: Path) -> Path:
             raise CheckpointError(f"--resume {spec}: no such checkpoint file or run folder")
         base = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     latest = base / "latest.txt"
-    if latest.is_file():
-        target = base / latest.read_text().strip()
-        if target.exists():
-            return target
-    candidates = sorted([q for q in base.iterdir() if q.suffix == ".pt" or (q.is_dir() and (q / ".metadata").exists()
-                                                                           and not q.name.startswith("."))],
-                        key=lambda q: q.stat().st_mtime)
-    if not candidates:
-        raise CheckpointError(f"--resume {spec}: no checkpoint in {base}")
-    return candidates[-1]
+    note = None
+    if latest.exists():
+        try:
+            name = latest.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            name, note = None, f"{latest} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})"
+        if name is not None:
+            target = base / name
+            if not name:
+                note = f"{latest} is empty"
+            elif Path(name).name != name or name in (".", ".."):
+                note = f"{latest} names {name!r}, not a checkpoint in {base}"
+            elif not target.exists():
+                note = f"{latest} names {name}, which does not exist"
+            elif not is_complete(target):
+                note = f"{latest} names {name}, which is not a complete checkpoint"
+            else:
+                return target
+    try:
+        found = [q for q in base.iterdir() if (q.suffix == ".pt" or q.is_dir()) and is_complete(q)]
+    except OSError as e:
+        raise CheckpointError(f"--resume {spec}: cannot list {base} ({e.strerror})") from None
+    if not found:
+        raise CheckpointError(f"--resume {spec}: no complete checkpoint in {base}" + (f" ({note})" if note else ""))
+    newest = max(found, key=lambda q: (q.stat().st_mtime_ns, q.name))
+    if note and log is not None:
+        log(f"{note}; resuming the newest complete checkpoint, {newest.name}")
+    return newest
 
 
 def prune(ckpt_dir: Path, keep_last: int, current_step: int | None = None) -> None:

@@ -1,5 +1,9 @@
 """Where numbers go: ``metrics.jsonl`` (one JSON object per log step), TensorBoard, and W&B when asked for;
-and how the run talks to a person: a rich progress bar on a terminal, plain lines otherwise."""
+and how the run talks to a person: a rich progress bar on a terminal, plain lines otherwise.
+
+A run's history describes one timeline: when a run (re)starts at step S, the rows a killed or abandoned run
+logged after S (they will be logged again) and a last line cut by a crash are removed first, and TensorBoard is
+told to purge its events from S + 1 on."""
 
 from __future__ import annotations
 
@@ -14,6 +18,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from moe_arch.utils import atomic_path
+
+HISTORIES = ("metrics.jsonl", "alerts.jsonl")  # the JSON-lines files of a run folder, one row per step event
+
 
 def _clean(v: Any) -> Any:
     if hasattr(v, "item"):
@@ -23,9 +31,68 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def _row(line: bytes) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _step(row: dict) -> int | None:
+    s = row.get("step")
+    return s if isinstance(s, int) and not isinstance(s, bool) else None
+
+
+def rewind_history(path: Path, step: int) -> str | None:
+    """Cut a JSON-lines history back to ``step``: rows of later steps, unparseable lines and a last line without
+    its newline (cut by a crash) are removed, atomically. Returns what was removed, or None when nothing was."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    with open(path, "rb") as f:  # the common case, a clean end at or before ``step``, reads only the tail
+        f.seek(max(0, size - (1 << 16)))
+        tail = f.read()
+    if tail.endswith(b"\n"):
+        last = _row(tail[:-1].rsplit(b"\n", 1)[-1])
+        if last is not None and (_step(last) is None or _step(last) <= step):
+            return None
+    later, bad, torn = [], 0, False
+    with atomic_path(path) as tmp, open(path, "rb") as src, open(tmp, "wb") as dst:
+        for line in src:
+            complete = line.endswith(b"\n")
+            row = _row(line)
+            if row is None:
+                if complete:
+                    bad += 1
+                else:
+                    torn = True
+                continue
+            s = _step(row)
+            if s is not None and s > step:
+                later.append(s)
+                continue
+            dst.write(line if complete else line + b"\n")
+    parts = []
+    if later:
+        parts.append(f"{len(later)} rows of steps {min(later)}-{max(later)} (after step {step}, where this run "
+                     "starts)")
+    if torn:
+        parts.append("a last line cut mid-row")
+    if bad:
+        parts.append(f"{bad} unreadable lines")
+    return f"{path}: removed " + " and ".join(parts)
+
+
 class MetricsLogger:
+    """``start_step``: the step the run starts from (0, or the resumed checkpoint's); the history past it is
+    removed first (``rewind_history``), and ``log`` says what was removed."""
+
     def __init__(self, run_dir: Path, tensorboard: bool = True, wandb: bool = False, wandb_project: str = "moe-arch",
-                 config: dict | None = None, enabled: bool = True):
+                 config: dict | None = None, enabled: bool = True, start_step: int = 0, log=None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self._tb = None
@@ -33,11 +100,18 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        for name in HISTORIES:
+            said = rewind_history(run_dir / name, start_step)
+            if said and log is not None:
+                log(said)
         self._f = open(self.path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            tb_dir = run_dir / "tensorboard"
+            # Events of the steps about to be logged again are hidden from TensorBoard (its own resume rule).
+            purge = start_step + 1 if tb_dir.is_dir() and any(tb_dir.iterdir()) else None
+            self._tb = SummaryWriter(log_dir=str(tb_dir), purge_step=purge)
         if wandb:
             try:
                 import wandb as wb

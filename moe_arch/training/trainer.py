@@ -172,14 +172,19 @@ class Trainer:
         if resume is None and self.dist.is_main:
             claim_for_fresh_start(self.run_dir, t.overwrite)
         torch.manual_seed(t.seed)
+        # The checkpoint to resume, and its tokenizer, before the data: the data is tokenized with that tokenizer
+        # (a train-bpe run's is in the checkpoint), and a data.tokenizer file changed since is refused here rather
+        # than after hours of tokenizing the corpus with it.
+        resume_path = ckpt.resolve_resume(resume, self.run_dir, log=self._log) if resume else None
+        ck_tok = self._checkpoint_tokenizer(resume_path) if resume_path is not None else None
 
         # Data: rank 0 tokenizes (and caches) first; the others read the cache.
         if self.dist.is_main:
-            self.data: TokenData = prepare_data(cfg.data, cfg.model.vocab_size, log=self._log,
+            self.data: TokenData = prepare_data(cfg.data, cfg.model.vocab_size, log=self._log, tokenizer=ck_tok,
                                                 progress=t.progress in ("auto", "rich"))
         self.dist.barrier()
         if not self.dist.is_main:
-            self.data = prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a: None)
+            self.data = prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a: None, tokenizer=ck_tok)
         vocab_before = cfg.model.vocab_size
         cfg = self.cfg = follow_tokenizer(cfg, self.data.tokenizer)
         if cfg.model.vocab_size != vocab_before:
@@ -214,8 +219,8 @@ class Trainer:
         self._stop_signal: int | None = None
         self.resumed_from: Path | None = None
         self.last_checkpoint: Path | None = None
-        if resume:
-            self._resume(resume)
+        if resume_path is not None:
+            self._resume(resume_path)
             if init_state is not None:  # e.g. `train --init-from DIR --resume latest` run a second time
                 self._log(f"--init-from: not applied, the run continues from {self.resumed_from} (its weights "
                           "descend from the folder's if the run began with it)")
@@ -235,10 +240,39 @@ class Trainer:
 
         return parallelize(model, mode, self.policy, self.device)
 
-    def _resume(self, spec: str) -> None:
+    def _checkpoint_tokenizer(self, path: Path):
+        """The tokenizer stored in the checkpoint at ``path`` (read lazily: no tensor is loaded), after checking
+        that data.tokenizer still is that tokenizer; None for checkpoints that carry none."""
+        from moe_arch.data.dataset import resolve_tokenizer
+        from moe_arch.data.tokenizer import TextTokenizer, tokenizer_difference
+        from moe_arch.parallel.dcp import is_dcp_dir, read_meta
+
+        state = read_meta(path) if is_dcp_dir(path) else ckpt.load_checkpoint(path, mmap=True)
+        saved_cfg = _field(path, state, "config", dict) if "config" in state else {}
+        data_diffs = [d for d in ckpt.config_differences(saved_cfg, self.cfg.to_dict()) if d.startswith("data.")]
+        if data_diffs and saved_cfg:  # the rest of the config is compared once the model exists
+            raise ckpt.CheckpointError(f"cannot resume {path} with this config; these fields differ: "
+                                       f"{'; '.join(data_diffs)}. Resume with the checkpoint's config or start a new "
+                                       "run (--train.run_name)")
+        if not isinstance(state.get("tokenizer_json"), str):
+            return None
+        try:
+            saved = TextTokenizer.from_checkpoint(state, str(path))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions for a malformed JSON
+            raise ckpt.CheckpointError(f"{path}: 'tokenizer_json' is not a readable tokenizer "
+                                       f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        del state
+        current = resolve_tokenizer(self.cfg.data)
+        if current is not None and current.fingerprint() != saved.fingerprint():
+            raise ckpt.CheckpointError(
+                f"{path}: data.tokenizer={self.cfg.data.tokenizer!r} is not the tokenizer this checkpoint was trained "
+                f"with ({tokenizer_difference(saved, current)}); restore the tokenizer it was trained with, or start "
+                "a new run (--train.run_name)")
+        return saved
+
+    def _resume(self, path: Path) -> None:
         from moe_arch.parallel.dcp import is_dcp_dir, load_dcp, read_meta
 
-        path = ckpt.resolve_resume(spec, self.run_dir)
         if is_dcp_dir(path):
             self._check_resume_config(path, read_meta(path))  # before loading: a mismatch is a clear error
             state = load_dcp(path, self.raw_model, self.optimizers)
@@ -595,7 +629,8 @@ class Trainer:
             if self.policy.name == "bf16-pure":
                 self._log("  training anyway (bf16-pure reproduces this on purpose); use --train.precision "
                           "bf16-mixed or bf16-compensated to train these tensors")
-        logger = MetricsLogger(self.run_dir, t.tensorboard, t.wandb, t.wandb_project, cfg.to_dict(), enabled=main)
+        logger = MetricsLogger(self.run_dir, t.tensorboard, t.wandb, t.wandb_project, cfg.to_dict(), enabled=main,
+                               start_step=self.step, log=self._log)
         if self.monitor is not None:
             self.monitor.attach(logger, self)
         if self.resumed_from is None and t.save_step0 and self.step == 0:
