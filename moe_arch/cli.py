@@ -25,6 +25,31 @@ class UsageError(Exception):
     pass
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (argparse prints the usage block, then the error)."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def number(integer: bool = False):
+    """An argparse type: every numeric flag is read by utils.parse_number, which refuses nan and inf."""
+    from moe_arch.utils import parse_number
+
+    def parse(text: str):
+        try:
+            return parse_number(text, "value", integer)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e.reason}") from None
+
+    parse.__name__ = "integer" if integer else "number"
+    return parse
+
+
+INT, FLOAT = number(integer=True), number()
+
+
 def extract_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """Split ``--section.field VALUE`` overrides out of argv before argparse sees it (argparse would take an
     override's value for a positional argument)."""
@@ -201,10 +226,7 @@ def cmd_config(args, rest) -> int:
 def cmd_generate(args, rest) -> int:
     import torch
 
-    from moe_arch.config import Config
-    from moe_arch.data.tokenizer import TextTokenizer
-    from moe_arch.model.transformer import materialize
-    from moe_arch.training.checkpoint import load_checkpoint
+    from moe_arch.evaluation.loss import load_for_eval
 
     if rest:
         raise UsageError(f"unexpected arguments {rest}")
@@ -215,16 +237,25 @@ def cmd_generate(args, rest) -> int:
                                      ("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1")]:
         if not ok:
             raise UsageError(f"generate {name} {value}: must be {allowed}")
-    state = load_checkpoint(args.checkpoint)
-    cfg = Config.from_dict(state["config"], f"{args.checkpoint} (config)")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, _, _ = materialize(cfg.model, state["model"], device)
-    model.eval()
-    tok = TextTokenizer.from_checkpoint(state, args.checkpoint)
-    prompt = ([tok.bos_id] if tok.add_bos else []) + tok.encode(args.prompt)
+    ck = load_for_eval(args.checkpoint, device)
+    model, cfg, tok = ck.model, ck.cfg, ck.tokenizer
+    limit = cfg.model.max_seq_len
+    if args.max_new_tokens >= limit:
+        raise UsageError(f"generate --max-new-tokens {args.max_new_tokens}: must be < model.max_seq_len={limit} of "
+                         f"{args.checkpoint} (the prompt and the new tokens share that many positions)")
+    head = [tok.bos_id] if tok.add_bos else []
+    body = tok.encode(args.prompt)
+    keep = limit - args.max_new_tokens - len(head)
+    if len(body) > keep:
+        # The model cannot attend further back than max_seq_len: the end of the prompt is what it continues.
+        print(f"note: the prompt is {len(body)} tokens; its first {len(body) - keep} are dropped so that it and "
+              f"--max-new-tokens {args.max_new_tokens} fit model.max_seq_len={limit}", file=sys.stderr)
+        body = body[len(body) - keep:] if keep > 0 else []
+    prompt = head + body
     ids = torch.tensor([prompt or [tok.eos_id]], device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    room = min(args.max_new_tokens, cfg.model.max_seq_len - ids.shape[1])
+    room = args.max_new_tokens
     drafts = len(model.mtp_heads) if args.speculative == "auto" else 0
     from moe_arch.model.generation import generate
 
@@ -259,6 +290,10 @@ def cmd_eval(args, rest) -> int:
     for name, value in [("--max-tokens", args.max_tokens), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size)]:
         if value < 0:
             raise UsageError(f"eval {name} {value}: must be >= 0 (0: {'all' if name == '--max-tokens' else 'the checkpoint config'})")
+    if args.json:
+        from moe_arch.utils import writable_file
+
+        writable_file(args.json, "evaluation result", "--json", "eval.json")  # before the (long) evaluation
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if not args.quiet else (lambda *a, **k: None)
     try:
         res = run_eval(args.checkpoint, data, args.split, args.max_tokens, args.device, args.seq_len, args.batch_size,
@@ -267,9 +302,9 @@ def cmd_eval(args, rest) -> int:
         raise ConfigError(f"eval {args.checkpoint}: {e}") from None
     text = json.dumps(res, indent=2)
     if args.json:
-        from moe_arch.utils import atomic_write_text
+        from moe_arch.utils import write_output
 
-        atomic_write_text(args.json, text + "\n")
+        write_output(args.json, text + "\n", "evaluation result", "--json")
     print(text)
     return 0
 
@@ -278,8 +313,20 @@ def cmd_lm_eval(args, rest) -> int:
     """lm-evaluation-harness tasks on a checkpoint, through the registered ``moe_arch`` model."""
     import json
 
+    from moe_arch.utils import parse_number
+
     if rest:
         raise UsageError(f"unexpected arguments {rest}")
+    if args.limit is not None and args.limit <= 0:
+        raise UsageError(f"lm-eval --limit {args.limit:g}: must be > 0 (documents per task, or a fraction below 1)")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UsageError(f"lm-eval --num-fewshot {args.num_fewshot}: must be >= 0")
+    if args.batch_size != "auto":  # lm_eval's "auto" runs one request at a time here
+        try:
+            if parse_number(args.batch_size, "--batch-size", integer=True) < 1:
+                raise UsageError(f"lm-eval --batch-size {args.batch_size}: must be >= 1 (or auto)")
+        except ValueError as e:
+            raise UsageError(f"lm-eval {e}; give a positive integer or auto") from None
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -287,7 +334,10 @@ def cmd_lm_eval(args, rest) -> int:
     except ImportError:
         raise UsageError("lm-eval needs lm-evaluation-harness: pip install 'moe-arch[eval]'") from None
     from moe_arch.evaluation.harness import MoeArchLM
+    from moe_arch.utils import write_output, writable_file
 
+    if args.output:
+        writable_file(args.output, "lm-eval results", "--output", "results.json")  # before the (long) tasks
     model = MoeArchLM(args.checkpoint, device=args.device, batch_size=args.batch_size)
     tasks = [t for t in args.tasks.split(",") if t]
     # Indexing lm_eval's thousands of built-in task YAMLs takes most of a minute: only when a task is not local.
@@ -301,10 +351,8 @@ def cmd_lm_eval(args, rest) -> int:
                                   num_fewshot=args.num_fewshot, log_samples=False)
     print(make_table(res))
     if args.output:
-        from moe_arch.utils import atomic_write_text
-
-        atomic_write_text(args.output, json.dumps({k: res[k] for k in ("results", "versions", "n-shot", "config")
-                                                   if k in res}, indent=2, default=str))
+        write_output(args.output, json.dumps({k: res[k] for k in ("results", "versions", "n-shot", "config")
+                                              if k in res}, indent=2, default=str), "lm-eval results", "--output")
     return 0
 
 
@@ -371,10 +419,10 @@ def cmd_export(args, rest) -> int:
 
     if rest:
         raise UsageError(f"unexpected arguments {rest}")
-    from moe_arch.training.run_dir import writable_dir
+    from moe_arch.utils import writable_file
 
     src = Path(args.checkpoint)
-    writable_dir(Path(args.output).resolve().parent, "exported checkpoint")  # before the (long) load
+    writable_file(args.output, "exported checkpoint", "OUTPUT", "out.pt")  # before the (long) load
     model, _, opts, meta = load_dcp_run(src, "exported")
     keep = {k: v for k, v in meta.items() if k not in ("optim_param_groups", "optim_scalars", "optimizer_layout",
                                                        "has_optimizer_state")}
@@ -392,7 +440,7 @@ OVERRIDES_HELP = """config overrides:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moe-arch", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="moe-arch", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=f"moe-arch {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -412,11 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--memory", action="store_true",
                    help="per-device memory of a training step (parameters, gradients, optimizer states, activations, "
                         "temporaries), whether it fits and the largest micro-batch that does")
-    i.add_argument("--gpus", type=int, default=1, help="--memory: devices (default 1)")
-    i.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB", help="--memory: GiB per device (default 80)")
+    i.add_argument("--gpus", type=INT, default=1, help="--memory: devices (default 1)")
+    i.add_argument("--gpu-memory", type=FLOAT, default=80.0, metavar="GB", help="--memory: GiB per device (default 80)")
     i.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp", help="--memory: data parallelism")
-    i.add_argument("--batch-size", type=int, default=None, help="--memory: micro-batch (default train.batch_size)")
-    i.add_argument("--seq-len", type=int, default=None, help="--memory: tokens per sequence (default train.seq_len)")
+    i.add_argument("--batch-size", type=INT, default=None, help="--memory: micro-batch (default train.batch_size)")
+    i.add_argument("--seq-len", type=INT, default=None, help="--memory: tokens per sequence (default train.seq_len)")
     i.add_argument("--activation-checkpointing", choices=("none", "full", "selective", "sequence"), default=None,
                    help="--memory: default train.activation_checkpointing")
     i.add_argument("--precision", choices=("fp32", "bf16-mixed", "bf16-compensated", "bf16-pure"), default=None,
@@ -435,12 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from a checkpoint with the KV/SSM cache")
     g.add_argument("checkpoint")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--max-new-tokens", type=INT, default=100)
+    g.add_argument("--temperature", type=FLOAT, default=0.8)
+    g.add_argument("--top-k", type=INT, default=50)
+    g.add_argument("--top-p", type=FLOAT, default=1.0)
+    g.add_argument("--seed", type=INT, default=0)
+    g.add_argument("--num-samples", type=INT, default=1)
     g.add_argument("--stop-at-eos", action="store_true")
     g.add_argument("--device", default="auto")
     g.add_argument("--speculative", choices=("auto", "off"), default="auto",
@@ -457,9 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--split", choices=["val", "train", "all"], default=None,
                    help="which part of the tokenized source: its held-out validation documents (the default for the "
                         "training source), the training part, or all of it (the default with --data)")
-    v.add_argument("--max-tokens", type=int, default=0, help="stop after this many predicted tokens (0: every token)")
-    v.add_argument("--seq-len", type=int, default=0, help="window length (default: the checkpoint's train.seq_len)")
-    v.add_argument("--batch-size", type=int, default=0, help="windows per forward (default: train.batch_size)")
+    v.add_argument("--max-tokens", type=INT, default=0, help="stop after this many predicted tokens (0: every token)")
+    v.add_argument("--seq-len", type=INT, default=0, help="window length (default: the checkpoint's train.seq_len)")
+    v.add_argument("--batch-size", type=INT, default=0, help="windows per forward (default: train.batch_size)")
     v.add_argument("--device", default="auto")
     v.add_argument("--json", default=None, help="also write the result to this file")
     v.add_argument("--quiet", action="store_true", help="no data-preparation messages on stderr")
@@ -469,8 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("checkpoint")
     h.add_argument("--tasks", required=True, help="comma-separated lm_eval task names")
     h.add_argument("--include-path", default=None, help="a folder of your own task YAMLs")
-    h.add_argument("--limit", type=float, default=None, help="documents per task (or a fraction)")
-    h.add_argument("--num-fewshot", type=int, default=None)
+    h.add_argument("--limit", type=FLOAT, default=None, help="documents per task (or a fraction)")
+    h.add_argument("--num-fewshot", type=INT, default=None)
     h.add_argument("--batch-size", default="1")
     h.add_argument("--device", default="auto")
     h.add_argument("--output", default=None, help="write the results as JSON to this file")
@@ -506,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("reproduce-seed", help="reproduce the seed report's frozen-norm bug (or its fix), then diagnose")
     r.add_argument("--precision", default="bf16-pure", choices=["bf16-pure", "bf16-mixed", "bf16-compensated", "fp32"])
-    r.add_argument("--steps", type=int, default=60)
+    r.add_argument("--steps", type=INT, default=60)
     r.add_argument("--out", default="runs")
     r.set_defaults(func=cmd_reproduce_seed)
     return p
@@ -517,13 +565,14 @@ def main(argv: list[str] | None = None) -> int:
     from moe_arch.data.corpus import DataError
     from moe_arch.model.cpu_kernels import KernelISAError
     from moe_arch.training.checkpoint import CheckpointError
+    from moe_arch.utils import OutputError
 
     parser = build_parser()
     argv, overrides = extract_overrides(list(sys.argv[1:] if argv is None else argv))
     args, rest = parser.parse_known_args(argv)
     try:
         return args.func(args, rest + overrides)
-    except (ConfigError, DataError, CheckpointError, UsageError, KernelISAError) as e:
+    except (ConfigError, DataError, CheckpointError, UsageError, KernelISAError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -19,9 +19,15 @@ from typing import Any
 
 import yaml
 
+from moe_arch.utils import NumberError, parse_number
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid. The message is one line: source, field, value, what is allowed."""
+
+
+class DuplicateKeyError(ConfigError):
+    """A YAML mapping sets one key twice."""
 
 
 MAX_VOCAB = 1 << 24
@@ -32,6 +38,16 @@ MAX_PARAMETERS = 10 ** 13
 
 def _fail(section: str, name: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ConfigError(f"{section}.{name}={value!r}: {allowed}")
+
+
+def _check_finite(section: str, obj) -> None:
+    """nan and inf are refused in every float field: no field gives them a meaning, and every comparison with nan
+    is False, so a range check such as ``grad_clip < 0`` would let nan through into the run."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            if isinstance(x, float) and not math.isfinite(x):
+                _fail(section, f.name, v, "must be a finite number (not nan or inf)")
 
 
 def _check_layers(section: str, name: str, layers: list[int], n_layers: int) -> None:
@@ -90,6 +106,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         s = "model"
+        _check_finite(s, self)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -211,6 +228,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         s = "optim"
+        _check_finite(s, self)
         for name in ("muon_lr", "adamw_lr", "weight_decay", "adamw_eps"):
             if not getattr(self, name) >= 0:
                 _fail(s, name, getattr(self, name), "must be >= 0")
@@ -275,6 +293,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         s = "train"
+        _check_finite(s, self)
         for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -292,6 +311,8 @@ class TrainConfig:
             _fail(s, "decay_frac", self.decay_frac, "must be in (0, 1]")
         if self.grad_clip < 0:
             _fail(s, "grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        if self.peak_flops < 0:
+            _fail(s, "peak_flops", self.peak_flops, "must be >= 0 (0 measures the matmul peak at start)")
         if self.precision not in PRECISIONS:
             _fail(s, "precision", self.precision, f"allowed: {', '.join(PRECISIONS)}")
         if self.nan_policy not in ("stop", "skip"):
@@ -332,6 +353,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         s = "data"
+        _check_finite(s, self)
         if not 0 < self.val_fraction < 0.5:
             _fail(s, "val_fraction", self.val_fraction, "must be in (0, 0.5)")
         if not self.source:
@@ -358,6 +380,9 @@ class MonitorConfig:
     stop_on_critical: bool = False
 
     def __post_init__(self) -> None:
+        _check_finite("monitor", self)
+        if not self.spike_zscore > 0:
+            _fail("monitor", "spike_zscore", self.spike_zscore, "must be > 0")
         for name in ("interval", "window", "sample_size"):
             if getattr(self, name) < 1:
                 _fail("monitor", name, getattr(self, name), "must be >= 1")
@@ -474,13 +499,20 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
         raise ConfigError(f"{path}={value!r}: expected an integer")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}={value!r}: expected a number")
+                number = float(value)
+            except OverflowError:  # an integer beyond any float
+                raise ConfigError(f"{path}={value!r}: must be a finite number") from None
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                number = parse_number(value, path)
+            except NumberError as e:
+                raise ConfigError(f"{path}={value!r}: {e.reason}") from None
+        else:
+            raise ConfigError(f"{path}={value!r}: expected a number")
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}={value!r}: must be a finite number (not nan or inf)")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -497,27 +529,68 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(path_or_preset: str) -> tuple[dict[str, Any], str]:
-    path = Path(path_or_preset)
+def safe_load_unique(text: str, source: str) -> Any:
+    """``yaml.safe_load``, refusing a key given twice in one mapping: PyYAML keeps the last one silently, so
+    ``steps: 5`` ... ``steps: 7`` would run 7 steps with no word said."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _refuse_duplicate_keys(node, source)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def _refuse_duplicate_keys(root: yaml.Node, source: str) -> None:
+    stack, seen = [(root, ())], set()
+    while stack:
+        node, where = stack.pop()
+        if id(node) in seen:  # an alias refers back to a node already checked (possibly its own ancestor)
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key, value in node.value:
+                if key.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges; overriding a merged key is the point
+                    stack.append((value, where))
+                    continue
+                name = key.value if isinstance(key, yaml.ScalarNode) else f"<{key.tag}>"
+                if isinstance(key, yaml.ScalarNode):
+                    ident = (key.tag, key.value)
+                    if ident in first:
+                        dotted = ".".join(where + (name,))
+                        raise DuplicateKeyError(f"{source}: line {key.start_mark.line + 1}: {dotted!r} is set "
+                                                f"twice in the same mapping (also on line {first[ident]}); YAML "
+                                                "would silently keep the last one: remove one of them")
+                    first[ident] = key.start_mark.line + 1
+                stack.append((value, where + (str(name),)))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, where + (f"[{i}]",)) for i, v in enumerate(node.value))
+
+
+def _read_yaml(spec: str, relative_to: Path | None = None) -> tuple[Any, str, str, bool]:
+    """(data, source, identity, is_file) of a YAML file or a preset name. A relative file named by another file's
+    ``preset:`` is looked up next to that file first, then in the working directory."""
+    path = Path(spec)
+    if relative_to is not None and not path.is_absolute() and ((relative_to / path).exists() or not path.exists()):
+        path = relative_to / path
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found; give a YAML file or one of the presets {preset_names()}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save the "
                               "config as UTF-8") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        return data, str(path)
-    name = path_or_preset
+        return safe_load_unique(text, str(path)) or {}, str(path), str(path.resolve()), True
+    name = spec
     res = resources.files("moe_arch") / "configs" / f"{name}.yaml"
     if not res.is_file():
         raise ConfigError(
             f"{name!r}: neither a config file nor a preset{_suggest(name, preset_names())}; presets: {preset_names()}")
-    return yaml.safe_load(res.read_text()) or {}, f"preset {name}"
+    return safe_load_unique(res.read_text(), f"preset {name}") or {}, f"preset {name}", f"preset {name}", False
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -531,17 +604,32 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def load_raw(path_or_preset: str | None) -> tuple[dict[str, Any], str]:
-    """The merged mapping for a file or preset (a file may say ``preset: NAME`` to start from one)."""
-    if path_or_preset is None:
-        path_or_preset = "tiny"
-    data, source = _read_yaml(path_or_preset)
+    """The merged mapping for a file or preset. A file or preset may say ``preset: NAME_OR_FILE`` to start from
+    another, which may itself name one: the chain is followed to its root and merged from there (a loop is an
+    error naming the chain)."""
+    data, source, _ = _load_chain(path_or_preset or "tiny")
+    return data, source
+
+
+def _load_chain(spec: str, relative_to: Path | None = None,
+                chain: tuple[tuple[str, str], ...] = ()) -> tuple[dict[str, Any], str, set[str]]:
+    """(merged mapping, source, "section.field" names set in the chain's files: by hand, unlike a preset's)."""
+    data, source, ident, is_file = _read_yaml(spec, relative_to)
+    if any(ident == i for i, _ in chain):
+        loop = " -> ".join([s for _, s in chain] + [source])
+        raise ConfigError(f"{chain[-1][1]}: preset {spec!r} leads back to itself ({loop}); remove one of these "
+                          "preset: lines")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with sections {sorted(SECTIONS)}")
-    base_name = data.get("preset")
-    if base_name is not None:
-        base, _ = _read_yaml(str(base_name))
-        data = _merge(base, {k: v for k, v in data.items() if k != "preset"})
-    return data, source
+    own = {k: v for k, v in data.items() if k != "preset"}
+    explicit = _keys(own) if is_file else set()
+    base = data.get("preset")
+    if base is None:
+        return own, source, explicit
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{source}: preset={base!r}: must name a preset {preset_names()} or a YAML file")
+    merged, _, inherited = _load_chain(base, Path(source).parent if is_file else None, chain + ((ident, source),))
+    return _merge(merged, own), source, inherited | explicit
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -566,8 +654,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override --{key}: unknown section {section!r}{_suggest(section, SECTIONS)}; "
                               f"allowed: {sorted(SECTIONS)}")
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
+            value = safe_load_unique(raw, f"override --{key}")
+        except DuplicateKeyError:
+            raise
+        except ConfigError:  # not YAML: the text itself
             value = raw
         if isinstance(value, str) and "," in value and not raw.strip().startswith(("'", '"')):
             # "1,2,3" is a convenient way to write a list on the command line.
@@ -584,11 +674,7 @@ def _keys(data: dict) -> set[str]:
 
 
 def load_config(path_or_preset: str | None = None, overrides: list[str] | dict | None = None) -> Config:
-    data, source = load_raw(path_or_preset)
-    explicit: set[str] = set()
-    if path_or_preset is not None and not source.startswith("preset "):
-        own, _ = _read_yaml(path_or_preset)
-        explicit |= _keys({k: v for k, v in own.items() if k != "preset"}) if isinstance(own, dict) else set()
+    data, source, explicit = _load_chain(path_or_preset or "tiny")
     if overrides:
         ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         data = _merge(data, ov)

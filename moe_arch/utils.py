@@ -1,12 +1,16 @@
-"""Small shared helpers: atomic file writes, device selection, number formatting."""
+"""Small shared helpers: atomic file writes, output paths checked before the work, the one parser of numbers
+given as text, device selection, number formatting."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import ctypes.util
+import errno
+import math
 import os
 import platform
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -48,6 +52,123 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
+
+
+class OutputError(Exception):
+    """A path a command writes cannot take the output. One line: the path, the flag, the reason and the fix."""
+
+
+_REASONS = {errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
+            errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded",
+            errno.ENOTDIR: "a part of the path is a file, not a folder", errno.EISDIR: "it is a folder",
+            errno.ENAMETOOLONG: "the name is too long"}
+
+
+def os_reason(e: OSError) -> str:
+    return _REASONS.get(e.errno, e.strerror or type(e).__name__)
+
+
+def _in_the_way(path: Path) -> str | None:
+    """Why ``path`` (or an ancestor) cannot be a folder: a component that is a file, or a symbolic link that
+    leads nowhere (or loops); None when nothing is in the way."""
+    for p in [*reversed(path.parents), path]:
+        if p.is_symlink() and not p.exists():
+            return f"{p} is a symbolic link that leads nowhere (or loops)"
+        if p.exists() and not p.is_dir():
+            return f"{p} is a file, not a folder"
+    return None
+
+
+def writable_folder(path: str | Path, what: str, flag: str) -> Path:
+    """Create ``path`` if needed and prove it takes a file: called before any long work writes there, so a
+    read-only, full or misspelt destination is one line at once instead of a traceback after minutes."""
+    path = Path(path)
+    blocker = _in_the_way(path)
+    if blocker is not None:
+        raise OutputError(f"{flag} {path}: {blocker}; choose a folder for the {what}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot write the {what} there ({os_reason(e)}); choose another "
+                          f"{flag}") from None
+    return path
+
+
+def writable_file(path: str | Path, what: str, flag: str, example: str = "out.json") -> Path:
+    """``path`` can become a file: not a folder (or a name ending in a separator), and its folder takes files."""
+    text = os.fspath(path)
+    path = Path(path)
+    if path.is_dir() or text.endswith((os.sep, "/")):
+        raise OutputError(f"{flag} {text}: is a folder, not a file name for the {what}; give a file, e.g. "
+                          f"{path / example}")
+    blocker = _in_the_way(path.parent)
+    if blocker is not None:
+        raise OutputError(f"{flag} {text}: {blocker}; choose another path for the {what}")
+    writable_folder(path.parent, what, flag)
+    return path
+
+
+def write_output(path: str | Path, text: str, what: str, flag: str) -> Path:
+    """Write a command's output file atomically; a failed write (a full disk, a folder that went read-only)
+    is one line that leaves any earlier file of that name whole."""
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: the {what} could not be written ({os_reason(e)}); any earlier file "
+                          f"there is unchanged. Free space or choose another {flag}") from None
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numbers given as text: command-line flags, sizes. Python's float() takes "nan", "inf" and "1e999" (= inf)
+# without complaint, and every comparison with nan is False, so a range check such as ``v <= 0`` lets nan
+# through into arithmetic that prints nonsense. Every number parsed from text goes through here.
+
+
+class NumberError(ValueError):
+    """A number given as text that is not one (or not finite); ``reason`` is the message without the name."""
+
+    def __init__(self, what: str, text, reason: str):
+        super().__init__(f"{what} {text!r}: {reason}")
+        self.reason = reason
+
+
+def parse_number(text: str, what: str, integer: bool = False) -> float | int:
+    """A finite float (or an int, with ``integer``) from text; :class:`NumberError` naming ``what`` otherwise."""
+    s = str(text).strip().replace("_", "")
+    if integer:
+        try:
+            return int(s)
+        except ValueError:
+            raise NumberError(what, text, "expected an integer") from None
+    try:
+        value = float(s)
+    except (ValueError, OverflowError):
+        raise NumberError(what, text, "expected a number") from None
+    if not math.isfinite(value):
+        raise NumberError(what, text, "must be a finite number (not nan or inf)")
+    return value
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, what: str) -> int:
+    """Bytes from ``500MB``, ``5GB``, ``1.5GiB`` or a plain number of bytes (decimal KB/MB/GB/TB, as
+    huggingface_hub reads them; binary KiB/MiB/GiB/TiB); ValueError naming ``what`` otherwise."""
+    m = re.fullmatch(r"\s*([0-9.eE+_-]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in SIZE_UNITS:
+        raise ValueError(f"{what} {text!r}: expected a size such as 500MB, 5GB or 2GiB (units: B, KB, MB, GB, TB, "
+                         "KiB, MiB, GiB, TiB)")
+    n = parse_number(m.group(1), what) * SIZE_UNITS[unit]
+    if not 1 <= n < 2**63:
+        raise ValueError(f"{what} {text!r}: must be at least 1 byte")
+    return int(n)
 
 
 def clean_stale_temps(folder: str | Path) -> None:

@@ -344,7 +344,7 @@ def report_dir(checkpoint: str | Path, out: str | Path | None) -> Path:
 
 def run_diagnose(args) -> int:
     from moe_arch.doctor.readers import resolve_checkpoint_path
-    from moe_arch.training.run_dir import RunFolderError, writable_dir
+    from moe_arch.utils import OutputError, writable_file, writable_folder
 
     try:
         # Where the reports will go must take files before the analysis runs (it may take minutes).
@@ -354,10 +354,10 @@ def run_diagnose(args) -> int:
             if not (Path(args.checkpoint).is_dir() and find_history(Path(args.checkpoint))):
                 raise
             target = Path(args.checkpoint)
-        writable_dir(report_dir(target, args.out), "diagnosis report")
+        writable_folder(report_dir(target, args.out), "diagnosis report", "--out")
         if args.json and args.json != "-":
-            writable_dir(Path(args.json).resolve().parent, "JSON report")
-    except (LoadError, RunFolderError) as e:
+            writable_file(args.json, "JSON report", "--json", "diagnosis.json")
+    except (LoadError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
@@ -366,7 +366,11 @@ def run_diagnose(args) -> int:
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    publish(d, args.out, args.json, quiet=args.quiet or args.json == "-")
+    try:
+        publish(d, args.out, args.json, quiet=args.quiet or args.json == "-")
+    except OutputError as e:  # a disk that filled up during the analysis
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.fail_on == "critical" and d.status == "critical":
         return EXIT_FAIL_ON
     if args.fail_on == "warning" and d.status in ("critical", "warning"):

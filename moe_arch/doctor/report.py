@@ -36,7 +36,7 @@ from typing import Any
 
 from moe_arch.doctor.analyze import TensorEvidence
 from moe_arch.doctor.engine import Finding, describe, pattern_groups
-from moe_arch.utils import atomic_write_text
+from moe_arch.utils import OutputError, os_reason, write_output
 
 SCHEMA = "moe_arch.diagnosis/1"
 
@@ -445,12 +445,18 @@ def _working(d: Diagnosis) -> list[str]:
 
 
 def write_reports(d: Diagnosis, out_dir: Path, plots: bool = True) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """report.md and report.html, each written atomically: a failed write (a full disk) is one line
+    (:class:`moe_arch.utils.OutputError`) and leaves each file either whole or as it was."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out {out_dir}: cannot create the report folder ({os_reason(e)}); choose another "
+                          "--out") from None
     blocks = build_blocks(d, plots)
     md = out_dir / "report.md"
     htm = out_dir / "report.html"
-    atomic_write_text(md, to_markdown(blocks))
-    atomic_write_text(htm, to_html(blocks, f"Diagnosis of {d.checkpoint.get('path')}"))
+    write_output(md, to_markdown(blocks), "diagnosis report", "--out")
+    write_output(htm, to_html(blocks, f"Diagnosis of {d.checkpoint.get('path')}"), "diagnosis report", "--out")
     return md, htm
 
 
@@ -459,4 +465,4 @@ def write_json(d: Diagnosis, path: str) -> None:
     if path == "-":
         print(text)
     else:
-        atomic_write_text(path, text + "\n")
+        write_output(path, text + "\n", "JSON report", "--json")

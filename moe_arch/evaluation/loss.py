@@ -34,7 +34,6 @@ class LoadedCheckpoint:
 def load_for_eval(path: str | Path, device: torch.device) -> LoadedCheckpoint:
     """A single-file checkpoint (ours, or one ``moe-arch export`` made from a distributed one) or a distributed
     checkpoint folder, as a model in eval mode with its tokenizer."""
-    from moe_arch.model.transformer import materialize
     from moe_arch.parallel.dcp import is_dcp_dir, load_dcp_run
     from moe_arch.training.checkpoint import CheckpointError, load_checkpoint
 
@@ -48,10 +47,31 @@ def load_for_eval(path: str | Path, device: torch.device) -> LoadedCheckpoint:
             raise CheckpointError(f"{path}: not a moe_arch checkpoint (no 'config'/'model'); `moe-arch diagnose` "
                                   "reads other stacks' checkpoints")
         cfg = Config.from_dict(state["config"], f"{path} (config)")
-        model, _, _ = materialize(cfg.model, state["model"], device)
+        model = checked_model(path, cfg, state["model"], device)
     model.eval()
     tok = TextTokenizer.from_checkpoint(state, str(path))
     return LoadedCheckpoint(model, cfg, tok, state.get("step"), path)
+
+
+def checked_model(path: str | Path, cfg: Config, saved, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model of ``cfg`` holding the saved weights, once they are known to fit it: every state dict that
+    ``eval``, ``generate``, ``lm-eval`` and ``export`` load comes through here, so a missing, extra or misshapen
+    tensor is one line naming it (as on ``--resume``), not load_state_dict's multi-line RuntimeError."""
+    from moe_arch.model.transformer import HybridLM, materialize
+    from moe_arch.training.checkpoint import CheckpointError, check_model_state
+
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: 'model' is a {type(saved).__name__}, not a state dict")
+    with torch.device("meta"):  # shapes only
+        expected = HybridLM(cfg.model).state_dict()
+    try:
+        check_model_state(path, saved, expected)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}: the weights do not fit the model the checkpoint's own config describes "
+                              f"(edited, or written by other code); `moe-arch diagnose {path}` reads it as it "
+                              "is") from None
+    model, _, _ = materialize(cfg.model, saved, device)
+    return model
 
 
 @torch.no_grad()

@@ -58,21 +58,49 @@ def write_code(folder: Path) -> None:
         (folder / f).write_text(text)
 
 
-def export_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str = "5GB") -> Path:
+def export_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str | int = "5GB") -> Path:
     from huggingface_hub import save_torch_state_dict
+    from safetensors import SafetensorError
 
     from moe_arch.evaluation.loss import load_for_eval
+    from moe_arch.utils import os_reason, parse_size, writable_folder
 
     out = Path(out)
+    # Everything about the destination is checked before the checkpoint is read (a large one takes minutes).
+    try:
+        shard_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size,
+                                                                                       "--max-shard-size")
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--hf {out}: is a file, not a folder; give a new (or empty) folder for the export")
+    if out.is_dir() and any(out.iterdir()):
+        raise ExportError(f"--hf {out}: the folder exists and is not empty; choose a new folder")
+    writable_folder(out.parent, "exported model folder", "--hf")
     ck = load_for_eval(checkpoint, torch.device("cpu"))
     cfg: Config = ck.cfg
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"{out}: the folder exists and is not empty; choose a new folder")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+        _write_folder(tmp, ck, cfg, shard_bytes, save_torch_state_dict)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)  # the folder appears complete or not at all
+    except (OSError, SafetensorError) as e:  # a full disk: safetensors reports it as SafetensorError
+        reason = os_reason(e) if isinstance(e, OSError) else (str(e).splitlines() or [type(e).__name__])[0][:200]
+        if "No space left" in reason or "StorageFull" in reason:
+            reason = "no space left on the device"
+        raise ExportError(f"--hf {out}: the export could not be written ({reason}); nothing was left there. Free "
+                          "space or choose another --hf folder") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_folder(tmp: Path, ck, cfg: Config, shard_bytes: int, save_torch_state_dict) -> None:
     state = {f"model.{k}": v.detach().contiguous() for k, v in ck.model.state_dict().items()}
-    save_torch_state_dict(state, tmp, max_shard_size=max_shard_size)
+    save_torch_state_dict(state, tmp, max_shard_size=shard_bytes)
     dtype = next(iter(state.values())).dtype
     tok = ck.tokenizer
     config = {
@@ -88,10 +116,6 @@ def export_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str = "5G
         {"eos_token_id": tok.eos_id, "bos_token_id": config["bos_token_id"], "use_cache": False}, indent=2))
     tok.save(tmp)
     write_code(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)  # the folder appears complete or not at all
-    return out
 
 
 def read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -102,16 +126,41 @@ def read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise ExportError(f"{folder}: no config.json; give a folder written by `moe-arch export CKPT --hf DIR`")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{cfg_path}: not JSON ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(cfg, dict):
+        raise ExportError(f"{cfg_path}: a JSON {type(cfg).__name__}, not an object; --init-from reads folders written "
+                          "by `moe-arch export --hf`")
     if cfg.get("model_type") != "moe_arch" or "moe_arch" not in cfg:
         raise ExportError(f"{cfg_path}: model_type is {cfg.get('model_type')!r}, not a moe_arch export; "
                           "--init-from reads folders written by `moe-arch export --hf`")
+    if not isinstance(cfg["moe_arch"], dict):
+        raise ExportError(f"{cfg_path}: 'moe_arch' is a {type(cfg['moe_arch']).__name__}, not the model config's "
+                          "object; export the checkpoint again")
+    from safetensors import SafetensorError
+
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ExportError(f"{index}: not a safetensors index (no 'weight_map' of file names: "
+                          f"{type(e).__name__})") from None
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(folder / f)))
-    return cfg["moe_arch"], {k.removeprefix("model."): v for k, v in state.items()}
+        try:
+            state.update(load_file(str(folder / f)))
+        except (OSError, SafetensorError) as e:
+            raise ExportError(f"{folder / f}: cannot be read as safetensors ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    if cfg["moe_arch"].get("tie_embeddings"):  # safetensors stores a shared tensor once, under one of its names
+        for a, b in (("lm_head.weight", "embed.weight"), ("embed.weight", "lm_head.weight")):
+            if a not in state and b in state:
+                state[a] = state[b]
+    return cfg["moe_arch"], state
 
 
 def init_from_config(cfg: Config, folder: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
@@ -127,5 +176,14 @@ def init_from_config(cfg: Config, folder: str | Path) -> tuple[Config, dict[str,
     if "data.tokenizer" not in cfg.explicit:
         mine["data"]["tokenizer"] = str(Path(folder))
     out = Config.from_dict(mine, f"{folder} (--init-from)")
+    from moe_arch.model.transformer import HybridLM
+    from moe_arch.training.checkpoint import CheckpointError, check_model_state
+
+    with torch.device("meta"):  # shapes only
+        expected = HybridLM(out.model).state_dict()
+    try:
+        check_model_state(folder, state, expected)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
     out.explicit = cfg.explicit | {"model.vocab_size"}  # the weights fix it: a different tokenizer is an error
     return out, state

@@ -115,6 +115,8 @@ def generate(model, prompts: torch.Tensor | list[torch.Tensor], max_new_tokens: 
         if not rows or any(r.numel() == 0 for r in rows):
             raise ValueError("every prompt needs at least one token")
         same = len({r.numel() for r in rows}) == 1
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
     B = len(rows)
     lengths = torch.tensor([r.numel() for r in rows], device=device)
     max_len = int(lengths.max()) + max_new_tokens

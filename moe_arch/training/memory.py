@@ -316,8 +316,11 @@ def plan_memory(cfg: Config, *, name: str = "", gpus: int = 1, gpu_memory_gb: fl
     for flag, v in (("--gpus", gpus), ("--batch-size", batch_size), ("--seq-len", seq_len)):
         if v is not None and v < 1:
             raise ValueError(f"{flag} {v}: must be >= 1")
-    if gpu_memory_gb is not None and gpu_memory_gb <= 0:
-        raise ValueError(f"--gpu-memory {gpu_memory_gb}: must be > 0 (GiB per device)")
+    if seq_len is not None and seq_len > cfg.model.max_seq_len:  # as train.seq_len is (and bounds the work)
+        raise ValueError(f"--seq-len {seq_len}: must be <= model.max_seq_len={cfg.model.max_seq_len} (raise it with "
+                         "--model.max_seq_len)")
+    if gpu_memory_gb is not None and not (math.isfinite(gpu_memory_gb) and gpu_memory_gb > 0):
+        raise ValueError(f"--gpu-memory {gpu_memory_gb}: must be a finite number > 0 (GiB per device)")
     m = cfg.model
     B = batch_size or cfg.train.batch_size
     T = seq_len or cfg.train.seq_len
