@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,16 +107,16 @@ def test_a_kill_between_the_tail_split_and_the_manifest_resumes_to_the_uninterru
     """One text file (a tail split), train-bpe: SIGKILL just before meta.json is written, rerun. It used to
     resume by lengthening the already-cut train shard with zeros: 100% of the validation tokens were 0."""
     cfg = DataConfig(source=sources["text"], cache_dir=str(tmp_path / "c"))
-    real = ds.atomic_write_text
+    real = ds._write_json
     pid = os.fork()
     if pid == 0:
         try:
-            def hooked(path, text):
+            def hooked(path, obj, indent=None):
                 if Path(path).name == "meta.json":
                     os.kill(os.getpid(), signal.SIGKILL)
-                return real(path, text)
+                return real(path, obj, indent)
 
-            ds.atomic_write_text = hooked
+            ds._write_json = hooked
             prepare_data(cfg, 300, log=quiet)
             os._exit(0)
         except BaseException:  # noqa: BLE001 - the exit code reports it
@@ -192,7 +193,8 @@ def test_disk_full_during_preparation_is_one_line_and_the_rerun_completes(tmp_pa
         return real(self, tokens)
 
     monkeypatch.setattr(ds._ShardWriter, "write", full)
-    with pytest.raises(DataError, match=r"cannot write the token cache \(No space left on device\); free space") as e:
+    with pytest.raises(DataError, match=r"cannot write the token cache \(no space left on the device\); "
+                                         r"free space") as e:
         prepare_data(cfg, 0, log=quiet)
     assert "\n" not in str(e.value)
     monkeypatch.setattr(ds._ShardWriter, "write", real)
@@ -225,7 +227,8 @@ def test_two_processes_preparing_the_same_cache_build_it_once(tmp_path, sources,
     d = prepare_data(cfg, 0, log=logs.append)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    assert any("another process is preparing this token cache; waiting" in m for m in logs), logs
+    assert any(f"another process (pid {pid} on " in m and "is preparing this token cache; waiting" in m
+               for m in logs), logs
     assert not any(m.startswith("tokenized") for m in logs)  # it opened what the other built
     want = arrays(prepare_data(DataConfig(**{**cfg.__dict__, "cache_dir": str(tmp_path / "c2")}), 0, log=quiet))
     assert all(np.array_equal(a, b) for a, b in zip(arrays(d), want))
@@ -463,10 +466,10 @@ def test_latest_txt_naming_a_damaged_or_foreign_checkpoint(tmp_path):
     assert ckpt.resolve_resume("latest", tmp_path / "run", log=said.append) == d / "final.pt" and not said
     (d / "final.pt").write_bytes((d / "final.pt").read_bytes()[:200])  # cut after it was saved
     assert ckpt.resolve_resume("latest", tmp_path / "run", log=said.append) == d / "step_0000004.pt"
-    assert said[-1] == (f"{d / 'latest.txt'} names final.pt, which is not a complete checkpoint; resuming the "
+    assert said[-1] == (f"{d / 'latest.txt'} names 'final.pt', which is not a complete checkpoint; resuming the "
                         "newest complete checkpoint, step_0000004.pt")
     for text, note in (("../other/final.pt\n", "names '../other/final.pt', not a checkpoint in"),
-                       ("gone.pt\n", "names gone.pt, which does not exist"), ("\n\n", "is empty")):
+                       ("gone.pt\n", "names 'gone.pt', which does not exist"), ("\n\n", "is empty")):
         (d / "latest.txt").write_text(text)
         assert ckpt.resolve_resume("latest", tmp_path / "run", log=said.append) == d / "step_0000004.pt"
         assert note in said[-1]
@@ -478,3 +481,155 @@ def test_latest_txt_naming_a_damaged_or_foreign_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=r"no complete checkpoint in .*checkpoints \(.*latest.txt cannot be "
                                               r"read"):
         ckpt.resolve_resume("latest", tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------------------ round 3
+def test_a_cache_folder_blocked_by_a_file_is_one_line_and_a_folder_in_a_files_place_is_rebuilt(tmp_path, sources,
+                                                                                            bpe):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=r"^data.cache_dir='.*file': .*file is a file, not a folder; move it, or set "
+                                        r"data.cache_dir to a folder$"):
+        prepare_data(DataConfig(source=sources["jsonl"], tokenizer=str(bpe), cache_dir=str(tmp_path / "file")), 0,
+                     log=quiet)
+    cfg = DataConfig(source=sources["jsonl"], tokenizer=str(bpe), cache_dir=str(tmp_path / "c"))
+    want = arrays(prepare_data(cfg, 0, log=quiet))  # the healthy twin
+    cache = next((tmp_path / "c").iterdir())
+    shutil.rmtree(cache)
+    cache.write_text("x")
+    with pytest.raises(DataError, match=rf"{cache} is a file, not a folder; remove it"):
+        prepare_data(cfg, 0, log=quiet)
+    cache.unlink()
+    prepare_data(cfg, 0, log=quiet)
+    for name in ("meta.json", "train-00000.bin"):  # a folder where a file belongs: rebuilt, not "free space"
+        target = cache / name
+        target.unlink()
+        target.mkdir()
+        (target / "x").write_text("x")
+        logs = []
+        assert all(np.array_equal(a, b) for a, b in zip(arrays(prepare_data(cfg, 0, log=logs.append)), want))
+        assert any("damaged" in m for m in logs), logs
+    assert (cache / "meta.json").stat().st_mode & 0o077 == 0o644 & ~_umask() & 0o077  # readable by the group
+
+
+def _umask() -> int:
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def test_a_manifest_or_journal_of_the_wrong_shape_is_rebuilt_not_a_traceback(tmp_path, sources, bpe, monkeypatch):
+    cfg = DataConfig(source=sources["jsonl"], tokenizer=str(bpe), shard_tokens=1024, cache_dir=str(tmp_path / "c"))
+    want = arrays(prepare_data(cfg, 0, log=quiet))
+    cache = next((tmp_path / "c").iterdir())
+    good = json.loads((cache / "meta.json").read_text())
+    for change in ({"files": []}, {"segments": {"train": [["train-00000.bin", True, 3]], "val": []}},
+                   {"train_tokens": -1}):
+        meta = {**good, **change}
+        meta["checksum"] = ds._checksum(meta)  # a valid checksum: only the shape is wrong
+        (cache / "meta.json").write_text(json.dumps(meta))
+        logs = []
+        assert all(np.array_equal(a, b) for a, b in zip(arrays(prepare_data(cfg, 0, log=logs.append)), want))
+        assert any("damaged (meta.json's" in m for m in logs), logs
+    # The journal: negative or boolean counts misplace the document index (and so the split) or crash islice.
+    monkeypatch.setattr(ds, "BATCH_DOCS", 48)
+    monkeypatch.setattr(ds._Builder, "_commit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    cfg2 = DataConfig(**{**cfg.__dict__, "cache_dir": str(tmp_path / "j")})
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(cfg2, 0, log=quiet)
+    monkeypatch.undo()
+    cache2 = next((tmp_path / "j").iterdir())
+    journal = json.loads((cache2 / "progress.json").read_text())
+    shutil.copytree(cache2, tmp_path / "j_saved")
+    for change in ({"docs": {"train": -1, "val": -1}}, {"items": -10, "done": False}, {"items": True}):
+        shutil.rmtree(cache2)
+        shutil.copytree(tmp_path / "j_saved", cache2)
+        (cache2 / "progress.json").write_text(json.dumps({**journal, **change}))
+        logs = []
+        assert all(np.array_equal(a, b) for a, b in zip(arrays(prepare_data(cfg2, 0, log=logs.append)), want))
+        assert any("cannot resume the interrupted tokenization" in m for m in logs), (change, logs)
+
+
+HOLD_CACHE_LOCK = r"""
+import fcntl, json, os, socket, sys, time
+f = open(sys.argv[1], "a+")
+fcntl.flock(f, fcntl.LOCK_EX)
+f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
+f.flush()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_stopped_or_hung_builder_is_named_instead_of_waited_for_forever(tmp_path, sources, bpe, monkeypatch):
+    """A killed builder never blocks (the kernel drops its flock); one stopped with SIGSTOP, or hung, held it for
+    ever and every later run waited on it, silent, for ever."""
+    cfg = DataConfig(source=sources["jsonl"], tokenizer=str(bpe), cache_dir=str(tmp_path / "c"))
+    cache = ds.cache_folder(cfg, ds.open_corpus(cfg), ds.resolve_tokenizer(cfg), 0)
+    cache.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_CACHE_LOCK, str(cache / ".lock")], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(ds, "LOCK_POLL_S", 0.05)
+        monkeypatch.setattr(ds, "LOCK_STALL_S", 1.0)
+        os.kill(proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(DataError, match=rf"\(pid {proc.pid} on .*\) is stopped .*kill -CONT {proc.pid}"):
+            prepare_data(cfg, 0, log=quiet)
+        os.kill(proc.pid, signal.SIGCONT)
+        logs = []
+        with pytest.raises(DataError, match=rf"\(pid {proc.pid} on .*\) has used no CPU and made no progress for"):
+            prepare_data(cfg, 0, log=logs.append)
+        assert time.monotonic() - t0 < 10
+        assert any(f"another process (pid {proc.pid} on" in m for m in logs), logs
+    finally:
+        proc.kill()
+        proc.wait()
+    assert prepare_data(cfg, 0, log=quiet).train.size > 0  # the killed holder's lock is gone with it
+
+
+def test_non_utf8_bytes_are_named_by_line_and_file_offset(tmp_path):
+    """The offset was counted from the decoder's last 8 KiB buffer, not from the file's start."""
+    from moe_arch.data.corpus import Corpus
+
+    good = "".join(json.dumps({"text": f"caf\u00e9 {i} " + "x" * 90}, ensure_ascii=False) + "\n"
+                   for i in range(12000))  # > 1 MiB
+    path = tmp_path / "d.jsonl"
+    path.write_text(good)
+    assert sum(1 for _ in Corpus(str(path)).documents()) == 12000  # the healthy twin
+    raw = good.encode()
+    at = raw.index(b"\xc3\xa9", 1 << 20)  # a two-byte character near the reader's 1 MiB blocks
+    path.write_bytes(raw[:at] + b"\xc3(" + raw[at + 2:])
+    line = raw[:at].count(b"\n") + 1
+    with pytest.raises(DataError, match=rf"d.jsonl:{line}: not UTF-8 text \(invalid continuation byte at byte "
+                                        rf"{at:,}\); convert it to UTF-8"):
+        list(Corpus(str(path)).documents())
+
+
+def test_a_history_file_in_the_way_is_refused_before_the_data_and_a_rewind_keeps_its_mode(small_cfg, tmp_path):
+    from moe_arch.training.run_dir import RunFolderError
+
+    run = Path(small_cfg.train.out_dir) / "t"
+    (run / "alerts.jsonl").mkdir(parents=True)
+    with pytest.raises(RunFolderError, match=r"alerts.jsonl is a folder, not a file; move it out of the run folder"):
+        Trainer(small_cfg, log=quiet)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"kind": "train", "step": s}) + "\n" for s in range(1, 5)))
+    path.chmod(0o644)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(path)
+    assert "removed 2 rows" in rewind_history(link, 2)
+    assert link.is_symlink() and path.stat().st_mode & 0o777 == 0o644  # the link and the mode as they were
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+
+
+def test_resuming_past_train_steps_is_refused_and_a_finished_run_resumed_logs_its_final_eval_once(small_cfg):
+    cfg = with_train(small_cfg, steps=2, run_name="done")
+    Trainer(cfg, log=quiet).run()
+    with pytest.raises(CheckpointError, match=r"final.pt is at step 2, past train.steps=1; raise --train.steps "
+                                              r"above 2"):
+        Trainer(with_train(cfg, steps=1), resume="latest", log=quiet)
+    for _ in range(2):  # a finished run started again (a requeued job): its final validation is not doubled
+        Trainer(cfg, resume="latest", log=quiet).run()
+    rows = [json.loads(x) for x in (Path(cfg.train.out_dir) / "done" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in rows] == [("train", 2), ("eval", 2)]

@@ -191,12 +191,51 @@ def _readable(path: Path) -> bool:
     return fmt in FILE_READERS and not (comp and fmt in (".parquet", ".arrow"))
 
 
+def _first_bad_utf8(path: Path, comp: str) -> tuple[int, int, str] | None:
+    """(line, byte offset, reason) of the first bytes of ``path`` (decompressed) that are not UTF-8; None when
+    it cannot be re-read. Only called on the way to an error, so one more pass costs nothing that matters."""
+    import codecs
+
+    try:
+        if comp == ".gz":
+            f = gzip.open(path, "rb")
+        elif comp in (".zst", ".zstd"):
+            f = _need_pyarrow(str(path)).input_stream(str(path), compression="zstd")
+        else:
+            f = open(path, "rb")
+        with f:
+            dec, done, lines = codecs.getincrementaldecoder("utf-8")(), 0, 1
+            while block := f.read(1 << 20):
+                try:
+                    dec.decode(block)
+                except UnicodeDecodeError as e:
+                    # the decoder may hold back up to 3 bytes of a sequence begun in the previous block
+                    held = len(e.object) - len(block)
+                    at = done - held + e.start
+                    return lines + e.object[:e.start].count(b"\n"), at, e.reason
+                done += len(block)
+                lines += block.count(b"\n")
+            try:
+                dec.decode(b"", final=True)
+            except UnicodeDecodeError as e:
+                return lines, done - len(e.object) + e.start, e.reason
+    except Exception:  # noqa: BLE001 - only the position of an error already being reported is lost
+        return None
+    return None
+
+
 def _read_file(path: Path, text_field: str) -> Iterator[str]:
     fmt, comp = _format(path)
     try:
         yield from FILE_READERS[fmt](path, comp, text_field)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+        # e.start counts from the start of the decoder's last buffer, not of the file: find the real place.
+        where = _first_bad_utf8(path, comp)
+        if where is None:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason}); convert it to UTF-8") from None
+        line, offset, reason = where
+        raise DataError(f"{path}:{line}: not UTF-8 text ({reason} at byte {offset:,}"
+                        f"{' of the decompressed data' if comp else ''}); convert it to UTF-8") from None
     except PermissionError:
         raise DataError(f"{path}: permission denied; make the file readable") from None
     except (OSError, EOFError) as e:

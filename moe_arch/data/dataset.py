@@ -26,6 +26,7 @@ The cache is crash-consistent by construction:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -44,7 +45,7 @@ import torch
 from moe_arch.config import DataConfig
 from moe_arch.data.corpus import Corpus, DataError, Piece
 from moe_arch.data.tokenizer import TRAIN_BPE, TextTokenizer, train_bpe
-from moe_arch.utils import atomic_write_text, clean_stale_temps
+from moe_arch.utils import atomic_path, clean_stale_temps
 
 CACHE_VERSION = 3
 BATCH_DOCS = 1024
@@ -60,6 +61,32 @@ FULL_CHECK_BYTES = 64 << 20
 SAMPLE_BLOCKS = 16
 SAMPLE_BLOCK_BYTES = 64 << 10
 READ_CHUNK = 16 << 20
+# A process waiting for another's build polls its lock this often, says every LOCK_REPORT_S that it still waits
+# (and how far the build is), and gives up when the holder, on this host, is stopped (SIGSTOP, Ctrl-Z) or has
+# neither used CPU time nor advanced progress.json for LOCK_STALL_S: a hung builder must not hang every later run.
+LOCK_POLL_S = 0.5
+LOCK_REPORT_S = 60.0
+LOCK_STALL_S = 600.0
+
+
+def _write_json(path: Path, obj, indent: int | None = None) -> None:
+    """Atomically, readable as a plain file would be (the umask's mode, not the temporary file's 0600): a cache
+    folder shared by several users must stay readable by all of them."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent))
+        os.chmod(tmp, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # Linux >= 4.7 reports it without changing it (os.umask would, for every thread, for a moment)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class ShardedTokens:
@@ -169,6 +196,10 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print, tokenizer: TextTok
     corpus = open_corpus(cfg)
     tok = tokenizer if tokenizer is not None else resolve_tokenizer(cfg)
     cache = cache_folder(cfg, corpus, tok, vocab_size)
+    blocker = _in_the_way(cache)
+    if blocker is not None:  # otherwise "meta.json is not readable", and a rebuild that cannot create the folder
+        fix = "remove it" if blocker.startswith(str(cache)) else "move it"
+        raise DataError(f"data.cache_dir={cfg.cache_dir!r}: {blocker}; {fix}, or set data.cache_dir to a folder")
     data, problem = _open_verified(cache)
     if data is not None:
         return data
@@ -197,8 +228,8 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print, tokenizer: TextTok
         try:
             meta = _build(cfg, corpus, tok, vocab_size, cache, log, progress, damaged=problem is not None)
         except OSError as e:  # the manifest is written last, so a half-written cache is never used
-            raise DataError(f"{cache}: cannot write the token cache ({e.strerror or e}); free space or set "
-                            "data.cache_dir to another folder") from None
+            raise DataError(f"{cache}: cannot write the token cache ({_os_problem(e, cache)}); "
+                            f"{_os_fix(e)}, or set data.cache_dir to another folder") from None
         data, problem = _open_verified(cache, meta)
         if data is None:  # the files changed under the build: a second build would fare no better
             raise DataError(f"{cache}: the token cache just built does not verify ({problem}); check the disk, or "
@@ -206,21 +237,58 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print, tokenizer: TextTok
         return data
 
 
+def _in_the_way(path: Path) -> str | None:
+    """Why ``path`` cannot be (or become) a folder: it or an ancestor is a file; None otherwise."""
+    for p in [*reversed(path.parents), path]:
+        if p.exists() and not p.is_dir():
+            return f"{p} is a file, not a folder"
+    return None
+
+
+def _os_problem(e: OSError, cache: Path) -> str:
+    where = Path(e.filename).name if e.filename and Path(e.filename).parent == cache else e.filename
+    reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+              errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+              errno.EISDIR: "a folder is in the way", errno.ENOTDIR: "a file is in the way"}.get(e.errno)
+    return f"{where}: {reason or e.strerror or e}" if where else (reason or e.strerror or str(e))
+
+
+def _os_fix(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space"
+    if e.errno in (errno.EISDIR, errno.ENOTDIR):
+        return "remove what is in the way"
+    return "make the folder writable"
+
+
 @contextlib.contextmanager
 def _build_lock(cache: Path, log):
     """An exclusive flock on ``<cache>/.lock`` while a cache is built: two runs that start on the same data at
-    once would otherwise append to the same shards. Where no lock can be had (a file system without locks, such
-    as some NFS mounts) the build goes on unguarded, as it always did."""
+    once would otherwise append to the same shards. The holder writes its pid and host into the file, so that a
+    waiting run can name it and tell a working builder from a stopped or hung one (``_wait_for_lock``). Where no
+    lock can be had (a file system without locks, such as some NFS mounts) the build goes on unguarded, as it
+    always did. A killed holder never blocks anyone: the kernel drops its lock with the process."""
     import fcntl
+    import socket
 
     f = None
     try:
         f = open(cache / ".lock", "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            busy = False
         except BlockingIOError:
-            log(f"{cache}: another process is preparing this token cache; waiting for it to finish")
-            fcntl.flock(f, fcntl.LOCK_EX)
+            busy = True
+        if busy:
+            try:
+                _wait_for_lock(f, cache, log)
+            except BaseException:
+                f.close()
+                raise
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
+        f.flush()
     except OSError:
         pass
     try:
@@ -228,6 +296,69 @@ def _build_lock(cache: Path, log):
     finally:
         if f is not None:
             f.close()  # closing drops the lock (as the kernel does when the process dies)
+
+
+def _holder(cache: Path) -> dict:
+    try:
+        info = json.loads((cache / ".lock").read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _cpu_ticks(pid: int) -> tuple[str, int] | None:
+    """(state letter, user + system CPU ticks) of a process on this host, from /proc; None where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _wait_for_lock(f, cache: Path, log) -> None:
+    """Wait for another process's build to end, saying so now and every LOCK_REPORT_S. A holder on this host
+    that is stopped, or that has used no CPU and journaled no progress for LOCK_STALL_S, is a DataError naming
+    it: waiting on it would hang this run (and every later one) forever."""
+    import fcntl
+    import socket
+
+    info = _holder(cache)
+    pid = info.get("pid") if isinstance(info.get("pid"), int) else None
+    local = pid is not None and info.get("host") == socket.gethostname()
+    who = f"pid {pid} on {info.get('host')}" if pid is not None else "holder unknown"
+    log(f"{cache}: another process ({who}) is preparing this token cache; waiting for it to finish")
+    t0 = last_report = last_change = time.monotonic()
+    seen = None
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        now = time.monotonic()
+        try:
+            journal_mtime = (cache / "progress.json").stat().st_mtime_ns
+        except OSError:
+            journal_mtime = None
+        proc = _cpu_ticks(pid) if local else None
+        if proc is not None and proc[0] in "Tt":
+            raise DataError(f"{cache}: the process building this token cache ({who}) is stopped (SIGSTOP or "
+                            f"Ctrl-Z) and holds {cache / '.lock'}; continue it (kill -CONT {pid}) or end it, then "
+                            "rerun")
+        state = (journal_mtime, proc[1] if proc is not None else None)
+        if state != seen:
+            seen, last_change = state, now
+        elif proc is not None and now - last_change > LOCK_STALL_S:
+            raise DataError(f"{cache}: the process building this token cache ({who}) has used no CPU and made no "
+                            f"progress for {now - last_change:.0f} s and holds {cache / '.lock'}; if it is hung, "
+                            f"end it (kill {pid}), then rerun")
+        if now - last_report > LOCK_REPORT_S:
+            done = _read_json(cache / "progress.json")[0] or {}
+            items = done.get("items") if isinstance(done.get("items"), int) else None
+            log(f"{cache}: still waiting for {who} ({now - t0:.0f} s"
+                + (f"; {items:,} source items tokenized" if items is not None else "") + ")")
+            last_report = now
+        time.sleep(LOCK_POLL_S)
 
 
 # ---------------------------------------------------------------------------------------------- the manifest
@@ -241,8 +372,11 @@ def _read_json(path: Path) -> tuple[dict | None, str | None]:
         obj = json.loads(path.read_bytes())
     except FileNotFoundError:
         return None, None
+    except IsADirectoryError:  # a rebuild removes it
+        return None, f"{path.name} is a folder, not a file"
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        return None, f"{path.name} is not readable JSON ({type(e).__name__})"
+        why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        return None, f"{path.name} is not readable JSON ({why})"
     if not isinstance(obj, dict):
         return None, f"{path.name} holds a JSON {type(obj).__name__}, not an object"
     return obj, None
@@ -256,6 +390,36 @@ def _read_manifest(cache: Path) -> tuple[dict | None, str | None]:
     if meta.get("version") != CACHE_VERSION or meta.get("checksum") != _checksum(meta):
         return None, "meta.json does not match its own checksum (changed after it was written)"
     return meta, None
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _manifest_shape(meta: dict) -> str | None:
+    """What in the manifest is not of the shape this code writes (a hand-made meta.json with a valid checksum),
+    or None: every field that opening reads, so that none of them can fail later as a TypeError or slice wrongly."""
+    for key, kind in (("dtype", str), ("tokenizer_fingerprint", str), ("files", dict), ("segments", dict)):
+        if not isinstance(meta.get(key), kind):
+            return f"meta.json's {key!r} is missing or not a {kind.__name__}"
+    for key in ("train_tokens", "val_tokens"):
+        if not _count(meta.get(key)):
+            return f"meta.json's {key!r} is missing or not a count"
+    for name, rec in meta["files"].items():
+        if not isinstance(rec, dict) or not _count(rec.get("tokens")) or not isinstance(rec.get("sha256"), str) \
+                or not isinstance(rec.get("sample_sha256"), str) or isinstance(rec.get("max_id"), bool) \
+                or not isinstance(rec.get("max_id"), int):
+            return f"meta.json's record of {name} lacks or mistypes tokens, sha256, sample_sha256 or max_id"
+    for split in ("train", "val"):
+        segs = meta["segments"].get(split)
+        if not isinstance(segs, list) or not all(
+                isinstance(g, list) and len(g) == 3 and isinstance(g[0], str) and _count(g[1]) and _count(g[2])
+                for g in segs):
+            return f"meta.json's {split} segments are not a list of [shard, start, stop]"
+        for name, _, _ in segs:
+            if name not in meta["files"]:
+                return f"meta.json's {split} segments name {name}, which it does not record"
+    return None
 
 
 def _scan(path: Path, nbytes: int, dtype: np.dtype) -> tuple:
@@ -331,6 +495,9 @@ def _open_verified(cache: Path, meta: dict | None = None) -> tuple[TokenData | N
         meta, problem = _read_manifest(cache)
         if meta is None:
             return None, problem
+    problem = _manifest_shape(meta)
+    if problem:
+        return None, problem
     try:
         dtype = np.dtype(meta["dtype"])
         try:
@@ -364,7 +531,7 @@ def _open_verified(cache: Path, meta: dict | None = None) -> tuple[TokenData | N
             for name, rec in meta["files"].items():
                 rec["mtime_ns"] = (cache / name).stat().st_mtime_ns
             meta["checksum"] = _checksum(meta)
-            atomic_write_text(cache / "meta.json", json.dumps(meta, indent=2))
+            _write_json(cache / "meta.json", meta, indent=2)
     with contextlib.suppress(OSError):  # a build killed after its manifest, before removing its journal
         (cache / "progress.json").unlink(missing_ok=True)
     where = str(cache)
@@ -433,20 +600,27 @@ def _shard_path(cache: Path, split: str, k: int) -> Path:
     return cache / f"{split}-{k:05d}.bin"
 
 
+def _remove(p: Path) -> None:
+    """A file or a folder (whichever is in the way), or nothing."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
+
+
 def _clear(cache: Path) -> None:
     """Remove a cache's files, the manifest first: a crash part-way leaves a folder that is never opened."""
     for name in ("meta.json", "progress.json"):
-        (cache / name).unlink(missing_ok=True)
+        _remove(cache / name)
     for p in cache.glob("*.bin"):
-        p.unlink()
-    shutil.rmtree(cache / "tokenizer", ignore_errors=True)
+        _remove(p)
+    _remove(cache / "tokenizer")
 
 
 def _journal_shards(journal: dict, split: str) -> list[dict]:
     shards = journal["shards"][split]
-    if not isinstance(shards, list) or not all(isinstance(r, dict) and isinstance(r.get("tokens"), int)
-                                               and r["tokens"] >= 0 and isinstance(r.get("sha256"), str)
-                                               for r in shards):
+    if not isinstance(shards, list) or not all(isinstance(r, dict) and _count(r.get("tokens"))
+                                               and isinstance(r.get("sha256"), str) for r in shards):
         raise TypeError("shards")
     return shards
 
@@ -489,11 +663,16 @@ def _resume_state(cache: Path, tok_given: TextTokenizer | None, log) -> tuple[Te
                 for p in cache.glob(f"{split}-*.bin"):
                     if p.name not in {_shard_path(cache, split, k).name for k in range(len(shards[split]))}:
                         p.unlink()
+            # Counts that are not non-negative ints would skip the wrong number of source items, or misplace
+            # the document index that assigns each document its split (the split would silently change).
             for key in ("items", "chars"):
-                if not isinstance(journal.get(key), int):
+                if not _count(journal.get(key)):
                     raise TypeError(key)
-            if not all(isinstance(journal["docs"].get(s), int) for s in ("train", "val")):
+            docs = journal.get("docs")
+            if not isinstance(docs, dict) or not all(_count(docs.get(s)) for s in ("train", "val")):
                 raise TypeError("docs")
+            if journal["docs"]["train"] + journal["docs"]["val"] > journal["items"]:
+                raise ValueError("progress.json counts more documents than source items")
         except (KeyError, TypeError, AttributeError, OSError, ValueError) as e:
             why = str(e) if isinstance(e, ValueError) else f"progress.json lacks or mistypes {e}"
     if why is not None:
@@ -521,7 +700,7 @@ def _build(cfg: DataConfig, corpus: Corpus, tok_given: TextTokenizer | None, voc
                    "given_tokenizer": tok_given.fingerprint() if tok_given is not None else None,
                    "dtype": _dtype(tok).name, "items": 0, "docs": {"train": 0, "val": 0}, "chars": 0,
                    "mid_doc": False, "done": False, "shards": {"train": [], "val": []}}
-        atomic_write_text(cache / "progress.json", json.dumps(journal))  # the tokenizer is now part of the build
+        _write_json(cache / "progress.json", journal)  # the tokenizer is now part of the build
         state = tok, journal, {"train": [], "val": []}
     return _Builder(cfg, corpus, *state, cache, log, progress).run()
 
@@ -607,7 +786,7 @@ class _Builder:
         for w in writers.values():
             w.sync()
         self.journal = {**self.journal, **changes, "shards": {s: w.journal() for s, w in writers.items()}}
-        atomic_write_text(self.state_path, json.dumps(self.journal))
+        _write_json(self.state_path, self.journal)
 
     def run(self) -> dict:
         cfg, tok, st = self.cfg, self.tok, self.journal
@@ -712,7 +891,7 @@ class _Builder:
                 "tokens_per_s": round((n_train + n_val - tokens_at_start) / max(seconds, 1e-9)),
                 "files": files, "segments": segments}
         meta["checksum"] = _checksum(meta)
-        atomic_write_text(self.cache / "meta.json", json.dumps(meta, indent=2))
+        _write_json(self.cache / "meta.json", meta, indent=2)
         self.state_path.unlink(missing_ok=True)
         self.log(f"tokenized {docs['train'] + docs['val']:,} documents: {n_train:,} train / {n_val:,} validation "
                  f"tokens (vocabulary {tok.vocab_size}, {meta['tokens_per_s']:,} tokens/s)"

@@ -131,16 +131,20 @@ def resolve_resume(spec: str, run_dir: Path, log=None) -> Path:
             name, note = None, f"{latest} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})"
         if name is not None:
             target = base / name
-            if not name:
-                note = f"{latest} is empty"
-            elif Path(name).name != name or name in (".", ".."):
-                note = f"{latest} names {name!r}, not a checkpoint in {base}"
-            elif not target.exists():
-                note = f"{latest} names {name}, which does not exist"
-            elif not is_complete(target):
-                note = f"{latest} names {name}, which is not a complete checkpoint"
-            else:
-                return target
+            shown = repr(name[:80] + ("..." if len(name) > 80 else ""))  # one line, whatever the file holds
+            try:
+                if not name:
+                    note = f"{latest} is empty"
+                elif Path(name).name != name or name in (".", "..") or "\x00" in name or "\n" in name:
+                    note = f"{latest} names {shown}, not a checkpoint in {base}"
+                elif not target.exists():
+                    note = f"{latest} names {shown}, which does not exist"
+                elif not is_complete(target):
+                    note = f"{latest} names {shown}, which is not a complete checkpoint"
+                else:
+                    return target
+            except OSError as e:  # a name too long for the file system, or one it cannot look up
+                note = f"{latest} names {shown}, which cannot be looked up ({e.strerror})"
     try:
         found = [q for q in base.iterdir() if (q.suffix == ".pt" or q.is_dir()) and is_complete(q)]
     except OSError as e:

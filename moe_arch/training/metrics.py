@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -44,24 +45,57 @@ def _step(row: dict) -> int | None:
     return s if isinstance(s, int) and not isinstance(s, bool) else None
 
 
-def rewind_history(path: Path, step: int) -> str | None:
+def check_histories(run_dir: Path) -> None:
+    """Refuse, before any long work, a history file the run could not rewind or append to (a folder in its
+    place, no permission): otherwise a traceback when training is about to start."""
+    from moe_arch.training.run_dir import RunFolderError
+
+    for name in HISTORIES:
+        p = run_dir / name
+        if p.is_dir():
+            raise RunFolderError(f"{p} is a folder, not a file; move it out of the run folder (the run writes its "
+                                 f"{name} there)")
+        if p.exists() and not os.access(p, os.R_OK | os.W_OK):
+            raise RunFolderError(f"{p}: cannot read and write it (permission denied); make it writable "
+                                 "(chmod u+rw) or start a new run with --train.run_name NAME")
+
+
+def rewind_history(path: Path, step: int, redone_evals: bool = False) -> str | None:
     """Cut a JSON-lines history back to ``step``: rows of later steps, unparseable lines and a last line without
-    its newline (cut by a crash) are removed, atomically. Returns what was removed, or None when nothing was."""
+    its newline (cut by a crash) are removed, atomically (the file's mode kept, a symbolic link followed). With
+    ``redone_evals`` (resuming a run already at its last step, whose final validation runs again), the eval rows
+    of ``step`` itself go too. Returns what was removed, or None when nothing was."""
+    from moe_arch.training.run_dir import RunFolderError
+
     try:
-        size = path.stat().st_size
+        path = path.resolve() if path.is_symlink() else path  # rewrite the file it names, not the link
+        st = path.stat()
     except FileNotFoundError:
         return None
-    if size == 0:
+    except OSError as e:
+        raise RunFolderError(f"{path}: cannot be read ({e.strerror}); fix or move it") from None
+    if st.st_size == 0:
         return None
+    try:
+        return _rewind(path, step, redone_evals, st)
+    except IsADirectoryError:
+        raise RunFolderError(f"{path} is a folder, not a file; move it out of the run folder") from None
+    except OSError as e:
+        raise RunFolderError(f"{path}: cannot cut the history back to step {step} ({e.strerror}); free space or "
+                             "make the run folder writable") from None
+
+
+def _rewind(path: Path, step: int, redone_evals: bool, st: os.stat_result) -> str | None:
     with open(path, "rb") as f:  # the common case, a clean end at or before ``step``, reads only the tail
-        f.seek(max(0, size - (1 << 16)))
+        f.seek(max(0, st.st_size - (1 << 16)))
         tail = f.read()
-    if tail.endswith(b"\n"):
+    if tail.endswith(b"\n") and not redone_evals:
         last = _row(tail[:-1].rsplit(b"\n", 1)[-1])
         if last is not None and (_step(last) is None or _step(last) <= step):
             return None
-    later, bad, torn = [], 0, False
+    later, bad, torn, evals = [], 0, False, 0
     with atomic_path(path) as tmp, open(path, "rb") as src, open(tmp, "wb") as dst:
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))  # not the temporary file's 0600: others may read the history
         for line in src:
             complete = line.endswith(b"\n")
             row = _row(line)
@@ -75,16 +109,21 @@ def rewind_history(path: Path, step: int) -> str | None:
             if s is not None and s > step:
                 later.append(s)
                 continue
+            if redone_evals and s == step and row.get("kind") == "eval":
+                evals += 1
+                continue
             dst.write(line if complete else line + b"\n")
     parts = []
     if later:
         parts.append(f"{len(later)} rows of steps {min(later)}-{max(later)} (after step {step}, where this run "
                      "starts)")
+    if evals:
+        parts.append(f"{evals} validation rows of step {step} (its final validation runs again)")
     if torn:
         parts.append("a last line cut mid-row")
     if bad:
         parts.append(f"{bad} unreadable lines")
-    return f"{path}: removed " + " and ".join(parts)
+    return f"{path}: removed " + " and ".join(parts) if parts else None
 
 
 class MetricsLogger:
@@ -92,7 +131,8 @@ class MetricsLogger:
     removed first (``rewind_history``), and ``log`` says what was removed."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, wandb: bool = False, wandb_project: str = "moe-arch",
-                 config: dict | None = None, enabled: bool = True, start_step: int = 0, log=None):
+                 config: dict | None = None, enabled: bool = True, start_step: int = 0, log=None,
+                 redone_evals: bool = False):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self._tb = None
@@ -101,7 +141,7 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in HISTORIES:
-            said = rewind_history(run_dir / name, start_step)
+            said = rewind_history(run_dir / name, start_step, redone_evals and name == "metrics.jsonl")
             if said and log is not None:
                 log(said)
         self._f = open(self.path, "a", buffering=1)

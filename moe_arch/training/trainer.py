@@ -29,7 +29,7 @@ from moe_arch.parallel.distributed import DistEnv
 from moe_arch.parallel.parallelize import clip_grads_, global_grad_norm, is_fsdp
 from moe_arch.training import checkpoint as ckpt
 from moe_arch.training.flops import measure_matmul_peak
-from moe_arch.training.metrics import ConsoleUI, MetricsLogger
+from moe_arch.training.metrics import ConsoleUI, MetricsLogger, check_histories
 from moe_arch.training.optim import build_optimizers, build_schedulers, plan_parameters
 from moe_arch.training.precision import CompensatedUpdates, preflight, resolve_policy
 from moe_arch.training.run_dir import RunLock, claim_for_fresh_start, existing_checkpoints
@@ -166,6 +166,8 @@ class Trainer:
         # The run folder is this run's alone: locked for the run's lifetime, and never a fresh start over
         # another run's checkpoints (run_dir.py). Checked before the data and the model take minutes.
         self._lock = RunLock(self.run_dir) if self.dist.is_main else None
+        if self.dist.is_main:
+            check_histories(self.run_dir)
         if resume == "latest" and not existing_checkpoints(self.run_dir):
             self._log(f"--resume latest: no checkpoint in {self.ckpt_dir} yet; starting a new run")
             resume = None
@@ -248,6 +250,12 @@ class Trainer:
         from moe_arch.parallel.dcp import is_dcp_dir, read_meta
 
         state = read_meta(path) if is_dcp_dir(path) else ckpt.load_checkpoint(path, mmap=True)
+        step = state.get("step") if isinstance(state, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and step > self.cfg.train.steps:
+            # The loop would not run and final.pt would be rewritten at the checkpoint's step: a "finished" run
+            # that trained nothing, and a history that claims the lower train.steps.
+            raise ckpt.CheckpointError(f"{path} is at step {step}, past train.steps={self.cfg.train.steps}; raise "
+                                       f"--train.steps above {step} to train on, or evaluate it with moe-arch eval")
         saved_cfg = _field(path, state, "config", dict) if "config" in state else {}
         data_diffs = [d for d in ckpt.config_differences(saved_cfg, self.cfg.to_dict()) if d.startswith("data.")]
         if data_diffs and saved_cfg:  # the rest of the config is compared once the model exists
@@ -629,8 +637,11 @@ class Trainer:
             if self.policy.name == "bf16-pure":
                 self._log("  training anyway (bf16-pure reproduces this on purpose); use --train.precision "
                           "bf16-mixed or bf16-compensated to train these tensors")
+        # Resumed at its last step (a finished run started again), the final validation runs again: its earlier
+        # rows at this step are replaced, not doubled.
         logger = MetricsLogger(self.run_dir, t.tensorboard, t.wandb, t.wandb_project, cfg.to_dict(), enabled=main,
-                               start_step=self.step, log=self._log)
+                               start_step=self.step, log=self._log,
+                               redone_evals=self.resumed_from is not None and self.step >= t.steps)
         if self.monitor is not None:
             self.monitor.attach(logger, self)
         if self.resumed_from is None and t.save_step0 and self.step == 0:
