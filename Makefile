@@ -10,7 +10,7 @@ TEST := $(VENV)/.installed-test
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-slow test-portable bench clean
+.PHONY: setup train test test-slow test-portable gpu-check gpu-check-smoke bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,14 @@ test-slow: $(TEST)
 # a bitwise assertion between two different computations fails here on any machine, not only on the CPU it differs on.
 test-portable: $(TEST)
 	$(BIN)/python tools/test_portable.py $(PYTEST_ARGS)
+
+# On a GPU machine, with that machine's own python3 (nothing installed; ~7 minutes on one H200): one table + JSON.
+gpu-check:
+	PYTHONPATH=. PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --json $${OUT:-.}/gpu_check.json $(ARGS)
+
+# The same script at toy sizes on the CPU (Triton under its interpreter); a default-suite test runs it too.
+gpu-check-smoke: $(TEST)
+	$(BIN)/python bench/gpu_check.py --smoke --json /tmp/gpu_check.json
 
 bench: $(TEST)
 	$(BIN)/python bench/run_all.py

@@ -1,5 +1,6 @@
 """Fused element-wise chains (RMSNorm, the SwiGLU gate, Mamba's causal conv + silu, RoPE) for eager float32 CPU
-training, forward and backward in one pass each (``kernels/fused_cpu.c``).
+training, forward and backward in one pass each (``kernels/fused_cpu.c``), and on CUDA tensors the Triton kernels of
+``triton_kernels.py`` (dispatch: ``triton_use`` below).
 
 Each function here has one definition of its math in PyTorch ops (the ``_reference`` functions), which is what
 runs on GPUs, for other dtypes, inside ``torch.compile`` (where inductor fuses the same chain itself) and when the
@@ -10,11 +11,81 @@ forward and backward (bench/RESULTS.md has the step time with and without them).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from moe_arch.model import cpu_kernels
 
+
+# ---- dispatch to the Triton kernels (CUDA) ----
+#
+# The CPU paths never reach Triton: triton_use() returns False at its first test for a CPU tensor, and
+# triton_kernels (which imports Triton) is loaded only when a CUDA tensor asks for it. Without Triton one
+# RuntimeWarning says so and every chain runs its PyTorch definition (the chunked scan for Mamba): the same
+# functions, slower. MOE_ARCH_NO_TRITON=1 chooses those on purpose, triton_disabled() inside a block (gpu_check
+# measures each kernel against its reference that way). Tests run the kernels on CPU tensors under Triton's
+# interpreter (TRITON_INTERPRET=1, read by triton.jit when a kernel is defined, i.e. when triton_kernels is first
+# imported) with TRITON_ON_CPU set.
+
+TRITON_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_ON_CPU = False
+_triton_lock = threading.Lock()
+_triton = {"module": None, "error": None}
+_triton_off = threading.local()
+
+
+def triton():
+    """The ``triton_kernels`` module, or None (one warning, the first time) when Triton cannot be imported."""
+    if _triton["module"] is not None or _triton["error"] is not None:
+        return _triton["module"]
+    with _triton_lock:
+        if _triton["module"] is None and _triton["error"] is None:
+            if os.environ.get("MOE_ARCH_NO_TRITON", "") not in ("", "0"):
+                _triton["error"] = "disabled by MOE_ARCH_NO_TRITON"
+                return None
+            try:
+                from moe_arch.model import triton_kernels
+
+                _triton["module"] = triton_kernels
+            except Exception as e:  # noqa: BLE001 - any import failure means the documented PyTorch path
+                _triton["error"] = f"{type(e).__name__}: {e}"
+                warnings.warn(f"moe_arch: the Triton kernels are unavailable ({_triton['error']}); on the GPU the "
+                              "Mamba layers run the chunked PyTorch scan and RMSNorm, SwiGLU, the causal conv, RoPE "
+                              "and the heads' cross-entropy their PyTorch definitions (same results, slower). "
+                              "Install triton to enable them.", RuntimeWarning, stacklevel=3)
+    return _triton["module"]
+
+
+def triton_use(*tensors: torch.Tensor, dtypes=TRITON_TYPES) -> bool:
+    """Whether a chain on these tensors runs its Triton kernel: all on one CUDA device (CPU only under the test
+    interpreter), of the given dtypes, outside torch.compile (inductor fuses the PyTorch definitions itself)."""
+    t0 = tensors[0]
+    if not (t0.is_cuda or TRITON_ON_CPU):
+        return False
+    if torch.compiler.is_compiling() or getattr(_triton_off, "v", False):  # (Dynamo never sees the thread-local)
+        return False
+    if any(t.device != t0.device or t.dtype not in dtypes for t in tensors):
+        return False
+    return triton() is not None
+
+
+@contextlib.contextmanager
+def triton_disabled(flag: bool = True):
+    """Inside the block (this thread), the chains run their PyTorch definitions instead of the Triton kernels."""
+    old = getattr(_triton_off, "v", False)
+    _triton_off.v = flag
+    try:
+        yield
+    finally:
+        _triton_off.v = old
+
+
+# ---- the CPU kernels ----
 
 def _kernel_ok(*tensors: torch.Tensor) -> bool:
     return (not torch.compiler.is_compiling()
@@ -56,6 +127,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             return cpu_kernels.rmsnorm_forward(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(),
                                                eps)[0].view(x.shape)
         return _RMSNorm.apply(x, weight, eps)
+    if triton_use(x, weight) and triton().rms_norm_supported(x, weight):
+        return triton().rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 
@@ -80,6 +153,8 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if _no_grad(a, b):
             return cpu_kernels.swiglu_forward(a.contiguous(), b.contiguous())
         return _SwiGLU.apply(a, b)
+    if a.shape == b.shape and a.dtype == b.dtype and triton_use(a, b):
+        return triton().swiglu(a, b)
     return F.silu(a) * b
 
 
@@ -121,6 +196,8 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     """x [B, T, D], weight [K, D] (tap j multiplies x[t - K + 1 + j]), bias [D] -> [B, T, D]."""
     if _kernel_ok(x, weight, bias):
         return _CausalConvSilu.apply(x, weight, bias)
+    if triton_use(x, weight, bias) and x.shape[1] > 0:
+        return triton().causal_conv_silu(x, weight, bias)
     return causal_conv_silu_reference(x, weight, bias)
 
 
@@ -157,4 +234,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if _no_grad(x):
             return cpu_kernels.rope(x, cos, sin)
         return _Rope.apply(x, cos, sin)
+    if triton_use(x, cos, sin) and triton().rope_supported(x, cos, sin):
+        return triton().rope(x, cos, sin)
     return rope_reference(x, cos, sin)

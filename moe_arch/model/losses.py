@@ -7,7 +7,8 @@ d(loss)/d(logits) = softmax - onehot while the loss is reduced. On CPU the softm
 block by block (see ``_LinearCrossEntropy``); without the kernel, the softmax runs in row chunks of PyTorch ops
 (amax, exp, sum, scale) and the backward does two matrix products with the stored logit gradient. Same numbers
 either way (tested against the unfused path). Used for float32 inputs outside autocast; other dtypes take the
-unfused path (the same math).
+unfused path (the same math). On CUDA (with Triton) every dtype and autocast take the blocked form with a Triton row
+kernel (``triton_kernels.linear_cross_entropy``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_arch.model import cpu_kernels
+from moe_arch.model.fused import triton, triton_use
 
 
 def _softmax_grad_chunked(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int,
@@ -112,6 +114,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
     """mean(cross_entropy(h @ weight.T, target)) for h [..., d], target [...]."""
     h2 = h.reshape(-1, h.shape[-1])
     t2 = target.reshape(-1)
+    if triton_use(h2, weight):  # CUDA: the same blocked form with a Triton softmax row kernel, autocast included
+        return triton().linear_cross_entropy(h2, weight, t2)
     if h2.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled(h2.device.type):
         if (h2.device.type == "cpu" and cpu_kernels.available()
                 and not (torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad))):

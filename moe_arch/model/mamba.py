@@ -13,8 +13,9 @@ scanned at once (c vectorised steps), then chunk boundary states are carried acr
 steps) and added back with the within-chunk decay exp(A * cumsum(dt)). That is O(L) work in ~2 sqrt(L)
 vectorised steps rather than L Python-level steps. Autograd does not record the steps: ``SelectiveScan``
 is a custom Function whose backward is the reverse scan of the adjoint (the same kernel run backwards),
-as in the CUDA kernels of ``mamba_ssm``. Those kernels are not used here: on a GPU this same pure path
-runs (a slower, documented path, never a different model).
+as in the CUDA kernels of ``mamba_ssm``. Those kernels are not used here: on a GPU the Triton scan of
+``triton_kernels.py`` runs (the same chunked form, the state in registers), and this pure path where Triton is
+missing (a slower, documented path, never a different model).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 
 from moe_arch.config import ModelConfig
 from moe_arch.model import cpu_kernels
-from moe_arch.model.fused import causal_conv_silu, shifted_conv_silu
+from moe_arch.model.fused import causal_conv_silu, shifted_conv_silu, triton, triton_use
 from moe_arch.model.roles import register_roles
 
 
@@ -271,11 +272,15 @@ def selective_scan(u, dt, A, Bm, Cm, h0=None, chunk: int = 0, impl: str = "auto"
     """Batch-major: u, dt [B, L, D]; Bm, Cm [B, L, N] -> out [B, L, D], h_last [B, D, N], where
     out = C.h (+ D * u if ``D`` [D] is given) (* silu(z) if ``z`` [B, L, D] is given).
 
-    ``impl="auto"`` runs the CPU kernel for float32 CPU tensors when it is available, else the chunked scan."""
+    ``impl="auto"`` runs the CPU kernel for float32 CPU tensors when it is available, the Triton kernel for float32
+    CUDA tensors (``triton_kernels.selective_scan``), else the chunked scan."""
     extra = tuple(t for t in (h0, D, z) if t is not None)
     if impl == "auto" and cpu_kernels.supports(u, dt, A, Bm, Cm, *extra, d_state=A.shape[1]):
         c = (lambda t: None if t is None else t.contiguous())
         return CpuSelectiveScan.apply(c(u), c(dt), A, c(Bm), c(Cm), c(D), c(z), c(h0))
+    if (impl == "auto" and triton_use(u, dt, A, Bm, Cm, *extra, dtypes=(torch.float32,))
+            and A.shape[1] <= triton().MAX_STATE):
+        return triton().selective_scan(u, dt, A, Bm, Cm, D, z, h0)  # CUDA: the Triton scan, the same fusion
     y, h_last = _chunked_selective_scan(u, dt, A, Bm, Cm, h0, chunk)
     if D is not None:
         y = y + u * D
