@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 
@@ -60,6 +61,11 @@ def extract_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
         if a.startswith("--") and "." in a.split("=")[0]:
             overrides.append(a)
             if "=" not in a and i + 1 < len(argv):
+                if re.match(r"--[A-Za-z]", argv[i + 1]):
+                    # `--model.d_model --train.steps 5` forgot a value: taking the next option as it would leave
+                    # its value (5) to be read as the config file.
+                    raise UsageError(f"override {a}: missing value (the next argument is the option {argv[i + 1]}); "
+                                     f"write {a} VALUE")
                 overrides.append(argv[i + 1])
                 i += 1
         else:
@@ -223,21 +229,29 @@ def cmd_config(args, rest) -> int:
     return 0
 
 
+MAX_SAMPLES = 10_000
+
+
 def cmd_generate(args, rest) -> int:
     import torch
 
     from moe_arch.evaluation.loss import load_for_eval
+    from moe_arch.utils import resolve_device
 
     if rest:
         raise UsageError(f"unexpected arguments {rest}")
     for name, value, ok, allowed in [("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0, ">= 0"),
+                                     ("--seed", args.seed, 0 <= args.seed < 2**63, "in [0, 2**63 - 1]"),
                                      ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0: greedy)"),
                                      ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0: no limit)"),
                                      ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
-                                     ("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1")]:
+                                     # each sample is printed as it is made: a cap, so that a typo such as
+                                     # 1000000000 is refused rather than run until killed
+                                     ("--num-samples", args.num_samples, 1 <= args.num_samples <= MAX_SAMPLES,
+                                      f"in [1, {MAX_SAMPLES}]")]:
         if not ok:
             raise UsageError(f"generate {name} {value}: must be {allowed}")
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device, "--device")
     ck = load_for_eval(args.checkpoint, device)
     model, cfg, tok = ck.model, ck.cfg, ck.tokenizer
     limit = cfg.model.max_seq_len
@@ -290,9 +304,14 @@ def cmd_eval(args, rest) -> int:
     for name, value in [("--max-tokens", args.max_tokens), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size)]:
         if value < 0:
             raise UsageError(f"eval {name} {value}: must be >= 0 (0: {'all' if name == '--max-tokens' else 'the checkpoint config'})")
+    from moe_arch.utils import refuse_overwriting_inputs, resolve_device
+
+    resolve_device(args.device, "--device")
     if args.json:
         from moe_arch.utils import writable_file
 
+        refuse_overwriting_inputs(args.json, {"checkpoint": args.checkpoint, "data source": data.get("source")},
+                                  "--json", "evaluation result")
         writable_file(args.json, "evaluation result", "--json", "eval.json")  # before the (long) evaluation
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if not args.quiet else (lambda *a, **k: None)
     try:
@@ -327,6 +346,14 @@ def cmd_lm_eval(args, rest) -> int:
                 raise UsageError(f"lm-eval --batch-size {args.batch_size}: must be >= 1 (or auto)")
         except ValueError as e:
             raise UsageError(f"lm-eval {e}; give a positive integer or auto") from None
+    if not [t for t in args.tasks.split(",") if t.strip()]:
+        raise UsageError(f"lm-eval --tasks {args.tasks!r}: no task names; give comma-separated lm_eval task names, "
+                         "e.g. --tasks hellaswag,arc_easy")
+    from moe_arch.utils import refuse_overwriting_inputs, resolve_device
+
+    resolve_device(args.device, "--device")
+    if args.output:
+        refuse_overwriting_inputs(args.output, {"checkpoint": args.checkpoint}, "--output", "lm-eval results")
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -431,6 +458,25 @@ def cmd_export(args, rest) -> int:
     out = save_checkpoint(args.output, payload)
     print(f"exported {src} (step {meta.get('step')}) -> {out}")
     return 0
+
+
+# Arguments that name a file, folder, device or config: an empty one (most often an unset shell variable) would
+# otherwise be read as "not given" or as the working directory (Path("") is "."), and the command would go on
+# with a default nobody asked for.
+NON_EMPTY = {"config": "CONFIG", "checkpoint": "CHECKPOINT", "output": "OUTPUT", "resume": "--resume",
+             "init_from": "--init-from", "json": "--json", "logs": "--logs", "model": "--model",
+             "against": "--against", "out": "--out", "hf": "--hf", "include_path": "--include-path",
+             "data": "--data", "device": "--device", "tasks": "--tasks"}
+
+
+def _refuse_empty(args) -> None:
+    for dest, flag in NON_EMPTY.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and not value.strip():
+            if dest == "output" and args.command == "lm-eval":
+                flag = "--output"
+            raise UsageError(f"{args.command} {flag} {value!r}: empty (an unset shell variable?); give a value or "
+                             "leave the argument out")
 
 
 OVERRIDES_HELP = """config overrides:
@@ -567,12 +613,19 @@ def main(argv: list[str] | None = None) -> int:
     from moe_arch.training.checkpoint import CheckpointError
     from moe_arch.utils import OutputError
 
+    from moe_arch.utils import DeviceError
+
     parser = build_parser()
-    argv, overrides = extract_overrides(list(sys.argv[1:] if argv is None else argv))
+    try:
+        argv, overrides = extract_overrides(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args, rest = parser.parse_known_args(argv)
     try:
+        _refuse_empty(args)
         return args.func(args, rest + overrides)
-    except (ConfigError, DataError, CheckpointError, UsageError, KernelISAError, OutputError) as e:
+    except (ConfigError, DataError, CheckpointError, UsageError, KernelISAError, OutputError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -42,12 +43,15 @@ def _fail(section: str, name: str, value: Any, allowed: str) -> typing.NoReturn:
 
 def _check_finite(section: str, obj) -> None:
     """nan and inf are refused in every float field: no field gives them a meaning, and every comparison with nan
-    is False, so a range check such as ``grad_clip < 0`` would let nan through into the run."""
+    is False, so a range check such as ``grad_clip < 0`` would let nan through into the run. Integers must fit
+    64 bits: torch and numpy take them as int64 and fail deep inside (``Overflow when unpacking long``)."""
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         for x in v if isinstance(v, (list, tuple)) else [v]:
             if isinstance(x, float) and not math.isfinite(x):
                 _fail(section, f.name, v, "must be a finite number (not nan or inf)")
+            if isinstance(x, int) and not isinstance(x, bool) and not -2**63 <= x < 2**63:
+                _fail(section, f.name, v, "must fit in 64 bits (between -2**63 and 2**63 - 1)")
 
 
 def _check_layers(section: str, name: str, layers: list[int], n_layers: int) -> None:
@@ -144,6 +148,9 @@ class ModelConfig:
         _check_layers(s, "moe_layers", self.moe_layers, self.n_layers)
         _check_layers(s, "mamba_layers", self.mamba_layers, self.n_layers)
         _check_layers(s, "mod_layers", self.mod_layers, self.n_layers)
+        for name in ("n_experts", "top_k", "d_ff_expert"):  # unused without moe_layers, but never meaningful
+            if getattr(self, name) < 0:
+                _fail(s, name, getattr(self, name), "must be >= 0")
         if self.moe_layers:
             if self.n_experts < 1:
                 _fail(s, "n_experts", self.n_experts, "must be >= 1 when model.moe_layers is not empty")
@@ -324,8 +331,17 @@ class TrainConfig:
                   "allowed: none, full, selective, sequence")
         if self.progress not in ("auto", "rich", "plain", "none"):
             _fail(s, "progress", self.progress, "allowed: auto, rich, plain, none")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
             _fail(s, "device", self.device, "allowed: auto, cpu, cuda, cuda:N")
+        if not 0 <= self.seed < 2**32:  # the data order seeds a generator with seed * 1_000_003 + epoch
+            _fail(s, "seed", self.seed, "must be in [0, 2**32 - 1]")
+        if not self.out_dir.strip():
+            _fail(s, "out_dir", self.out_dir, "must name a folder (e.g. runs)")
+        # The run folder is out_dir/run_name: a name with a separator or '..' would put it (and the checkpoints a
+        # fresh start may delete) somewhere else than under out_dir.
+        if not self.run_name.strip() or self.run_name in (".", "..") or re.search(r"[/\\\x00]", self.run_name):
+            _fail(s, "run_name", self.run_name, "must be a plain folder name (no '/', '\\' or '..'); put the "
+                  "parent folder in train.out_dir")
 
 
 @dataclass
@@ -438,7 +454,7 @@ class Config:
 
 
 def _suggest(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1)
+    close = difflib.get_close_matches(str(key), [str(o) for o in options], n=1)  # YAML keys may be numbers
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -571,6 +587,8 @@ def _refuse_duplicate_keys(root: yaml.Node, source: str) -> None:
 def _read_yaml(spec: str, relative_to: Path | None = None) -> tuple[Any, str, str, bool]:
     """(data, source, identity, is_file) of a YAML file or a preset name. A relative file named by another file's
     ``preset:`` is looked up next to that file first, then in the working directory."""
+    if not spec.strip():  # Path("") is the working directory; an unset shell variable, most likely
+        raise ConfigError(f"config {spec!r}: empty name; give a YAML file or one of the presets {preset_names()}")
     path = Path(spec)
     if relative_to is not None and not path.is_absolute() and ((relative_to / path).exists() or not path.exists()):
         path = relative_to / path
@@ -607,7 +625,7 @@ def load_raw(path_or_preset: str | None) -> tuple[dict[str, Any], str]:
     """The merged mapping for a file or preset. A file or preset may say ``preset: NAME_OR_FILE`` to start from
     another, which may itself name one: the chain is followed to its root and merged from there (a loop is an
     error naming the chain)."""
-    data, source, _ = _load_chain(path_or_preset or "tiny")
+    data, source, _ = _load_chain("tiny" if path_or_preset is None else path_or_preset)
     return data, source
 
 
@@ -653,13 +671,19 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if section not in SECTIONS:
             raise ConfigError(f"override --{key}: unknown section {section!r}{_suggest(section, SECTIONS)}; "
                               f"allowed: {sorted(SECTIONS)}")
+        quoted = raw.strip().startswith(("'", '"'))
+        if typing.get_type_hints(SECTIONS[section]).get(name) is str and not quoted:
+            # A text field takes the text as typed: YAML would read `hf:` as a mapping, `123` as a number and
+            # `Hello, world` as a list, and the run would then be refused for a value the user never wrote.
+            out.setdefault(section, {})[name] = raw
+            continue
         try:
             value = safe_load_unique(raw, f"override --{key}")
         except DuplicateKeyError:
             raise
         except ConfigError:  # not YAML: the text itself
             value = raw
-        if isinstance(value, str) and "," in value and not raw.strip().startswith(("'", '"')):
+        if isinstance(value, str) and "," in value and not quoted:
             # "1,2,3" is a convenient way to write a list on the command line.
             try:
                 value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
@@ -674,7 +698,7 @@ def _keys(data: dict) -> set[str]:
 
 
 def load_config(path_or_preset: str | None = None, overrides: list[str] | dict | None = None) -> Config:
-    data, source, explicit = _load_chain(path_or_preset or "tiny")
+    data, source, explicit = _load_chain("tiny" if path_or_preset is None else path_or_preset)
     if overrides:
         ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         data = _merge(data, ov)

@@ -213,13 +213,46 @@ def tune_cpu_malloc(cache_bytes: int = 1 << 30) -> bool:
     return ok
 
 
-def resolve_device(name: str) -> torch.device:
+class DeviceError(ValueError):
+    """A device name that is not one, or a device this machine does not have: one line naming the flag."""
+
+
+def resolve_device(name: str, flag: str = "train.device") -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device this machine has. torch.device takes many more
+    names (and fails late, deep in a layer's ``.to()``, with an AssertionError when CUDA is missing), so the
+    name is checked here, once, for every command that takes one."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|cuda(:[0-9]+)?", name):
+        raise DeviceError(f"{flag}={name!r}: not a device; allowed: auto, cpu, cuda, cuda:N")
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r}: CUDA is not available on this machine; use train.device=cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{flag}={name!r}: CUDA is not available on this machine; use {flag}=cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"{flag}={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (through links and relative spellings): an output written over an
+    input would destroy the input before (or while) it is read."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def refuse_overwriting_inputs(out: str | Path, inputs: dict[str, str | Path | None], flag: str, what: str) -> None:
+    """OutputError when the output path ``out`` is one of the command's input files (``{description: path}``)."""
+    for name, path in inputs.items():
+        if path and same_file(out, path):
+            raise OutputError(f"{flag} {out}: is the {name} this command reads; writing the {what} there would "
+                              f"destroy it: choose another {flag}")
 
 
 def human(n: float) -> str:

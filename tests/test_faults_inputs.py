@@ -332,3 +332,106 @@ def test_special_files_stay_one_line(tmp_path, weights, cli):
     one_line_error(cli("diagnose", tmp_path / "loop_a", "--quiet"), "loop_a")
     one_line_error(cli("diagnose", weights, "--out", tmp_path / "loop_a", "--quiet"), "--out",
                    "symbolic link that leads nowhere (or loops)")
+
+
+# ------------------------------------------------------------------------------- round 3: fault injection
+def test_yaml_keys_that_are_not_names_are_one_line(tmp_path, cli):
+    (tmp_path / "a.yaml").write_text("1: {d_model: 3}\n")
+    one_line_error(cli("config", tmp_path / "a.yaml"), "unknown section 1")
+    (tmp_path / "b.yaml").write_text("model: {1: 3}\n")
+    one_line_error(cli("config", tmp_path / "b.yaml"), "model.1: unknown field")
+    (tmp_path / "c.yaml").write_text("model: {d_model: 64}\n")
+    assert cli("config", tmp_path / "c.yaml").returncode == 0
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["--model.n_experts", "-1", "--model.moe_layers", "[]"], "model.n_experts=-1: must be >= 0"),
+    (["--train.seed", str(2**70)], "train.seed"), (["--data.shard_tokens", str(2**70)], "64 bits"),
+    (["--train.sample_tokens", str(2**63)], "64 bits"), (["--train.device", "cuda:x"], "train.device"),
+    (["--train.device", "cudaxyz"], "train.device"), (["--train.run_name", "a/../../x"], "plain folder name"),
+    (["--train.run_name", ".."], "plain folder name"), (["--train.run_name", ""], "plain folder name"),
+    (["--train.out_dir", ""], "train.out_dir='': must name a folder"),
+])
+def test_config_values_that_failed_late_are_refused_at_load(cli, override, needle):
+    one_line_error(cli("config", "tiny", *override), needle)
+
+
+def test_their_healthy_twins_load_and_text_fields_take_the_text_as_typed():
+    cfg = load_config("tiny", ["--train.seed", str(2**32 - 1), "--train.device", "cuda:1", "--train.run_name", "123",
+                               "--train.sample_prompt", "Hello, world", "--data.source", "hf:x",
+                               "--model.n_experts", "0", "--model.moe_layers", "[]", "--train.out_dir", "'runs'"])
+    assert (cfg.train.seed, cfg.train.device, cfg.train.run_name, cfg.train.sample_prompt, cfg.data.source,
+            cfg.train.out_dir) == (2**32 - 1, "cuda:1", "123", "Hello, world", "hf:x", "runs")
+
+
+def test_an_override_without_a_value_before_another_option_is_named(cli):
+    one_line_error(cli("config", "--model.d_model", "--train.steps", "5"), "--model.d_model: missing value",
+                   "--train.steps")
+    assert cli("config", "--model.d_model", "64", "--train.steps", "5").returncode == 0
+
+
+@pytest.mark.parametrize("args", [["config", ""], ["info", ""], ["train", "tiny", "--resume", ""],
+                                  ["train", "tiny", "--init-from", ""], ["diagnose", ""],
+                                  ["eval", "x.pt", "--json", ""],
+                                  ["diagnose", "x.pt", "--logs", ""], ["export", "x", ""], ["export", "x", "--hf", ""],
+                                  ["generate", "", "--prompt", "a"], ["reproduce-seed", "--out", ""],
+                                  ["lm-eval", "x.pt", "--tasks", ""]])
+def test_an_empty_path_or_name_is_refused_not_read_as_the_default(cli, args):
+    one_line_error(cli(*args), "empty (an unset shell variable?)")
+
+
+def test_unknown_or_missing_devices_are_one_line(trained, cli, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for cmd in (["generate", trained[0], "--prompt", "a"], ["eval", trained[0]],
+                ["lm-eval", trained[0], "--tasks", "t"]):
+        one_line_error(cli(*cmd, "--device", "xyz"), "--device", "not a device")
+        one_line_error(cli(*cmd, "--device", "cuda"), "CUDA is not available")
+    one_line_error(cli("train", "tiny", "--train.device", "cuda"), "train.device", "CUDA is not available")
+    assert cli("generate", trained[0], "--prompt", "a", "--max-new-tokens", "2", "--device", "cpu").returncode == 0
+
+
+def test_generate_seed_and_sample_count_are_bounded(trained, cli):
+    one_line_error(cli("generate", trained[0], "--prompt", "a", "--seed", str(2**70)), "--seed")
+    one_line_error(cli("generate", trained[0], "--prompt", "a", "--num-samples", str(2**63)), "--num-samples")
+    out = cli("generate", trained[0], "--prompt", "a", "--max-new-tokens", "2", "--seed", str(2**63 - 1),
+              "--num-samples", "2")
+    assert out.returncode == 0, out.stderr
+
+
+def test_outputs_over_their_own_inputs_are_refused(trained, weights, tmp_path, cli):
+    import shutil
+
+    ckpt = tmp_path / "c.pt"
+    shutil.copy(trained[0], ckpt)
+    before = ckpt.read_bytes()
+    one_line_error(cli("eval", ckpt, "--json", ckpt), "--json", "is the checkpoint")
+    one_line_error(cli("lm-eval", ckpt, "--tasks", "t", "--output", ckpt), "--output", "is the checkpoint")
+    one_line_error(cli("diagnose", weights, "--json", weights, "--quiet"), "--json", "is the checkpoint")
+    logs = tmp_path / "m.jsonl"
+    logs.write_text('{"step": 1, "loss": 2.0}\n')
+    one_line_error(cli("diagnose", weights, "--logs", logs, "--json", logs, "--quiet"), "is the history (--logs)")
+    assert ckpt.read_bytes() == before and logs.read_text() == '{"step": 1, "loss": 2.0}\n'
+    out = cli("diagnose", weights, "--logs", logs, "--json", tmp_path / "d.json", "--quiet")
+    assert out.returncode == 0 and json.loads((tmp_path / "d.json").read_text())["schema"] == "moe_arch.diagnosis/1"
+
+
+def test_eval_refuses_a_window_beyond_the_models_context(trained, cli):
+    one_line_error(cli("eval", trained[0], "--seq-len", "100000", "--quiet"), "--seq-len 100000",
+                   "model.max_seq_len=256")
+    out = cli("eval", trained[0], "--seq-len", "256", "--max-tokens", "64", "--quiet")
+    assert out.returncode == 0 and json.loads(out.stdout)["seq_len"] == 256
+
+
+def test_lm_eval_with_no_task_names_is_one_line(trained, cli):
+    one_line_error(cli("lm-eval", trained[0], "--tasks", ",", "--limit", "1"), "--tasks", "no task names")
+
+
+def test_diagnose_history_with_infinite_steps_and_a_misspelt_model(weights, tmp_path, cli):
+    jl, csv = tmp_path / "m.jsonl", tmp_path / "m.csv"
+    jl.write_text('{"step": 1e400, "loss": 1}\n{"step": ' + "9" * 400 + ', "loss": 2}\n{"step": 3, "loss": 3}\n')
+    csv.write_text("step,loss\n1,2\ninf,3\nnan,4\n-1e400,5\n2,1\n")
+    for logs in (jl, csv):
+        out = cli("diagnose", weights, "--logs", logs, "--quiet", "--json", tmp_path / "d.json")
+        assert out.returncode == 0, out.stderr
+    one_line_error(cli("diagnose", weights, "--model", "tinyy", "--quiet"), "diagnose --model", "tinyy")
+    assert cli("diagnose", weights, "--model", "tiny", "--quiet", "--no-probe").returncode == 0

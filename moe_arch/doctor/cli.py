@@ -326,9 +326,9 @@ def _plain(v):
 def _model_config(view: CheckpointView, spec: str | None, notes: list[str]):
     from moe_arch.config import Config, ConfigError, load_config
 
+    if spec:  # asked for by name (--model): a bad one is the user's error, not a probe to skip quietly
+        return load_config(spec)
     try:
-        if spec:
-            return load_config(spec)
         if isinstance(view.meta.get("config"), dict) and view.format in ("moe_arch", "moe_arch-dcp"):
             return Config.from_dict(view.meta["config"], f"{view.path} (config)")
     except ConfigError as e:
@@ -343,8 +343,9 @@ def report_dir(checkpoint: str | Path, out: str | Path | None) -> Path:
 
 
 def run_diagnose(args) -> int:
+    from moe_arch.config import ConfigError, load_config
     from moe_arch.doctor.readers import resolve_checkpoint_path
-    from moe_arch.utils import OutputError, writable_file, writable_folder
+    from moe_arch.utils import OutputError, refuse_overwriting_inputs, writable_file, writable_folder
 
     try:
         # Where the reports will go must take files before the analysis runs (it may take minutes).
@@ -356,7 +357,15 @@ def run_diagnose(args) -> int:
             target = Path(args.checkpoint)
         writable_folder(report_dir(target, args.out), "diagnosis report", "--out")
         if args.json and args.json != "-":
+            refuse_overwriting_inputs(args.json, {"checkpoint": target, "reference (--against)": args.against,
+                                                  "history (--logs)": args.logs, "model config (--model)": args.model},
+                                      "--json", "JSON report")
             writable_file(args.json, "JSON report", "--json", "diagnosis.json")
+        if args.model:  # before the analysis: a misspelt --model is one line at once, not after minutes
+            try:
+                load_config(args.model)
+            except ConfigError as e:
+                raise ConfigError(f"diagnose --model: {e}") from None
     except (LoadError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

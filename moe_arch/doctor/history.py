@@ -138,7 +138,8 @@ def _num(x):
 def _step_of(row: dict):
     for k in STEP_KEYS:
         v = _num(row.get(k))
-        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+        # int(inf) raises, and a step beyond int64 breaks the plots and arrays later: such a row has no step
+        if v is not None and (isinstance(v, int) or math.isfinite(v)) and abs(v) < 2**63:
             return int(v)
     return None
 
@@ -176,7 +177,7 @@ def read_metrics_jsonl(path: Path) -> History:
             continue
         kind = row.get("kind")
         step = row.get("step")
-        if not isinstance(step, int) or isinstance(step, bool):
+        if not isinstance(step, int) or isinstance(step, bool) or abs(step) >= 2**63:
             step = _step_of(row)
             if step is None:
                 continue
@@ -254,7 +255,7 @@ def read_csv(path: Path) -> History:
                 continue
             try:
                 step = int(float(row[step_at]))
-            except ValueError:
+            except (ValueError, OverflowError):  # not a number, or inf / nan: a row with no step
                 continue
             for i, (steps, values) in cols:
                 cell = row[i]

@@ -29,8 +29,9 @@ class MoeArchLM(LM):
     def __init__(self, checkpoint: str, device: str = "auto", batch_size: int | str = 1, max_length: int | None = None,
                  **kwargs):
         super().__init__()
-        dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self._device = torch.device(dev)
+        from moe_arch.utils import resolve_device
+
+        self._device = resolve_device(device, "device")
         ck = load_for_eval(checkpoint, self._device)
         self.model, self.cfg, self.tok = ck.model, ck.cfg, ck.tokenizer
         self.policy = resolve_policy(self.cfg.train.precision, self._device)

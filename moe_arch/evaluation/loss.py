@@ -108,9 +108,16 @@ def run_eval(checkpoint: str, data_overrides: dict, split: str | None, max_token
     from moe_arch.data.dataset import prepare_data
     from moe_arch.training.precision import resolve_policy
 
-    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    from moe_arch.utils import resolve_device
+
+    dev = resolve_device(device, "--device")
     ck = load_for_eval(checkpoint, dev)
     cfg = ck.cfg
+    if seq_len > cfg.model.max_seq_len:
+        # Positions beyond max_seq_len were never trained (and a huge window makes one attention matrix of
+        # seq_len**2): the loss there would measure extrapolation, not the model.
+        raise ValueError(f"--seq-len {seq_len}: must be <= model.max_seq_len={cfg.model.max_seq_len} of the "
+                         "checkpoint (0: its train.seq_len)")
     data = cfg.to_dict()["data"]
     other_source = "source" in data_overrides and data_overrides["source"] != data["source"]
     if other_source:  # a different source: its own text field / HF options, unless given
