@@ -158,3 +158,19 @@ def test_killing_a_save_leaves_the_previous_checkpoint_intact(tmp_path):
 
     prune(tmp_path, keep_last=2)
     assert not list(tmp_path.glob(".ck.pt.*.tmp"))
+
+
+def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
+    """Checkpoints and reports are shared with a group or a job scheduler: an atomic write must not leave them
+    readable by their owner only (mkstemp's 0600)."""
+    from moe_arch.training.checkpoint import save_checkpoint
+    from moe_arch.utils import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.txt", lambda p: p.write_text("x"))
+        save_checkpoint(tmp_path / "c.pt", {"step": 1})
+    finally:
+        os.umask(old)
+    for name in ("a.txt", "c.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

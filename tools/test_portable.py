@@ -30,7 +30,7 @@ NUMERICS_TESTS = [
     "tests/test_kernels.py", "tests/test_model.py", "tests/test_moe.py", "tests/test_mamba.py",
     "tests/test_generation.py", "tests/test_checkpointing.py", "tests/test_parity.py", "tests/test_precision.py",
     "tests/test_optim.py", "tests/test_trainer.py", "tests/test_checkpoint.py", "tests/test_memory.py",
-    "tests/test_properties.py",
+    "tests/test_properties.py", "tests/test_triton.py",
 ]
 
 RUNS = [
