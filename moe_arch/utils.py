@@ -76,6 +76,14 @@ def os_reason(e: OSError) -> str:
     return _REASONS.get(e.errno, e.strerror or type(e).__name__)
 
 
+def prove_writable(path: Path) -> None:
+    """Create the folder ``path`` if needed and write and remove a probe file in it (OSError when it cannot)."""
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"x")
+    probe.unlink()
+
+
 def _in_the_way(path: Path) -> str | None:
     """Why ``path`` (or an ancestor) cannot be a folder: a component that is a file, or a symbolic link that
     leads nowhere (or loops); None when nothing is in the way."""
@@ -95,10 +103,7 @@ def writable_folder(path: str | Path, what: str, flag: str) -> Path:
     if blocker is not None:
         raise OutputError(f"{flag} {path}: {blocker}; choose a folder for the {what}")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"x")
-        probe.unlink()
+        prove_writable(path)
     except OSError as e:
         raise OutputError(f"{flag} {path}: cannot write the {what} there ({os_reason(e)}); choose another "
                           f"{flag}") from None

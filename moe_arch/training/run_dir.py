@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from moe_arch.training.checkpoint import STEP_RE, CheckpointError, checkpoint_dir
+from moe_arch.utils import os_reason, prove_writable
 
 
 class RunFolderError(CheckpointError):
@@ -30,14 +31,9 @@ def writable_dir(path: str | Path, what: str) -> Path:
     """Create ``path`` if needed and prove it takes a file, before any long work writes there."""
     path = Path(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"x")
-        probe.unlink()
+        prove_writable(path)
     except OSError as e:
-        reason = {errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
-                  errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(e.errno, e.strerror)
-        raise RunFolderError(f"{path}: cannot write the {what} there ({reason}); choose another folder") from None
+        raise RunFolderError(f"{path}: cannot write the {what} there ({os_reason(e)}); choose another folder") from None
     return path
 
 
