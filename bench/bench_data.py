@@ -17,10 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from common import ROOT, header
 
-from moe_arch.config import DataConfig
 from moe_arch.data.corpus import Corpus
 from moe_arch.data.tokenizer import train_bpe
 
@@ -34,7 +32,8 @@ t = time.perf_counter()
 d = prepare_data(DataConfig(source=sys.argv[1], tokenizer=sys.argv[2], cache_dir=sys.argv[3]), 0, log=lambda *a: None)
 dt = time.perf_counter() - t
 peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({"seconds": dt, "tokens": d.meta["train_tokens"] + d.meta["val_tokens"], "grew_mb": (peak - base) / 2**20}))
+print(json.dumps({"seconds": dt, "tokens": d.meta["train_tokens"] + d.meta["val_tokens"],
+                  "grew_mb": (peak - base) / 2**20}))
 """
 
 
@@ -64,7 +63,8 @@ def main() -> None:
             src = work / f"c{mb}.jsonl"
             corpus(src, mb)
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
-            r = json.loads(subprocess.run([sys.executable, "-c", CHILD, str(src), str(work / "tok"), str(work / f"cache{mb}")],
+            r = json.loads(subprocess.run([sys.executable, "-c", CHILD, str(src), str(work / "tok"),
+                                           str(work / f"cache{mb}")],
                                           capture_output=True, text=True, env=env, check=True).stdout.splitlines()[-1])
             texts = [json.loads(line)["text"] for line in open(src)]
             t = time.perf_counter()
@@ -73,7 +73,8 @@ def main() -> None:
                 n += sum(len(e.ids) for e in tok.tok.encode_batch(texts[i:i + 1024], add_special_tokens=False))
             bare = time.perf_counter() - t
             rows.append((mb, r, n / bare))
-        print(f"{'corpus':>8} {'tokens':>12} {'prepare tok/s':>14} {'encode_batch tok/s':>19} {'ratio':>6} {'RSS growth':>11}")
+        print(f"{'corpus':>8} {'tokens':>12} {'prepare tok/s':>14} {'encode_batch tok/s':>19} {'ratio':>6} "
+              f"{'RSS growth':>11}")
         for mb, r, bare_rate in rows:
             rate = r["tokens"] / r["seconds"]
             print(f"{mb:>6}MB {r['tokens']:>12,} {rate:>14,.0f} {bare_rate:>19,.0f} {rate / bare_rate:>6.2f} "

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +29,8 @@ from moe_arch.cli import main
 t0 = time.perf_counter()
 code = main(["diagnose", sys.argv[2], "--against", sys.argv[3], "--out", sys.argv[4], "--json", sys.argv[5], "--quiet"])
 print(json.dumps({"code": code, "seconds": time.perf_counter() - t0,
-                  "max_rss_mb": int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) / 1024}))
+                  "max_rss_mb": int(next(l.split()[1] for l in open("/proc/self/status")
+                                         if l.startswith("VmHWM"))) / 1024}))
 """
 
 READER = r"""
@@ -43,7 +42,8 @@ with open(sys.argv[1], "rb", buffering=0) as f:
         if not b: break
         n += len(b)
 print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": n,
-                  "max_rss_mb": int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) / 1024}))
+                  "max_rss_mb": int(next(l.split()[1] for l in open("/proc/self/status")
+                                         if l.startswith("VmHWM"))) / 1024}))
 """
 
 
@@ -95,7 +95,8 @@ def main():
     print(f"first read (page cache?) {cold['seconds']:8.2f} s")
     print(f"read the checkpoint once {read['seconds']:8.2f} s    peak RSS {read['max_rss_mb']:8.0f} MB  (warm cache)")
     print(f"diagnose (vs reference)  {diag['seconds']:8.2f} s    peak RSS {diag['max_rss_mb']:8.0f} MB")
-    print(f"time ratio               {diag['seconds'] / read['seconds']:8.2f} x reading the checkpoint once (both warm)")
+    print(f"time ratio               {diag['seconds'] / read['seconds']:8.2f} x reading the checkpoint once "
+          "(both warm)")
     print(f"peak memory              {diag['max_rss_mb'] * 1e6 / size:8.1%} of checkpoint + reference size")
     print(f"status {status['status']}; findings: {[f['cause'] for f in status['findings']]}")
     if not args.keep:

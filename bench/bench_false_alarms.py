@@ -44,8 +44,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
     args = ap.parse_args()
-    print(f"| architecture | fp32 alerts | autocast alerts | diagnose --against init / alone | bf16-stored: "
-          f"frozen tensors | detected at step | exactly those |")
+    print("| architecture | fp32 alerts | autocast alerts | diagnose --against init / alone | bf16-stored: "
+          "frozen tensors | detected at step | exactly those |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -81,7 +81,8 @@ def main() -> None:
     k = len(model.mtp_heads)
     header(f"generation: greedy, {args.new} new tokens, {cfg.model.n_layers} layers d_model {cfg.model.d_model}, "
            f"{k} MTP heads")
-    print(f"{'prompts':>7} {'implementation':>34} {'new tok/s':>10} {'vs HF':>7} {'acceptance':>11} {'tok/forward':>12}")
+    print(f"{'prompts':>7} {'implementation':>34} {'new tok/s':>10} {'vs HF':>7} {'acceptance':>11} "
+          f"{'tok/forward':>12}")
     for n in (1, 8):
         p = prompts(tok, n)
         runs = {
@@ -116,8 +117,8 @@ def main() -> None:
             acc = f"{spec.acceptance_rate:.1%}" if "speculative" in name else ""
             tpf = f"{spec.tokens_per_forward:.2f}" if "speculative" in name else ("1.00" if "plain" in name else "")
             print(f"{n:>7} {name:>34} {n * args.new / t:>10.0f} {ref / t:>6.2f}x {acc:>11} {tpf:>12}")
-    print("vs HF: HF's time / ours for the same prompts and token count. The speculative tokens are compared with plain "
-          "greedy decoding's in this run (float32: a near-tie may be decided either way).")
+    print("vs HF: HF's time / ours for the same prompts and token count. The speculative tokens are compared with "
+          "plain greedy decoding's in this run (float32: a near-tie may be decided either way).")
 
 
 def _compiled(model):

@@ -13,7 +13,7 @@ import torch
 
 from common import fwd_bwd, header, timeit, timeit_pair
 
-from moe_arch.config import ModelConfig, load_config
+from moe_arch.config import load_config
 from moe_arch.model.attention import Attention, SeqContext
 from moe_arch.model.layers import Rotary, SwiGLU
 from moe_arch.model.mamba import Mamba

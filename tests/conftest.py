@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from moe_arch.config import Config, load_config  # noqa: E402
+from moe_arch.config import Config  # noqa: E402
 
 
 _BF16_SDPA: list = []
@@ -64,7 +65,8 @@ def trained_checkpoint(root, data_cache: str, steps: int):
     """The final checkpoint of a short quiet run of the small model (for tests that read a real checkpoint)."""
     from moe_arch.training.trainer import Trainer
 
-    cfg = Config.from_dict({"model": small_overrides(), "data": {"cache_dir": data_cache}, "monitor": {"enabled": False},
+    cfg = Config.from_dict({"model": small_overrides(), "data": {"cache_dir": data_cache},
+                            "monitor": {"enabled": False},
                             "train": dict(out_dir=str(root), run_name="r", steps=steps, batch_size=4, seq_len=32,
                                           warmup_steps=1, log_every=1, eval_every=0, ckpt_every=0,
                                           eval_max_tokens=512, sample_tokens=0, progress="none", tensorboard=False)})
@@ -83,3 +85,30 @@ def kernel_isa(request):
         pytest.skip(f"this CPU cannot run the {request.param} kernels")
     with cpu_kernels.use_isa(request.param):
         yield request.param
+
+
+@pytest.fixture
+def cli(capsys):
+    """``moe-arch ARGS`` in this process (a subprocess per call would cost seconds of imports): the exit code and
+    what it printed. An exception other than the CLI's own one-line errors fails the test, as a traceback would."""
+    from moe_arch.cli import main
+
+    def run(*args) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse: --help, usage errors
+            rc = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, rc, out.out, out.err)
+
+    return run
+
+
+def one_line_error(out: subprocess.CompletedProcess, *needles: str) -> None:
+    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = [l for l in out.stderr.splitlines() if l.strip() and not l.startswith(("warning", "  warnings.warn"))]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])

@@ -43,7 +43,8 @@ def assert_within(got: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, wha
         i = int(torch.argmax(torch.where(bad, ratio, torch.zeros_like(ratio))))
         idx = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), err.shape))
         raise AssertionError(f"{what}: {int(bad.sum())} of {err.numel()} elements exceed the float32 bound; worst "
-                             f"at {idx}: got {got.reshape(-1)[i].item():.9g}, reference {ref.reshape(-1)[i].item():.9g}, "
+                             f"at {idx}: got {got.reshape(-1)[i].item():.9g}, "
+                             f"reference {ref.reshape(-1)[i].item():.9g}, "
                              f"error {err.reshape(-1)[i].item():.3g} > bound {bound.reshape(-1)[i].item():.3g} "
                              f"({ratio.reshape(-1)[i].item():.2f}x)")
 

@@ -1,4 +1,3 @@
-import gzip
 import json
 
 import numpy as np
@@ -8,7 +7,7 @@ import torch
 from moe_arch.config import DataConfig
 from moe_arch.data.corpus import Corpus, DataError
 from moe_arch.data.dataset import WindowSampler, eval_windows, prepare_data
-from moe_arch.data.tokenizer import EOS, TextTokenizer, train_bpe
+from moe_arch.data.tokenizer import EOS, train_bpe
 
 
 def test_embedded_corpus_is_real_text():
@@ -86,7 +85,8 @@ def test_user_text_and_jsonl_sources(tmp_path, data_cache):
     (lambda p: p / "nope.txt", r"no such file or folder"),
     (lambda p: (p / "empty").mkdir() or p / "empty", r"the folder has no"),
     (lambda p: (p / "e.txt").write_text("  \n") and p / "e.txt", r"contains no non-empty documents"),
-    (lambda p: (p / "b.jsonl").write_text('{"text": "ok"}\n{not json\n') and p / "b.jsonl", r"b\.jsonl:2: not valid JSON"),
+    (lambda p: (p / "b.jsonl").write_text('{"text": "ok"}\n{not json\n') and p / "b.jsonl",
+     r"b\.jsonl:2: not valid JSON"),
     (lambda p: (p / "f.jsonl").write_text('{"content": "x"}\n') and p / "f.jsonl", r"no field 'text'.*content"),
     (lambda p: (p / "bin.txt").write_bytes(b"\xff\xfe\x00bad") and p / "bin.txt", r"not UTF-8 text"),
 ])
@@ -97,7 +97,8 @@ def test_bad_data_is_a_clear_error_never_random_tokens(tmp_path, setup, match):
 
 
 def test_tokenizer_errors(tmp_path, data_cache):
-    with pytest.raises(DataError, match="no such file or folder; give a tokenizer.json, a Hugging Face tokenizer folder"):
+    with pytest.raises(DataError, match="no such file or folder; give a tokenizer.json, "
+                                        "a Hugging Face tokenizer folder"):
         prepare_data(DataConfig(tokenizer=str(tmp_path / "tok.json"), cache_dir=data_cache), 512)
     (tmp_path / "tok.json").write_text("{not json")
     with pytest.raises(DataError, match="is not a Hugging Face tokenizer.json"):

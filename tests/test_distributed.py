@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,8 @@ from test_checkpoint import losses, with_train
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
 
 
-def torchrun(cfg: Config, tmp_path: Path, *extra: str, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(cfg: Config, tmp_path: Path, *extra: str, nproc: int = 2,
+             timeout: int = 240) -> subprocess.CompletedProcess:
     path = tmp_path / f"cfg_{cfg.train.run_name}.yaml"
     save_config(cfg, path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -174,7 +174,6 @@ def test_cli_unusable_input_is_exit_2_one_line(tmp_path):
     data = (tmp_path / "final.pt").read_bytes()
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "empty.pt").write_bytes(b"")
-    other = tmp_path / "other"
     torch.save({"model": {"embed.weight": torch.zeros(3, 3)}}, tmp_path / "shape.pt")
     for args, match in (([str(tmp_path / "missing.pt")], "no such file"),
                         ([str(tmp_path / "trunc.pt")], "truncated or corrupt"),

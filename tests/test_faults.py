@@ -17,46 +17,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_arch.config import Config, ConfigError, load_config
+from moe_arch.config import Config
 from moe_arch.training import checkpoint as ckpt
 from moe_arch.training.checkpoint import CheckpointError
 from moe_arch.training.run_dir import RunFolderError, RunLock
 from moe_arch.training.trainer import NonFiniteLossError, Trainer
 
-from conftest import ROOT
+from conftest import ROOT, one_line_error
+from conftest import cli as cli  # re-exported: tests/test_faults_inputs.py imports it from here
 
 
 def with_train(cfg: Config, **train) -> Config:
     d = cfg.to_dict()
     d["train"].update(train)
     return Config.from_dict(d)
-
-
-@pytest.fixture
-def cli(capsys):
-    """``moe-arch ARGS`` in this process (a subprocess per call would cost seconds of imports): the exit code and
-    what it printed. An exception other than the CLI's own one-line errors fails the test, as a traceback would."""
-    from moe_arch.cli import main
-
-    def run(*args) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        try:
-            rc = main([str(a) for a in args])
-        except SystemExit as e:  # argparse: --help, usage errors
-            rc = e.code
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, rc, out.out, out.err)
-
-    return run
-
-
-def one_line_error(out: subprocess.CompletedProcess, *needles: str) -> None:
-    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
-    assert "Traceback" not in out.stderr, out.stderr
-    lines = [l for l in out.stderr.splitlines() if l.strip() and not l.startswith(("warning", "  warnings.warn"))]
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 # ------------------------------------------------------------------------------------------ run folders
@@ -135,7 +109,8 @@ def test_pruning_touches_only_this_timeline_and_latest_always_exists(small_cfg):
 # ------------------------------------------------------------------------------------------ foreign checkpoints
 @pytest.mark.parametrize("edit, needle", [
     (lambda ck: ck.pop("optimizers"), "no 'optimizers' in this checkpoint"),
-    (lambda ck: ck["model"].update({"embed.weight": torch.zeros(3, 3)}), "model tensor 'embed.weight' has shape [3, 3]"),
+    (lambda ck: ck["model"].update({"embed.weight": torch.zeros(3, 3)}),
+     "model tensor 'embed.weight' has shape [3, 3]"),
     (lambda ck: ck.update(config="a string"), "'config' is a str, not a dict"),
     (lambda ck: ck["model"].pop("final_norm.weight"), "model tensor 'final_norm.weight' is missing"),
     (lambda ck: ck.update(schedulers=[1, 2]), "'schedulers' is a list, not a dict"),
@@ -416,4 +391,5 @@ def test_eval_and_export_input_errors_are_one_line(tmp_path, cli):
     out = cli("export", tmp_path / "junk.pt")
     assert out.returncode == 2 and "give either OUTPUT.pt" in out.stderr
     out = cli("train", "--init-from", tmp_path)
-    assert out.returncode == 2 and "no config.json; give a folder written by `moe-arch export CKPT --hf DIR`" in out.stderr
+    assert out.returncode == 2 and ("no config.json; give a folder written by `moe-arch export CKPT --hf DIR`"
+                                    in out.stderr)

@@ -24,14 +24,14 @@ from moe_arch.config import Config, DataConfig, load_config, save_config
 from moe_arch.data import dataset as ds
 from moe_arch.data.corpus import DataError
 from moe_arch.data.dataset import prepare_data
-from moe_arch.data.tokenizer import TextTokenizer, train_bpe
+from moe_arch.data.tokenizer import train_bpe
 from moe_arch.training import checkpoint as ckpt
 from moe_arch.training.checkpoint import CheckpointError
 from moe_arch.training.metrics import rewind_history
 from moe_arch.training.trainer import Trainer
 
-from conftest import ROOT
-from test_faults import _read_only, cli, one_line_error, with_train  # noqa: F401 - cli is a fixture
+from conftest import ROOT, one_line_error
+from test_faults import _read_only, with_train
 
 DOCS = [f"Document {i}: the router sends token {i % 7} to expert {i % 5}; the norm weight moves by {i} ulp."
         for i in range(240)]

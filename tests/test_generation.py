@@ -115,9 +115,9 @@ def exact_joint(model, prompt: torch.Tensor, n: int, V: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.8, 4)])
 def test_speculative_sampling_has_the_plain_sampling_distribution(temperature, top_k):
-    """Four tokens from an 8-token vocabulary, 4000 sequences each way (batches of 8); chi-square of the pair marginals (x1, x2),
-    (x2, x3), (x3, x4) against the exact joint, for speculative (2 drafts: positions 2 and 3 are drafted, 4 is the
-    verification's own sample) and plain sampling. The MTP heads are untrained, so drafts are rejected and accepted
+    """Four tokens from an 8-token vocabulary, 4000 sequences each way (batches of 8); chi-square of the pair marginals
+    (x1, x2), (x2, x3), (x3, x4) against the exact joint, for speculative (2 drafts: positions 2 and 3 are drafted, 4 is
+    the verification's own sample) and plain sampling. The MTP heads are untrained, so drafts are rejected and accepted
     at every position (checked)."""
     V = 8
     cfg = ModelConfig(**small_overrides(vocab_size=V, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, d_ff_expert=32,

@@ -30,7 +30,7 @@ def tasks(tmp_path):
     mc = tmp_path / "mc.jsonl"
     mc.write_text("".join(json.dumps({"question": f"Q{i}: {d[:20]}", "choices": [" experts", " norms", " states"],
                                       "answer": i % 3}) + "\n" for i, d in enumerate(DOCS)))
-    common = f"dataset_path: json\ntest_split: test\n"
+    common = "dataset_path: json\ntest_split: test\n"
     (tmp_path / "ppl.yaml").write_text(
         "task: moe_arch_local_ppl\n" + common + f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
         "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"

@@ -136,7 +136,8 @@ def test_without_the_kernel_the_chunked_scan_runs_with_a_warning(tmp_path, env, 
         "from moe_arch.model import cpu_kernels\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    x = torch.randn(1, 5, 3, requires_grad=True)\n"
-        "    y, _ = selective_scan(x, torch.rand(1, 5, 3), -torch.rand(3, 2), torch.randn(1, 5, 2), torch.randn(1, 5, 2))\n"
+        "    y, _ = selective_scan(x, torch.rand(1, 5, 3), -torch.rand(3, 2), "
+        "torch.randn(1, 5, 2), torch.randn(1, 5, 2))\n"
         "print('GRAD_FN', type(y.grad_fn).__name__)\n"
         "print('WARNINGS', [str(m.message) for m in w if issubclass(m.category, RuntimeWarning)])\n"
     )

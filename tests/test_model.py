@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from moe_arch.config import Config, ModelConfig, load_config
+from moe_arch.config import ModelConfig, load_config
 from moe_arch.model.mod import causal_capacity_select
 from moe_arch.model.params import count_parameters
 from moe_arch.model.transformer import HybridLM, build_model, materialize
@@ -117,7 +117,8 @@ def test_loss_parts_are_reported_separately():
     out = model(tok[:, :20], tok[:, 1:])
     expected = out.lm_loss + cfg.mtp_loss_weight * torch.stack(out.mtp_losses).mean() + sum(
         c * out.aux_losses[k] for k, c in (("moe_load_balance", cfg.router_aux_loss_coef),
-                                           ("moe_z_loss", cfg.router_z_loss_coef), ("mod_router", cfg.mod_aux_loss_coef)))
+                                           ("moe_z_loss", cfg.router_z_loss_coef),
+                                           ("mod_router", cfg.mod_aux_loss_coef)))
     torch.testing.assert_close(out.loss, expected)
     assert len(out.mtp_losses) == 2
     logits = model(tok[:, :20], return_logits=True).logits

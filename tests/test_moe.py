@@ -22,7 +22,8 @@ def dense_reference(m: MoE, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     _, _, idx, w = m.route(flat)
     e = m.experts
-    h = torch.nn.functional.silu(torch.einsum("nd,edf->enf", flat, e.w_gate)) * torch.einsum("nd,edf->enf", flat, e.w_up)
+    h = (torch.nn.functional.silu(torch.einsum("nd,edf->enf", flat, e.w_gate))
+         * torch.einsum("nd,edf->enf", flat, e.w_up))
     out = torch.einsum("enf,efd->end", h, e.w_down)  # [E, N, d]
     gate = torch.zeros(flat.shape[0], m.n_experts).scatter(1, idx, w)
     return torch.einsum("ne,end->nd", gate, out).reshape(x.shape)

@@ -118,7 +118,8 @@ def test_shared_and_fine_grained_experts_match_qwen2_moe_sparse_moe_block(gate):
     y = ours(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y)
-    ref_w = [x, ref.gate.weight, ref.experts.down_proj, ref.shared_expert.down_proj.weight, ref.shared_expert.gate_proj.weight]
+    ref_w = [x, ref.gate.weight, ref.experts.down_proj, ref.shared_expert.down_proj.weight,
+             ref.shared_expert.gate_proj.weight]
     our_w = [x, ours.router.weight, ours.experts.w_down, ours.shared.w2.weight, ours.shared.w1.weight]
     if gate:
         ref_w.append(ref.shared_expert_gate.weight)

@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from moe_arch.config import Config

@@ -71,7 +71,8 @@ def _write_sources(root: Path) -> dict[str, str]:
     datasets.Dataset.from_dict({"body": DOCS}).save_to_disk(str(root / "saved"))
     src["saved"] = str(root / "saved")
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": DOCS}),
-                          "test": datasets.Dataset.from_dict({"body": DOCS[:10]})}).save_to_disk(str(root / "saveddict"))
+                          "test": datasets.Dataset.from_dict({"body": DOCS[:10]})}).save_to_disk(
+        str(root / "saveddict"))
     src["saved dict"] = str(root / "saveddict")
     return src
 
@@ -225,7 +226,7 @@ def _gpt2_style_folder(root: Path) -> Path:
 
 def _llama_style_folder(root: Path) -> Path:
     """SentencePiece-style BPE with byte fallback, <unk>/<s>/</s> first, a post-processor adding <s>."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
@@ -250,7 +251,8 @@ def _llama_style_folder(root: Path) -> Path:
 def test_tokenizer_folders_take_their_special_tokens_from_their_config(tmp_path):
     from transformers import AutoTokenizer
 
-    for folder, bos in ((_gpt2_style_folder(tmp_path / "gpt2"), False), (_llama_style_folder(tmp_path / "llama"), True)):
+    for folder, bos in ((_gpt2_style_folder(tmp_path / "gpt2"), False),
+                        (_llama_style_folder(tmp_path / "llama"), True)):
         ours = TextTokenizer.load(folder)
         hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         assert ours.eos_id == hf.eos_token_id and ours.eos_token == hf.eos_token
@@ -279,7 +281,8 @@ def test_tokenizer_folders_take_their_special_tokens_from_their_config(tmp_path)
     (slow / "tokenizer.json").unlink(missing_ok=True)
     if (slow / "vocab.json").exists():
         conv = TextTokenizer.load(slow)
-        assert conv.eos_token == "<|endoftext|>" and conv.encode(DOCS[5]) == TextTokenizer.load(tmp_path / "gpt2").encode(DOCS[5])
+        assert conv.eos_token == "<|endoftext|>" and (conv.encode(DOCS[5])
+                                                      == TextTokenizer.load(tmp_path / "gpt2").encode(DOCS[5]))
 
 
 def test_the_model_vocabulary_follows_a_given_tokenizer(tmp_path, data_cache):
@@ -322,7 +325,8 @@ def test_preparing_a_corpus_several_times_larger_than_an_rss_cap(tmp_path):
             size += len(lines) * 16
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words + ["<unk>", "<|endoftext|>"])}, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words + ["<unk>", "<|endoftext|>"])},
+                                     unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(tmp_path / "tok.json"))
     script = f"""

@@ -80,10 +80,12 @@ def _read_jsonl(path: Path, comp: str, text_field: str) -> Iterator[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
+                                "each line must be one JSON object") from None
             if not isinstance(obj, dict) or text_field not in obj:
                 raise DataError(f"{path}:{lineno}: no field {text_field!r}; set data.text_field to the field that "
-                                f"holds the text (keys here: {sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})")
+                                "holds the text (keys here: "
+                                f"{sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})")
             text = obj[text_field]
             if not isinstance(text, str):
                 raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string")
@@ -343,7 +345,8 @@ class Corpus:
         """Documents in a fixed order (the same every time, so a build can resume by counting). ``Piece`` items
         continue in the next one; they count towards data.max_documents only when the document ends."""
         n = 0
-        docs = self._hf_documents() if self.hf is not None else (d for p in self.files for d in _read_file(p, self.text_field))
+        docs = (self._hf_documents() if self.hf is not None
+                else (d for p in self.files for d in _read_file(p, self.text_field)))
         for d in docs:
             yield d
             if not isinstance(d, Piece):

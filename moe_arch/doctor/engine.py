@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -41,15 +41,16 @@ CAUSES = ("non_finite", "precision_underflow", "not_in_optimizer", "no_gradient"
           "frozen_unexplained", "excessive_update", "dead_experts")
 
 RECOMMENDATIONS = {
-    "non_finite": ("the run diverged or was corrupted: resume from the last checkpoint whose tensors are finite, with a "
-                   "lower learning rate, gradient clipping, and (in bf16/fp16) loss scaling or fp32 master weights"),
-    "frozen_unexplained": ("these tensors did not change although the run took optimizer steps, and the checkpoint does "
-                           "not show why: check that they are in an optimizer param group with a non-zero learning "
-                           "rate, that they receive gradients, and their storage dtype; save the optimizer state "
-                           "(mapped to names) with the checkpoint so the doctor can tell which"),
-    "precision_underflow": ("keep fp32 master weights for these tensors (moe-arch: --train.precision bf16-mixed) or use "
-                            "compensated updates (--train.precision bf16-compensated); raising the learning rate is "
-                            "not a fix: updates stay below the rounding step for most of training"),
+    "non_finite": ("the run diverged or was corrupted: resume from the last checkpoint whose tensors are finite, "
+                   "with a lower learning rate, gradient clipping, and (in bf16/fp16) loss scaling "
+                   "or fp32 master weights"),
+    "frozen_unexplained": ("these tensors did not change although the run took optimizer steps, and the checkpoint "
+                           "does not show why: check that they are in an optimizer param group with a non-zero "
+                           "learning rate, that they receive gradients, and their storage dtype; save the optimizer "
+                           "state (mapped to names) with the checkpoint so the doctor can tell which"),
+    "precision_underflow": ("keep fp32 master weights for these tensors (moe-arch: --train.precision bf16-mixed) or "
+                            "use compensated updates (--train.precision bf16-compensated); raising the learning rate "
+                            "is not a fix: updates stay below the rounding step for most of training"),
     "not_in_optimizer": ("add these parameters to an optimizer param group: check the filter that builds the groups "
                          "(name patterns, ndim rules) and that requires_grad is True"),
     "no_gradient": ("these tensors never received a gradient: check that the forward pass uses them and that nothing "
@@ -64,8 +65,8 @@ RECOMMENDATIONS = {
 }
 
 ALL_NO_GRADIENT = ("no tensor received a gradient: this usually means optimizer.zero_grad() runs between "
-                   "loss.backward() and optimizer.step(), or the optimizer was built on the parameters of another model "
-                   "object (e.g. before the model was copied, moved with .to() into a new object, or re-created)")
+                   "loss.backward() and optimizer.step(), or the optimizer was built on the parameters of another "
+                   "model object (e.g. before the model was copied, moved with .to() into a new object, or re-created)")
 
 
 @dataclass
@@ -266,8 +267,8 @@ def diagnose(evidence: list[TensorEvidence], optimizers: list[OptimizerSummary],
                                             if any(e.has_reference for e in group) else None),
               "reference": reference}
         if not any(e.has_reference for e in group) and sev == "warning":
-            ev["hypothesis"] = ("predicted by the rounding rule alone: no reference checkpoint shows whether these tensors "
-                                "moved; pass --against with the run's initial checkpoint to confirm")
+            ev["hypothesis"] = ("predicted by the rounding rule alone: no reference checkpoint shows whether these "
+                                "tensors moved; pass --against with the run's initial checkpoint to confirm")
         consts = sorted({e.constant_value for e in group if e.constant_value is not None})
         if consts:
             ev["constant_values"] = consts[:4]
@@ -292,7 +293,8 @@ def diagnose(evidence: list[TensorEvidence], optimizers: list[OptimizerSummary],
             module = e.name.rsplit(".", 1)[0]
             prev = dead.get(module)
             dead[module] = sorted(set(ids) | set(prev or []))
-            dead_ev.setdefault(module, {"tensors": [], "evidence": src, "n_experts": e.shape[0]})["tensors"].append(e.name)
+            entry = dead_ev.setdefault(module, {"tensors": [], "evidence": src, "n_experts": e.shape[0]})
+            entry["tensors"].append(e.name)
     if dead:
         findings.append(Finding("dead_experts", "warning", [t for m in dead_ev.values() for t in m["tensors"]],
                                 {"modules": dead_ev, "n_dead": sum(len(v) for v in dead.values())},
@@ -362,9 +364,9 @@ def summarize(f: Finding) -> str:
         return f"{n} tensors ({what}) hold NaN/inf values (first: {ev['first']})"
     if f.cause == "frozen_unexplained":
         return (f"{n} tensors ({what}) are bitwise unchanged since the reference after "
-                f"{ev['optimizer_steps'] if ev.get('optimizer_steps') is not None else 'some'} optimizer steps, and the "
-                f"checkpoint does not show why" + (f" (missing: {', '.join(ev['evidence_missing'])})"
-                                                    if ev.get("evidence_missing") else ""))
+                f"{ev['optimizer_steps'] if ev.get('optimizer_steps') is not None else 'some'} optimizer steps, "
+                f"and the checkpoint does not show why" + (f" (missing: {', '.join(ev['evidence_missing'])})"
+                                                            if ev.get("evidence_missing") else ""))
     if f.cause == "dead_experts":
         parts = [f"{m}: experts {ids}" for m, ids in (f.experts or {}).items()]
         return f"{ev['n_dead']} expert slices never trained ({'; '.join(parts)})"

@@ -119,10 +119,10 @@ def _as_dict(optimizers) -> dict[str, torch.optim.Optimizer]:
 
 
 class Monitor:
-    def __init__(self, model: nn.Module, optimizers, config: MonitorConfig | None = None, run_dir: str | Path | None = None,
-                 enabled_output: bool = True, auto_check: bool = True, print_fn: Callable[[str], None] | None = None,
-                 on_critical: Callable[[Alert], None] | None = None, roles: dict[str, str] | None = None,
-                 start_step: int = 0):
+    def __init__(self, model: nn.Module, optimizers, config: MonitorConfig | None = None,
+                 run_dir: str | Path | None = None, enabled_output: bool = True, auto_check: bool = True,
+                 print_fn: Callable[[str], None] | None = None, on_critical: Callable[[Alert], None] | None = None,
+                 roles: dict[str, str] | None = None, start_step: int = 0):
         self.cfg = config or MonitorConfig()
         self.model = model
         self.optimizers = _as_dict(optimizers)
@@ -339,7 +339,8 @@ class Monitor:
             total = torch.stack(list(loads)).sum(0)
             frac = total / total.sum().clamp_min(1)
             nz = frac[frac > 0]
-            metrics[f"moe_entropy_L{layer}"] = float(-(nz * nz.log()).sum() / math.log(len(frac))) if len(frac) > 1 else 1.0
+            metrics[f"moe_entropy_L{layer}"] = (float(-(nz * nz.log()).sum() / math.log(len(frac)))
+                                                if len(frac) > 1 else 1.0)
             metrics[f"moe_dead_L{layer}"] = int((total == 0).sum())
         for layer, (wm, ws) in (self._stats.get("mod_weight") or {}).items():
             metrics[f"mod_weight_spread_L{layer}"] = ws
@@ -357,7 +358,8 @@ class Monitor:
 
         def sample(x):
             x = local(x) if isinstance(x, torch.Tensor) else None
-            return x.reshape(-1).index_select(0, t.idx) if x is not None and x.numel() == local(t.param).numel() else None
+            return (x.reshape(-1).index_select(0, t.idx) if x is not None and x.numel() == local(t.param).numel()
+                    else None)
 
         m = sample(st.get("exp_avg", st.get("momentum_buffer")))
         if kind == "muon" and t.param.ndim >= 2:
@@ -374,13 +376,13 @@ class Monitor:
     def _local_stats(self, t: _Tracked, ref_vals: torch.Tensor, prev_vals: torch.Tensor):
         """Additive counts over this rank's sampled elements (so shards reduce by summing), plus local medians.
 
-        [n, n_equal, diff_sq, ref_sq, cur_sq, n_moment_nonzero, n_live_updates, n_lost, step_sq, per-slice n..., per-slice
-        equal...]"""
+        [n, n_equal, diff_sq, ref_sq, cur_sq, n_moment_nonzero, n_live_updates, n_lost, step_sq, per-slice n...,
+        per-slice equal...]"""
         cur = local(t.param.detach()).reshape(-1).index_select(0, t.idx)
         same = cur == ref_vals
         c, r = cur.float(), ref_vals.float()
-        vec = [cur.numel(), float(same.sum()), float((c - r).pow(2).sum()), float(r.pow(2).sum()), float(c.pow(2).sum()),
-               0.0, 0.0, 0.0, float((c - prev_vals.float()).pow(2).sum())]
+        vec = [cur.numel(), float(same.sum()), float((c - r).pow(2).sum()), float(r.pow(2).sum()),
+               float(c.pow(2).sum()), 0.0, 0.0, 0.0, float((c - prev_vals.float()).pow(2).sum())]
         medians = {"abs": float(c.abs().median()) if cur.numel() else None}
         if t.optimizer is not None and cur.numel():
             upd, m, kind = self._expected_update(t, cur)
@@ -460,7 +462,8 @@ class Monitor:
         if f.cause == "precision_underflow":
             dtype = ev.get("dtype")
             change = ("have not changed" if f.severity == "critical" else
-                      f"have mostly not changed ({ev.get('fraction_of_elements_unchanged') or 0:.0%} of sampled elements)")
+                      f"have mostly not changed ({ev.get('fraction_of_elements_unchanged') or 0:.0%} "
+                      "of sampled elements)")
             msg = (f"step {step}: {len(tensors)} tensors ({what}) {change} in {window} optimizer steps: "
                    f"{dtype} stores them and their updates (\u2248{ev.get('median_expected_update', 0):.1e}) are below "
                    f"half a ULP ({ev.get('half_ulp_at_median_value') or half_ulp_at(1.0, torch.bfloat16):.1e})")

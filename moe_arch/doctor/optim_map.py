@@ -10,7 +10,6 @@ mapping is forced; where they differ it is ambiguous, and the report says so ins
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -70,7 +69,6 @@ def candidate_tensors(view: CheckpointView) -> list[tuple[str, tuple[int, ...]]]
     """Model tensors that can be parameters: floating point, not a known buffer, in state-dict order."""
     buffers = set(view.meta.get("buffers") or [])
     out = []
-    seen_storage = set()
     for name, ti in view.tensors.items():
         if not ti.dtype.is_floating_point or name in buffers or BUFFER_PATTERNS.search(name):
             continue

@@ -99,7 +99,8 @@ def run_probe(view: CheckpointView, cfg: Config, batch: int = 4, seq_len: int | 
     out.loss.backward()
     res = ProbeResult(inp.numel(), source, float(out.loss.detach()), float(out.lm_loss.detach()))
     if missing:
-        res.notes.append(f"{len(missing)} model tensors missing from the checkpoint (left uninitialised): {missing[:5]}")
+        res.notes.append(f"{len(missing)} model tensors missing from the checkpoint (left uninitialised): "
+                         f"{missing[:5]}")
     if unexpected:
         res.notes.append(f"{len(unexpected)} checkpoint tensors not in the model: {unexpected[:5]}")
     for name, p in model.named_parameters():
@@ -123,7 +124,8 @@ def run_probe(view: CheckpointView, cfg: Config, batch: int = 4, seq_len: int | 
         nz = frac[frac > 0]
         ent = float(-(nz * nz.log()).sum() / math.log(len(frac))) if len(frac) > 1 else 1.0
         res.router[layer] = {"tokens_per_expert": [int(x) for x in load], "share": [round(float(x), 4) for x in frac],
-                             "entropy_normalised": ent, "gini": gini(load), "max_over_mean": float(frac.max() * len(frac)),
+                             "entropy_normalised": ent, "gini": gini(load),
+                             "max_over_mean": float(frac.max() * len(frac)),
                              "dead_experts": [i for i, x in enumerate(load) if x == 0]}
     for layer, frac in sorted(aux.mod_frac.items()):
         wm, ws = aux.mod_weight.get(layer, (torch.tensor(float("nan")), torch.tensor(float("nan"))))

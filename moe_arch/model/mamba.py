@@ -2,7 +2,8 @@
 
 Per channel d and state n the layer runs the linear recurrence
 
-    h_t = exp(dt_t[d] * A[d, n]) * h_{t-1} + dt_t[d] * u_t[d] * B_t[n]        y_t[d] = sum_n C_t[n] h_t[d, n] + D[d] u_t[d]
+    h_t = exp(dt_t[d] * A[d, n]) * h_{t-1} + dt_t[d] * u_t[d] * B_t[n]
+    y_t[d] = sum_n C_t[n] h_t[d, n] + D[d] u_t[d]
 
 with input-dependent dt, B, C (the "selective" part). The names and layout follow the reference
 implementation (``in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj``) so weights map one to one onto

@@ -77,7 +77,8 @@ class Experts(nn.Module):
 
     def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)
-        h = fused.swiglu(grouped_matmul(xs, self.w_gate, counts, offsets), grouped_matmul(xs, self.w_up, counts, offsets))
+        h = fused.swiglu(grouped_matmul(xs, self.w_gate, counts, offsets),
+                         grouped_matmul(xs, self.w_up, counts, offsets))
         return _ContiguousGrad.apply(grouped_matmul(h, self.w_down, counts, offsets))
 
 

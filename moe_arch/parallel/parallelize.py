@@ -33,8 +33,9 @@ def parallelize(model: nn.Module, mode: str, policy: PrecisionPolicy, device: to
     if mode != "fsdp":
         raise ValueError(f"train.parallel={mode!r}: allowed under torchrun: auto, ddp, fsdp, none")
     if policy.compensated:
-        raise ValueError("train.precision=bf16-compensated is not supported with train.parallel=fsdp (its compensation "
-                         "buffers are per full parameter); use bf16-mixed, which FSDP2 implements with fp32 master shards")
+        raise ValueError("train.precision=bf16-compensated is not supported with train.parallel=fsdp (its "
+                         "compensation buffers are per full parameter); use bf16-mixed, which FSDP2 implements with "
+                         "fp32 master shards")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))

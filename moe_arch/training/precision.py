@@ -1,11 +1,11 @@
 """Precision policies: how weights are stored and how optimizer updates reach them.
 
-| policy             | weights stored | forward/backward     | optimizer update                                  |
-|--------------------|----------------|----------------------|---------------------------------------------------|
-| ``fp32``           | fp32           | fp32                 | plain (CPU default)                               |
-| ``bf16-mixed``     | fp32 (master)  | bf16 autocast        | plain, on fp32 weights (GPU default)              |
-| ``bf16-compensated``| bf16          | bf16                 | Kahan-compensated: a bf16 buffer keeps what rounding dropped |
-| ``bf16-pure``      | bf16           | bf16                 | plain, on bf16 weights: small updates round away  |
+| policy               | weights stored | fwd/bwd       | optimizer update                                             |
+|----------------------|----------------|---------------|--------------------------------------------------------------|
+| ``fp32``             | fp32           | fp32          | plain (CPU default)                                          |
+| ``bf16-mixed``       | fp32 (master)  | bf16 autocast | plain, on fp32 weights (GPU default)                         |
+| ``bf16-compensated`` | bf16           | bf16          | Kahan-compensated: a bf16 buffer keeps what rounding dropped |
+| ``bf16-pure``        | bf16           | bf16          | plain, on bf16 weights: small updates round away             |
 
 ``bf16-pure`` exists to reproduce the seed bug: an AdamW step of 3e-4 on a norm weight of 1.0 is below half a
 bf16 ULP (2^-8 = 3.9e-3) and is lost every step. Before training, :func:`preflight` computes for every tensor

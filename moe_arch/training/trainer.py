@@ -322,8 +322,9 @@ class Trainer:
         _field(path, state, "config", dict)
         diffs = ckpt.config_differences(state["config"], self.cfg.to_dict())
         if diffs:
-            raise ckpt.CheckpointError(f"cannot resume {path} with this config; these fields differ: {'; '.join(diffs)}. "
-                                       "Resume with the checkpoint's config or start a new run (--train.run_name)")
+            raise ckpt.CheckpointError(f"cannot resume {path} with this config; these fields differ: "
+                                       f"{'; '.join(diffs)}. Resume with the checkpoint's config or start a new run "
+                                       "(--train.run_name)")
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _meta(self, kind: str) -> dict:
@@ -677,7 +678,8 @@ class Trainer:
                 paused = time.time()  # evaluation and checkpoints are not training throughput
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                     val_loss, n = self.evaluate()
-                    logger.log(self.step, {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_tokens": n}, "eval")
+                    logger.log(self.step, {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_tokens": n},
+                               "eval")
                     self.ui.print(f"step {self.step}: validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f}, "
                                   f"unigram baseline {unigram:.4f})")
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
@@ -754,8 +756,8 @@ class Trainer:
         logger.log(self.step, m)
         status = f"loss {m['lm_loss']:.3f} | {human(tok_s)} tok/s | MFU {m['mfu']:.1%}"
         line = (f"step {self.step}/{t.steps} | loss {m['loss']:.4f} (lm {m['lm_loss']:.4f}) | "
-                f"lr {self.optimizers[next(iter(self.optimizers))].param_groups[0]['lr']:.2e} | grad {stats['grad_norm']:.2f}"
-                f" | {human(tok_s)} tok/s | MFU {m['mfu']:.1%}")
+                f"lr {self.optimizers[next(iter(self.optimizers))].param_groups[0]['lr']:.2e} | "
+                f"grad {stats['grad_norm']:.2f} | {human(tok_s)} tok/s | MFU {m['mfu']:.1%}")
         self.ui.update(self.step, status, line)
         interval.update({"loss": [], "lm_loss": [], "mtp_loss": [], "clipped": 0, "steps": 0, "tokens": 0,
                          "t0": time.time()})

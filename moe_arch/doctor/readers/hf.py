@@ -35,8 +35,8 @@ def read_hf_folder(folder: Path, trust_pickle: bool) -> CheckpointView:
         else:
             obj, mm = torch_load(folder / "adapter_model.bin", trust_pickle)
             view = CheckpointView(folder, "peft", tensor_infos(obj, notes), [], {}, notes, mm, from_pickle=True)
-        view.notes.append("PEFT adapter checkpoint: the adapters are diagnosed; the base model is frozen on purpose and "
-                          "not in the checkpoint (not a finding)")
+        view.notes.append("PEFT adapter checkpoint: the adapters are diagnosed; the base model is frozen on purpose "
+                          "and not in the checkpoint (not a finding)")
         view.meta["peft"] = True
     else:
         bins = sorted(folder.glob("pytorch_model*.bin"))
