@@ -2,6 +2,7 @@
 #   make train   - create .venv, install, train the tiny preset on the embedded corpus (CPU, a few minutes)
 #   make test    - create .venv, install with test extras, run the test suite
 #   make test-portable - the numerics-bearing tests under other CPUs' code paths (CI runs it after make test)
+#   make lint    - ruff format --check and ruff check (CI runs it first)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ TEST := $(VENV)/.installed-test
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-slow test-portable gpu-check gpu-check-smoke bench clean
+.PHONY: setup train test test-slow test-portable lint gpu-check gpu-check-smoke bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +36,11 @@ test: $(TEST)
 
 test-slow: $(TEST)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The formatter and the linter, as CI runs them (ruff format rewrites; this only checks).
+lint: $(TEST)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 # The numerics-bearing tests again under other CPUs' code paths (MKL_CBWR, ATEN_CPU_CAPABILITY, our kernels' ISA):
 # a bitwise assertion between two different computations fails here on any machine, not only on the CPU it differs on.

@@ -62,10 +62,14 @@ def main() -> None:
                 model.zero_grad(set_to_none=True)
         for m in MODES:
             t = statistics.median(times[m])
-            print(f"{preset:>7} {m:>10} {kept[m] / 2**20:>9.1f} {kept[m] / kept['none']:>8.2f} {t * 1e3:>9.0f} "
-                  f"{t / statistics.median(times['none']):>8.2f}")
-    print("kept: bytes the autograd graph holds for the backward (outside checkpointed regions); step: forward + "
-          "backward, fp32 on this CPU.")
+            print(
+                f"{preset:>7} {m:>10} {kept[m] / 2**20:>9.1f} {kept[m] / kept['none']:>8.2f} {t * 1e3:>9.0f} "
+                f"{t / statistics.median(times['none']):>8.2f}"
+            )
+    print(
+        "kept: bytes the autograd graph holds for the backward (outside checkpointed regions); step: forward + "
+        "backward, fp32 on this CPU."
+    )
 
 
 if __name__ == "__main__":

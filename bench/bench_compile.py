@@ -10,7 +10,6 @@ import argparse
 import time
 
 import torch
-
 from common import header, timeit_pair
 
 from moe_arch.config import load_config
@@ -27,14 +26,19 @@ def main():
     cfg = load_config("tiny")
     eager = build_model(cfg.model, seed=0)
     compiled = build_model(cfg.model, seed=0)
-    tok = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + cfg.model.n_predict),
-                        generator=torch.Generator().manual_seed(0))
+    tok = torch.randint(
+        0,
+        cfg.model.vocab_size,
+        (cfg.train.batch_size, cfg.train.seq_len + cfg.model.n_predict),
+        generator=torch.Generator().manual_seed(0),
+    )
     T = cfg.train.seq_len
 
     def step(model):
         def run():
             model.zero_grad(set_to_none=True)
             model(tok[:, :T], tok[:, 1:]).loss.backward()
+
         return run
 
     use_compiled_scan(False)
@@ -46,8 +50,10 @@ def main():
     step(compiled)()
     compile_s = time.perf_counter() - t0
     loss = float(compiled(tok[:, :T], tok[:, 1:]).loss.detach())
-    worst = max(float((p.grad - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-12))
-                for n, p in compiled.named_parameters())
+    worst = max(
+        float((p.grad - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-12))
+        for n, p in compiled.named_parameters()
+    )
 
     # Alternate eager and compiled steps (the compiled scan kernels are process-wide, so switch them per call).
     def eager_step():

@@ -63,24 +63,36 @@ def main() -> None:
             src = work / f"c{mb}.jsonl"
             corpus(src, mb)
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
-            r = json.loads(subprocess.run([sys.executable, "-c", CHILD, str(src), str(work / "tok"),
-                                           str(work / f"cache{mb}")],
-                                          capture_output=True, text=True, env=env, check=True).stdout.splitlines()[-1])
+            r = json.loads(
+                subprocess.run(
+                    [sys.executable, "-c", CHILD, str(src), str(work / "tok"), str(work / f"cache{mb}")],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    check=True,
+                ).stdout.splitlines()[-1]
+            )
             texts = [json.loads(line)["text"] for line in open(src)]
             t = time.perf_counter()
             n = 0
             for i in range(0, len(texts), 1024):
-                n += sum(len(e.ids) for e in tok.tok.encode_batch(texts[i:i + 1024], add_special_tokens=False))
+                n += sum(len(e.ids) for e in tok.tok.encode_batch(texts[i : i + 1024], add_special_tokens=False))
             bare = time.perf_counter() - t
             rows.append((mb, r, n / bare))
-        print(f"{'corpus':>8} {'tokens':>12} {'prepare tok/s':>14} {'encode_batch tok/s':>19} {'ratio':>6} "
-              f"{'RSS growth':>11}")
+        print(
+            f"{'corpus':>8} {'tokens':>12} {'prepare tok/s':>14} {'encode_batch tok/s':>19} {'ratio':>6} "
+            f"{'RSS growth':>11}"
+        )
         for mb, r, bare_rate in rows:
             rate = r["tokens"] / r["seconds"]
-            print(f"{mb:>6}MB {r['tokens']:>12,} {rate:>14,.0f} {bare_rate:>19,.0f} {rate / bare_rate:>6.2f} "
-                  f"{r['grew_mb']:>9.0f}MB")
-        print("prepare: read + tokenize + EOS + split + write shards, end to end; encode_batch: the same documents, "
-              "already in memory, tokenized only. RSS growth: peak over the RSS after start-up.")
+            print(
+                f"{mb:>6}MB {r['tokens']:>12,} {rate:>14,.0f} {bare_rate:>19,.0f} {rate / bare_rate:>6.2f} "
+                f"{r['grew_mb']:>9.0f}MB"
+            )
+        print(
+            "prepare: read + tokenize + EOS + split + write shards, end to end; encode_batch: the same documents, "
+            "already in memory, tokenized only. RSS growth: peak over the RSS after start-up."
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,5 +1,6 @@
-"""Time and peak memory of `moe-arch diagnose` on a multi-GB checkpoint (with AdamW state) against its
-reference, next to reading the same file once, measured in one run.
+"""Time and peak memory of a diagnosis (what `moe-arch diagnose` runs: the doctor's pipeline, then its reports) on
+a multi-GB checkpoint (with AdamW state) against its reference, next to reading the same file once, measured in one
+run.
 
     python bench/bench_doctor.py [--gb 2.2] [--keep DIR]
 
@@ -19,16 +20,18 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import ROOT, header
 
 RUNNER = r"""
 import resource, sys, time, json
+from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from moe_arch.cli import main
+from moe_arch.doctor.pipeline import DiagnoseOptions, diagnose
+from moe_arch.doctor.report import publish
 t0 = time.perf_counter()
-code = main(["diagnose", sys.argv[2], "--against", sys.argv[3], "--out", sys.argv[4], "--json", sys.argv[5], "--quiet"])
-print(json.dumps({"code": code, "seconds": time.perf_counter() - t0,
+d = diagnose(sys.argv[2], DiagnoseOptions(against=sys.argv[3]))
+publish(d, Path(sys.argv[4]), sys.argv[5], quiet=True)
+print(json.dumps({"status": d.status, "seconds": time.perf_counter() - t0,
                   "max_rss_mb": int(next(l.split()[1] for l in open("/proc/self/status")
                                          if l.startswith("VmHWM"))) / 1024}))
 """
@@ -77,15 +80,20 @@ def main():
     if not ck.exists():
         ck, ref = make_checkpoint(folder, args.gb)
     size = ck.stat().st_size + ref.stat().st_size
+
     def read_once():
-        return json.loads(subprocess.run([sys.executable, "-c", READER, str(ck)], capture_output=True, text=True,
-                                         check=True).stdout)
+        return json.loads(
+            subprocess.run([sys.executable, "-c", READER, str(ck)], capture_output=True, text=True, check=True).stdout
+        )
 
     cold = read_once()  # cold or warm depending on the page cache; the next read is warm
     read_once()
     read = read_once()
-    out = subprocess.run([sys.executable, "-c", RUNNER, str(ROOT), str(ck), str(ref), str(folder / "report"),
-                          str(folder / "d.json")], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(ROOT), str(ck), str(ref), str(folder / "report"), str(folder / "d.json")],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         print(out.stderr)
         raise SystemExit(1)
@@ -95,8 +103,9 @@ def main():
     print(f"first read (page cache?) {cold['seconds']:8.2f} s")
     print(f"read the checkpoint once {read['seconds']:8.2f} s    peak RSS {read['max_rss_mb']:8.0f} MB  (warm cache)")
     print(f"diagnose (vs reference)  {diag['seconds']:8.2f} s    peak RSS {diag['max_rss_mb']:8.0f} MB")
-    print(f"time ratio               {diag['seconds'] / read['seconds']:8.2f} x reading the checkpoint once "
-          "(both warm)")
+    print(
+        f"time ratio               {diag['seconds'] / read['seconds']:8.2f} x reading the checkpoint once (both warm)"
+    )
     print(f"peak memory              {diag['max_rss_mb'] * 1e6 / size:8.1%} of checkpoint + reference size")
     print(f"status {status['status']}; findings: {[f['cause'] for f in status['findings']]}")
     if not args.keep:

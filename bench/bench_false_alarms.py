@@ -20,13 +20,14 @@ from common import ROOT
 sys.path.insert(0, str(ROOT / "tests"))
 
 from arch_runs import ARCHS, run  # noqa: E402
-from moe_arch.doctor.cli import run_analysis  # noqa: E402
+
+from moe_arch.doctor.pipeline import DiagnoseOptions, diagnose  # noqa: E402
 
 
 def healthy(arch: str, mode: str, steps: int, root: Path) -> tuple[int, str, str]:
     r = run(arch, mode, root / f"{arch}-{mode}", steps=steps)
-    against = run_analysis(str(r.checkpoint), against=str(r.init), probe=False).status
-    alone = run_analysis(str(r.checkpoint), probe=False).status
+    against = diagnose(r.checkpoint, DiagnoseOptions(against=str(r.init), probe=False)).status
+    alone = diagnose(r.checkpoint, DiagnoseOptions(probe=False)).status
     return len(r.alerts), against, alone
 
 
@@ -44,8 +45,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
     args = ap.parse_args()
-    print("| architecture | fp32 alerts | autocast alerts | diagnose --against init / alone | bf16-stored: "
-          "frozen tensors | detected at step | exactly those |")
+    print(
+        "| architecture | fp32 alerts | autocast alerts | diagnose --against init / alone | bf16-stored: "
+        "frozen tensors | detected at step | exactly those |"
+    )
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -28,9 +28,23 @@ def write(folder: Path, rows: int) -> tuple[Path, Path]:
         for s in range(1, rows + 1):
             loss = 2.0 + 4.0 * math.exp(-s / (rows / 5)) + 0.01 * math.sin(s)
             lr = 3e-4 * min(1.0, s / 1000)
-            f.write(json.dumps({"kind": "train", "step": s, "time": 1.7e9 + s, "loss": loss, "lm_loss": loss,
-                                "lr_adamw_0": lr, "lr_muon": 10 * lr, "grad_norm": 1.0, "tokens_per_s": 1e4,
-                                "clip_rate": 0.1}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "kind": "train",
+                        "step": s,
+                        "time": 1.7e9 + s,
+                        "loss": loss,
+                        "lm_loss": loss,
+                        "lr_adamw_0": lr,
+                        "lr_muon": 10 * lr,
+                        "grad_norm": 1.0,
+                        "tokens_per_s": 1e4,
+                        "clip_rate": 0.1,
+                    }
+                )
+                + "\n"
+            )
             w.writerow([s, 0, loss, lr, 1.0])
     return jl, cs
 
@@ -57,11 +71,15 @@ def main() -> None:
         t = time.perf_counter()
         hc = read_history(cs)
         read_csv = time.perf_counter() - t
-    print(f"metrics.jsonl {n:,} rows: json.loads alone {parse_json:6.2f} s | read_history {read_json:6.2f} s "
-          f"({read_json / parse_json:.2f}x) | curve rules {judge:6.2f} s ({len(h.found())} series, "
-          f"{[f.cause for f in found]})")
-    print(f"metrics.csv   {m:,} rows: csv.DictReader alone {parse_csv:6.2f} s | read_history {read_csv:6.2f} s "
-          f"({read_csv / parse_csv:.2f}x) | {len(hc.found())} series")
+    print(
+        f"metrics.jsonl {n:,} rows: json.loads alone {parse_json:6.2f} s | read_history {read_json:6.2f} s "
+        f"({read_json / parse_json:.2f}x) | curve rules {judge:6.2f} s ({len(h.found())} series, "
+        f"{[f.cause for f in found]})"
+    )
+    print(
+        f"metrics.csv   {m:,} rows: csv.DictReader alone {parse_csv:6.2f} s | read_history {read_csv:6.2f} s "
+        f"({read_csv / parse_csv:.2f}x) | {len(hc.found())} series"
+    )
 
 
 if __name__ == "__main__":

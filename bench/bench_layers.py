@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import fwd_bwd, header, timeit, timeit_pair
 
 from moe_arch.config import load_config
@@ -33,6 +32,7 @@ def main():
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRotaryEmbedding
     from transformers.models.mamba.modeling_mamba import MambaMixer
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
     transformers.logging.set_verbosity_error()
 
     tiny = load_config("tiny")
@@ -48,6 +48,7 @@ def main():
     def step():
         out = model(tok[:, :T], tok[:, 1:])
         out.loss.backward()
+
     t = timeit(step, repeat=args.repeat)
     rows.append(("tiny preset (whole model)", ntok / t, None))
 
@@ -57,21 +58,29 @@ def main():
     # Attention (GQA + RoPE)
     ours = Attention(m, 0)
     ctx = SeqContext(pos, Rotary(m.resolved_head_dim, m.rope_theta))
-    hf_cfg = LlamaConfig(hidden_size=d, num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
-                         head_dim=m.resolved_head_dim, max_position_embeddings=4096, attention_bias=False)
+    hf_cfg = LlamaConfig(
+        hidden_size=d,
+        num_attention_heads=m.n_heads,
+        num_key_value_heads=m.n_kv_heads,
+        head_dim=m.resolved_head_dim,
+        max_position_embeddings=4096,
+        attention_bias=False,
+    )
     hf_cfg._attn_implementation = "sdpa"
     ref = LlamaAttention(hf_cfg, 0)
     rope = LlamaRotaryEmbedding(hf_cfg)
-    t_ours, t_ref = timeit_pair(fwd_bwd(lambda x: ours(x, ctx), x), fwd_bwd(lambda x: ref(x, rope(x, pos), None)[0], x),
-                                rounds=args.repeat)
+    t_ours, t_ref = timeit_pair(
+        fwd_bwd(lambda x: ours(x, ctx), x), fwd_bwd(lambda x: ref(x, rope(x, pos), None)[0], x), rounds=args.repeat
+    )
     rows.append((f"attention GQA {m.n_heads}/{m.n_kv_heads} vs LlamaAttention(sdpa)", ntok / t_ours, ntok / t_ref))
 
     # MoE
     moe = MoE(m, 1)
     moe.init_weights(0.02, 0.02, torch.Generator().manual_seed(0))
     for impl in ("eager", "grouped_mm"):
-        mc = MixtralConfig(hidden_size=d, intermediate_size=m.d_ff_expert, num_local_experts=m.n_experts,
-                           num_experts_per_tok=m.top_k)
+        mc = MixtralConfig(
+            hidden_size=d, intermediate_size=m.d_ff_expert, num_local_experts=m.n_experts, num_experts_per_tok=m.top_k
+        )
         mc._experts_implementation = impl
         ref = MixtralSparseMoeBlock(mc)
         for p in ref.parameters():
@@ -86,8 +95,16 @@ def main():
     # Mamba
     mam = Mamba(m, 2)
     mam.init_weights(0.02, 0.02, torch.Generator().manual_seed(0))
-    hf_m = MambaConfig(hidden_size=d, state_size=m.mamba_d_state, expand=m.mamba_expand, conv_kernel=m.mamba_d_conv,
-                       time_step_rank=m.resolved_dt_rank, use_bias=False, use_conv_bias=True, use_mambapy=False)
+    hf_m = MambaConfig(
+        hidden_size=d,
+        state_size=m.mamba_d_state,
+        expand=m.mamba_expand,
+        conv_kernel=m.mamba_d_conv,
+        time_step_rank=m.resolved_dt_rank,
+        use_bias=False,
+        use_conv_bias=True,
+        use_mambapy=False,
+    )
     ref = MambaMixer(hf_m, 0)
     ref.load_state_dict(mam.state_dict())
     ref.train()

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import fwd_bwd, header, timeit
 
 from moe_arch.config import ModelConfig
+from moe_arch.model import cpu_kernels
 from moe_arch.model.attention import Attention, SeqContext
 from moe_arch.model.layers import Rotary
-from moe_arch.model import cpu_kernels
 from moe_arch.model.mamba import Mamba
 
 
@@ -27,8 +26,9 @@ def main():
     args = ap.parse_args()
     header("Mamba scan scaling and Mamba vs attention (forward+backward)")
     d, B = args.d, args.batch
-    cfg = ModelConfig(d_model=d, n_layers=1, n_heads=d // 64, n_kv_heads=max(1, d // 128), mamba_layers=[0],
-                      max_seq_len=8192)
+    cfg = ModelConfig(
+        d_model=d, n_layers=1, n_heads=d // 64, n_kv_heads=max(1, d // 128), mamba_layers=[0], max_seq_len=8192
+    )
     mamba = Mamba(cfg, 0)
     mamba.init_weights(0.02, 0.02, torch.Generator().manual_seed(0))
     attn = Attention(cfg, 0)
@@ -45,8 +45,10 @@ def main():
             mamba.scan_impl = "auto"
 
     kernel = cpu_kernels.available()
-    print(f"# d_model {d} (Mamba d_inner {cfg.mamba_expand * d}, d_state {cfg.mamba_d_state}), batch {B}, "
-          f"CPU scan kernel: {'yes' if kernel else 'NO (' + str(cpu_kernels._error) + ')'}")
+    print(
+        f"# d_model {d} (Mamba d_inner {cfg.mamba_expand * d}, d_state {cfg.mamba_d_state}), batch {B}, "
+        f"CPU scan kernel: {'yes' if kernel else 'NO (' + str(cpu_kernels._error) + ')'}"
+    )
     print(f"{'L':>6} {'Mamba ms':>10} {'us/token':>9} {'vs L=512 per token':>19} {'chunked-scan ms':>16} {'ratio':>6}")
     base = None
     for L in (512, 1024, 2048, 4096):

@@ -29,9 +29,26 @@ CONFIGS = [
     ("medium bf16-mixed full", "medium", [], "bf16-mixed", "full", 8, 256),
     ("medium bf16-compensated", "medium", [], "bf16-compensated", "none", 8, 256),
     ("medium fp32 sequence", "medium", [], "fp32", "sequence", 8, 256),
-    ("wide fp32 selective", "medium", ["--model.d_model", "384", "--model.n_heads", "6", "--model.d_ff", "1024",
-                                       "--model.d_ff_expert", "512", "--model.vocab_size", "8192"],
-     "fp32", "selective", 4, 512),
+    (
+        "wide fp32 selective",
+        "medium",
+        [
+            "--model.d_model",
+            "384",
+            "--model.n_heads",
+            "6",
+            "--model.d_ff",
+            "1024",
+            "--model.d_ff_expert",
+            "512",
+            "--model.vocab_size",
+            "8192",
+        ],
+        "fp32",
+        "selective",
+        4,
+        512,
+    ),
 ]
 
 
@@ -50,9 +67,9 @@ def child(preset: str, overrides: list[str], precision: str, ckpt: str, batch: i
 
     from moe_arch.config import load_config
     from moe_arch.model.transformer import build_model
+    from moe_arch.precision import resolve_policy
     from moe_arch.training.memory import measure_step_peak
     from moe_arch.training.optim import build_optimizers
-    from moe_arch.training.precision import resolve_policy
     from moe_arch.utils import tune_cpu_malloc
 
     if os.environ.get("BENCH_TUNE_MALLOC", "1") == "1":
@@ -61,9 +78,26 @@ def child(preset: str, overrides: list[str], precision: str, ckpt: str, batch: i
     policy = resolve_policy(precision, torch.device("cpu"))
     # One step of a miniature model first: what the first step loads once (the C kernels, optimizer modules,
     # thread pools: ~70 MB of code and buffers) is not what the planner models. Its tensors are KB-sized.
-    mini = load_config(preset, overrides + ["--model.d_model", "32", "--model.n_heads", "2", "--model.n_kv_heads", "1",
-                                            "--model.head_dim", "16", "--model.vocab_size", "64", "--model.d_ff", "32",
-                                            "--model.d_ff_expert", "16"])
+    mini = load_config(
+        preset,
+        overrides
+        + [
+            "--model.d_model",
+            "32",
+            "--model.n_heads",
+            "2",
+            "--model.n_kv_heads",
+            "1",
+            "--model.head_dim",
+            "16",
+            "--model.vocab_size",
+            "64",
+            "--model.d_ff",
+            "32",
+            "--model.d_ff_expert",
+            "16",
+        ],
+    )
     warm = build_model(mini.model, seed=0).to(policy.param_dtype).train()
     warm_opts = build_optimizers(warm, cfg.optim)
     tokens = torch.randint(0, 64, (1, 8 + cfg.model.n_predict))
@@ -82,8 +116,9 @@ def plan(preset, overrides, precision, ckpt, batch, seq):
     from moe_arch.training.memory import GiB, plan_memory
 
     cfg = load_config(preset, overrides)
-    p = plan_memory(cfg, name=preset, gpus=1, batch_size=batch, seq_len=seq, checkpointing=ckpt, precision=precision,
-                    device="cpu")
+    p = plan_memory(
+        cfg, name=preset, gpus=1, batch_size=batch, seq_len=seq, checkpointing=ckpt, precision=precision, device="cpu"
+    )
     return p.peak_gb * GiB, p
 
 
@@ -99,29 +134,48 @@ def main() -> None:
     rows = []
     if not args.json:
         header("memory planner vs measured peak (CPU, 3 training steps, fresh process per config)")
-        print(f"{'config':>26} {'params':>8} {'B x T':>9} {'predicted MB':>13} {'tensors MB':>12} {'error':>7} "
-              f"{'RSS MB':>10} {'peak phase':>15}")
+        print(
+            f"{'config':>26} {'params':>8} {'B x T':>9} {'predicted MB':>13} {'tensors MB':>12} {'error':>7} "
+            f"{'RSS MB':>10} {'peak phase':>15}"
+        )
     for label, preset, ov, prec, ckpt, b, t in CONFIGS:
         spec = dict(preset=preset, overrides=ov, precision=prec, ckpt=ckpt, batch=b, seq=t)
-        res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                             cwd=ROOT)
+        res = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
+        )
         if res.returncode:
             raise SystemExit(f"{label}: child failed\n{res.stderr[-3000:]}")
         got = json.loads(res.stdout.strip().splitlines()[-1])
         predicted, p = plan(preset, ov, prec, ckpt, b, t)
         err = predicted / got["tensors"] - 1
-        rows.append(dict(config=label, parameters=p.parameters, batch=b, seq=t, precision=prec, checkpointing=ckpt,
-                         predicted_mb=predicted / 2**20, tensors_mb=got["tensors"] / 2**20, error=err,
-                         rss_mb=got["rss"] / 2**20, phase=p.phase))
+        rows.append(
+            dict(
+                config=label,
+                parameters=p.parameters,
+                batch=b,
+                seq=t,
+                precision=prec,
+                checkpointing=ckpt,
+                predicted_mb=predicted / 2**20,
+                tensors_mb=got["tensors"] / 2**20,
+                error=err,
+                rss_mb=got["rss"] / 2**20,
+                phase=p.phase,
+            )
+        )
         if not args.json:
-            print(f"{label:>26} {p.parameters / 1e6:>7.1f}M {f'{b}x{t}':>9} {predicted / 2**20:>13.1f} "
-                  f"{got['tensors'] / 2**20:>12.1f} {err:>+7.1%} {got['rss'] / 2**20:>10.1f} {p.phase:>15}")
+            print(
+                f"{label:>26} {p.parameters / 1e6:>7.1f}M {f'{b}x{t}':>9} {predicted / 2**20:>13.1f} "
+                f"{got['tensors'] / 2**20:>12.1f} {err:>+7.1%} {got['rss'] / 2**20:>10.1f} {p.phase:>15}"
+            )
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print("tensors: peak live tensor bytes (profiler allocation events) = what the planner predicts; error = "
-              "predicted / tensors - 1. RSS: the process's resident peak over its baseline (glibc keeps and fragments "
-              "freed blocks). predicted: the planner for device=cpu (CPU kernels' activations, float32 Newton-Schulz).")
+        print(
+            "tensors: peak live tensor bytes (profiler allocation events) = what the planner predicts; error = "
+            "predicted / tensors - 1. RSS: the process's resident peak over its baseline (glibc keeps and fragments "
+            "freed blocks). predicted: the planner for device=cpu (CPU kernels' activations, float32 Newton-Schulz)."
+        )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-
 from common import fwd_bwd, header, timeit
 
 from moe_arch.config import ModelConfig
@@ -52,8 +51,10 @@ def main():
     N, d, f = args.tokens, args.d, args.f
     routed = 2 * 3 * 2 * N * d * f * 3  # top-2 x 3 matmuls x (2 FLOPs) x tokens x d x f, forward+backward (x3)
     print(f"# {N} tokens, d_model {d}, d_ff_expert {f}; routed FLOPs per call {routed / 1e9:.1f} GFLOP at every E")
-    print(f"{'experts':>8} {'grouped ms':>11} {'loop ms':>9} {'dense ms':>9} {'grouped GFLOP/s':>16} "
-          f"{'dense/grouped':>14} {'loop/grouped':>13}")
+    print(
+        f"{'experts':>8} {'grouped ms':>11} {'loop ms':>9} {'dense ms':>9} {'grouped GFLOP/s':>16} "
+        f"{'dense/grouped':>14} {'loop/grouped':>13}"
+    )
     for E in (8, 14, 64):
         m = MoE(ModelConfig(d_model=d, n_layers=1, moe_layers=[0], n_experts=E, top_k=2, d_ff_expert=f), 0)
         m.init_weights(0.02, 0.02, torch.Generator().manual_seed(0))
@@ -63,8 +64,10 @@ def main():
         t_g = timeit(fwd_bwd(m, x, g), repeat=5)
         t_l = timeit(fwd_bwd(lambda x: per_expert_loop(m, x), x, g), repeat=5)
         t_d = timeit(fwd_bwd(lambda x: dense_all_experts(m, x), x, g), repeat=3) if E <= 14 else float("nan")
-        print(f"{E:>8} {t_g * 1e3:>11.1f} {t_l * 1e3:>9.1f} {t_d * 1e3:>9.1f} {routed / t_g / 1e9:>16.1f} "
-              f"{t_d / t_g:>14.2f} {t_l / t_g:>13.2f}")
+        print(
+            f"{E:>8} {t_g * 1e3:>11.1f} {t_l * 1e3:>9.1f} {t_d * 1e3:>9.1f} {routed / t_g / 1e9:>16.1f} "
+            f"{t_d / t_g:>14.2f} {t_l / t_g:>13.2f}"
+        )
     print("# dense at 64 experts is skipped: it would do 32x the routed work")
 
 

@@ -18,10 +18,31 @@ from moe_arch.training.trainer import Trainer
 
 
 def make(tmp: str, monitor: bool) -> Trainer:
-    cfg = load_config("tiny", ["--train.out_dir", tmp, "--train.run_name", f"m{int(monitor)}", "--train.progress",
-                               "none", "--train.tensorboard", "false", "--train.save_step0", "false",
-                               "--train.ckpt_every", "0", "--train.eval_every", "0", "--train.steps", "100000",
-                               "--monitor.enabled", str(monitor).lower(), "--train.peak_flops", "1"])
+    cfg = load_config(
+        "tiny",
+        [
+            "--train.out_dir",
+            tmp,
+            "--train.run_name",
+            f"m{int(monitor)}",
+            "--train.progress",
+            "none",
+            "--train.tensorboard",
+            "false",
+            "--train.save_step0",
+            "false",
+            "--train.ckpt_every",
+            "0",
+            "--train.eval_every",
+            "0",
+            "--train.steps",
+            "100000",
+            "--monitor.enabled",
+            str(monitor).lower(),
+            "--train.peak_flops",
+            "1",
+        ],
+    )
     t = Trainer(cfg, log=lambda *a, **k: None)
     if t.monitor is not None:
         t.monitor.print = lambda s: None

@@ -15,7 +15,6 @@ import tempfile
 import time
 
 import torch
-
 from common import header
 
 from moe_arch.config import load_config
@@ -36,10 +35,28 @@ def main():
     args = ap.parse_args()
     header(f"training throughput and MFU: {args.preset}")
     with tempfile.TemporaryDirectory() as tmp:
-        ov = ["--train.out_dir", tmp, "--train.progress", "none", "--train.tensorboard", "false",
-              "--train.save_step0", "false", "--train.ckpt_every", "0", "--train.eval_every", "0",
-              "--train.steps", str(args.steps + 2), "--monitor.enabled", str(args.monitor).lower(),
-              "--train.compile", str(args.compile).lower(), "--train.peak_flops", "1"]
+        ov = [
+            "--train.out_dir",
+            tmp,
+            "--train.progress",
+            "none",
+            "--train.tensorboard",
+            "false",
+            "--train.save_step0",
+            "false",
+            "--train.ckpt_every",
+            "0",
+            "--train.eval_every",
+            "0",
+            "--train.steps",
+            str(args.steps + 2),
+            "--monitor.enabled",
+            str(args.monitor).lower(),
+            "--train.compile",
+            str(args.compile).lower(),
+            "--train.peak_flops",
+            "1",
+        ]
         if args.batch:
             ov += ["--train.batch_size", str(args.batch)]
         if args.seq:
@@ -71,18 +88,26 @@ def main():
             mfus.append(fpt["train_flops_per_token"] * tokens_per_step / statistics.median(rt) / peak)
         step_s = statistics.median(times)
         tok_s = tokens_per_step / step_s
-    print(f"# batch {cfg.train.batch_size} x seq {cfg.train.seq_len}, {rounds} rounds x {per_round} steps, "
-          f"compile={args.compile}, monitor={args.monitor}")
+    print(
+        f"# batch {cfg.train.batch_size} x seq {cfg.train.seq_len}, {rounds} rounds x {per_round} steps, "
+        f"compile={args.compile}, monitor={args.monitor}"
+    )
     print(f"step time (median)   {step_s * 1e3:10.1f} ms  (mean {statistics.mean(times) * 1e3:.1f} ms)")
     print(f"tokens/s             {tok_s:10,.0f}")
-    print(f"model FLOPs/token    {fpt['train_flops_per_token'] / 1e6:10.2f} MFLOP (MoD-selected fraction "
-          f"{fpt['mod_selected_fraction']:.3f})")
+    print(
+        f"model FLOPs/token    {fpt['train_flops_per_token'] / 1e6:10.2f} MFLOP (MoD-selected fraction "
+        f"{fpt['mod_selected_fraction']:.3f})"
+    )
     print(f"achieved             {fpt['train_flops_per_token'] * tok_s / 1e9:10.1f} GFLOP/s")
     name = "fp32" if device.type == "cpu" else "bf16"
-    print(f"{name} matmul peak     {statistics.median(peaks) / 1e9:10.1f} GFLOP/s (2048^3 on {device.type}, median of "
-          f"{rounds} measurements in this run, {min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f})")
-    print(f"MFU                  {statistics.median(mfus):10.1%}  (median of {rounds} rounds, each steps / peak "
-          f"measured together; range {min(mfus):.1%}-{max(mfus):.1%})")
+    print(
+        f"{name} matmul peak     {statistics.median(peaks) / 1e9:10.1f} GFLOP/s (2048^3 on {device.type}, median of "
+        f"{rounds} measurements in this run, {min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f})"
+    )
+    print(
+        f"MFU                  {statistics.median(mfus):10.1%}  (median of {rounds} rounds, each steps / peak "
+        f"measured together; range {min(mfus):.1%}-{max(mfus):.1%})"
+    )
 
 
 if __name__ == "__main__":

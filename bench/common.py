@@ -17,10 +17,12 @@ sys.path.insert(0, str(ROOT))
 
 def fwd_bwd(module_call, x: torch.Tensor, grad: torch.Tensor | None = None):
     """A no-argument callable running module_call(x) forward and backward (gradient ``grad``, default ones)."""
+
     def run():
         x.grad = None
         y = module_call(x)
         y.backward(torch.ones_like(y) if grad is None else grad)
+
     return run
 
 
@@ -62,12 +64,15 @@ def machine() -> str:
     except (OSError, StopIteration):
         model = platform.processor()
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = "?"
-    return (f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"{time.strftime('%Y-%m-%d')}, commit {commit or '?'}")
+    return (
+        f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}, commit {commit or '?'}"
+    )
 
 
 def header(title: str) -> None:

@@ -95,16 +95,22 @@ class Report:
     def save(self) -> None:
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({"meta": self.meta, "rows": self.rows, "elapsed_s": self.elapsed()},
-                                            indent=1, default=str))
+            self.path.write_text(
+                json.dumps({"meta": self.meta, "rows": self.rows, "elapsed_s": self.elapsed()}, indent=1, default=str)
+            )
 
     def table(self) -> str:
         lines = [f"{'section':<9} {'what':<44} {'value':>16} {'reference':>16} {'ok':>4}  note", "-" * 120]
-        lines += [f"{r['section']:<9} {r['what']:<44} {_fmt(r['value']):>16} {_fmt(r['reference']):>16} "
-                  f"{_ok(r['ok']):>4}  {r['note']}" for r in self.rows]
+        lines += [
+            f"{r['section']:<9} {r['what']:<44} {_fmt(r['value']):>16} {_fmt(r['reference']):>16} "
+            f"{_ok(r['ok']):>4}  {r['note']}"
+            for r in self.rows
+        ]
         bad = [r for r in self.rows if r["ok"] is False]
-        lines.append(f"{len(self.rows)} rows, {sum(r['ok'] is True for r in self.rows)} ok, {len(bad)} failed, "
-                     f"{self.elapsed():.0f} s")
+        lines.append(
+            f"{len(self.rows)} rows, {sum(r['ok'] is True for r in self.rows)} ok, {len(bad)} failed, "
+            f"{self.elapsed():.0f} s"
+        )
         return "\n".join(lines)
 
 
@@ -180,8 +186,17 @@ def configs(smoke: bool) -> dict:
     seed = load_config("seed-3b").model
     tiny = load_config("tiny").model
     if smoke:
-        toy = _overrides(tiny, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, d_ff_expert=32, vocab_size=300,
-                         mamba_d_state=4, n_layers=4)
+        toy = _overrides(
+            tiny,
+            d_model=32,
+            n_heads=2,
+            n_kv_heads=1,
+            d_ff=64,
+            d_ff_expert=32,
+            vocab_size=300,
+            mamba_d_state=4,
+            n_layers=4,
+        )
         return {"tiny": toy, "1b": toy, "seed-3b": _overrides(toy, n_layers=2), "seq": 32, "batch": 2}
     return {"tiny": tiny, "1b": _overrides(seed, n_layers=16), "seed-3b": seed, "seq": 2048, "batch": 1}
 
@@ -195,8 +210,8 @@ class Steps:
 
         from moe_arch.config import OptimConfig
         from moe_arch.model.transformer import build_model
+        from moe_arch.precision import resolve_policy
         from moe_arch.training.optim import build_optimizers
-        from moe_arch.training.precision import resolve_policy
 
         self.dev, self.cfg = dev, cfg
         self.policy = resolve_policy(precision, dev)
@@ -256,20 +271,30 @@ def section_env(rep: Report, dev, cfgs) -> None:
 
     try:
         import triton
+
         tv = triton.__version__
     except ImportError:
         tv = "not installed"
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
-    rep.meta.update(device=name, torch=torch.__version__, triton=tv, python=platform.python_version(),
-                    smoke=rep.smoke)
+    rep.meta.update(device=name, torch=torch.__version__, triton=tv, python=platform.python_version(), smoke=rep.smoke)
     kind = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    peak = measure_matmul_peak(dev, kind, n=8192 if dev.type == "cuda" else 256, seconds=1.0 if dev.type == "cuda"
-                               else 0.05)
+    peak = measure_matmul_peak(
+        dev, kind, n=8192 if dev.type == "cuda" else 256, seconds=1.0 if dev.type == "cuda" else 0.05
+    )
     rep.meta["peak_flops"] = peak
-    rep.row("env", f"device: {name}", f"torch {torch.__version__}", f"triton {tv}",
-            note=f"Triton kernels {'on' if fused.triton() is not None else 'OFF: ' + str(fused._triton['error'])}")
-    rep.row("env", f"{'bf16' if dev.type == 'cuda' else 'fp32'} matmul peak (TFLOP/s)", peak / 1e12,
-            note="8192^3 on the GPU, best of 1 s: the MFU denominator" if dev.type == "cuda" else "256^3 (smoke)")
+    rep.row(
+        "env",
+        f"device: {name}",
+        f"torch {torch.__version__}",
+        f"triton {tv}",
+        note=f"Triton kernels {'on' if fused.triton() is not None else 'OFF: ' + str(fused._triton['error'])}",
+    )
+    rep.row(
+        "env",
+        f"{'bf16' if dev.type == 'cuda' else 'fp32'} matmul peak (TFLOP/s)",
+        peak / 1e12,
+        note="8192^3 on the GPU, best of 1 s: the MFU denominator" if dev.type == "cuda" else "256^3 (smoke)",
+    )
 
 
 def section_tests(rep: Report, dev, cfgs) -> None:
@@ -281,8 +306,14 @@ def section_tests(rep: Report, dev, cfgs) -> None:
     tail = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
     summary = tail[-1] if tail else proc.stderr.strip()[-200:]
     rep.meta["cuda_tests_output"] = proc.stdout[-6000:] + proc.stderr[-2000:]
-    rep.row("tests", "pytest -m cuda tests/test_cuda.py", summary.strip("= "), f"{time.perf_counter() - t0:.0f} s",
-            ok=proc.returncode == 0, note="" if proc.returncode == 0 else "see meta.cuda_tests_output in the JSON")
+    rep.row(
+        "tests",
+        "pytest -m cuda tests/test_cuda.py",
+        summary.strip("= "),
+        f"{time.perf_counter() - t0:.0f} s",
+        ok=proc.returncode == 0,
+        note="" if proc.returncode == 0 else "see meta.cuda_tests_output in the JSON",
+    )
 
 
 def section_correct(rep: Report, dev, cfgs) -> None:
@@ -305,8 +336,9 @@ def section_correct(rep: Report, dev, cfgs) -> None:
         model, _, _ = transformer.materialize(cfg, {k: v.to(dtype) for k, v in state.items()}, device=device)
         head = transformer.linear_cross_entropy
         if dtype == torch.float64:  # the head's unfused path casts logits to float32: the reference stays float64
-            transformer.linear_cross_entropy = lambda h, w, t: F.cross_entropy(F.linear(h.reshape(-1, h.shape[-1]), w),
-                                                                               t.reshape(-1))
+            transformer.linear_cross_entropy = lambda h, w, t: F.cross_entropy(
+                F.linear(h.reshape(-1, h.shape[-1]), w), t.reshape(-1)
+            )
         try:
             out = model.train()(tok.to(device), tgt.to(device))
             out.loss.backward()
@@ -325,26 +357,44 @@ def section_correct(rep: Report, dev, cfgs) -> None:
     for label, device in runs:
         loss, norms, loads, frac = run(device, torch.float32)
         err = abs(loss - ref[0])
-        rep.row("correct", f"tiny loss, {label}", loss, ref[0], ok=err <= rel * abs(ref[0]),
-                note=f"|err| {err:.2e} vs bound {rel * abs(ref[0]):.2e} (model_bound {rel:.1e}, float64 reference)")
+        rep.row(
+            "correct",
+            f"tiny loss, {label}",
+            loss,
+            ref[0],
+            ok=err <= rel * abs(ref[0]),
+            note=f"|err| {err:.2e} vs bound {rel * abs(ref[0]):.2e} (model_bound {rel:.1e}, float64 reference)",
+        )
         worst = max(abs(norms[n] - v) / max(v, 1e-30) for n, v in ref[1].items())
         total = math.sqrt(sum(v * v for v in norms.values()))
         total_ref = math.sqrt(sum(v * v for v in ref[1].values()))
-        rep.row("correct", f"tiny grad norms, {label}", total, total_ref, ok=worst <= 2 * rel,
-                note=f"worst per-tensor relative error {worst:.2e} vs {2 * rel:.1e} over {len(norms)} tensors")
+        rep.row(
+            "correct",
+            f"tiny grad norms, {label}",
+            total,
+            total_ref,
+            ok=worst <= 2 * rel,
+            note=f"worst per-tensor relative error {worst:.2e} vs {2 * rel:.1e} over {len(norms)} tensors",
+        )
         same = loads == ref[2] and frac == ref[3]
-        rep.row("correct", f"tiny routing, {label}", "equal" if same else "differs", "float64", ok=same or None,
-                note="MoE loads and MoD selections" + ("" if same else ": a near-tie flipped (not an error by itself)"))
+        rep.row(
+            "correct",
+            f"tiny routing, {label}",
+            "equal" if same else "differs",
+            "float64",
+            ok=same or None,
+            note="MoE loads and MoD selections" + ("" if same else ": a near-tie flipped (not an error by itself)"),
+        )
 
 
 def section_kernels(rep: Report, dev, cfgs) -> None:
     """Each Triton chain against its PyTorch definition: the error of the device's result (Triton) over the float32
     bound of tests/numerics.py at a moderate size, then fwd+bwd time of Triton vs the definition at the training
     size (bf16 where training feeds bf16)."""
+    import numerics as nm
     import torch
     import torch.nn.functional as F
 
-    import numerics as nm
     from moe_arch.model import fused
     from moe_arch.model.losses import linear_cross_entropy
     from moe_arch.model.mamba import reference_scan, selective_scan
@@ -374,8 +424,9 @@ def section_kernels(rep: Report, dev, cfgs) -> None:
 
     def conv_pre(x, w, bias):
         K = w.shape[0]
-        return F.conv1d(x.transpose(1, 2), w.t().unsqueeze(1), bias, padding=K - 1,
-                        groups=x.shape[2])[..., :x.shape[1]].transpose(1, 2)
+        return F.conv1d(x.transpose(1, 2), w.t().unsqueeze(1), bias, padding=K - 1, groups=x.shape[2])[
+            ..., : x.shape[1]
+        ].transpose(1, 2)
 
     def xent_bounds(h, w, y, _g):
         lb, dhb, dwb = nm.softmax_xent_bounds(h, w, y)
@@ -393,25 +444,64 @@ def section_kernels(rep: Report, dev, cfgs) -> None:
     s = 8 if smoke else 1
     D3, V3, di3 = big.d_model, big.vocab_size, big.mamba_expand * big.d_model
     cases = [
-        ("selective scan (+D, gate)", scan_case(2, 256 // s, 64 // s, 16 // (2 if smoke else 1)), None, scan_fn,
-         scan_ref, scan_bounds, lambda: scan_case(1, 2048, di3, big.mamba_d_state)),
-        ("causal conv + silu", [rnd(2, 100 // s, 96 // s), rnd(4, 96 // s), rnd(96 // s)], None,
-         fused.causal_conv_silu, lambda x, w, b: F.silu(conv_pre(x, w, b)),
-         lambda x, w, b, gy: nm.causal_conv_silu_bounds(x, w, b, gy, conv_pre),
-         lambda: [rnd(1, 2048, di3), rnd(4, di3), rnd(di3)]),
-        ("RMSNorm", [rnd(64 // s, 1792 // s, scale=3), rnd(1792 // s, pos=True) + 0.5], None,
-         lambda x, w: fused.rms_norm(x, w, 1e-6), lambda x, w: F.rms_norm(x, (x.shape[-1],), eps=1e-6) * w,
-         nm.rms_norm_bounds, lambda: [rnd(2048, D3), rnd(D3, pos=True)]),
-        ("SwiGLU gate", [rnd(64 // s, 2304 // s, scale=4), rnd(64 // s, 2304 // s)], None, fused.swiglu,
-         lambda a, b: F.silu(a) * b, nm.swiglu_bounds,
-         lambda: [rnd(2048, big.d_ff).bfloat16(), rnd(2048, big.d_ff).bfloat16()]),
-        ("RoPE", [rnd(2, 4, 64 // s, 112 // s), rnd(64 // s, 112 // s), rnd(64 // s, 112 // s)], [0],
-         fused.rope, fused.rope_reference, rope_bounds,
-         lambda: [rnd(1, big.n_heads, 2048, big.resolved_head_dim).bfloat16(),
-                  rnd(2048, big.resolved_head_dim).bfloat16(), rnd(2048, big.resolved_head_dim).bfloat16()]),
-        ("head linear + cross-entropy", [rnd(64, 64 // s), rnd(1000 // s, 64 // s, scale=0.3), ints(64, 1000 // s)],
-         [0, 1], linear_cross_entropy, lambda h, w, y: F.cross_entropy(h @ w.t(), y), xent_bounds,
-         lambda: [rnd(2048, D3), rnd(V3, D3, scale=0.02), ints(2048, V3)]),
+        (
+            "selective scan (+D, gate)",
+            scan_case(2, 256 // s, 64 // s, 16 // (2 if smoke else 1)),
+            None,
+            scan_fn,
+            scan_ref,
+            scan_bounds,
+            lambda: scan_case(1, 2048, di3, big.mamba_d_state),
+        ),
+        (
+            "causal conv + silu",
+            [rnd(2, 100 // s, 96 // s), rnd(4, 96 // s), rnd(96 // s)],
+            None,
+            fused.causal_conv_silu,
+            lambda x, w, b: F.silu(conv_pre(x, w, b)),
+            lambda x, w, b, gy: nm.causal_conv_silu_bounds(x, w, b, gy, conv_pre),
+            lambda: [rnd(1, 2048, di3), rnd(4, di3), rnd(di3)],
+        ),
+        (
+            "RMSNorm",
+            [rnd(64 // s, 1792 // s, scale=3), rnd(1792 // s, pos=True) + 0.5],
+            None,
+            lambda x, w: fused.rms_norm(x, w, 1e-6),
+            lambda x, w: F.rms_norm(x, (x.shape[-1],), eps=1e-6) * w,
+            nm.rms_norm_bounds,
+            lambda: [rnd(2048, D3), rnd(D3, pos=True)],
+        ),
+        (
+            "SwiGLU gate",
+            [rnd(64 // s, 2304 // s, scale=4), rnd(64 // s, 2304 // s)],
+            None,
+            fused.swiglu,
+            lambda a, b: F.silu(a) * b,
+            nm.swiglu_bounds,
+            lambda: [rnd(2048, big.d_ff).bfloat16(), rnd(2048, big.d_ff).bfloat16()],
+        ),
+        (
+            "RoPE",
+            [rnd(2, 4, 64 // s, 112 // s), rnd(64 // s, 112 // s), rnd(64 // s, 112 // s)],
+            [0],
+            fused.rope,
+            fused.rope_reference,
+            rope_bounds,
+            lambda: [
+                rnd(1, big.n_heads, 2048, big.resolved_head_dim).bfloat16(),
+                rnd(2048, big.resolved_head_dim).bfloat16(),
+                rnd(2048, big.resolved_head_dim).bfloat16(),
+            ],
+        ),
+        (
+            "head linear + cross-entropy",
+            [rnd(64, 64 // s), rnd(1000 // s, 64 // s, scale=0.3), ints(64, 1000 // s)],
+            [0, 1],
+            linear_cross_entropy,
+            lambda h, w, y: F.cross_entropy(h @ w.t(), y),
+            xent_bounds,
+            lambda: [rnd(2048, D3), rnd(V3, D3, scale=0.02), ints(2048, V3)],
+        ),
     ]
     for name, inputs, wants, fn, ref_fn, bounds_fn, timing in cases:
         if not rep.fits(20):
@@ -421,13 +511,29 @@ def section_kernels(rep: Report, dev, cfgs) -> None:
         try:
             with triton_on_cpu(smoke):
                 ratio = _kernel_error(fn, ref_fn, bounds_fn, inputs, wants, dev)
-                t_tri, t_ref = _kernel_speed(fn, inputs if smoke else timing(), wants, dev,
-                                             autocast=name.startswith("head") and dev.type == "cuda")
-            rep.row("kernels", f"{name}: error / float32 bound", ratio, 1.0, ok=ratio <= 1.0,
-                    note="output and every gradient, float64 reference (tests/numerics.py)")
-            rep.row("kernels", f"{name}: fwd+bwd ms, Triton vs PyTorch", t_tri * 1e3, t_ref * 1e3,
-                    note=f"{t_ref / t_tri:.2f}x" + (" (interpreter: not a speed)" if smoke else
-                                                   " at seed-3b's training size"))
+                t_tri, t_ref = _kernel_speed(
+                    fn,
+                    inputs if smoke else timing(),
+                    wants,
+                    dev,
+                    autocast=name.startswith("head") and dev.type == "cuda",
+                )
+            rep.row(
+                "kernels",
+                f"{name}: error / float32 bound",
+                ratio,
+                1.0,
+                ok=ratio <= 1.0,
+                note="output and every gradient, float64 reference (tests/numerics.py)",
+            )
+            rep.row(
+                "kernels",
+                f"{name}: fwd+bwd ms, Triton vs PyTorch",
+                t_tri * 1e3,
+                t_ref * 1e3,
+                note=f"{t_ref / t_tri:.2f}x"
+                + (" (interpreter: not a speed)" if smoke else " at seed-3b's training size"),
+            )
         except Exception as e:  # noqa: BLE001
             rep.row("kernels", name, "error", ok=False, note=f"{type(e).__name__}: {str(e)[:150]}")
     _sdpa_backends(rep, dev, cfgs)
@@ -437,15 +543,17 @@ def section_kernels(rep: Report, dev, cfgs) -> None:
 def _kernel_error(fn, ref_fn, bounds_fn, inputs, wants, dev) -> float:
     """max over the output and the gradients of |device result - float64 reference| / bound."""
     import torch
-
     from numerics import TINY
 
     xs = [t.to(dev).requires_grad_(i in wants) for i, t in enumerate(inputs)]
     x64 = [(t.double() if t.is_floating_point() else t).requires_grad_(i in wants) for i, t in enumerate(inputs)]
     y = fn(*xs)
     ref = ref_fn(*x64)
-    gy = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) if ref.dim() else \
-        torch.ones((), dtype=torch.float64)
+    gy = (
+        torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        if ref.dim()
+        else torch.ones((), dtype=torch.float64)
+    )
     grads = torch.autograd.grad(y, [xs[i] for i in wants], gy.to(y.dtype).to(dev))
     grads_ref = torch.autograd.grad(ref, [x64[i] for i in wants], gy)
     yb, gbs = bounds_fn(*[t.detach() for t in inputs], gy)
@@ -489,8 +597,9 @@ def _sdpa_backends(rep: Report, dev, cfgs) -> None:
     q, k, v = (torch.randn(1, h, T, D, generator=g).to(dev, dtype) for h in (H, Hk, Hk))
     ref = F.scaled_dot_product_attention(*(t.double().cpu() for t in (q, k, v)), is_causal=True, enable_gqa=True)
     G = H // Hk  # query heads per kv head: the largest |score| (causal or not: a bound)
-    s_max = max(float((q[0, j * G:(j + 1) * G].double().cpu() @ k[0, j].double().cpu().t()).abs().max())
-                for j in range(Hk)) / math.sqrt(D)
+    s_max = max(
+        float((q[0, j * G : (j + 1) * G].double().cpu() @ k[0, j].double().cpu().t()).abs().max()) for j in range(Hk)
+    ) / math.sqrt(D)
 
     def call():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -505,8 +614,13 @@ def _sdpa_backends(rep: Report, dev, cfgs) -> None:
             call()
             _sync(dev)
         names = {e.key for e in prof.key_averages()}
-        for key, label in (("flash", "flash"), ("cudnn", "cudnn"), ("efficient", "efficient"), ("fmha", "efficient"),
-                           ("math", "math")):
+        for key, label in (
+            ("flash", "flash"),
+            ("cudnn", "cudnn"),
+            ("efficient", "efficient"),
+            ("fmha", "efficient"),
+            ("math", "math"),
+        ):
             if any(key in n.lower() for n in names):
                 chosen = label
                 break
@@ -522,15 +636,25 @@ def _sdpa_backends(rep: Report, dev, cfgs) -> None:
                 out = call()
                 t = _time(call, dev)
             err = float((out.double().cpu() - ref).abs().max())
-            u = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -24
+            u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24
             # rounding the scores (a kernel may keep them in the input dtype: the math backend), the probabilities
             # and the output, each a few ulps; the float32 sums over D and T
-            bound = (4 * u + 2 * u * s_max + (T + D) * 2.0 ** -24) * float(v.abs().max())
-            rep.row("kernels", f"SDPA {backend.lower()}: ms, max error", t * 1e3, f"err {err:.2e}", ok=err <= bound,
-                    note=f"bound {bound:.1e}")
+            bound = (4 * u + 2 * u * s_max + (T + D) * 2.0**-24) * float(v.abs().max())
+            rep.row(
+                "kernels",
+                f"SDPA {backend.lower()}: ms, max error",
+                t * 1e3,
+                f"err {err:.2e}",
+                ok=err <= bound,
+                note=f"bound {bound:.1e}",
+            )
         except Exception as e:  # noqa: BLE001
-            rep.row("kernels", f"SDPA {backend.lower()}", "unavailable", note=f"{type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:100] if str(e) else ''}")
+            rep.row(
+                "kernels",
+                f"SDPA {backend.lower()}",
+                "unavailable",
+                note=f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}",
+            )
 
 
 def _grouped_mm(rep: Report, dev, cfgs) -> None:
@@ -546,8 +670,9 @@ def _grouped_mm(rep: Report, dev, cfgs) -> None:
         x = torch.randn(n, d, generator=g).to(dev, dtype)
         w = (torch.randn(E, d, f, generator=g) * 0.02).to(dev, dtype)
         offs = counts.cumsum(0).to(torch.int32).to(dev)
-        ref = torch.cat([x[a:b].double() @ w[e].double() for e, (a, b) in
-                         enumerate(zip([0] + offs[:-1].tolist(), offs.tolist()))])
+        ref = torch.cat(
+            [x[a:b].double() @ w[e].double() for e, (a, b) in enumerate(zip([0] + offs[:-1].tolist(), offs.tolist()))]
+        )
         fn = getattr(torch.nn.functional, "grouped_mm", None)
         try:
             if fn is None:
@@ -556,15 +681,25 @@ def _grouped_mm(rep: Report, dev, cfgs) -> None:
             t = _time(lambda: fn(x, w, offs=offs), dev)
             bounds = list(zip([0] + offs[:-1].tolist(), offs.tolist()))
             t_loop = _time(lambda: torch.cat([x[a:b] @ w[e] for e, (a, b) in enumerate(bounds)]), dev)
-            u = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -24
+            u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24
             err = float((out.double().cpu() - ref.cpu()).abs().max())
-            bound = float(((u + d * 2.0 ** -24) * (x.double().abs() @ w.double().abs().max(0).values)).max())
-            rep.row("kernels", f"grouped_mm {str(dtype)[6:]}: ms vs loop of matmuls", t * 1e3, t_loop * 1e3,
-                    ok=err <= bound, note=f"max error {err:.2e} <= {bound:.1e}? {t_loop / t:.2f}x")
+            bound = float(((u + d * 2.0**-24) * (x.double().abs() @ w.double().abs().max(0).values)).max())
+            rep.row(
+                "kernels",
+                f"grouped_mm {str(dtype)[6:]}: ms vs loop of matmuls",
+                t * 1e3,
+                t_loop * 1e3,
+                ok=err <= bound,
+                note=f"max error {err:.2e} <= {bound:.1e}? {t_loop / t:.2f}x",
+            )
         except Exception as e:  # noqa: BLE001
-            rep.row("kernels", f"grouped_mm {str(dtype)[6:]}", "unavailable", ok=None if dtype != torch.bfloat16 or
-                    dev.type != "cuda" else False, note=f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
-                    " (moe.py then loops over experts)")
+            rep.row(
+                "kernels",
+                f"grouped_mm {str(dtype)[6:]}",
+                "unavailable",
+                ok=None if dtype != torch.bfloat16 or dev.type != "cuda" else False,
+                note=f"{type(e).__name__}: {str(e).splitlines()[0][:90]} (moe.py then loops over experts)",
+            )
 
 
 def section_train(rep: Report, dev, cfgs) -> None:
@@ -591,8 +726,15 @@ def _train(rep: Report, dev, cfgs, compiled: bool) -> None:
         if dev.type == "cuda":
             from moe_arch.config import Config
 
-            plan = plan_memory(Config.from_dict({"model": dataclasses.asdict(cfg)}), gpus=1, batch_size=B, seq_len=T,
-                               precision=precision, device="cuda", checkpointing="none")
+            plan = plan_memory(
+                Config.from_dict({"model": dataclasses.asdict(cfg)}),
+                gpus=1,
+                batch_size=B,
+                seq_len=T,
+                precision=precision,
+                device="cuda",
+                checkpointing="none",
+            )
             total = torch.cuda.get_device_properties(dev).total_memory / 2**30
             if plan.peak_gb > 0.9 * total:
                 rep.row("train", f"{name}", "does not fit", f"{plan.peak_gb:.0f} GB planned", note=f"{total:.0f} GB")
@@ -613,11 +755,22 @@ def _train(rep: Report, dev, cfgs, compiled: bool) -> None:
         fpt = flops_per_token(cfg, T)["train_flops_per_token"]
         mfu = fpt * res["tok_s"] / peak
         rep.meta["train"][label] = res
-        rep.row("train", label, res["tok_s"], f"step {res['step_s'] * 1e3:.0f} ms", note=f"batch {B} x {T}, "
-                f"{precision}, first step {res['first_s']:.1f} s" + (" (compilation)" if compiled else ""))
-        rep.row("train", f"{name} {'compiled' if compiled else 'eager'} MFU", mfu,
-                f"{peak / 1e12:.3g} TFLOP/s", note=f"{fpt / 1e9:.2f} GFLOP/token (6 x active matmul params + "
-                "attention + scan; MoD at its selected fraction)")
+        rep.row(
+            "train",
+            label,
+            res["tok_s"],
+            f"step {res['step_s'] * 1e3:.0f} ms",
+            note=f"batch {B} x {T}, "
+            f"{precision}, first step {res['first_s']:.1f} s" + (" (compilation)" if compiled else ""),
+        )
+        rep.row(
+            "train",
+            f"{name} {'compiled' if compiled else 'eager'} MFU",
+            mfu,
+            f"{peak / 1e12:.3g} TFLOP/s",
+            note=f"{fpt / 1e9:.2f} GFLOP/token (6 x active matmul params + "
+            "attention + scan; MoD at its selected fraction)",
+        )
         _free(dev)
 
 
@@ -683,10 +836,12 @@ def section_parts(rep: Report, dev, cfgs) -> None:
         if part is None or (part == "dense ffn" and id(mod) not in block_ffns):
             continue
         part_of[id(mod)] = part
-        handles += [mod.register_forward_pre_hook(lambda m, a: mark(id(m), "fwd0")),
-                    mod.register_forward_hook(lambda m, a, o: mark(id(m), "fwd1")),
-                    mod.register_full_backward_pre_hook(lambda m, g: mark(id(m), "bwd0")),
-                    mod.register_full_backward_hook(lambda m, gi, go: mark(id(m), "bwd1"))]
+        handles += [
+            mod.register_forward_pre_hook(lambda m, a: mark(id(m), "fwd0")),
+            mod.register_forward_hook(lambda m, a, o: mark(id(m), "fwd1")),
+            mod.register_full_backward_pre_hook(lambda m, g: mark(id(m), "bwd0")),
+            mod.register_full_backward_hook(lambda m, gi, go: mark(id(m), "bwd1")),
+        ]
     try:
         from moe_arch.parallel.parallelize import clip_grads_
 
@@ -767,17 +922,29 @@ def section_mamba(rep: Report, dev, cfgs) -> None:
             y.float().sum().backward()
 
         res = {}
-        for label, layer, off in (("Mamba (Triton scan)", mamba, False), ("Mamba (chunked PyTorch scan)", mamba, True),
-                                  ("attention (SDPA)", attn, False)):
+        for label, layer, off in (
+            ("Mamba (Triton scan)", mamba, False),
+            ("Mamba (chunked PyTorch scan)", mamba, True),
+            ("attention (SDPA)", attn, False),
+        ):
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             with fused.triton_disabled(off), triton_on_cpu(rep.smoke and not off and layer is mamba):
                 res[label] = _time(lambda: run(layer), dev)
             mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
-            rep.row("mamba", f"{label} at {L} tokens", res[label] * 1e3, f"{mem:.0f} MB peak" if amp else "",
-                    note=f"fwd+bwd ms, d_model {cfg.d_model}, batch 1" + (", bf16 autocast" if amp else ""))
-        rep.row("mamba", f"Mamba / attention at {L} tokens", res["Mamba (Triton scan)"] / res["attention (SDPA)"],
-                note=f"Triton scan vs chunked: {res['Mamba (chunked PyTorch scan)'] / res['Mamba (Triton scan)']:.2f}x")
+            rep.row(
+                "mamba",
+                f"{label} at {L} tokens",
+                res[label] * 1e3,
+                f"{mem:.0f} MB peak" if amp else "",
+                note=f"fwd+bwd ms, d_model {cfg.d_model}, batch 1" + (", bf16 autocast" if amp else ""),
+            )
+        rep.row(
+            "mamba",
+            f"Mamba / attention at {L} tokens",
+            res["Mamba (Triton scan)"] / res["attention (SDPA)"],
+            note=f"Triton scan vs chunked: {res['Mamba (chunked PyTorch scan)'] / res['Mamba (Triton scan)']:.2f}x",
+        )
     del mamba, attn
     _free(dev)
 
@@ -798,12 +965,17 @@ def section_memory(rep: Report, dev, cfgs) -> None:
             continue
         cfg = Config.from_dict({"model": dataclasses.asdict(cfgs[name])})
         prec = "bf16-mixed" if dev.type == "cuda" else "fp32"
-        plan = plan_memory(cfg, gpus=1, batch_size=B, seq_len=T, precision=prec, device=dev.type,
-                           checkpointing="none")
+        plan = plan_memory(cfg, gpus=1, batch_size=B, seq_len=T, precision=prec, device=dev.type, checkpointing="none")
         if dev.type != "cuda":
             got = measure_step_peak(cfg, prec, "none", B, T, steps=2) / GiB
-            rep.row("memory", f"{name} planned vs measured GB", plan.peak_gb, got,
-                    ok=abs(plan.peak_gb / got - 1) <= 0.15, note=f"{plan.peak_gb / got - 1:+.1%} (CPU profiler peak)")
+            rep.row(
+                "memory",
+                f"{name} planned vs measured GB",
+                plan.peak_gb,
+                got,
+                ok=abs(plan.peak_gb / got - 1) <= 0.15,
+                note=f"{plan.peak_gb / got - 1:+.1%} (CPU profiler peak)",
+            )
             continue
         for label, off in (("Triton kernels", False), ("PyTorch definitions", True)):
             try:
@@ -823,10 +995,15 @@ def section_memory(rep: Report, dev, cfgs) -> None:
             finally:
                 _free(dev)
             err = plan.peak_gb / got - 1
-            rep.row("memory", f"{name} planned vs max_allocated GB ({label})", plan.peak_gb, got,
-                    ok=abs(err) <= 0.15 if off else None,
-                    note=f"{err:+.1%}; planner phase: {plan.phase}" + ("" if off else " (the planner models the "
-                                                                        "PyTorch definitions)"))
+            rep.row(
+                "memory",
+                f"{name} planned vs max_allocated GB ({label})",
+                plan.peak_gb,
+                got,
+                ok=abs(err) <= 0.15 if off else None,
+                note=f"{err:+.1%}; planner phase: {plan.phase}"
+                + ("" if off else " (the planner models the PyTorch definitions)"),
+            )
 
 
 def section_bf16(rep: Report, dev, cfgs) -> None:
@@ -834,7 +1011,7 @@ def section_bf16(rep: Report, dev, cfgs) -> None:
     steps = 50 if not rep.smoke else 4
     B, T = (8, 128) if not rep.smoke else (2, 16)
     data = _corpus_bytes(B * (T + cfg.n_predict) * steps + 1) % cfg.vocab_size
-    windows = data[:B * (T + cfg.n_predict) * steps].view(steps, B, T + cfg.n_predict)
+    windows = data[: B * (T + cfg.n_predict) * steps].view(steps, B, T + cfg.n_predict)
     curves = {}
     from moe_arch.model.transformer import build_model
 
@@ -847,10 +1024,15 @@ def section_bf16(rep: Report, dev, cfgs) -> None:
     diff = max(abs(a - b) / a for a, b in zip(fp, bf))
     learned = fp[-1] < fp[0] and bf[-1] < bf[0]
     rep.meta["bf16_vs_fp32"] = curves
-    rep.row("bf16", f"final loss after {steps} steps, bf16-mixed vs fp32", bf[-1], fp[-1],
-            ok=learned and abs(bf[-1] - fp[-1]) <= 0.02 * fp[-1],
-            note=f"first {fp[0]:.3f}; both learn: {learned}; worst step {diff:.1e} apart (a heuristic 2% on the "
-                 f"final loss: bf16 rounds at 2^-8 = 0.4%)")
+    rep.row(
+        "bf16",
+        f"final loss after {steps} steps, bf16-mixed vs fp32",
+        bf[-1],
+        fp[-1],
+        ok=learned and abs(bf[-1] - fp[-1]) <= 0.02 * fp[-1],
+        note=f"first {fp[0]:.3f}; both learn: {learned}; worst step {diff:.1e} apart (a heuristic 2% on the "
+        f"final loss: bf16 rounds at 2^-8 = 0.4%)",
+    )
 
 
 def section_generate(rep: Report, dev, cfgs) -> None:
@@ -878,11 +1060,14 @@ def section_generate(rep: Report, dev, cfgs) -> None:
         rep.row("generate", "HF Mixtral generate", "unavailable", note=f"{type(e).__name__}: {str(e)[:120]}")
     for n in (1, 8):
         p = torch.randint(0, cfg.vocab_size, (n, 32), generator=torch.Generator().manual_seed(n)).to(dev)
-        runs = {"moe_arch plain": lambda: generate(model, p, new, temperature=0),
-                f"moe_arch speculative ({k} drafts)": lambda: generate(model, p, new, temperature=0, draft_tokens=k)}
+        runs = {
+            "moe_arch plain": lambda: generate(model, p, new, temperature=0),
+            f"moe_arch speculative ({k} drafts)": lambda: generate(model, p, new, temperature=0, draft_tokens=k),
+        }
         if hf is not None:
-            runs["HF Mixtral generate"] = lambda: hf.generate(p, max_new_tokens=new, min_new_tokens=new,
-                                                              do_sample=False, use_cache=True, pad_token_id=0)
+            runs["HF Mixtral generate"] = lambda: hf.generate(
+                p, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0
+            )
         with torch.no_grad():
             times = {name: _time(fn, dev, warmup=1, repeat=2 if not rep.smoke else 1) for name, fn in runs.items()}
             plain, spec = runs["moe_arch plain"](), runs[f"moe_arch speculative ({k} drafts)"]()
@@ -891,16 +1076,27 @@ def section_generate(rep: Report, dev, cfgs) -> None:
         for name, t in times.items():
             note = f"{ref / t:.2f}x HF" if ref else ""
             if "speculative" in name:
-                note += (f"; acceptance {spec.acceptance_rate:.0%}, {spec.tokens_per_forward:.2f} tok/forward; tokens "
-                         f"{'equal' if same else 'differ from'} plain greedy ({dtype})")
+                note += (
+                    f"; acceptance {spec.acceptance_rate:.0%}, {spec.tokens_per_forward:.2f} tok/forward; tokens "
+                    f"{'equal' if same else 'differ from'} plain greedy ({dtype})"
+                )
             rep.row("generate", f"{name}, {n} prompt{'s' if n > 1 else ''}", n * new / t, "tokens/s", note=note)
     _free(dev)  # (the weights go when this returns)
 
 
-SECTIONS = [("env", section_env, 5), ("tests", section_tests, 60), ("correct", section_correct, 20),
-            ("kernels", section_kernels, 60), ("train", section_train, 60), ("parts", section_parts, 20),
-            ("mamba", section_mamba, 20), ("memory", section_memory, 40), ("bf16", section_bf16, 30),
-            ("generate", section_generate, 40), ("compile", section_compile, 150)]
+SECTIONS = [
+    ("env", section_env, 5),
+    ("tests", section_tests, 60),
+    ("correct", section_correct, 20),
+    ("kernels", section_kernels, 60),
+    ("train", section_train, 60),
+    ("parts", section_parts, 20),
+    ("mamba", section_mamba, 20),
+    ("memory", section_memory, 40),
+    ("bf16", section_bf16, 30),
+    ("generate", section_generate, 40),
+    ("compile", section_compile, 150),
+]
 
 
 def main(argv=None) -> int:
@@ -925,8 +1121,11 @@ def main(argv=None) -> int:
     rep = Report(Path(args.json) if args.json else None, args.smoke, args.budget)
     cfgs = configs(args.smoke)
     only = {s for s in args.only.split(",") if s}
-    print(f"gpu_check {'--smoke ' if args.smoke else ''}on {dev}: "
-          f"{'section':<9} {'what':<44} {'value':>16} {'reference':>16} {'ok':>4}  note", flush=True)
+    print(
+        f"gpu_check {'--smoke ' if args.smoke else ''}on {dev}: "
+        f"{'section':<9} {'what':<44} {'value':>16} {'reference':>16} {'ok':>4}  note",
+        flush=True,
+    )
     for name, fn, need in SECTIONS:
         if only and name not in only and name != "env":
             continue

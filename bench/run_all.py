@@ -5,9 +5,21 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_layers.py", "bench_train.py", "bench_moe_dispatch.py", "bench_mamba.py", "bench_compile.py",
-           "bench_monitor.py", "bench_doctor.py", "bench_false_alarms.py", "bench_history.py", "bench_data.py",
-           "bench_checkpointing.py", "bench_memory.py", "bench_generate.py"]
+SCRIPTS = [
+    "bench_layers.py",
+    "bench_train.py",
+    "bench_moe_dispatch.py",
+    "bench_mamba.py",
+    "bench_compile.py",
+    "bench_monitor.py",
+    "bench_doctor.py",
+    "bench_false_alarms.py",
+    "bench_history.py",
+    "bench_data.py",
+    "bench_checkpointing.py",
+    "bench_memory.py",
+    "bench_generate.py",
+]
 
 if __name__ == "__main__":
     failed = []

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from moe_arch.utils import NumberError, parse_number
+from moe_arch.utils import NumberError, atomic_write_text, parse_number
 
 
 class ConfigError(ValueError):
@@ -34,7 +34,7 @@ class DuplicateKeyError(ConfigError):
 MAX_VOCAB = 1 << 24
 MAX_LAYERS = 4096
 MAX_DIM = 1 << 20
-MAX_PARAMETERS = 10 ** 13
+MAX_PARAMETERS = 10**13
 
 
 def _fail(section: str, name: str, value: Any, allowed: str) -> typing.NoReturn:
@@ -50,7 +50,7 @@ def _check_finite(section: str, obj) -> None:
         for x in v if isinstance(v, (list, tuple)) else [v]:
             if isinstance(x, float) and not math.isfinite(x):
                 _fail(section, f.name, v, "must be a finite number (not nan or inf)")
-            if isinstance(x, int) and not isinstance(x, bool) and not -2**63 <= x < 2**63:
+            if isinstance(x, int) and not isinstance(x, bool) and not -(2**63) <= x < 2**63:
                 _fail(section, f.name, v, "must fit in 64 bits (between -2**63 and 2**63 - 1)")
 
 
@@ -120,8 +120,12 @@ class ModelConfig:
         # Sizes far beyond any trained model are refused here, before anything is allocated or built (a typo
         # like d_model 10000000000 would otherwise overflow or hang in the layer constructors).
         if self.vocab_size > MAX_VOCAB:
-            _fail(s, "vocab_size", self.vocab_size, f"must be <= {MAX_VOCAB:,} (the largest tokenizers in use have "
-                  "~256K entries)")
+            _fail(
+                s,
+                "vocab_size",
+                self.vocab_size,
+                f"must be <= {MAX_VOCAB:,} (the largest tokenizers in use have ~256K entries)",
+            )
         if self.n_layers > MAX_LAYERS:
             _fail(s, "n_layers", self.n_layers, f"must be <= {MAX_LAYERS:,}")
         for name in ("d_model", "d_ff", "max_seq_len"):
@@ -130,19 +134,30 @@ class ModelConfig:
         if self.head_dim is None:
             if self.d_model % self.n_heads:
                 divisors = [h for h in range(1, min(self.d_model, 64) + 1) if self.d_model % h == 0]
-                _fail(s, "n_heads", self.n_heads,
-                      f"must divide model.d_model={self.d_model} (e.g. one of {divisors[-4:]}), or set model.head_dim")
+                _fail(
+                    s,
+                    "n_heads",
+                    self.n_heads,
+                    f"must divide model.d_model={self.d_model} (e.g. one of {divisors[-4:]}), or set model.head_dim",
+                )
         elif self.head_dim <= 0:
             _fail(s, "head_dim", self.head_dim, "must be a positive integer or null")
         if self.n_heads % self.n_kv_heads:
-            _fail(s, "n_kv_heads", self.n_kv_heads, f"must divide model.n_heads={self.n_heads} (grouped-query attention)")
+            _fail(
+                s, "n_kv_heads", self.n_kv_heads, f"must divide model.n_heads={self.n_heads} (grouped-query attention)"
+            )
         if self.resolved_head_dim % 2:
             _fail(s, "head_dim", self.resolved_head_dim, "must be even (rotary embeddings rotate pairs of dimensions)")
         for name in ("rope_theta", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 _fail(s, name, getattr(self, name), "must be > 0")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate", "mod_aux_loss_coef",
-                     "mtp_loss_weight"):
+        for name in (
+            "router_aux_loss_coef",
+            "router_z_loss_coef",
+            "router_bias_update_rate",
+            "mod_aux_loss_coef",
+            "mtp_loss_weight",
+        ):
             if not getattr(self, name) >= 0:
                 _fail(s, name, getattr(self, name), "must be >= 0")
         _check_layers(s, "moe_layers", self.moe_layers, self.n_layers)
@@ -157,7 +172,9 @@ class ModelConfig:
             if not 1 <= self.top_k <= self.n_experts:
                 _fail(s, "top_k", self.top_k, f"must be in [1, model.n_experts={self.n_experts}]")
             if self.d_ff_expert <= 0:
-                _fail(s, "d_ff_expert", self.d_ff_expert, "must be a positive integer when model.moe_layers is not empty")
+                _fail(
+                    s, "d_ff_expert", self.d_ff_expert, "must be a positive integer when model.moe_layers is not empty"
+                )
         if self.n_shared_experts < 0 or (self.n_shared_experts and not self.moe_layers):
             _fail(s, "n_shared_experts", self.n_shared_experts, "must be >= 0, and 0 without model.moe_layers")
         if self.mamba_scan not in ("auto", "chunked"):
@@ -176,8 +193,13 @@ class ModelConfig:
             _fail(s, "n_predict", self.n_predict, "must be >= 1 (1 = next-token prediction only)")
         n = self.estimated_parameters()
         if n > MAX_PARAMETERS:
-            _fail(s, "d_model", self.d_model, f"with these sizes the model would have ~{n:.2e} parameters "
-                  f"({4 * n / 1e12:,.0f} TB in float32); at most {MAX_PARAMETERS:.0e} are supported")
+            _fail(
+                s,
+                "d_model",
+                self.d_model,
+                f"with these sizes the model would have ~{n:.2e} parameters "
+                f"({4 * n / 1e12:,.0f} TB in float32); at most {MAX_PARAMETERS:.0e} are supported",
+            )
 
     def estimated_parameters(self) -> int:
         """Total parameters from the config alone (the model's own count, ``params.count_parameters``, needs the
@@ -190,10 +212,14 @@ class ModelConfig:
         per_layer = []
         for i in range(self.n_layers):
             seq = mamba if i in self.mamba_layers else attn
-            shared = self.n_shared_experts * 3 * d * self.d_ff_expert + (d if self.n_shared_experts and
-                                                                           self.shared_expert_gate else 0)
-            ffn = (self.n_experts * 3 * d * self.d_ff_expert + d * self.n_experts + shared) if i in self.moe_layers \
+            shared = self.n_shared_experts * 3 * d * self.d_ff_expert + (
+                d if self.n_shared_experts and self.shared_expert_gate else 0
+            )
+            ffn = (
+                (self.n_experts * 3 * d * self.d_ff_expert + d * self.n_experts + shared)
+                if i in self.moe_layers
                 else 3 * d * self.d_ff
+            )
             per_layer.append(seq + ffn + 2 * d + (d if i in self.mod_layers else 0))
         return heads + sum(per_layer) + d
 
@@ -212,6 +238,22 @@ class ModelConfig:
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-compensated", "bf16-pure")
 SCHEDULES = ("cosine", "wsd", "constant")
+
+
+# What each parameter *is*: the vocabulary ``optim.muon_roles`` routes by. It lives here, below the model, so the
+# config can validate the routing on its own; the model's modules register their parameters' roles
+# (moe_arch/model/roles.py) from this same table.
+ROLES = {
+    "embedding": "token embedding table",
+    "output_head": "unembedding / prediction head projecting to the vocabulary",
+    "norm": "RMSNorm gain",
+    "bias": "additive bias",
+    "router": "MoE or MoD routing projection",
+    "conv": "depthwise causal convolution kernel",
+    "ssm": "state-space parameter (A_log, D)",
+    "hidden_matrix": "2-D weight of a hidden linear layer",
+    "expert_matrix": "stacked expert weights [n_experts, in, out]",
+}
 
 
 @dataclass
@@ -249,8 +291,6 @@ class OptimConfig:
             _fail(s, "muon_adjust_lr", self.muon_adjust_lr, "allowed: 'original' or 'match_rms_adamw'")
         if len(self.adamw_betas) != 2 or not all(0 <= b < 1 for b in self.adamw_betas):
             _fail(s, "adamw_betas", self.adamw_betas, "must be two numbers in [0, 1)")
-        from moe_arch.model.roles import ROLES  # local import: roles live with the model
-
         for r in self.muon_roles:
             if r not in ROLES:
                 _fail(s, "muon_roles", self.muon_roles, f"unknown role {r!r}; allowed: {sorted(ROLES)}")
@@ -327,8 +367,9 @@ class TrainConfig:
         if self.parallel not in ("auto", "none", "ddp", "fsdp"):
             _fail(s, "parallel", self.parallel, "allowed: auto, none, ddp, fsdp")
         if self.activation_checkpointing not in ("none", "full", "selective", "sequence"):
-            _fail(s, "activation_checkpointing", self.activation_checkpointing,
-                  "allowed: none, full, selective, sequence")
+            _fail(
+                s, "activation_checkpointing", self.activation_checkpointing, "allowed: none, full, selective, sequence"
+            )
         if self.progress not in ("auto", "rich", "plain", "none"):
             _fail(s, "progress", self.progress, "allowed: auto, rich, plain, none")
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
@@ -340,8 +381,12 @@ class TrainConfig:
         # The run folder is out_dir/run_name: a name with a separator or '..' would put it (and the checkpoints a
         # fresh start may delete) somewhere else than under out_dir.
         if not self.run_name.strip() or self.run_name in (".", "..") or re.search(r"[/\\\x00]", self.run_name):
-            _fail(s, "run_name", self.run_name, "must be a plain folder name (no '/', '\\' or '..'); put the "
-                  "parent folder in train.out_dir")
+            _fail(
+                s,
+                "run_name",
+                self.run_name,
+                "must be a plain folder name (no '/', '\\' or '..'); put the parent folder in train.out_dir",
+            )
 
 
 @dataclass
@@ -382,8 +427,12 @@ class DataConfig:
         if not self.tokenizer:
             _fail(s, "tokenizer", self.tokenizer, "must be 'train-bpe', a tokenizer.json or a tokenizer folder")
         if (self.hf_config or self.streaming) and not self.source.startswith("hf:"):
-            _fail(s, "hf_config" if self.hf_config else "streaming", self.hf_config or self.streaming,
-                  "applies to hf: sources only; set data.source to hf:NAME")
+            _fail(
+                s,
+                "hf_config" if self.hf_config else "streaming",
+                self.hf_config or self.streaming,
+                "applies to hf: sources only; set data.source to hf:NAME",
+            )
 
 
 @dataclass
@@ -436,11 +485,15 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Config":
         if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping with sections {sorted(SECTIONS)}, got {type(data).__name__}")
+            raise ConfigError(
+                f"{source}: expected a mapping with sections {sorted(SECTIONS)}, got {type(data).__name__}"
+            )
         unknown = set(data) - set(SECTIONS) - {"preset"}
         if unknown:
             key = sorted(unknown)[0]
-            raise ConfigError(f"{source}: unknown section {key!r}{_suggest(key, SECTIONS)}; allowed: {sorted(SECTIONS)}")
+            raise ConfigError(
+                f"{source}: unknown section {key!r}{_suggest(key, SECTIONS)}; allowed: {sorted(SECTIONS)}"
+            )
         try:
             sections = {}
             for name, klass in SECTIONS.items():
@@ -464,8 +517,10 @@ def _build_section(name: str, klass: type, values: dict[str, Any]):
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise ConfigError(f"{name}.{key}: unknown field{_suggest(key, names)}; `moe-arch config --help-fields "
-                              f"{name}` lists the fields")
+            raise ConfigError(
+                f"{name}.{key}: unknown field{_suggest(key, names)}; `moe-arch config --help-fields "
+                f"{name}` lists the fields"
+            )
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
     return klass(**kwargs)
 
@@ -479,8 +534,13 @@ def describe_fields(section: str | None = None) -> str:
         hints = typing.get_type_hints(klass)
         lines.append(f"{name}:")
         for f in dataclasses.fields(klass):
-            default = (f.default if f.default is not dataclasses.MISSING
-                       else f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else f.default_factory()
+                if f.default_factory is not dataclasses.MISSING
+                else None
+            )
             kind = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
             lines.append(f"  {name}.{f.name:<28} {kind:<16} default {default!r}")
     if not lines:
@@ -575,9 +635,11 @@ def _refuse_duplicate_keys(root: yaml.Node, source: str) -> None:
                     ident = (key.tag, key.value)
                     if ident in first:
                         dotted = ".".join(where + (name,))
-                        raise DuplicateKeyError(f"{source}: line {key.start_mark.line + 1}: {dotted!r} is set "
-                                                f"twice in the same mapping (also on line {first[ident]}); YAML "
-                                                "would silently keep the last one: remove one of them")
+                        raise DuplicateKeyError(
+                            f"{source}: line {key.start_mark.line + 1}: {dotted!r} is set "
+                            f"twice in the same mapping (also on line {first[ident]}); YAML "
+                            "would silently keep the last one: remove one of them"
+                        )
                     first[ident] = key.start_mark.line + 1
                 stack.append((value, where + (str(name),)))
         elif isinstance(node, yaml.SequenceNode):
@@ -598,8 +660,9 @@ def _read_yaml(spec: str, relative_to: Path | None = None) -> tuple[Any, str, st
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save the "
-                              "config as UTF-8") from None
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save the config as UTF-8"
+            ) from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
         return safe_load_unique(text, str(path)) or {}, str(path), str(path.resolve()), True
@@ -607,7 +670,8 @@ def _read_yaml(spec: str, relative_to: Path | None = None) -> tuple[Any, str, st
     res = resources.files("moe_arch") / "configs" / f"{name}.yaml"
     if not res.is_file():
         raise ConfigError(
-            f"{name!r}: neither a config file nor a preset{_suggest(name, preset_names())}; presets: {preset_names()}")
+            f"{name!r}: neither a config file nor a preset{_suggest(name, preset_names())}; presets: {preset_names()}"
+        )
     return safe_load_unique(res.read_text(), f"preset {name}") or {}, f"preset {name}", f"preset {name}", False
 
 
@@ -629,14 +693,16 @@ def load_raw(path_or_preset: str | None) -> tuple[dict[str, Any], str]:
     return data, source
 
 
-def _load_chain(spec: str, relative_to: Path | None = None,
-                chain: tuple[tuple[str, str], ...] = ()) -> tuple[dict[str, Any], str, set[str]]:
+def _load_chain(
+    spec: str, relative_to: Path | None = None, chain: tuple[tuple[str, str], ...] = ()
+) -> tuple[dict[str, Any], str, set[str]]:
     """(merged mapping, source, "section.field" names set in the chain's files: by hand, unlike a preset's)."""
     data, source, ident, is_file = _read_yaml(spec, relative_to)
     if any(ident == i for i, _ in chain):
         loop = " -> ".join([s for _, s in chain] + [source])
-        raise ConfigError(f"{chain[-1][1]}: preset {spec!r} leads back to itself ({loop}); remove one of these "
-                          "preset: lines")
+        raise ConfigError(
+            f"{chain[-1][1]}: preset {spec!r} leads back to itself ({loop}); remove one of these preset: lines"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with sections {sorted(SECTIONS)}")
     own = {k: v for k, v in data.items() if k != "preset"}
@@ -669,8 +735,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             i += 2
         section, _, name = key.partition(".")
         if section not in SECTIONS:
-            raise ConfigError(f"override --{key}: unknown section {section!r}{_suggest(section, SECTIONS)}; "
-                              f"allowed: {sorted(SECTIONS)}")
+            raise ConfigError(
+                f"override --{key}: unknown section {section!r}{_suggest(section, SECTIONS)}; "
+                f"allowed: {sorted(SECTIONS)}"
+            )
         quoted = raw.strip().startswith(("'", '"'))
         if typing.get_type_hints(SECTIONS[section]).get(name) is str and not quoted:
             # A text field takes the text as typed: YAML would read `hf:` as a mapping, `123` as a number and
@@ -710,6 +778,4 @@ def load_config(path_or_preset: str | None = None, overrides: list[str] | dict |
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from moe_arch.utils import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -66,10 +66,15 @@ class OutputError(Exception):
     """A path a command writes cannot take the output. One line: the path, the flag, the reason and the fix."""
 
 
-_REASONS = {errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
-            errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded",
-            errno.ENOTDIR: "a part of the path is a file, not a folder", errno.EISDIR: "it is a folder",
-            errno.ENAMETOOLONG: "the name is too long"}
+_REASONS = {
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EACCES: "permission denied",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder",
+    errno.ENAMETOOLONG: "the name is too long",
+}
 
 
 def os_reason(e: OSError) -> str:
@@ -105,8 +110,9 @@ def writable_folder(path: str | Path, what: str, flag: str) -> Path:
     try:
         prove_writable(path)
     except OSError as e:
-        raise OutputError(f"{flag} {path}: cannot write the {what} there ({os_reason(e)}); choose another "
-                          f"{flag}") from None
+        raise OutputError(
+            f"{flag} {path}: cannot write the {what} there ({os_reason(e)}); choose another {flag}"
+        ) from None
     return path
 
 
@@ -115,8 +121,9 @@ def writable_file(path: str | Path, what: str, flag: str, example: str = "out.js
     text = os.fspath(path)
     path = Path(path)
     if path.is_dir() or text.endswith((os.sep, "/")):
-        raise OutputError(f"{flag} {text}: is a folder, not a file name for the {what}; give a file, e.g. "
-                          f"{path / example}")
+        raise OutputError(
+            f"{flag} {text}: is a folder, not a file name for the {what}; give a file, e.g. {path / example}"
+        )
     blocker = _in_the_way(path.parent)
     if blocker is not None:
         raise OutputError(f"{flag} {text}: {blocker}; choose another path for the {what}")
@@ -130,8 +137,10 @@ def write_output(path: str | Path, text: str, what: str, flag: str) -> Path:
     try:
         atomic_write_text(path, text)
     except OSError as e:
-        raise OutputError(f"{flag} {path}: the {what} could not be written ({os_reason(e)}); any earlier file "
-                          f"there is unchanged. Free space or choose another {flag}") from None
+        raise OutputError(
+            f"{flag} {path}: the {what} could not be written ({os_reason(e)}); any earlier file "
+            f"there is unchanged. Free space or choose another {flag}"
+        ) from None
     return Path(path)
 
 
@@ -166,8 +175,18 @@ def parse_number(text: str, what: str, integer: bool = False) -> float | int:
     return value
 
 
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str, what: str) -> int:
@@ -176,8 +195,10 @@ def parse_size(text: str, what: str) -> int:
     m = re.fullmatch(r"\s*([0-9.eE+_-]+)\s*([A-Za-z]*)\s*", str(text))
     unit = m.group(2).upper() if m else None
     if m is None or unit not in SIZE_UNITS:
-        raise ValueError(f"{what} {text!r}: expected a size such as 500MB, 5GB or 2GiB (units: B, KB, MB, GB, TB, "
-                         "KiB, MiB, GiB, TiB)")
+        raise ValueError(
+            f"{what} {text!r}: expected a size such as 500MB, 5GB or 2GiB (units: B, KB, MB, GB, TB, "
+            "KiB, MiB, GiB, TiB)"
+        )
     n = parse_number(m.group(1), what) * SIZE_UNITS[unit]
     if not 1 <= n < 2**63:
         raise ValueError(f"{what} {text!r}: must be at least 1 byte")
@@ -217,9 +238,11 @@ def tune_cpu_malloc(cache_bytes: int = 1 << 30) -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         cap = min(cache_bytes, 2**31 - 1)  # mallopt takes an int
-        ok = (libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(cap)) == 1
-              and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(min(2 * cap, 2**31 - 1))) == 1
-              and libc.mallopt(_M_TOP_PAD, ctypes.c_int(min(cap // 4, 256 << 20))) == 1)
+        ok = (
+            libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(cap)) == 1
+            and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(min(2 * cap, 2**31 - 1))) == 1
+            and libc.mallopt(_M_TOP_PAD, ctypes.c_int(min(cap // 4, 256 << 20))) == 1
+        )
     except (OSError, AttributeError):
         return False
     _MALLOC_TUNED = ok
@@ -230,10 +253,13 @@ class DeviceError(ValueError):
     """A device name that is not one, or a device this machine does not have: one line naming the flag."""
 
 
-def resolve_device(name: str, flag: str = "train.device") -> torch.device:
+def resolve_device(name: str | torch.device, flag: str = "train.device") -> torch.device:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device this machine has. torch.device takes many more
     names (and fails late, deep in a layer's ``.to()``, with an AssertionError when CUDA is missing), so the
-    name is checked here, once, for every command that takes one."""
+    name is checked here, once, for every command that takes one; a ``torch.device`` was resolved already (the
+    command line resolves ``--device`` before the library runs) and is returned as it is."""
+    if isinstance(name, torch.device):
+        return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not isinstance(name, str) or not re.fullmatch(r"cpu|cuda(:[0-9]+)?", name):
@@ -243,8 +269,10 @@ def resolve_device(name: str, flag: str = "train.device") -> torch.device:
         if not torch.cuda.is_available():
             raise DeviceError(f"{flag}={name!r}: CUDA is not available on this machine; use {flag}=cpu (or auto)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"{flag}={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+            raise DeviceError(
+                f"{flag}={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
     return dev
 
 
@@ -264,8 +292,10 @@ def refuse_overwriting_inputs(out: str | Path, inputs: dict[str, str | Path | No
     """OutputError when the output path ``out`` is one of the command's input files (``{description: path}``)."""
     for name, path in inputs.items():
         if path and same_file(out, path):
-            raise OutputError(f"{flag} {out}: is the {name} this command reads; writing the {what} there would "
-                              f"destroy it: choose another {flag}")
+            raise OutputError(
+                f"{flag} {out}: is the {name} this command reads; writing the {what} there would "
+                f"destroy it: choose another {flag}"
+            )
 
 
 def human(n: float) -> str:

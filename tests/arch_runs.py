@@ -20,8 +20,14 @@ SEED_LR = 3e-4  # the seed run's AdamW learning rate: below half a bf16 ULP at 1
 
 
 def _common() -> dict:
-    return dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                max_position_embeddings=64)
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
 
 
 def _build(arch: str):
@@ -33,12 +39,20 @@ def _build(arch: str):
     if arch == "qwen2":
         return T.Qwen2ForCausalLM(T.Qwen2Config(intermediate_size=64, **c))
     if arch == "qwen2_moe":
-        return T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=32,
-                                                      shared_expert_intermediate_size=64, num_experts=4,
-                                                      num_experts_per_tok=2, **c))
+        return T.Qwen2MoeForCausalLM(
+            T.Qwen2MoeConfig(
+                intermediate_size=64,
+                moe_intermediate_size=32,
+                shared_expert_intermediate_size=64,
+                num_experts=4,
+                num_experts_per_tok=2,
+                **c,
+            )
+        )
     if arch == "mixtral":
-        return T.MixtralForCausalLM(T.MixtralConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
-                                                    **c))
+        return T.MixtralForCausalLM(
+            T.MixtralConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, **c)
+        )
     if arch == "olmoe":
         return T.OlmoeForCausalLM(T.OlmoeConfig(intermediate_size=64, num_experts=4, num_experts_per_tok=2, **c))
     if arch == "gemma":
@@ -46,8 +60,9 @@ def _build(arch: str):
     if arch == "gpt2":
         return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64))
     if arch == "mamba":
-        return T.MambaForCausalLM(T.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8,
-                                                expand=2))
+        return T.MambaForCausalLM(
+            T.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2)
+        )
     raise ValueError(f"unknown architecture {arch!r}")
 
 
@@ -108,8 +123,9 @@ class ArchRun:
         return float((self.snapshots[since][name] == self.snapshots[until][name]).float().mean())
 
 
-def run(arch: str, mode: str, out: Path, steps: int = 60, lr: float | None = None, warmup: int = 0,
-        monitor_config=None) -> ArchRun:
+def run(
+    arch: str, mode: str, out: Path, steps: int = 60, lr: float | None = None, warmup: int = 0, monitor_config=None
+) -> ArchRun:
     import transformers
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -133,9 +149,20 @@ def run(arch: str, mode: str, out: Path, steps: int = 60, lr: float | None = Non
                 result.snapshots[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     monitor = HFMonitorCallback(cfg)
-    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=lr,
-                             warmup_steps=warmup, report_to=[], use_cpu=True, disable_tqdm=True,
-                             logging_steps=steps, save_steps=steps, bf16=(mode == "autocast"), seed=0)
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=lr,
+        warmup_steps=warmup,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=steps,
+        save_steps=steps,
+        bf16=(mode == "autocast"),
+        seed=0,
+    )
     t = time.perf_counter()
     # Snapshots first: the monitor's check at step s compares against the snapshot the callback took at s - window.
     Trainer(model=model, args=args, train_dataset=Pattern(steps * 8), callbacks=[Snapshots(), monitor]).train()

@@ -13,7 +13,6 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from moe_arch.config import Config  # noqa: E402
 
-
 _BF16_SDPA: list = []
 
 
@@ -28,17 +27,34 @@ def skip_unless_bf16_attention_runs() -> None:
             torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
             _BF16_SDPA.append(None)
         except RuntimeError as e:
-            _BF16_SDPA.append(f"bf16 attention cannot run under ATEN_CPU_CAPABILITY="
-                              f"{os.environ.get('ATEN_CPU_CAPABILITY', 'default')} on this CPU: {e}")
+            _BF16_SDPA.append(
+                f"bf16 attention cannot run under ATEN_CPU_CAPABILITY="
+                f"{os.environ.get('ATEN_CPU_CAPABILITY', 'default')} on this CPU: {e}"
+            )
     if _BF16_SDPA[0]:
         pytest.skip(_BF16_SDPA[0])
 
 
 def small_overrides(**extra) -> dict:
     """A model with every feature on, small enough for sub-second steps on 2 CPU cores."""
-    model = dict(vocab_size=512, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256,
-                 moe_layers=[1, 3], n_experts=4, top_k=2, d_ff_expert=64, mamba_layers=[2], mamba_d_state=8,
-                 mod_layers=[1, 3], mod_capacity=0.75, n_predict=2)
+    model = dict(
+        vocab_size=512,
+        d_model=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=128,
+        max_seq_len=256,
+        moe_layers=[1, 3],
+        n_experts=4,
+        top_k=2,
+        d_ff_expert=64,
+        mamba_layers=[2],
+        mamba_d_state=8,
+        mod_layers=[1, 3],
+        mod_capacity=0.75,
+        n_predict=2,
+    )
     model.update(extra)
     return model
 
@@ -51,25 +67,56 @@ def data_cache(tmp_path_factory) -> str:
 
 @pytest.fixture
 def small_cfg(tmp_path, data_cache) -> Config:
-    return Config.from_dict({
-        "model": small_overrides(),
-        "train": dict(out_dir=str(tmp_path / "runs"), run_name="t", steps=6, batch_size=4, seq_len=32, warmup_steps=2,
-                      log_every=2, eval_every=0, ckpt_every=0, eval_max_tokens=2048, sample_tokens=0, progress="plain",
-                      tensorboard=False),
-        "data": dict(cache_dir=data_cache),
-        "monitor": dict(enabled=False),
-    })
+    return Config.from_dict(
+        {
+            "model": small_overrides(),
+            "train": dict(
+                out_dir=str(tmp_path / "runs"),
+                run_name="t",
+                steps=6,
+                batch_size=4,
+                seq_len=32,
+                warmup_steps=2,
+                log_every=2,
+                eval_every=0,
+                ckpt_every=0,
+                eval_max_tokens=2048,
+                sample_tokens=0,
+                progress="plain",
+                tensorboard=False,
+            ),
+            "data": dict(cache_dir=data_cache),
+            "monitor": dict(enabled=False),
+        }
+    )
 
 
 def trained_checkpoint(root, data_cache: str, steps: int):
     """The final checkpoint of a short quiet run of the small model (for tests that read a real checkpoint)."""
     from moe_arch.training.trainer import Trainer
 
-    cfg = Config.from_dict({"model": small_overrides(), "data": {"cache_dir": data_cache},
-                            "monitor": {"enabled": False},
-                            "train": dict(out_dir=str(root), run_name="r", steps=steps, batch_size=4, seq_len=32,
-                                          warmup_steps=1, log_every=1, eval_every=0, ckpt_every=0,
-                                          eval_max_tokens=512, sample_tokens=0, progress="none", tensorboard=False)})
+    cfg = Config.from_dict(
+        {
+            "model": small_overrides(),
+            "data": {"cache_dir": data_cache},
+            "monitor": {"enabled": False},
+            "train": dict(
+                out_dir=str(root),
+                run_name="r",
+                steps=steps,
+                batch_size=4,
+                seq_len=32,
+                warmup_steps=1,
+                log_every=1,
+                eval_every=0,
+                ckpt_every=0,
+                eval_max_tokens=512,
+                sample_tokens=0,
+                progress="none",
+                tensorboard=False,
+            ),
+        }
+    )
     return Trainer(cfg).run().last_checkpoint, cfg
 
 

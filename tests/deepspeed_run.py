@@ -29,11 +29,23 @@ def main(out: str, stage: int) -> None:
     model = Net()
     norms = norm_names(model)  # a list: every rank must build its param groups in the same order
     named = dict(model.named_parameters())
-    opt = torch.optim.AdamW([{"params": [p for n, p in named.items() if n not in norms]},
-                             {"params": [p for n, p in named.items() if n in norms], "lr": 0.0}], lr=1e-2)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
-        "train_batch_size": 8, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
-        "steps_per_print": 10_000})
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named.items() if n not in norms]},
+            {"params": [p for n, p in named.items() if n in norms], "lr": 0.0},
+        ],
+        lr=1e-2,
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        config={
+            "train_batch_size": 8,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage},
+            "steps_per_print": 10_000,
+        },
+    )
     engine.save_checkpoint(out)  # global_step0
     g = torch.Generator().manual_seed(0)
     for _ in range(4):

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-U = 2.0 ** -24  # unit roundoff of float32 (round to nearest)
+U = 2.0**-24  # unit roundoff of float32 (round to nearest)
 EXP_ULPS = 9  # the kernels' vexp: < 5e-7 relative to libm's exp (probe test), ~8.4 u
-TINY = 2.0 ** -126  # results below float32's normal range may be flushed or rounded to 0 by either side
+TINY = 2.0**-126  # results below float32's normal range may be flushed or rounded to 0 by either side
 EXP_FLOOR = 1.2e-38  # the kernels' vexp stops at exp(-87.3) (no denormals): an absolute error up to this much
 
 
@@ -42,11 +42,13 @@ def assert_within(got: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, wha
         ratio = torch.where(bound > 0, err / bound, torch.full_like(err, float("inf")))
         i = int(torch.argmax(torch.where(bad, ratio, torch.zeros_like(ratio))))
         idx = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), err.shape))
-        raise AssertionError(f"{what}: {int(bad.sum())} of {err.numel()} elements exceed the float32 bound; worst "
-                             f"at {idx}: got {got.reshape(-1)[i].item():.9g}, "
-                             f"reference {ref.reshape(-1)[i].item():.9g}, "
-                             f"error {err.reshape(-1)[i].item():.3g} > bound {bound.reshape(-1)[i].item():.3g} "
-                             f"({ratio.reshape(-1)[i].item():.2f}x)")
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {err.numel()} elements exceed the float32 bound; worst "
+            f"at {idx}: got {got.reshape(-1)[i].item():.9g}, "
+            f"reference {ref.reshape(-1)[i].item():.9g}, "
+            f"error {err.reshape(-1)[i].item():.3g} > bound {bound.reshape(-1)[i].item():.3g} "
+            f"({ratio.reshape(-1)[i].item():.2f}x)"
+        )
 
 
 def softmax_xent_bounds(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor):
@@ -130,8 +132,11 @@ def causal_conv_silu_bounds(x, w, bias, dy, conv_pre):
     gx_abs, gw_abs, gb_abs = _vjp(conv_pre, (x.abs(), w.abs(), bias.abs()), dpre.abs())
     ex, ew, eb = _vjp(conv_pre, (x.abs(), w.abs(), bias.abs()), e_dpre)
     n = B * T
-    return y_bound, [gamma(K + 1) * gx_abs + ex + TINY, gamma(n + 2) * gw_abs + ew + TINY,
-                     gamma(n + 2) * gb_abs + eb + TINY]
+    return y_bound, [
+        gamma(K + 1) * gx_abs + ex + TINY,
+        gamma(n + 2) * gw_abs + ew + TINY,
+        gamma(n + 2) * gb_abs + eb + TINY,
+    ]
 
 
 def rope_bounds(x, cos, sin, dy):
@@ -189,8 +194,9 @@ def selective_scan_bounds(u, dt, A, Bm, Cm, h0, Dp, z, gy):
     lam = lam[:, :L]
     e_adj = gamma(L * (EXP_ULPS + 6))
     both = e_state + e_adj
-    du = (e_adj + gamma(N + 4)) * (dt.abs() * (lam * Bm.abs()[:, :, None, :]).sum(-1)) \
-        + gamma(EXP_ULPS + 4) * (Dp * gy * zs).abs()
+    du = (e_adj + gamma(N + 4)) * (dt.abs() * (lam * Bm.abs()[:, :, None, :]).sum(-1)) + gamma(EXP_ULPS + 4) * (
+        Dp * gy * zs
+    ).abs()
     h_prev = hbar[:, :L]
     ddt_terms = lam * (A.abs() * a * h_prev + (u.abs()[..., None] * Bm.abs()[:, :, None, :]))
     ddt = (both + gamma(N + EXP_ULPS + 6)) * ddt_terms.sum(-1)
@@ -222,11 +228,15 @@ def moe_experts_bound(x, w_gate, w_up, w_down, idx, weights):
     e_b = gamma(d) * torch.einsum("nd,nkdf->nkf", x.abs(), wu.abs())
     silu = torch.nn.functional.silu(a)
     h = silu * b
-    e_h = (1.1 * e_a * (b.abs() + e_b) + silu.abs() * e_b + gamma(EXP_ULPS + 4) * h.abs())
+    e_h = 1.1 * e_a * (b.abs() + e_b) + silu.abs() * e_b + gamma(EXP_ULPS + 4) * h.abs()
     y = torch.einsum("nkf,nkfd->nkd", h, wd)
-    e_y = gamma(f) * torch.einsum("nkf,nkfd->nkd", h.abs() + e_h, wd.abs()) \
-        + torch.einsum("nkf,nkfd->nkd", e_h, wd.abs())
+    e_y = gamma(f) * torch.einsum("nkf,nkfd->nkd", h.abs() + e_h, wd.abs()) + torch.einsum(
+        "nkf,nkfd->nkd", e_h, wd.abs()
+    )
     ref = torch.einsum("nk,nkd->nd", w, y)
-    bound = torch.einsum("nk,nkd->nd", w.abs(), e_y) * (1 + gamma(1)) \
-        + gamma(k + 1) * torch.einsum("nk,nkd->nd", w.abs(), y.abs()) + TINY
+    bound = (
+        torch.einsum("nk,nkd->nd", w.abs(), e_y) * (1 + gamma(1))
+        + gamma(k + 1) * torch.einsum("nk,nkd->nd", w.abs(), y.abs())
+        + TINY
+    )
     return ref, bound

@@ -79,12 +79,16 @@ def train(out: Path, bug: str = "none", steps: int = 30, seed: int = 0, save_kwa
         planted = {"cause": "not_in_optimizer", "tensors": [n for n, _ in named if n.endswith(".bias")]}
     elif bug == "zero_lr":
         norms = set(norm_names(model))
-        groups = [{"params": [p for n, p in named if n not in norms]},
-                  {"params": [p for n, p in named if n in norms], "lr": 0.0}]
+        groups = [
+            {"params": [p for n, p in named if n not in norms]},
+            {"params": [p for n, p in named if n in norms], "lr": 0.0},
+        ]
         planted = {"cause": "zero_learning_rate", "tensors": sorted(norms)}
     elif bug == "excessive":
-        groups = [{"params": [p for n, p in named if n != "blocks.1.fc.weight"]},
-                  {"params": [dict(named)["blocks.1.fc.weight"]], "lr": lr * 300}]
+        groups = [
+            {"params": [p for n, p in named if n != "blocks.1.fc.weight"]},
+            {"params": [dict(named)["blocks.1.fc.weight"]], "lr": lr * 300},
+        ]
         planted = {"cause": "excessive_update", "tensors": ["blocks.1.fc.weight"]}
     else:
         groups = [{"params": [p for _, p in named]}]
@@ -96,8 +100,11 @@ def train(out: Path, bug: str = "none", steps: int = 30, seed: int = 0, save_kwa
     if bug == "dead_experts":
         for b in model.blocks:
             b.allowed = [0, 1]
-        planted = {"cause": "dead_experts", "tensors": ["blocks.0.experts", "blocks.1.experts"],
-                   "experts": {"blocks.0": [2, 3], "blocks.1": [2, 3]}}
+        planted = {
+            "cause": "dead_experts",
+            "tensors": ["blocks.0.experts", "blocks.1.experts"],
+            "experts": {"blocks.0": [2, 3], "blocks.1": [2, 3]},
+        }
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     if bug == "zero_grad_order":
         planted = {"cause": "no_gradient", "tensors": [n for n, _ in model.named_parameters()], "all": True}
@@ -148,8 +155,15 @@ def hf_tiny_llama_bf16():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).to(torch.bfloat16)
 
 

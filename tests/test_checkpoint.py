@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from moe_arch.config import Config
-from moe_arch.training.checkpoint import CheckpointError, load_checkpoint
-from moe_arch.training.trainer import Trainer
-
 from conftest import ROOT
+
+from moe_arch.checkpoint import CheckpointError, load_checkpoint
+from moe_arch.config import Config
+from moe_arch.training.trainer import Trainer
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -59,10 +58,13 @@ def test_checkpoint_contents_and_plain_torch_loading(small_cfg):
     ck_dir = Path(small_cfg.train.out_dir) / "t" / "checkpoints"
     assert {"step_0000000.pt", "final.pt", "latest.txt"} <= {p.name for p in ck_dir.iterdir()}
     # Readable without the project: plain torch, weights_only=True, in a fresh interpreter.
-    code = ("import torch,sys; ck=torch.load(sys.argv[1], weights_only=True); "
-            "print(ck['step'], ck['tokens_seen'], sorted(ck['optimizers']), len(ck['model']))")
-    out = subprocess.run([sys.executable, "-c", code, str(ck_dir / "final.pt")], capture_output=True, text=True,
-                         check=True, cwd="/")
+    code = (
+        "import torch,sys; ck=torch.load(sys.argv[1], weights_only=True); "
+        "print(ck['step'], ck['tokens_seen'], sorted(ck['optimizers']), len(ck['model']))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ck_dir / "final.pt")], capture_output=True, text=True, check=True, cwd="/"
+    )
     step, tokens, opts, n = out.stdout.split(" ", 3)
     assert int(step) == 3 and int(tokens) == 3 * 4 * 32
     ck = load_checkpoint(ck_dir / "final.pt")
@@ -96,8 +98,14 @@ def _spawn_training(cfg: Config, tmp_path: Path, steps: int) -> subprocess.Popen
 
     save_config(with_train(cfg, steps=steps, log_every=1), cfg_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "moe_arch", "train", str(cfg_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    return subprocess.Popen(
+        [sys.executable, "-m", "moe_arch", "train", str(cfg_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -125,7 +133,7 @@ def test_signal_saves_checkpoint_interrupted_and_exits_cleanly(small_cfg, tmp_pa
 SAVER = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[2])
-from moe_arch.training.checkpoint import save_checkpoint
+from moe_arch.checkpoint import save_checkpoint
 big = {"model": {"w": torch.randn(64, 1024, 1024)}, "step": 2}   # 256 MB: the save takes a while
 print("saving", flush=True)
 while True:
@@ -135,7 +143,7 @@ while True:
 
 def test_killing_a_save_leaves_the_previous_checkpoint_intact(tmp_path):
     path = tmp_path / "ck.pt"
-    from moe_arch.training.checkpoint import save_checkpoint
+    from moe_arch.checkpoint import save_checkpoint
 
     save_checkpoint(path, {"model": {"w": torch.arange(10.0)}, "step": 1})
     before = path.read_bytes()
@@ -154,7 +162,7 @@ def test_killing_a_save_leaves_the_previous_checkpoint_intact(tmp_path):
     else:
         assert load_checkpoint(path)["step"] == 1
     # A partial temp file may remain; it is never mistaken for the checkpoint and is cleaned by prune().
-    from moe_arch.training.checkpoint import prune
+    from moe_arch.checkpoint import prune
 
     prune(tmp_path, keep_last=2)
     assert not list(tmp_path.glob(".ck.pt.*.tmp"))
@@ -163,7 +171,7 @@ def test_killing_a_save_leaves_the_previous_checkpoint_intact(tmp_path):
 def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
     """Checkpoints and reports are shared with a group or a job scheduler: an atomic write must not leave them
     readable by their owner only (mkstemp's 0600)."""
-    from moe_arch.training.checkpoint import save_checkpoint
+    from moe_arch.checkpoint import save_checkpoint
     from moe_arch.utils import atomic_write
 
     old = os.umask(0o022)

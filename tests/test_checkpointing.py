@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import small_overrides
+
 from moe_arch.config import ModelConfig
 from moe_arch.model.transformer import build_model
 
@@ -54,8 +54,10 @@ def test_checkpointed_gradients_are_bitwise_equal(mode):
     # Not in eval or without gradients (generation, validation): nothing to recompute.
     model.eval()
     with torch.no_grad():
-        assert torch.equal(model(tokens, return_logits=True).logits,
-                           model.set_activation_checkpointing("none")(tokens, return_logits=True).logits)
+        assert torch.equal(
+            model(tokens, return_logits=True).logits,
+            model.set_activation_checkpointing("none")(tokens, return_logits=True).logits,
+        )
 
 
 def test_the_trainer_setting(small_cfg):

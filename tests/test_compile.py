@@ -1,11 +1,10 @@
 import pytest
 import torch
+from conftest import small_overrides
 
 from moe_arch.config import ModelConfig
 from moe_arch.model.mamba import use_compiled_scan
 from moe_arch.model.transformer import build_model
-
-from conftest import small_overrides
 
 
 def _compiled_matches_eager(seed: int, checkpointing: str = "none") -> None:

@@ -17,16 +17,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import (
+    assert_within,
+    causal_conv_silu_bounds,
+    rms_norm_bounds,
+    rope_bounds,
+    selective_scan_bounds,
+    softmax_xent_bounds,
+    swiglu_bounds,
+)
 
 from moe_arch.model import fused
-from numerics import (assert_within, causal_conv_silu_bounds, rms_norm_bounds, rope_bounds, selective_scan_bounds,
-                      softmax_xent_bounds, swiglu_bounds)
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-                       reason="Triton's interpreter is on in this process: run tests/test_cuda.py on its own"),
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        reason="Triton's interpreter is on in this process: run tests/test_cuda.py on its own",
+    ),
 ]
 DEV = torch.device("cuda")
 
@@ -49,8 +58,10 @@ def _check(fn, ref_fn, inputs, bounds_fn, wants=None, seed=0, dtype=None):
     """fn on CUDA copies of the (CPU) inputs against ref_fn on float64 CPU copies: the output and the gradients of
     sum(out * g), within bounds_fn(*inputs, g) = (output bound, [gradient bounds])."""
     wants = list(range(len(inputs))) if wants is None else wants
-    xs = [t.to(DEV, dtype if dtype and t.is_floating_point() else t.dtype).requires_grad_(i in wants)
-          for i, t in enumerate(inputs)]
+    xs = [
+        t.to(DEV, dtype if dtype and t.is_floating_point() else t.dtype).requires_grad_(i in wants)
+        for i, t in enumerate(inputs)
+    ]
     base = [x.detach().cpu() for x in xs]  # what the kernel sees (after a cast to dtype)
     x64 = [(t.double() if t.is_floating_point() else t).requires_grad_(i in wants) for i, t in enumerate(base)]
     ref = ref_fn(*x64)
@@ -69,8 +80,10 @@ def test_the_triton_kernels_load():
     assert not tk.INTERPRET
 
 
-@pytest.mark.parametrize("B, L, D, N, with_h0", [(2, 37, 20, 5, False), (1, 1, 17, 16, True), (2, 300, 70, 16, True),
-                                                 (1, 2100, 40, 16, False)])
+@pytest.mark.parametrize(
+    "B, L, D, N, with_h0",
+    [(2, 37, 20, 5, False), (1, 1, 17, 16, True), (2, 300, 70, 16, True), (1, 2100, 40, 16, False)],
+)
 def test_scan_matches_the_recurrence(B, L, D, N, with_h0, monkeypatch):
     """Default tiles: several 64-step chunks (the last partial) and channel blocks (the last partial)."""
     from moe_arch.model.mamba import reference_scan, selective_scan
@@ -89,9 +102,12 @@ def test_scan_matches_the_recurrence(B, L, D, N, with_h0, monkeypatch):
         yb, _, gb = selective_scan_bounds(u, dt, A, Bm, Cm, h0, Dp, z, gy)
         return yb, [gb[k] for k in ("u", "dt", "A", "B", "C", "D", "z")]
 
-    _check(lambda *a: selective_scan(*a[:5], h0d, D=a[5], z=a[6])[0],
-           lambda u, dt, A, Bm, Cm, Dp, z: (reference_scan(u, dt, A, Bm, Cm, h0r)[0] + u * Dp) * F.silu(z),
-           [u, dt, A, Bm, Cm, Dp, z], bounds)
+    _check(
+        lambda *a: selective_scan(*a[:5], h0d, D=a[5], z=a[6])[0],
+        lambda u, dt, A, Bm, Cm, Dp, z: (reference_scan(u, dt, A, Bm, Cm, h0r)[0] + u * Dp) * F.silu(z),
+        [u, dt, A, Bm, Cm, Dp, z],
+        bounds,
+    )
     assert calls
     _, h = selective_scan(*(t.to(DEV) for t in (u, dt, A, Bm, Cm)), h0d, D=Dp.to(DEV), z=z.to(DEV))
     _, h_ref = reference_scan(*(t.double() for t in (u, dt, A, Bm, Cm)), h0r)
@@ -112,8 +128,12 @@ def test_causal_conv_silu(B, T, D, K, monkeypatch):
         y_bound, (gx, gw, gb) = causal_conv_silu_bounds(t.chunk(2, dim=-1)[0], p, q, gy, conv_pre)
         return y_bound, [torch.cat((gx, torch.zeros_like(gx)), dim=-1), gw, gb]
 
-    _check(lambda t, p, q: fused.causal_conv_silu(t.chunk(2, dim=-1)[0], p, q),
-           lambda t, p, q: F.silu(conv_pre(t.chunk(2, dim=-1)[0], p, q)), [xz, w, bias], bounds)
+    _check(
+        lambda t, p, q: fused.causal_conv_silu(t.chunk(2, dim=-1)[0], p, q),
+        lambda t, p, q: F.silu(conv_pre(t.chunk(2, dim=-1)[0], p, q)),
+        [xz, w, bias],
+        bounds,
+    )
     assert calls
 
 
@@ -122,13 +142,18 @@ def test_rms_norm(shape, monkeypatch):
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(shape, generator=g) * 3, torch.rand(shape[-1], generator=g) + 0.5
     calls = _calls(monkeypatch, "rms_norm")
-    _check(lambda a, b: fused.rms_norm(a, b, 1e-6), lambda a, b: F.rms_norm(a, (a.shape[-1],), eps=1e-6) * b,
-           [x, w], rms_norm_bounds)
+    _check(
+        lambda a, b: fused.rms_norm(a, b, 1e-6),
+        lambda a, b: F.rms_norm(a, (a.shape[-1],), eps=1e-6) * b,
+        [x, w],
+        rms_norm_bounds,
+    )
     assert calls
 
 
-@pytest.mark.parametrize("shape, dtype", [((3, 5, 7), torch.float32), ((2048, 4608), torch.float32),
-                                          ((300, 129), torch.bfloat16)])
+@pytest.mark.parametrize(
+    "shape, dtype", [((3, 5, 7), torch.float32), ((2048, 4608), torch.float32), ((300, 129), torch.bfloat16)]
+)
 def test_swiglu(shape, dtype, monkeypatch):
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(shape, generator=g) * 4, torch.randn(shape, generator=g)
@@ -138,11 +163,13 @@ def test_swiglu(shape, dtype, monkeypatch):
         yb, (da, db) = swiglu_bounds(p, q, gy)
         if dtype == torch.float32:
             return yb, [da, db]
-        ulp = 2.0 ** -7  # one rounding to bf16 (of the result, and of the incoming gradient): one ulp, any mode
+        ulp = 2.0**-7  # one rounding to bf16 (of the result, and of the incoming gradient): one ulp, any mode
         p, q = p.double(), q.double()
         s = torch.sigmoid(p)
-        return (yb + ulp * (p * s * q).abs(), [da + 2 * ulp * (gy * q * s * (1 + p * (1 - s))).abs(),
-                                               db + 2 * ulp * (gy * p * s).abs()])
+        return (
+            yb + ulp * (p * s * q).abs(),
+            [da + 2 * ulp * (gy * q * s * (1 + p * (1 - s))).abs(), db + 2 * ulp * (gy * p * s).abs()],
+        )
 
     _check(fused.swiglu, lambda p, q: F.silu(p) * q, [a, b], bounds, dtype=dtype)
     assert calls
@@ -157,7 +184,7 @@ def test_rope_on_qkv_views(B, H, T, D, per_row, monkeypatch):
     calls = _calls(monkeypatch, "rope")
 
     def q_of(t):
-        return t[..., :H * D].view(B, T, H, D).transpose(1, 2)
+        return t[..., : H * D].view(B, T, H, D).transpose(1, 2)
 
     def bounds(t, c, s, gy):
         y_bound, dq_bound = rope_bounds(q_of(t), c, s, gy)
@@ -165,8 +192,13 @@ def test_rope_on_qkv_views(B, H, T, D, per_row, monkeypatch):
         q_of(d_qkv).copy_(dq_bound)
         return y_bound, [d_qkv]
 
-    _check(lambda t, c, s: fused.rope(q_of(t), c, s), lambda t, c, s: fused.rope_reference(q_of(t), c, s),
-           [qkv, cos, sin], bounds, wants=[0])
+    _check(
+        lambda t, c, s: fused.rope(q_of(t), c, s),
+        lambda t, c, s: fused.rope_reference(q_of(t), c, s),
+        [qkv, cos, sin],
+        bounds,
+        wants=[0],
+    )
     assert calls
 
 
@@ -206,18 +238,18 @@ def test_linear_cross_entropy_under_autocast_close_to_the_unfused_head():
     dh, dw = torch.autograd.grad(loss, (h, w))
     dh_ref, dw_ref = torch.autograd.grad(ref, (h, w))
     logits = (h.detach() @ w.detach().t()).abs()
-    assert abs(float(loss) - float(ref)) <= 4 * 2.0 ** -8 * float(logits.amax(1).mean())
+    assert abs(float(loss) - float(ref)) <= 4 * 2.0**-8 * float(logits.amax(1).mean())
     for a, b in ((dh, dh_ref), (dw, dw_ref)):
-        assert float((a - b).abs().max()) <= 4 * 2.0 ** -8 * float(b.abs().max()) + 1e-7
+        assert float((a - b).abs().max()) <= 4 * 2.0**-8 * float(b.abs().max()) + 1e-7
 
 
 def test_model_on_cuda_matches_the_cpu_in_float64(monkeypatch):
     """A hybrid model with every feature, float32 on the GPU (Triton paths, cuBLAS, SDPA, grouped_mm where it
     runs in float32, else the loop) against the CPU in float64, within bench/gpu_check.py's model_bound."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from conftest import small_overrides
     from gpu_check import model_bound
 
-    from conftest import small_overrides
     from moe_arch.config import ModelConfig
     from moe_arch.model import transformer
 
@@ -234,8 +266,11 @@ def test_model_on_cuda_matches_the_cpu_in_float64(monkeypatch):
         return out.loss.detach().double().cpu(), {n: p.grad.double().cpu() for n, p in model.named_parameters()}
 
     head = transformer.linear_cross_entropy  # float64 reference: the unfused head casts logits to float32
-    monkeypatch.setattr(transformer, "linear_cross_entropy",
-                        lambda h, w, t: F.cross_entropy(F.linear(h.reshape(-1, h.shape[-1]), w), t.reshape(-1)))
+    monkeypatch.setattr(
+        transformer,
+        "linear_cross_entropy",
+        lambda h, w, t: F.cross_entropy(F.linear(h.reshape(-1, h.shape[-1]), w), t.reshape(-1)),
+    )
     loss64, g64 = run("cpu", torch.float64)
     monkeypatch.setattr(transformer, "linear_cross_entropy", head)
     loss, grads = run(DEV, torch.float32)
@@ -258,9 +293,8 @@ def test_grouped_mm_bf16_runs_on_cuda_without_the_loop():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fallback warns
         out = grouped_matmul(x, w, counts.to(DEV), counts.cumsum(0).to(torch.int32).to(DEV))
-    ref = torch.cat([x[a:b].double() @ w[e].double() for e, (a, b) in
-                     enumerate(zip([0, 5, 5, 22], [5, 5, 22, 31]))])
-    bound = (2.0 ** -8 + 64 * 2.0 ** -24) * (x.double().abs() @ w.double().abs().amax(0))
+    ref = torch.cat([x[a:b].double() @ w[e].double() for e, (a, b) in enumerate(zip([0, 5, 5, 22], [5, 5, 22, 31]))])
+    bound = (2.0**-8 + 64 * 2.0**-24) * (x.double().abs() @ w.double().abs().amax(0))
     assert ((out.double() - ref).abs() <= bound).all()
 
 
@@ -270,12 +304,13 @@ def test_sdpa_gqa_bf16_matches_float64():
     k, v = (torch.randn(2, 2, 256, 112, generator=g).to(DEV, torch.bfloat16) for _ in range(2))
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True)
-    assert float((out.double() - ref).abs().max()) <= 2 * 2.0 ** -8 * float(v.double().abs().max())
+    assert float((out.double() - ref).abs().max()) <= 2 * 2.0**-8 * float(v.double().abs().max())
 
 
 def test_speculative_generation_on_cuda_gives_the_plain_greedy_tokens():
     """Caches, rollbacks and MoD scores on the device: float64 (the reference paths), so greedy decoding is exact."""
     from conftest import small_overrides
+
     from moe_arch.config import ModelConfig
     from moe_arch.model.generation import generate
     from moe_arch.model.transformer import build_model
@@ -312,5 +347,5 @@ def test_mamba_layer_bf16_autocast_triton_vs_chunked_scan():
         (gx,) = torch.autograd.grad(y.float().square().sum(), x)
         outs.append((y.float(), gx))
     (y, gx), (y_ref, gx_ref) = outs
-    assert float((y - y_ref).abs().max()) <= 4 * 2.0 ** -8 * float(y_ref.abs().max())
-    assert float((gx - gx_ref).abs().max()) <= 4 * 2.0 ** -8 * float(gx_ref.abs().max())
+    assert float((y - y_ref).abs().max()) <= 4 * 2.0**-8 * float(y_ref.abs().max())
+    assert float((gx - gx_ref).abs().max()) <= 4 * 2.0**-8 * float(gx_ref.abs().max())

@@ -75,21 +75,27 @@ def test_user_text_and_jsonl_sources(tmp_path, data_cache):
     d = prepare_data(DataConfig(source=str(txt), cache_dir=data_cache), 300)
     assert d.meta["split"] == "tail" and d.train.size > d.val.size > 0
     js = tmp_path / "docs.jsonl"
-    js.write_text("".join(json.dumps({"body": f"document number {i} about routers and experts."}) + "\n"
-                          for i in range(300)))
+    js.write_text(
+        "".join(json.dumps({"body": f"document number {i} about routers and experts."}) + "\n" for i in range(300))
+    )
     d = prepare_data(DataConfig(source=str(js), text_field="body", cache_dir=data_cache), 300)
     assert d.meta["split"] == "documents" and d.meta["train_docs"] + d.meta["val_docs"] == 300
 
 
-@pytest.mark.parametrize("setup, match", [
-    (lambda p: p / "nope.txt", r"no such file or folder"),
-    (lambda p: (p / "empty").mkdir() or p / "empty", r"the folder has no"),
-    (lambda p: (p / "e.txt").write_text("  \n") and p / "e.txt", r"contains no non-empty documents"),
-    (lambda p: (p / "b.jsonl").write_text('{"text": "ok"}\n{not json\n') and p / "b.jsonl",
-     r"b\.jsonl:2: not valid JSON"),
-    (lambda p: (p / "f.jsonl").write_text('{"content": "x"}\n') and p / "f.jsonl", r"no field 'text'.*content"),
-    (lambda p: (p / "bin.txt").write_bytes(b"\xff\xfe\x00bad") and p / "bin.txt", r"not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "setup, match",
+    [
+        (lambda p: p / "nope.txt", r"no such file or folder"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", r"the folder has no"),
+        (lambda p: (p / "e.txt").write_text("  \n") and p / "e.txt", r"contains no non-empty documents"),
+        (
+            lambda p: (p / "b.jsonl").write_text('{"text": "ok"}\n{not json\n') and p / "b.jsonl",
+            r"b\.jsonl:2: not valid JSON",
+        ),
+        (lambda p: (p / "f.jsonl").write_text('{"content": "x"}\n') and p / "f.jsonl", r"no field 'text'.*content"),
+        (lambda p: (p / "bin.txt").write_bytes(b"\xff\xfe\x00bad") and p / "bin.txt", r"not UTF-8 text"),
+    ],
+)
 def test_bad_data_is_a_clear_error_never_random_tokens(tmp_path, setup, match):
     path = setup(tmp_path)
     with pytest.raises(DataError, match=match):
@@ -97,8 +103,9 @@ def test_bad_data_is_a_clear_error_never_random_tokens(tmp_path, setup, match):
 
 
 def test_tokenizer_errors(tmp_path, data_cache):
-    with pytest.raises(DataError, match="no such file or folder; give a tokenizer.json, "
-                                        "a Hugging Face tokenizer folder"):
+    with pytest.raises(
+        DataError, match="no such file or folder; give a tokenizer.json, a Hugging Face tokenizer folder"
+    ):
         prepare_data(DataConfig(tokenizer=str(tmp_path / "tok.json"), cache_dir=data_cache), 512)
     (tmp_path / "tok.json").write_text("{not json")
     with pytest.raises(DataError, match="is not a Hugging Face tokenizer.json"):

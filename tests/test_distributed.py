@@ -11,24 +11,35 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from moe_arch.config import Config, save_config
-from moe_arch.doctor.cli import run_analysis
-from moe_arch.training.trainer import Trainer
-
 from conftest import ROOT
 from test_checkpoint import losses, with_train
+
+from moe_arch.config import Config, save_config
+from moe_arch.doctor.pipeline import diagnose
+from moe_arch.training.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
 
 
-def torchrun(cfg: Config, tmp_path: Path, *extra: str, nproc: int = 2,
-             timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(
+    cfg: Config, tmp_path: Path, *extra: str, nproc: int = 2, timeout: int = 240
+) -> subprocess.CompletedProcess:
     path = tmp_path / f"cfg_{cfg.train.run_name}.yaml"
     save_config(cfg, path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "moe_arch", "train", str(path), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "moe_arch",
+        "train",
+        str(path),
+        *extra,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=timeout)
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
     return out
@@ -93,20 +104,24 @@ def test_sharded_checkpoint_resumes_on_two_and_one_ranks_and_the_doctor_reads_it
     torch.testing.assert_close(torch.tensor(run_losses(one)), torch.tensor(a[3:]), rtol=2e-4, atol=0)
     # The doctor reads the sharded checkpoint (reference: the sharded step-0 folder) and its export.
     final = Path(base.train.out_dir) / "base" / "checkpoints" / "final"
-    d = run_analysis(str(final))
+    d = diagnose(str(final))
     assert d.checkpoint["format"] == "moe_arch-dcp" and d.checkpoint["reference"].endswith("step_0000000")
     assert d.status == "healthy" and d.optimizers and all(o["n_mapped"] == o["n_params"] for o in d.optimizers)
-    out = subprocess.run([sys.executable, "-m", "moe_arch", "export", str(final), str(tmp_path / "one.pt")],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "moe_arch", "export", str(final), str(tmp_path / "one.pt")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     ck = torch.load(tmp_path / "one.pt", weights_only=True)
     view = d.evidence  # same weights in both forms
-    from moe_arch.doctor.readers import open_checkpoint
+    from moe_arch.checkpoint.readers import open_checkpoint
 
     dcp_view = open_checkpoint(final)
     for name in ("embed.weight", "layers.1.ffn.experts.w_gate", "final_norm.weight"):
         assert torch.equal(ck["model"][name], dcp_view.tensors[name].get())
-    assert run_analysis(str(tmp_path / "one.pt")).status == "healthy" and view
+    assert diagnose(str(tmp_path / "one.pt")).status == "healthy" and view
     # `moe-arch eval` reads both forms and gives the same validation loss.
     from moe_arch.evaluation.loss import run_eval
 
@@ -117,8 +132,9 @@ def test_sharded_checkpoint_resumes_on_two_and_one_ranks_and_the_doctor_reads_it
 
 
 def test_monitor_and_doctor_under_fsdp_bf16_pure(dist_cfg, tmp_path):
-    d = with_train(dist_cfg, run_name="bf16", parallel="fsdp", precision="bf16-pure", steps=10, warmup_steps=0,
-                   ckpt_every=0).to_dict()
+    d = with_train(
+        dist_cfg, run_name="bf16", parallel="fsdp", precision="bf16-pure", steps=10, warmup_steps=0, ckpt_every=0
+    ).to_dict()
     d["optim"].update(muon_lr=1e-3, adamw_lr=3e-4)
     d["monitor"] = {"enabled": True, "interval": 5, "window": 10}
     cfg = Config.from_dict(d)
@@ -129,7 +145,7 @@ def test_monitor_and_doctor_under_fsdp_bf16_pure(dist_cfg, tmp_path):
     assert alerts[0]["cause"] == "precision_underflow" and alerts[0]["step"] == 10
     assert norms <= set(alerts[0]["tensors"])
     assert out.stdout.count("monitor critical") == 1  # rank 0 speaks, once
-    diag = run_analysis(str(run / "checkpoints" / "final"))
+    diag = diagnose(str(run / "checkpoints" / "final"))
     crit = [f for f in diag.findings if f.severity == "critical"]
     assert crit[0].cause == "precision_underflow" and norms <= set(crit[0].tensors)
 
@@ -141,9 +157,25 @@ def test_a_killed_rank_leaves_the_last_complete_checkpoint_loadable(dist_cfg, tm
     path = tmp_path / "killed.yaml"
     save_config(cfg, path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "moe_arch", "train", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "moe_arch",
+            "train",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     for line in proc.stdout:
         if line.startswith("step 5/"):
             break
@@ -161,6 +193,6 @@ def test_a_killed_rank_leaves_the_last_complete_checkpoint_loadable(dist_cfg, tm
 
 
 def t_step(folder: Path) -> int:
-    from moe_arch.parallel.dcp import read_meta
+    from moe_arch.checkpoint.distributed import read_meta
 
     return int(read_meta(folder)["step"])

@@ -4,18 +4,17 @@ import sys
 
 import pytest
 import torch
-
-from moe_arch.doctor.cli import run_analysis
-from moe_arch.doctor.readers import LoadError, open_checkpoint
-
 from conftest import ROOT
 from plain_runs import Net, train
+
+from moe_arch.checkpoint.readers import LoadError, open_checkpoint
+from moe_arch.doctor.pipeline import DiagnoseOptions, diagnose
 
 BUGS = ["bf16", "not_in_optimizer", "unused", "zero_lr", "excessive", "dead_experts"]
 
 
 def diagnose_dir(d, **kw):
-    return run_analysis(str(d / "final.pt"), against=str(d / "init.pt"), **kw)
+    return diagnose(str(d / "final.pt"), DiagnoseOptions(against=str(d / "init.pt"), **kw))
 
 
 def test_healthy_plain_run_is_healthy(tmp_path):
@@ -48,13 +47,13 @@ def test_bf16_evidence_numbers(tmp_path):
     d = diagnose_dir(tmp_path)
     f = d.findings[0]
     assert f.evidence["dtype"] == "bfloat16"
-    assert f.evidence["half_ulp_at_1.0"] == pytest.approx(2 ** -8)
+    assert f.evidence["half_ulp_at_1.0"] == pytest.approx(2**-8)
     assert f.evidence["median_abs_value"] == 1.0 and f.evidence["fraction_of_elements_lost"] == 1.0
-    assert f.evidence["median_expected_update"] < 2 ** -8
+    assert f.evidence["median_expected_update"] < 2**-8
     assert f.evidence["unchanged_since_reference"] is True
     assert "below half a ULP" in f.summary and "every update rounded away" in f.summary
     # Without a reference the precision rule alone still finds it, and says the values sit at their init.
-    d2 = run_analysis(str(tmp_path / "final.pt"))
+    d2 = diagnose(str(tmp_path / "final.pt"))
     f2 = d2.findings[0]
     assert f2.cause == "precision_underflow" and f2.evidence["constant_values"] == [1.0]
     assert any("no reference checkpoint" in n for n in d2.notes)
@@ -81,7 +80,7 @@ def test_formats_prefixes_and_optimizer_layouts(tmp_path):
     }
     for name, obj in layouts.items():
         torch.save(obj, tmp_path / name)
-        d = run_analysis(str(tmp_path / name))
+        d = diagnose(str(tmp_path / name))
         assert not any(n.startswith("module.") or "_orig_mod" in n for n in (e.name for e in d.evidence)), name
         if name == "bare.pt":
             assert d.optimizers == [] and any("bare state dict" in n for n in d.notes)
@@ -89,7 +88,7 @@ def test_formats_prefixes_and_optimizer_layouts(tmp_path):
         else:
             assert d.findings[0].cause == "precision_underflow", name
             assert sorted(d.findings[0].tensors) == sorted(planted["tensors"]), name
-    assert run_analysis(str(tmp_path / "module_named.pt")).checkpoint["step"] == 30
+    assert diagnose(str(tmp_path / "module_named.pt")).checkpoint["step"] == 30
 
 
 def test_safetensors_weights_only(tmp_path):
@@ -102,7 +101,7 @@ def test_safetensors_weights_only(tmp_path):
     assert view.format == "safetensors" and view.meta["step"] == 30
     for k, v in sd.items():
         assert torch.equal(view.tensors[k].get(), v)
-    d = run_analysis(str(tmp_path / "model.safetensors"))
+    d = diagnose(str(tmp_path / "model.safetensors"))
     assert any("no optimizer state" in n for n in d.notes)
 
 
@@ -113,7 +112,7 @@ def test_ambiguous_shape_mapping_is_reported_not_guessed(tmp_path):
     (b.sum() + c.sum()).backward()
     opt.step()
     torch.save({"model": {"a": a.data, "b": b.data, "c": c.data}, "optimizer": opt.state_dict()}, tmp_path / "x.pt")
-    d = run_analysis(str(tmp_path / "x.pt"))
+    d = diagnose(str(tmp_path / "x.pt"))
     o = d.optimizers[0]
     assert o["mapping"] == "shape-order" and o["n_mapped"] == 1 and len(o["ambiguous"]) == 1
     assert o["ambiguous"][0]["candidates"] == ["a", "b"]  # reported, not guessed
@@ -143,22 +142,40 @@ def test_unsafe_pickles_are_refused_unless_trusted(tmp_path):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "moe_arch", "diagnose", *args], capture_output=True, text=True,
-                          cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "moe_arch", "diagnose", *args], capture_output=True, text=True, cwd=ROOT
+    )
 
 
 def test_cli_exit_codes_reports_and_json(tmp_path):
     train(tmp_path, "bf16")
-    out = cli(str(tmp_path / "final.pt"), "--against", str(tmp_path / "init.pt"), "--out", str(tmp_path / "rep"),
-              "--json", str(tmp_path / "d.json"), "--fail-on", "critical", "--quiet")
+    out = cli(
+        str(tmp_path / "final.pt"),
+        "--against",
+        str(tmp_path / "init.pt"),
+        "--out",
+        str(tmp_path / "rep"),
+        "--json",
+        str(tmp_path / "d.json"),
+        "--fail-on",
+        "critical",
+        "--quiet",
+    )
     assert out.returncode == 1, out.stderr
     doc = json.loads((tmp_path / "d.json").read_text())
     assert doc["schema"] == "moe_arch.diagnosis/1" and doc["status"] == "critical"
     f = doc["findings"][0]
     assert set(f) >= {"cause", "severity", "tensors", "evidence", "recommendation", "summary"}
     md = (tmp_path / "rep" / "report.md").read_text()
-    for section in ("## Executive summary", "## Checkpoint", "## Critical findings", "## What is working",
-                    "## Optimizer configuration", "## Root cause", "## Recommended actions"):
+    for section in (
+        "## Executive summary",
+        "## Checkpoint",
+        "## Critical findings",
+        "## What is working",
+        "## Optimizer configuration",
+        "## Root cause",
+        "## Recommended actions",
+    ):
         assert section in md
     assert "blocks.\\*.norm.weight" in md or "blocks.*.norm.weight" in md
     html = (tmp_path / "rep" / "report.html").read_text()
@@ -175,10 +192,12 @@ def test_cli_unusable_input_is_exit_2_one_line(tmp_path):
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "empty.pt").write_bytes(b"")
     torch.save({"model": {"embed.weight": torch.zeros(3, 3)}}, tmp_path / "shape.pt")
-    for args, match in (([str(tmp_path / "missing.pt")], "no such file"),
-                        ([str(tmp_path / "trunc.pt")], "truncated or corrupt"),
-                        ([str(tmp_path / "empty.pt")], "empty file"),
-                        ([str(tmp_path / "final.pt"), "--against", str(tmp_path / "shape.pt")], "shape")):
+    for args, match in (
+        ([str(tmp_path / "missing.pt")], "no such file"),
+        ([str(tmp_path / "trunc.pt")], "truncated or corrupt"),
+        ([str(tmp_path / "empty.pt")], "empty file"),
+        ([str(tmp_path / "final.pt"), "--against", str(tmp_path / "shape.pt")], "shape"),
+    ):
         out = cli(*args, "--quiet")
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and match in out.stderr
@@ -187,16 +206,24 @@ def test_cli_unusable_input_is_exit_2_one_line(tmp_path):
 def test_hugging_face_trainer_checkpoint_folder(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from transformers import Trainer, TrainingArguments
-
     from plain_runs import HFTokens, hf_tiny_llama_bf16
+    from transformers import Trainer, TrainingArguments
 
     transformers.logging.set_verbosity_error()
     model = hf_tiny_llama_bf16()  # the seed bug, in someone else's trainer
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=3e-4,
-                             save_steps=6, report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=100)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=8,
+        learning_rate=3e-4,
+        save_steps=6,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=100,
+    )
     Trainer(model=model, args=args, train_dataset=HFTokens()).train()
-    d = run_analysis(str(tmp_path / "checkpoint-6"))
+    d = diagnose(str(tmp_path / "checkpoint-6"))
     assert d.checkpoint["format"] == "hf-trainer" and d.checkpoint["step"] == 6
     o = d.optimizers[0]
     assert o["n_mapped"] == o["n_params"] and not o["ambiguous"]
@@ -210,11 +237,39 @@ def _tiny_run(tmp_path, precision):
     from moe_arch.config import load_config
     from moe_arch.training.trainer import Trainer
 
-    cfg = load_config("tiny", ["--train.out_dir", str(tmp_path), "--train.run_name", precision, "--train.precision",
-                               precision, "--optim.muon_lr", "1e-3", "--optim.adamw_lr", "3e-4", "--train.steps", "12",
-                               "--train.warmup_steps", "0", "--train.batch_size", "8", "--train.seq_len", "64",
-                               "--train.eval_every", "0", "--train.sample_tokens", "0", "--train.tensorboard", "false",
-                               "--monitor.enabled", "false", "--train.eval_max_tokens", "2048"])
+    cfg = load_config(
+        "tiny",
+        [
+            "--train.out_dir",
+            str(tmp_path),
+            "--train.run_name",
+            precision,
+            "--train.precision",
+            precision,
+            "--optim.muon_lr",
+            "1e-3",
+            "--optim.adamw_lr",
+            "3e-4",
+            "--train.steps",
+            "12",
+            "--train.warmup_steps",
+            "0",
+            "--train.batch_size",
+            "8",
+            "--train.seq_len",
+            "64",
+            "--train.eval_every",
+            "0",
+            "--train.sample_tokens",
+            "0",
+            "--train.tensorboard",
+            "false",
+            "--monitor.enabled",
+            "false",
+            "--train.eval_max_tokens",
+            "2048",
+        ],
+    )
     Trainer(cfg).run()
     return tmp_path / precision / "checkpoints" / "final.pt"
 
@@ -223,7 +278,7 @@ def test_tiny_preset_bf16_pure_is_precision_underflow_and_bf16_mixed_is_healthy(
     from moe_arch.config import load_config
 
     n_norms = 2 * load_config("tiny").model.n_layers + 1
-    d = run_analysis(str(_tiny_run(tmp_path, "bf16-pure")))
+    d = diagnose(str(_tiny_run(tmp_path, "bf16-pure")))
     assert d.status == "critical" and d.checkpoint["reference"].endswith("step_0000000.pt")
     crit = [f for f in d.findings if f.severity == "critical"]
     assert [f.cause for f in crit] == ["precision_underflow"]
@@ -232,7 +287,7 @@ def test_tiny_preset_bf16_pure_is_precision_underflow_and_bf16_mixed_is_healthy(
     unchanged = {e.name for e in d.evidence if e.unchanged}
     assert set(crit[0].tensors) == unchanged  # exactly the tensors that never moved
     assert d.probe is not None and d.probe["no_grad"] == []  # gradients do reach them: not a MoD problem
-    healthy = run_analysis(str(_tiny_run(tmp_path, "bf16-mixed")))
+    healthy = diagnose(str(_tiny_run(tmp_path, "bf16-mixed")))
     assert healthy.status == "healthy", [f.summary for f in healthy.findings]
 
 

@@ -8,12 +8,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from plain_runs import Net, lightning_module, norm_names, train
 from torch import nn
 
 from moe_arch.cli import main
-from moe_arch.doctor.cli import run_analysis
-
-from plain_runs import Net, lightning_module, norm_names, train
+from moe_arch.doctor.pipeline import DiagnoseOptions, diagnose
 
 
 def _steps(model, opt, n: int, vocab: int, sched=None, logits=None, dtype=torch.float32) -> None:
@@ -35,7 +34,7 @@ def test_nan_weights_are_non_finite_and_critical(tmp_path):
     ck["model"]["blocks.1.fc.weight"].fill_(float("nan"))
     torch.save(ck, tmp_path / "nan.pt")
     for against in (None, str(tmp_path / "init.pt")):
-        d = run_analysis(str(tmp_path / "nan.pt"), against=against)
+        d = diagnose(str(tmp_path / "nan.pt"), DiagnoseOptions(against=against))
         assert d.status == "critical"
         f = d.findings[0]
         assert f.cause == "non_finite" and f.tensors == ["blocks.1.fc.weight"]
@@ -45,7 +44,7 @@ def test_nan_weights_are_non_finite_and_critical(tmp_path):
 def test_against_the_same_file_is_inconclusive(tmp_path, capsys):
     train(tmp_path)
     final = str(tmp_path / "final.pt")
-    d = run_analysis(final, against=final)
+    d = diagnose(final, DiagnoseOptions(against=final))
     assert d.status == "inconclusive" and d.findings == []
     assert "identical to the checkpoint" in d.inconclusive[0] and "--against" in d.inconclusive[0]
     assert main(["diagnose", final, "--against", final, "--fail-on", "critical", "--quiet"]) == 3
@@ -54,7 +53,7 @@ def test_against_the_same_file_is_inconclusive(tmp_path, capsys):
 
 def test_a_runs_step_zero_checkpoint_is_untrained(tmp_path):
     train(tmp_path)
-    d = run_analysis(str(tmp_path / "init.pt"))
+    d = diagnose(str(tmp_path / "init.pt"))
     assert d.status == "untrained" and d.findings == [] and "nothing trained yet" in d.notes[0]
     assert main(["diagnose", str(tmp_path / "init.pt"), "--fail-on", "warning", "--quiet"]) == 0
 
@@ -66,7 +65,7 @@ def test_our_trainers_step_zero_checkpoint_is_untrained(small_cfg):
 
     Trainer(small_cfg).run()
     step0 = Path(small_cfg.train.out_dir) / "t" / "checkpoints" / "step_0000000.pt"
-    d = run_analysis(str(step0), probe=False)
+    d = diagnose(str(step0), DiagnoseOptions(probe=False))
     assert d.status == "untrained" and d.findings == []
 
 
@@ -75,7 +74,7 @@ def test_weights_only_without_a_reference_is_inconclusive(tmp_path):
 
     planted = train(tmp_path)
     save_file({k: v.contiguous() for k, v in planted["model"].state_dict().items()}, tmp_path / "m.safetensors")
-    d = run_analysis(str(tmp_path / "m.safetensors"))
+    d = diagnose(str(tmp_path / "m.safetensors"))
     assert d.status == "inconclusive" and "neither optimizer state nor a reference" in d.inconclusive[0]
 
 
@@ -86,14 +85,19 @@ def test_lambda_lr_zero_for_one_group_is_a_zero_learning_rate(tmp_path):
     model = Net()
     norms = [n for n, _ in model.named_parameters() if n.endswith("norm.weight")]
     named = dict(model.named_parameters())
-    opt = torch.optim.AdamW([{"params": [p for n, p in named.items() if n not in norms]},
-                             {"params": [named[n] for n in norms]}], lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        [{"params": [p for n, p in named.items() if n not in norms]}, {"params": [named[n] for n in norms]}],
+        lr=3e-3,
+        weight_decay=0.0,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 1.0, lambda s: 0.0])
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 0}, tmp_path / "init.pt")
     _steps(model, opt, 5, 64, sched)
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": 5}, tmp_path / "final.pt")
-    d = run_analysis(str(tmp_path / "final.pt"), against=str(tmp_path / "init.pt"))
+    torch.save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": 5},
+        tmp_path / "final.pt",
+    )
+    d = diagnose(str(tmp_path / "final.pt"), DiagnoseOptions(against=str(tmp_path / "init.pt")))
     assert d.status == "critical"
     f = d.findings[0]
     assert f.cause == "zero_learning_rate" and sorted(f.tensors) == sorted(norms)
@@ -132,7 +136,7 @@ def test_stacked_experts_are_found_by_structure_not_by_name(tmp_path):
     _steps(model, opt, 5, 32)
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 5}, tmp_path / "final.pt")
     for against in (str(tmp_path / "init.pt"), None):
-        d = run_analysis(str(tmp_path / "final.pt"), against=against)
+        d = diagnose(str(tmp_path / "final.pt"), DiagnoseOptions(against=against))
         f = next(f for f in d.findings if f.cause == "dead_experts")
         assert sorted(f.tensors) == ["mlp.w_in", "mlp.w_out"] and f.experts == {"mlp": [2, 3]}
         assert d.status != "healthy"
@@ -153,7 +157,7 @@ def test_tied_weights_are_not_reported_outside_the_optimizer(tmp_path):
     _steps(model, opt, 3, 64, logits=lambda tok: model.lm_head(model.transformer.ln_f(model.transformer.wte(tok))))
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iter_num": 3}, tmp_path / "ckpt.pt")
     for against in (None, str(tmp_path / "init.pt")):
-        d = run_analysis(str(tmp_path / "ckpt.pt"), against=against)
+        d = diagnose(str(tmp_path / "ckpt.pt"), DiagnoseOptions(against=against))
         assert not any(f.cause == "not_in_optimizer" for f in d.findings), [(f.cause, f.tensors) for f in d.findings]
         ev = {e.name: e for e in d.evidence}
         assert ev["lm_head.weight"].alias_of == "transformer.wte.weight"
@@ -170,7 +174,7 @@ def test_healthy_bf16_run_without_a_reference_is_not_critical(tmp_path):
     _steps(model, opt, 40, 64, sched)
     assert all(not torch.equal(v, init[k]) for k, v in model.state_dict().items())
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 40}, tmp_path / "final.pt")
-    d = run_analysis(str(tmp_path / "final.pt"))
+    d = diagnose(str(tmp_path / "final.pt"))
     assert d.status != "critical", [(f.cause, f.severity, f.tensors) for f in d.findings]
     for f in d.findings:
         assert f.cause == "precision_underflow" and "hypothesis" in f.evidence
@@ -185,9 +189,9 @@ def test_unmapped_optimizer_is_inconclusive_alone_and_frozen_tensors_still_criti
     for n in frozen:
         final["model"][n] = init["model"][n].clone()
     torch.save({"model": final["model"], "optimizer": other.state_dict(), "step": 30}, tmp_path / "foreign.pt")
-    d = run_analysis(str(tmp_path / "foreign.pt"))
+    d = diagnose(str(tmp_path / "foreign.pt"))
     assert d.status == "inconclusive" and "could not be mapped" in d.inconclusive[0]
-    d = run_analysis(str(tmp_path / "foreign.pt"), against=str(tmp_path / "init.pt"))
+    d = diagnose(str(tmp_path / "foreign.pt"), DiagnoseOptions(against=str(tmp_path / "init.pt")))
     assert d.status == "critical"
     f = next(f for f in d.findings if f.cause == "frozen_unexplained")
     assert sorted(f.tensors) == sorted(frozen)
@@ -201,7 +205,7 @@ def test_the_summary_names_every_root_cause(tmp_path):
     ck = torch.load(tmp_path / "final.pt")
     ck["model"]["blocks.1.fc.weight"].fill_(float("inf"))
     torch.save(ck, tmp_path / "two.pt")
-    d = run_analysis(str(tmp_path / "two.pt"), against=str(tmp_path / "init.pt"))
+    d = diagnose(str(tmp_path / "two.pt"), DiagnoseOptions(against=str(tmp_path / "init.pt")))
     assert {f.cause for f in d.findings} == {"zero_learning_rate", "non_finite"}
     text = repr(build_blocks(d, plots=False)[:6])
     assert "zero_learning_rate" in text and "non_finite" in text
@@ -223,7 +227,7 @@ def test_planted_frozen_or_nan_tensors_never_read_healthy(tmp_path_factory, froz
     for n in frozen:
         final["model"][n] = torch.full_like(final["model"][n], float("nan")) if nan else init["model"][n].clone()
     torch.save(final, root / "planted.pt")
-    d = run_analysis(str(root / "planted.pt"), against=str(root / "init.pt"))
+    d = diagnose(str(root / "planted.pt"), DiagnoseOptions(against=str(root / "init.pt")))
     assert d.status == "critical"
     cause = "non_finite" if nan else "frozen_unexplained"
     f = next(f for f in d.findings if f.cause == cause)
@@ -240,8 +244,10 @@ def test_accelerate_save_state_folders_with_frozen_tensors_are_never_healthy(tmp
     model = Net()
     norms = sorted(n for n, _ in model.named_parameters() if n.endswith("norm.weight"))
     named = dict(model.named_parameters())
-    opt = torch.optim.AdamW([{"params": [p for n, p in named.items() if n not in norms]},
-                             {"params": [named[n] for n in norms], "lr": 0.0}], lr=1e-2)
+    opt = torch.optim.AdamW(
+        [{"params": [p for n, p in named.items() if n not in norms]}, {"params": [named[n] for n in norms], "lr": 0.0}],
+        lr=1e-2,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     model, opt, sched = acc.prepare(model, opt, sched)
     acc.save_state(str(tmp_path / "step0"))
@@ -253,11 +259,11 @@ def test_accelerate_save_state_folders_with_frozen_tensors_are_never_healthy(tmp
         opt.zero_grad()
     acc.save_state(str(tmp_path / "step4"))
     assert (tmp_path / "step4" / "optimizer.bin").is_file()
-    d = run_analysis(str(tmp_path / "step4"), against=str(tmp_path / "step0"))
+    d = diagnose(str(tmp_path / "step4"), DiagnoseOptions(against=str(tmp_path / "step0")))
     assert d.checkpoint["format"] == "accelerate" and d.status == "critical"
     frozen = {t for f in d.findings if f.cause in ("zero_learning_rate", "frozen_unexplained") for t in f.tensors}
     assert sorted(frozen) == norms, [(f.cause, f.tensors) for f in d.findings]
-    assert run_analysis(str(tmp_path / "step4")).status != "healthy"
+    assert diagnose(str(tmp_path / "step4")).status != "healthy"
 
 
 def test_peft_lora_trainer_folders_diagnose_the_adapters(tmp_path):
@@ -265,22 +271,39 @@ def test_peft_lora_trainer_folders_diagnose_the_adapters(tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     pytest.importorskip("accelerate")
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
-
     from plain_runs import HFTokens
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
-                             save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=100,
-                             lr_scheduler_type="constant")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=100,
+        lr_scheduler_type="constant",
+    )
     Trainer(model=model, args=args, train_dataset=HFTokens()).train()
     ck = tmp_path / "checkpoint-4"
     assert (ck / "adapter_model.safetensors").is_file() and not (ck / "model.safetensors").exists()
-    d = run_analysis(str(ck), against=str(tmp_path / "checkpoint-2"))
+    d = diagnose(str(ck), DiagnoseOptions(against=str(tmp_path / "checkpoint-2")))
     assert d.checkpoint["format"] == "peft" and d.checkpoint["step"] == 4
     names = {e.name for e in d.evidence}
     assert names and all("lora_" in n for n in names)
@@ -297,16 +320,26 @@ def test_lightning_ckpt_files_with_a_frozen_group(tmp_path):
     def norms_frozen(module):
         named = dict(module.net.named_parameters())
         norms = [n for n in named if n.endswith("norm.weight")]
-        return torch.optim.AdamW([{"params": [p for n, p in named.items() if n not in norms]},
-                                  {"params": [named[n] for n in norms], "lr": 0.0}], lr=1e-2)
+        return torch.optim.AdamW(
+            [
+                {"params": [p for n, p in named.items() if n not in norms]},
+                {"params": [named[n] for n in norms], "lr": 0.0},
+            ],
+            lr=1e-2,
+        )
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 64, (64, 8))), batch_size=8)
-    ckpt_cb = L.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1,
-                                          filename="{step}")
-    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[ckpt_cb])
+    ckpt_cb = L.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ckpt_cb],
+    )
     trainer.fit(lightning_module(norms_frozen), data)
-    d = run_analysis(str(tmp_path / "step=4.ckpt"), against=str(tmp_path / "step=2.ckpt"))
+    d = diagnose(str(tmp_path / "step=4.ckpt"), DiagnoseOptions(against=str(tmp_path / "step=2.ckpt")))
     norms = sorted(e.name for e in d.evidence if e.name.endswith("norm.weight"))
     assert len(norms) == 3 and d.status == "critical" and d.checkpoint["step"] == 4
     frozen = {t for f in d.findings if f.cause in ("zero_learning_rate", "frozen_unexplained") for t in f.tensors}
@@ -321,31 +354,35 @@ def test_torchtitan_style_dcp_step_folders(tmp_path):
     torch.distributed.checkpoint calls its ModelWrapper / OptimizersContainer / TrainState make. The norms' group has
     lr 0: named exactly, against step-0 and alone (the hyper-parameters are read with weights_only=True)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     torch.manual_seed(0)
     model = Net()
     norms = sorted(norm_names(model))
     named = dict(model.named_parameters())
-    opt = torch.optim.AdamW([{"params": [p for n, p in named.items() if n not in norms]},
-                             {"params": [named[n] for n in norms], "lr": 0.0}], lr=1e-2)
+    opt = torch.optim.AdamW(
+        [{"params": [p for n, p in named.items() if n not in norms]}, {"params": [named[n] for n in norms], "lr": 0.0}],
+        lr=1e-2,
+    )
 
     def save(step: int):
-        states = {**get_model_state_dict(model),
-                  "optimizer": get_optimizer_state_dict(
-                      model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True)),
-                  "train_state": {"step": torch.tensor(step, dtype=torch.int32)}}
+        states = {
+            **get_model_state_dict(model),
+            "optimizer": get_optimizer_state_dict(
+                model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True)
+            ),
+            "train_state": {"step": torch.tensor(step, dtype=torch.int32)},
+        }
         dcp.save(states, checkpoint_id=str(tmp_path / f"step-{step}"), no_dist=True)
 
     save(0)
     _steps(model, opt, 4, 64)
     save(4)
-    d = run_analysis(str(tmp_path / "step-4"), against=str(tmp_path / "step-0"), probe=False)
+    d = diagnose(str(tmp_path / "step-4"), DiagnoseOptions(against=str(tmp_path / "step-0"), probe=False))
     assert d.checkpoint["format"] == "torchtitan-dcp" and d.checkpoint["step"] == 4
     assert all(s["n_mapped"] == s["n_params"] == len(named) for s in d.optimizers)
     assert [(f.cause, sorted(f.tensors)) for f in d.findings] == [("zero_learning_rate", norms)]
-    alone = run_analysis(str(tmp_path / "step-4"), probe=False)
+    alone = diagnose(str(tmp_path / "step-4"), DiagnoseOptions(probe=False))
     assert [(f.cause, sorted(f.tensors)) for f in alone.findings] == [("zero_learning_rate", norms)]
 
 
@@ -357,10 +394,9 @@ def test_transformers5_moe_trained_stacked_saved_per_expert(tmp_path):
     and alone."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
+    from arch_runs import Pattern, _build
     from safetensors.torch import load_file
     from transformers import Trainer, TrainingArguments
-
-    from arch_runs import Pattern, _build
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -369,17 +405,30 @@ def test_transformers5_moe_trained_stacked_saved_per_expert(tmp_path):
     named = dict(model.named_parameters())
     frozen_param = "model.layers.0.mlp.experts.gate_up_proj"
     assert frozen_param in named  # the in-memory (stacked) layout
-    opt = torch.optim.AdamW([{"params": [p for n, p in named.items() if n != frozen_param]},
-                             {"params": [named[frozen_param]], "lr": 0.0}], lr=1e-3)
+    opt = torch.optim.AdamW(
+        [{"params": [p for n, p in named.items() if n != frozen_param]}, {"params": [named[frozen_param]], "lr": 0.0}],
+        lr=1e-3,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, report_to=[],
-                             use_cpu=True, disable_tqdm=True, logging_steps=100, save_steps=6)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=8,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=100,
+        save_steps=6,
+    )
     Trainer(model=model, args=args, train_dataset=Pattern(48), optimizers=(opt, sched)).train()
     ck = tmp_path / "checkpoint-6"
     before, after = load_file(tmp_path / "init" / "model.safetensors"), load_file(ck / "model.safetensors")
     unchanged = sorted(n for n in after if torch.equal(before[n], after[n]))
     assert unchanged and all(".layers.0.block_sparse_moe.experts." in n for n in unchanged), unchanged
-    for d in (run_analysis(str(ck), against=str(tmp_path / "init"), probe=False), run_analysis(str(ck), probe=False)):
+    for d in (
+        diagnose(str(ck), DiagnoseOptions(against=str(tmp_path / "init"), probe=False)),
+        diagnose(str(ck), DiagnoseOptions(probe=False)),
+    ):
         assert all(s["n_mapped"] == s["n_params"] for s in d.optimizers), d.optimizers
         assert [(f.cause, sorted(f.tensors)) for f in d.findings] == [("zero_learning_rate", unchanged)]
 
@@ -404,9 +453,16 @@ def test_steps_are_optimizer_steps_when_a_trainer_counts_micro_steps(tmp_path):
     """A loop that saves its micro-step counter as ``step`` with gradient accumulation 4 in its config: the report
     says 5 optimizer steps (the Adam state's own count agrees with 20 / 4) and names the counter."""
     model, opt, micro = _accumulated_run(tmp_path, 4, 5)
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": micro,
-                "config": {"train": {"grad_accum": 4}}}, tmp_path / "micro.pt")
-    d = run_analysis(str(tmp_path / "micro.pt"), probe=False)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": micro,
+            "config": {"train": {"grad_accum": 4}},
+        },
+        tmp_path / "micro.pt",
+    )
+    d = diagnose(str(tmp_path / "micro.pt"), DiagnoseOptions(probe=False))
     assert micro == 20 and d.checkpoint["step"] == 20 and d.checkpoint["optimizer_steps"] == 5
     assert any("counts micro-steps" in n and "5 optimizer steps" in n for n in d.notes), d.notes
 
@@ -414,17 +470,31 @@ def test_steps_are_optimizer_steps_when_a_trainer_counts_micro_steps(tmp_path):
 def test_nanogpt_iter_num_is_read_as_optimizer_steps(tmp_path):
     """nanoGPT's ckpt.pt: ``iter_num`` counts optimizer steps (each of gradient_accumulation_steps micro-batches)."""
     model, opt, micro = _accumulated_run(tmp_path, 4, 5)
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "model_args": {"n_layer": 2},
-                "iter_num": 5, "best_val_loss": 1e9, "config": {"gradient_accumulation_steps": 4}},
-               tmp_path / "ckpt.pt")
-    d = run_analysis(str(tmp_path / "ckpt.pt"), probe=False)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "model_args": {"n_layer": 2},
+            "iter_num": 5,
+            "best_val_loss": 1e9,
+            "config": {"gradient_accumulation_steps": 4},
+        },
+        tmp_path / "ckpt.pt",
+    )
+    d = diagnose(str(tmp_path / "ckpt.pt"), DiagnoseOptions(probe=False))
     assert d.checkpoint["step"] == 5 and d.checkpoint["optimizer_steps"] == 5
     assert not any("micro-steps" in n for n in d.notes)
 
 
-@pytest.mark.parametrize("stage,ranks", [(2, 1), pytest.param(0, 1, marks=pytest.mark.slow),
-                                         pytest.param(1, 1, marks=pytest.mark.slow),
-                                         pytest.param(2, 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "stage,ranks",
+    [
+        (2, 1),
+        pytest.param(0, 1, marks=pytest.mark.slow),
+        pytest.param(1, 1, marks=pytest.mark.slow),
+        pytest.param(2, 2, marks=pytest.mark.slow),
+    ],
+)
 def test_deepspeed_checkpoints_map_zero_partitions_by_name(tmp_path, stage, ranks):
     """DeepSpeed's own engine and save_checkpoint (ZeRO 0, 1, 2; CPU, gloo; with 2 ranks a parameter's state is
     split across both ranks' files): the norms' group has lr 0. Against global_step0 and alone, the finding names
@@ -436,18 +506,36 @@ def test_deepspeed_checkpoints_map_zero_partitions_by_name(tmp_path, stage, rank
     from pathlib import Path
 
     script = str(Path(__file__).with_name("deepspeed_run.py"))
-    launch = [sys.executable, script] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-        str(29400 + os.getpid() % 500), script]
-    out = subprocess.run(launch + [str(tmp_path), str(stage)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    launch = (
+        [sys.executable, script]
+        if ranks == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(29400 + os.getpid() % 500),
+            script,
+        ]
+    )
+    out = subprocess.run(
+        launch + [str(tmp_path), str(stage)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "latest").read_text().strip() == "global_step4"
     assert len(list((tmp_path / "global_step4").glob("*optim_states.pt"))) == (ranks if stage else 0)
     norms = sorted(norm_names(Net()))
     n_params = len(list(Net().parameters()))
-    for d in (run_analysis(str(tmp_path), against=str(tmp_path / "global_step0"), probe=False),
-              run_analysis(str(tmp_path), probe=False)):
+    for d in (
+        diagnose(str(tmp_path), DiagnoseOptions(against=str(tmp_path / "global_step0"), probe=False)),
+        diagnose(str(tmp_path), DiagnoseOptions(probe=False)),
+    ):
         assert d.checkpoint["format"] == "deepspeed" and d.checkpoint["optimizer_steps"] == 4
         assert [(s["n_mapped"], s["n_params"]) for s in d.optimizers] == [(n_params, n_params)], d.notes
         assert [(f.cause, sorted(f.tensors)) for f in d.findings] == [("zero_learning_rate", norms)], d.notes
@@ -461,34 +549,50 @@ def healthy_runs(tmp_path_factory) -> dict:
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     L = pytest.importorskip("lightning.pytorch")
-    from safetensors.torch import load_file, save_file
-
     from arch_runs import run
+    from safetensors.torch import load_file, save_file
 
     root = tmp_path_factory.mktemp("healthy_runs")
     out = {}
     train(root / "plain")
-    out["plain"] = (root / "plain" / "init.pt", root / "plain" / "final.pt",
-                    lambda p: torch.load(p)["model"],
-                    lambda p, sd: torch.save({**torch.load(p), "model": sd}, p))
+    out["plain"] = (
+        root / "plain" / "init.pt",
+        root / "plain" / "final.pt",
+        lambda p: torch.load(p)["model"],
+        lambda p, sd: torch.save({**torch.load(p), "model": sd}, p),
+    )
     hf = run("mixtral", "fp32", root / "hf", steps=10)  # experts saved per expert, trained stacked
-    out["hf_mixtral"] = (hf.init, hf.checkpoint, lambda p: load_file(p / "model.safetensors"),
-                         lambda p, sd: save_file(sd, p / "model.safetensors", metadata={"format": "pt"}))
+    out["hf_mixtral"] = (
+        hf.init,
+        hf.checkpoint,
+        lambda p: load_file(p / "model.safetensors"),
+        lambda p, sd: save_file(sd, p / "model.safetensors", metadata={"format": "pt"}),
+    )
 
     class SaveInitial(L.Callback):
         def on_train_start(self, trainer, module):
             trainer.save_checkpoint(root / "lightning" / "init.ckpt")
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 64, (64, 8))), batch_size=8)
-    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False, callbacks=[SaveInitial()])
+    trainer = L.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[SaveInitial()],
+    )
     trainer.fit(lightning_module(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2)), data)
     trainer.save_checkpoint(root / "lightning" / "final.ckpt")
-    out["lightning"] = (root / "lightning" / "init.ckpt", root / "lightning" / "final.ckpt",
-                        lambda p: torch.load(p)["state_dict"],  # names as Lightning saves them: net.<name>
-                        lambda p, sd: torch.save({**torch.load(p), "state_dict": sd}, p))
+    out["lightning"] = (
+        root / "lightning" / "init.ckpt",
+        root / "lightning" / "final.ckpt",
+        lambda p: torch.load(p)["state_dict"],  # names as Lightning saves them: net.<name>
+        lambda p, sd: torch.save({**torch.load(p), "state_dict": sd}, p),
+    )
     for stack, (ref, ck, *_) in out.items():
-        d = run_analysis(str(ck), against=str(ref), probe=False)
+        d = diagnose(str(ck), DiagnoseOptions(against=str(ref), probe=False))
         assert d.status == "healthy", (stack, [(f.cause, f.tensors) for f in d.findings])
     return out
 
@@ -510,7 +614,7 @@ def test_planted_faults_on_several_stacks_never_read_healthy(healthy_runs, tmp_p
     for n in planted:
         final[n] = torch.full_like(final[n], float("nan")) if nan else init[n].clone()
     write(dst, final)
-    d = run_analysis(str(dst), against=str(ref), probe=False)
+    d = diagnose(str(dst), DiagnoseOptions(against=str(ref), probe=False))
     assert d.status == "critical", (stack, planted, [(f.cause, f.tensors) for f in d.findings])
     named = {t for f in d.findings for t in f.tensors}
     assert named == planted, (stack, [(f.cause, f.tensors) for f in d.findings])

@@ -18,7 +18,8 @@ pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("accelerate", reason="accelerate (needed by transformers.Trainer) is not installed")
 
 from arch_runs import ARCHS, run  # noqa: E402
-from moe_arch.doctor.cli import run_analysis  # noqa: E402
+
+from moe_arch.doctor.pipeline import DiagnoseOptions, diagnose  # noqa: E402
 
 HEALTHY_MODES = [pytest.param("fp32"), pytest.param("autocast", marks=pytest.mark.slow)]
 
@@ -32,10 +33,10 @@ def _findings(d):
 def test_healthy_runs_raise_no_alert_and_diagnose_healthy(tmp_path, arch, mode):
     r = run(arch, mode, tmp_path, steps=60)
     assert [a.message for a in r.alerts] == []
-    against = run_analysis(str(r.checkpoint), against=str(r.init), probe=False)
+    against = diagnose(str(r.checkpoint), DiagnoseOptions(against=str(r.init), probe=False))
     assert against.status == "healthy", _findings(against)
     assert against.evidence and all(e.has_reference for e in against.evidence)  # every saved tensor was compared
-    alone = run_analysis(str(r.checkpoint), probe=False)
+    alone = diagnose(str(r.checkpoint), DiagnoseOptions(probe=False))
     assert alone.status == "healthy", (_findings(alone), alone.inconclusive)
     # the optimizer state was mapped to every trained tensor (MoE models save experts under other names)
     assert all(s["n_mapped"] == s["n_params"] for s in alone.optimizers), alone.optimizers
@@ -57,7 +58,7 @@ def test_bf16_stored_weights_are_caught_on_exactly_the_frozen_tensors(tmp_path, 
         if a.severity == "warning":  # "mostly not changed": measured on every element over the alert's window
             for t in a.tensors:
                 assert r.fraction_unchanged(t, a.step - 20, a.step) >= 0.25, (t, a.message)
-    d = run_analysis(str(r.checkpoint), against=str(r.init), probe=False)
+    d = diagnose(str(r.checkpoint), DiagnoseOptions(against=str(r.init), probe=False))
     assert d.status == ("critical" if frozen else "healthy"), _findings(d)
     found = {t for f in d.findings if f.cause == "precision_underflow" and f.severity == "critical" for t in f.tensors}
     assert found == frozen
@@ -74,7 +75,7 @@ def test_qwen2_moe_zero_initialised_biases_are_not_excessive_updates(tmp_path):
     assert biases and all(torch.count_nonzero(r.snapshots[0][n]) == 0 for n in biases)
     # the planted opposite still fires: one bias group with a 300x learning rate is an excessive update
     from moe_arch.doctor.analyze import TensorEvidence
-    from moe_arch.doctor.engine import diagnose
+    from moe_arch.doctor.engine import diagnose as diagnose_evidence
 
     evidence = []
     for n, w0 in r.snapshots[10].items():
@@ -88,7 +89,7 @@ def test_qwen2_moe_zero_initialised_biases_are_not_excessive_updates(tmp_path):
         e.ref_norm = float(w0.float().norm())
         e.rel_change = float(delta.norm()) / e.ref_norm if e.ref_norm > 0 else None
         evidence.append(e)
-    fs = diagnose(evidence, [], True, "step 10", steps=80)
+    fs = diagnose_evidence(evidence, [], True, "step 10", steps=80)
     assert [(f.cause, f.tensors) for f in fs] == [("excessive_update", [biases[0]])]
 
 
@@ -98,6 +99,7 @@ def test_lightning_run_of_a_hugging_face_llama(tmp_path, mode):
     Lightning itself (``.ckpt``: the module's attribute prefix, ``optimizer_states``, ``global_step``)."""
     L = pytest.importorskip("lightning.pytorch", reason="lightning is not installed")
     from arch_runs import Pattern, _build
+
     from moe_arch.doctor.integrations import LightningMonitorCallback
 
     class Module(L.LightningModule):
@@ -122,17 +124,24 @@ def test_lightning_run_of_a_hugging_face_llama(tmp_path, mode):
     module = Module()
     w0 = {n: p.detach().clone() for n, p in module.named_parameters()}
     cb = LightningMonitorCallback()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[SaveInitial(), cb],
-                        default_root_dir=str(tmp_path))
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SaveInitial(), cb],
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module, torch.utils.data.DataLoader(Pattern(steps * 8), batch_size=8))
     trainer.save_checkpoint(tmp_path / "final.ckpt")
     frozen = {n for n, p in module.named_parameters() if torch.equal(p.detach(), w0[n])}
-    d = run_analysis(str(tmp_path / "final.ckpt"), against=str(tmp_path / "init.ckpt"), probe=False)
+    d = diagnose(str(tmp_path / "final.ckpt"), DiagnoseOptions(against=str(tmp_path / "init.ckpt"), probe=False))
     if mode == "fp32":
         assert frozen == set() and cb.monitor.alerts == []
         assert d.status == "healthy", _findings(d)
-        alone = run_analysis(str(tmp_path / "final.ckpt"), probe=False)
+        alone = diagnose(str(tmp_path / "final.ckpt"), DiagnoseOptions(probe=False))
         assert alone.status == "healthy", (_findings(alone), alone.inconclusive)
     else:
         alert = cb.monitor.alerts[0]
@@ -149,10 +158,24 @@ def test_medium_preset_trains_300_steps_without_an_alert(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "moe_arch", "train", "medium", "--train.out_dir", str(tmp_path),
-                          "--train.progress", "plain"], capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_arch",
+            "train",
+            "medium",
+            "--train.out_dir",
+            str(tmp_path),
+            "--train.progress",
+            "plain",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "medium"
     assert not (run_dir / "alerts.jsonl").exists(), (run_dir / "alerts.jsonl").read_text()[:2000]
-    d = run_analysis(str(run_dir / "checkpoints" / "final.pt"), probe=False)
+    d = diagnose(str(run_dir / "checkpoints" / "final.pt"), DiagnoseOptions(probe=False))
     assert d.status == "healthy", (_findings(d), d.inconclusive)

@@ -16,15 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from moe_arch.config import Config
-from moe_arch.training import checkpoint as ckpt
-from moe_arch.training.checkpoint import CheckpointError
-from moe_arch.training.run_dir import RunFolderError, RunLock
-from moe_arch.training.trainer import NonFiniteLossError, Trainer
-
 from conftest import ROOT, one_line_error
-from conftest import cli as cli  # re-exported: tests/test_faults_inputs.py imports it from here
+
+from moe_arch import checkpoint as ckpt
+from moe_arch.checkpoint import CheckpointError, RunFolderError, RunLock
+from moe_arch.config import Config
+from moe_arch.training.trainer import NonFiniteLossError, Trainer
 
 
 def with_train(cfg: Config, **train) -> Config:
@@ -39,8 +36,11 @@ def test_fresh_start_over_another_runs_checkpoints_is_refused(small_cfg):
     Trainer(cfg).run()
     ck_dir = Path(cfg.train.out_dir) / "t" / "checkpoints"
     before = {p.name: p.stat().st_mtime_ns for p in ck_dir.iterdir()}
-    with pytest.raises(RunFolderError, match=r"already holds another run's checkpoints.*--resume latest.*"
-                                             r"--train.run_name.*--train.overwrite true"):
+    with pytest.raises(
+        RunFolderError,
+        match=r"already holds another run's checkpoints.*--resume latest.*"
+        r"--train.run_name.*--train.overwrite true",
+    ):
         Trainer(cfg)
     assert {p.name: p.stat().st_mtime_ns for p in ck_dir.iterdir()} == before  # nothing touched
     # explicit overwrite: the old run's files and metrics are gone, the new run's are all there
@@ -62,7 +62,7 @@ def test_second_run_in_the_same_folder_is_refused_naming_the_holder(small_cfg):
 HOLD_LOCK = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
-from moe_arch.training.run_dir import RunLock
+from moe_arch.checkpoint import RunLock
 lock = RunLock(sys.argv[1])
 print("locked", flush=True)
 time.sleep(600)
@@ -70,8 +70,9 @@ time.sleep(600)
 
 
 def test_a_killed_runs_lock_is_not_stale(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run"), str(ROOT)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run"), str(ROOT)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     with pytest.raises(RunFolderError, match=f"pid {proc.pid}"):
         RunLock(tmp_path / "run")
@@ -107,16 +108,24 @@ def test_pruning_touches_only_this_timeline_and_latest_always_exists(small_cfg):
 
 
 # ------------------------------------------------------------------------------------------ foreign checkpoints
-@pytest.mark.parametrize("edit, needle", [
-    (lambda ck: ck.pop("optimizers"), "no 'optimizers' in this checkpoint"),
-    (lambda ck: ck["model"].update({"embed.weight": torch.zeros(3, 3)}),
-     "model tensor 'embed.weight' has shape [3, 3]"),
-    (lambda ck: ck.update(config="a string"), "'config' is a str, not a dict"),
-    (lambda ck: ck["model"].pop("final_norm.weight"), "model tensor 'final_norm.weight' is missing"),
-    (lambda ck: ck.update(schedulers=[1, 2]), "'schedulers' is a list, not a dict"),
-    (lambda ck: ck["optimizers"].update(adamw={"state": {}, "param_groups": []}), "'optimizers.adamw' does not fit"),
-    (lambda ck: ck.update(step="ten"), "'step' is a str, not a int"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda ck: ck.pop("optimizers"), "no 'optimizers' in this checkpoint"),
+        (
+            lambda ck: ck["model"].update({"embed.weight": torch.zeros(3, 3)}),
+            "model tensor 'embed.weight' has shape [3, 3]",
+        ),
+        (lambda ck: ck.update(config="a string"), "'config' is a str, not a dict"),
+        (lambda ck: ck["model"].pop("final_norm.weight"), "model tensor 'final_norm.weight' is missing"),
+        (lambda ck: ck.update(schedulers=[1, 2]), "'schedulers' is a list, not a dict"),
+        (
+            lambda ck: ck["optimizers"].update(adamw={"state": {}, "param_groups": []}),
+            "'optimizers.adamw' does not fit",
+        ),
+        (lambda ck: ck.update(step="ten"), "'step' is a str, not a int"),
+    ],
+)
 def test_resuming_a_hand_edited_checkpoint_is_one_line(small_cfg, tmp_path, edit, needle):
     cfg = with_train(small_cfg, steps=2)
     Trainer(cfg).run()
@@ -151,8 +160,9 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint_and_says_so(tmp_p
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(CheckpointError, match="could not be written .*No space left on device.*previous checkpoint "
-                                              "is kept"):
+    with pytest.raises(
+        CheckpointError, match="could not be written .*No space left on device.*previous checkpoint is kept"
+    ):
         ckpt.save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
     assert ckpt.load_checkpoint(path)["step"] == 1
@@ -200,7 +210,7 @@ def test_diagnose_checks_its_report_folder_before_the_analysis(tmp_path, monkeyp
     ro = tmp_path / "ro"
     ro.mkdir()
     _read_only(monkeypatch, ro)
-    monkeypatch.setattr(doctor_cli, "run_analysis", lambda *a, **k: pytest.fail("the analysis ran"))
+    monkeypatch.setattr(doctor_cli, "diagnose", lambda *a, **k: pytest.fail("the analysis ran"))
     assert main(["diagnose", str(path), "--out", str(ro / "report"), "--quiet"]) == 2
     assert main(["export", str(tmp_path), str(ro / "out" / "x.pt")]) == 2
 
@@ -214,11 +224,23 @@ def test_config_inputs_that_used_to_crash_or_hang_are_one_line(tmp_path, cli):
     one_line_error(cli("info", "tiny", "--model.d_model", "10000000000"), "model.d_model=10000000000")
     one_line_error(cli("info", "tiny", "--model.n_layers", "100000000"), "model.n_layers=100000000")
     one_line_error(cli("train", "tiny", "--model.vocab_size", "99999999999999"), "model.vocab_size")
-    one_line_error(cli("info", "tiny", "--model.d_model", "1000000", "--model.n_layers", "4000"),
-                   "parameters")
+    one_line_error(cli("info", "tiny", "--model.d_model", "1000000", "--model.n_layers", "4000"), "parameters")
     assert time.time() - t0 < 60
-    one_line_error(cli("train", "tiny", "--model.d_model", "65536", "--model.n_heads", "4", "--train.steps", "1",
-                       "--train.out_dir", tmp_path), "GiB free")
+    one_line_error(
+        cli(
+            "train",
+            "tiny",
+            "--model.d_model",
+            "65536",
+            "--model.n_heads",
+            "4",
+            "--train.steps",
+            "1",
+            "--train.out_dir",
+            tmp_path,
+        ),
+        "GiB free",
+    )
 
 
 def test_unknown_field_hint_is_real_and_train_help_lists_overrides(cli):
@@ -230,8 +252,7 @@ def test_unknown_field_hint_is_real_and_train_help_lists_overrides(cli):
 
 
 def test_generate_rejects_bad_arguments(tmp_path, cli):
-    one_line_error(cli("generate", tmp_path / "x.pt", "--prompt", "a", "--max-new-tokens", "-5"),
-                   "--max-new-tokens -5")
+    one_line_error(cli("generate", tmp_path / "x.pt", "--prompt", "a", "--max-new-tokens", "-5"), "--max-new-tokens -5")
 
 
 # ------------------------------------------------------------------------------------------ signals
@@ -244,13 +265,13 @@ def test_sigint_during_start_up_and_final_validation_is_one_line(small_cfg, monk
 
     cfg = with_train(small_cfg, steps=2)
     monkeypatch.setattr(cli_mod, "_split_overrides", lambda rest: rest)
-    monkeypatch.setattr("moe_arch.config.load_config", lambda *a, **k: cfg)
+    monkeypatch.setattr(cli_mod, "load_config", lambda *a, **k: cfg)
     monkeypatch.setattr(trainer_mod, "prepare_data", interrupt)
     assert cli_mod.main(["train"]) == 130
     assert "interrupted during start-up; no checkpoint was written" in capsys.readouterr().err
     monkeypatch.undo()
     monkeypatch.setattr(cli_mod, "_split_overrides", lambda rest: rest)
-    monkeypatch.setattr("moe_arch.config.load_config", lambda *a, **k: cfg)
+    monkeypatch.setattr(cli_mod, "load_config", lambda *a, **k: cfg)
     monkeypatch.setattr(Trainer, "evaluate", interrupt)
     assert cli_mod.main(["train"]) == 130
     err = capsys.readouterr().err
@@ -263,8 +284,14 @@ def test_a_second_sigint_stops_at_once_without_a_traceback(small_cfg, tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
     save_config(with_train(small_cfg, steps=100000, log_every=1, ckpt_every=0), cfg_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "moe_arch", "train", str(cfg_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moe_arch", "train", str(cfg_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -303,16 +330,19 @@ def _safetensors_bytes(header) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + b"\0" * 64
 
 
-@pytest.mark.parametrize("header, needle", [
-    (None, "not JSON"),
-    ([1, 2], "a JSON list, not an object"),
-    ({"w": {"dtype": "F32", "shape": [4]}}, "has no 'data_offsets'"),
-    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [-16, 0]}}, "0 <= begin <= end"),
-    ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, "but a byte range of 16"),
-    ({"w": {"dtype": "F32", "shape": ["a"], "data_offsets": [0, 16]}}, "non-negative integers"),
-    ({"w": "text"}, "is a JSON str"),
-    ({"w": {"dtype": "F32", "shape": [40], "data_offsets": [0, 160]}}, "truncated safetensors file"),
-])
+@pytest.mark.parametrize(
+    "header, needle",
+    [
+        (None, "not JSON"),
+        ([1, 2], "a JSON list, not an object"),
+        ({"w": {"dtype": "F32", "shape": [4]}}, "has no 'data_offsets'"),
+        ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [-16, 0]}}, "0 <= begin <= end"),
+        ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, "but a byte range of 16"),
+        ({"w": {"dtype": "F32", "shape": ["a"], "data_offsets": [0, 16]}}, "non-negative integers"),
+        ({"w": "text"}, "is a JSON str"),
+        ({"w": {"dtype": "F32", "shape": [40], "data_offsets": [0, 160]}}, "truncated safetensors file"),
+    ],
+)
 def test_malformed_safetensors_headers_are_one_line(tmp_path, header, needle, cli):
     path = tmp_path / "m.safetensors"
     if header is None:
@@ -334,7 +364,7 @@ def test_random_bytes_with_trust_pickle_and_non_utf8_names(tmp_path, cli):
     good = tmp_path / name
     torch.save({"lin.weight": torch.randn(4, 4), "norm.weight": torch.ones(4)}, str(tmp_path / "tmp.pt"))
     os.replace(tmp_path / "tmp.pt", good)
-    from moe_arch.doctor.readers import open_checkpoint
+    from moe_arch.checkpoint.readers import open_checkpoint
 
     view = open_checkpoint(good)
     assert set(view.tensors) == {"lin.weight", "norm.weight"}
@@ -363,7 +393,7 @@ def test_distributed_checkpoint_with_a_damaged_shard_is_one_line(tmp_path, damag
 
 
 def test_resume_and_export_of_our_distributed_checkpoint_with_a_truncated_shard(small_cfg, tmp_path, cli):
-    from moe_arch.parallel.dcp import save_dcp
+    from moe_arch.checkpoint.distributed import save_dcp
 
     t = Trainer(small_cfg)
     folder = save_dcp(t.ckpt_dir / "step_0000000", t.raw_model, t.optimizers, t._meta("init"))
@@ -391,5 +421,6 @@ def test_eval_and_export_input_errors_are_one_line(tmp_path, cli):
     out = cli("export", tmp_path / "junk.pt")
     assert out.returncode == 2 and "give either OUTPUT.pt" in out.stderr
     out = cli("train", "--init-from", tmp_path)
-    assert out.returncode == 2 and ("no config.json; give a folder written by `moe-arch export CKPT --hf DIR`"
-                                    in out.stderr)
+    assert out.returncode == 2 and (
+        "no config.json; give a folder written by `moe-arch export CKPT --hf DIR`" in out.stderr
+    )

@@ -19,22 +19,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, one_line_error
+from test_faults import _read_only, with_train
 
+from moe_arch import checkpoint as ckpt
+from moe_arch.checkpoint import CheckpointError
 from moe_arch.config import Config, DataConfig, load_config, save_config
 from moe_arch.data import dataset as ds
 from moe_arch.data.corpus import DataError
 from moe_arch.data.dataset import prepare_data
 from moe_arch.data.tokenizer import train_bpe
-from moe_arch.training import checkpoint as ckpt
-from moe_arch.training.checkpoint import CheckpointError
 from moe_arch.training.metrics import rewind_history
 from moe_arch.training.trainer import Trainer
 
-from conftest import ROOT, one_line_error
-from test_faults import _read_only, with_train
-
-DOCS = [f"Document {i}: the router sends token {i % 7} to expert {i % 5}; the norm weight moves by {i} ulp."
-        for i in range(240)]
+DOCS = [
+    f"Document {i}: the router sends token {i % 7} to expert {i % 5}; the norm weight moves by {i} ulp."
+    for i in range(240)
+]
 BOOK = "".join(f"line {i} of a long book about experts, routers and the norms between them.\n" for i in range(600))
 
 
@@ -111,6 +112,7 @@ def test_a_kill_between_the_tail_split_and_the_manifest_resumes_to_the_uninterru
     pid = os.fork()
     if pid == 0:
         try:
+
             def hooked(path, obj, indent=None):
                 if Path(path).name == "meta.json":
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -139,8 +141,7 @@ def test_a_kill_between_the_tail_split_and_the_manifest_resumes_to_the_uninterru
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "text"])
-def test_a_kill_at_any_durable_point_of_a_build_resumes_to_identical_shards(tmp_path, sources, bpe, monkeypatch,
-                                                                             kind):
+def test_a_kill_at_any_durable_point_of_a_build_resumes_to_identical_shards(tmp_path, sources, bpe, monkeypatch, kind):
     """Every fsync and rename of a build is a point a crash can land after: kill there (and, for some, again in
     the resumed build), with garbage past the journal as a torn write leaves it; the result is always the
     uninterrupted cache."""
@@ -163,16 +164,18 @@ def test_a_kill_at_any_durable_point_of_a_build_resumes_to_identical_shards(tmp_
     assert n > 30
     for k in range(1, n + 1):
         name = f"k{k}"
-        assert killed_in_child(lambda: prepare_data(cfg(name), 0, log=quiet),
-                               {t: k for t in targets}) == signal.SIGKILL, k
+        assert (
+            killed_in_child(lambda: prepare_data(cfg(name), 0, log=quiet), {t: k for t in targets}) == signal.SIGKILL
+        ), k
         cache = next(p for p in (tmp_path / name).iterdir() if p.is_dir())
         if not (cache / "meta.json").exists():  # not yet committed: add what a torn append leaves past the journal
             for shard in cache.glob("*.bin"):
                 with open(shard, "ab") as f:
                     f.write(b"\x07\x01" * 37)
         if k % 3 == 0:  # and killed again while resuming
-            assert killed_in_child(lambda: prepare_data(cfg(name), 0, log=quiet),
-                                   {t: max(1, n // 4) for t in targets}) in (signal.SIGKILL, 0), k
+            assert killed_in_child(
+                lambda: prepare_data(cfg(name), 0, log=quiet), {t: max(1, n // 4) for t in targets}
+            ) in (signal.SIGKILL, 0), k
         logs = []
         got = prepare_data(cfg(name), 0, log=logs.append)
         assert not any("damaged" in m for m in logs), (k, logs)
@@ -193,8 +196,11 @@ def test_disk_full_during_preparation_is_one_line_and_the_rerun_completes(tmp_pa
         return real(self, tokens)
 
     monkeypatch.setattr(ds._ShardWriter, "write", full)
-    with pytest.raises(DataError, match=r"cannot write the token cache \(no space left on the device\); "
-                                         r"free space") as e:
+    with pytest.raises(
+        DataError,
+        match=r"cannot write the token cache \(no space left on the device\); "
+        r"free space",
+    ) as e:
         prepare_data(cfg, 0, log=quiet)
     assert "\n" not in str(e.value)
     monkeypatch.setattr(ds._ShardWriter, "write", real)
@@ -227,8 +233,9 @@ def test_two_processes_preparing_the_same_cache_build_it_once(tmp_path, sources,
     d = prepare_data(cfg, 0, log=logs.append)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    assert any(f"another process (pid {pid} on " in m and "is preparing this token cache; waiting" in m
-               for m in logs), logs
+    assert any(
+        f"another process (pid {pid} on " in m and "is preparing this token cache; waiting" in m for m in logs
+    ), logs
     assert not any(m.startswith("tokenized") for m in logs)  # it opened what the other built
     want = arrays(prepare_data(DataConfig(**{**cfg.__dict__, "cache_dir": str(tmp_path / "c2")}), 0, log=quiet))
     assert all(np.array_equal(a, b) for a, b in zip(arrays(d), want))
@@ -258,7 +265,7 @@ def test_training_on_a_half_cut_shard_rebuilds_it_and_trains_on_the_whole_data(s
     cache = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
     shard = cache / "train-00000.bin"
     whole = shard.read_bytes()
-    shard.write_bytes(whole[:len(whole) // 4 * 2])
+    shard.write_bytes(whole[: len(whole) // 4 * 2])
     out = cli("train", cfg_path, "--train.overwrite", "true")
     assert out.returncode == 0, out.stderr
     said = [line for line in out.stdout.splitlines() if "damaged" in line]
@@ -267,8 +274,9 @@ def test_training_on_a_half_cut_shard_rebuilds_it_and_trains_on_the_whole_data(s
 
 
 @pytest.mark.parametrize("damage", ["odd size", "random bytes", "meta.json cut"])
-def test_a_damaged_cache_that_cannot_be_rebuilt_is_one_line_naming_the_folder(small_cfg, tmp_path, sources, cli,
-                                                                               monkeypatch, damage):
+def test_a_damaged_cache_that_cannot_be_rebuilt_is_one_line_naming_the_folder(
+    small_cfg, tmp_path, sources, cli, monkeypatch, damage
+):
     """These used to be tracebacks (ValueError from np.memmap, IndexError in the embedding, JSONDecodeError)."""
     cfg_path = _train_cfg(small_cfg, tmp_path, sources["jsonl"], tmp_path / "ro" / "cache")
     prepare_data(load_config(str(cfg_path)).data, 320, log=quiet)
@@ -280,10 +288,15 @@ def test_a_damaged_cache_that_cannot_be_rebuilt_is_one_line_naming_the_folder(sm
         shard.write_bytes(np.random.default_rng(0).integers(0, 256, shard.stat().st_size, dtype=np.uint8).tobytes())
     else:
         meta = (cache / "meta.json").read_bytes()
-        (cache / "meta.json").write_bytes(meta[:len(meta) // 2])
+        (cache / "meta.json").write_bytes(meta[: len(meta) // 2])
     _read_only(monkeypatch, tmp_path / "ro")
-    one_line_error(cli("train", cfg_path), str(cache), "the token cache is damaged", "cannot be rebuilt there",
-                   "read-only file system")
+    one_line_error(
+        cli("train", cfg_path),
+        str(cache),
+        "the token cache is damaged",
+        "cannot be rebuilt there",
+        "read-only file system",
+    )
     monkeypatch.undo()
     out = cli("train", cfg_path)  # the healthy twin: writable again, the same damage is repaired
     assert out.returncode == 0 and "rebuilding it" in out.stdout, out.stderr
@@ -292,20 +305,25 @@ def test_a_damaged_cache_that_cannot_be_rebuilt_is_one_line_naming_the_folder(sm
 def test_an_id_outside_the_vocabulary_written_after_the_check_is_a_data_error(tmp_path, sources, bpe):
     """A shard changed while a run reads it: the batch that would reach the embedding is refused, naming the
     cache (it was `IndexError: index out of range in self`)."""
-    d = prepare_data(DataConfig(source=sources["jsonl"], tokenizer=str(bpe), cache_dir=str(tmp_path / "c")), 0,
-                     log=quiet)
+    d = prepare_data(
+        DataConfig(source=sources["jsonl"], tokenizer=str(bpe), cache_dir=str(tmp_path / "c")), 0, log=quiet
+    )
     sampler = ds.WindowSampler(d.train, 16, 1, 4, seed=0)
     assert sampler.batch().max() < d.tokenizer.vocab_size  # healthy: reads fine
     with open(d.cache_dir / d.meta["train_shards"][0], "r+b") as f:
         f.write(np.full(4096, 65535, dtype=np.uint16).tobytes())
-    with pytest.raises(DataError, match=rf"\(train split\): token \d+ is id 65535, outside the tokenizer's "
-                                        rf"{d.tokenizer.vocab_size} ids") as e:
+    with pytest.raises(
+        DataError,
+        match=rf"\(train split\): token \d+ is id 65535, outside the tokenizer's "
+        rf"{d.tokenizer.vocab_size} ids",
+    ) as e:
         for _ in range(50):
             sampler.batch()
     assert str(d.cache_dir) in str(e.value)
     logs = []
-    again = prepare_data(DataConfig(source=sources["jsonl"], tokenizer=str(bpe), cache_dir=str(tmp_path / "c")), 0,
-                         log=logs.append)
+    again = prepare_data(
+        DataConfig(source=sources["jsonl"], tokenizer=str(bpe), cache_dir=str(tmp_path / "c")), 0, log=logs.append
+    )
     assert any("damaged" in m for m in logs) and int(np.asarray(again.train).max()) < d.tokenizer.vocab_size
 
 
@@ -352,8 +370,13 @@ def test_a_kill_after_step_6_resumed_from_step_4_logs_every_step_once(small_cfg,
     cfg = with_train(small_cfg, steps=12, log_every=1, ckpt_every=4, run_name="killed")
     save_config(cfg, tmp_path / "cfg.yaml")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", CHILD_TRAIN, str(ROOT), str(tmp_path / "cfg.yaml"), "6"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD_TRAIN, str(ROOT), str(tmp_path / "cfg.yaml"), "6"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run = Path(cfg.train.out_dir) / "killed"
     raw = (run / "metrics.jsonl").read_bytes()
@@ -367,8 +390,9 @@ def test_a_kill_after_step_6_resumed_from_step_4_logs_every_step_once(small_cfg,
     steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps == list(range(1, 13))
     Trainer(with_train(cfg, run_name="whole")).run()
-    whole = [json.loads(line) for line in (Path(cfg.train.out_dir) / "whole" / "metrics.jsonl").read_text()
-             .splitlines()]
+    whole = [
+        json.loads(line) for line in (Path(cfg.train.out_dir) / "whole" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["loss"] for r in rows if r["kind"] == "train"] == [r["loss"] for r in whole if r["kind"] == "train"]
 
 
@@ -382,16 +406,17 @@ def test_rewinding_a_history(tmp_path):
     assert path.read_text() == clean and path.stat().st_mtime_ns == before
     path.write_text(clean + "not json\n" + '{"kind": "train", "st')
     said = rewind_history(path, 4)
-    assert said == (f"{path}: removed 2 rows of steps 5-6 (after step 4, where this run starts) and a last line "
-                    "cut mid-row and 1 unreadable lines")
+    assert said == (
+        f"{path}: removed 2 rows of steps 5-6 (after step 4, where this run starts) and a last line "
+        "cut mid-row and 1 unreadable lines"
+    )
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in kept] == [1, 2, 3, 4, 4] and path.read_text().endswith("\n")
     assert rewind_history(tmp_path / "absent.jsonl", 3) is None
 
 
 # ------------------------------------------------------------------------------------------ item 4: the tokenizer
-def test_a_tokenizer_edited_in_place_under_a_checkpoint_is_refused_before_tokenizing(small_cfg, tmp_path, sources,
-                                                                                     cli):
+def test_a_tokenizer_edited_in_place_under_a_checkpoint_is_refused_before_tokenizing(small_cfg, tmp_path, sources, cli):
     from moe_arch.data.tokenizer import padded_vocab
 
     tok = train_bpe([BOOK] + DOCS * 3, 512)
@@ -412,8 +437,13 @@ def test_a_tokenizer_edited_in_place_under_a_checkpoint_is_refused_before_tokeni
     tok_json.write_text(json.dumps(spec))
     caches = sorted((tmp_path / "cache").iterdir())
     out = cli("train", tmp_path / "cfg.yaml", "--train.steps", "4", "--resume", "latest")
-    one_line_error(out, "final.pt", f"data.tokenizer={str(tok_json)!r} is not the tokenizer this checkpoint was "
-                   "trained with", "2 ids stand for other tokens now", "restore the tokenizer")
+    one_line_error(
+        out,
+        "final.pt",
+        f"data.tokenizer={str(tok_json)!r} is not the tokenizer this checkpoint was trained with",
+        "2 ids stand for other tokens now",
+        "restore the tokenizer",
+    )
     assert sorted((tmp_path / "cache").iterdir()) == caches  # refused before tokenizing anything with it
 
 
@@ -450,8 +480,9 @@ def test_an_emptied_latest_txt_falls_back_to_the_newest_complete_checkpoint(smal
     said = []
     t = Trainer(with_train(cfg, steps=6), resume="latest", log=said.append)
     assert t.resumed_from == ck_dir / "final.pt" and t.step == 4
-    assert any(f"{ck_dir / 'latest.txt'} is empty; resuming the newest complete checkpoint, final.pt" in s
-               for s in said), said
+    assert any(
+        f"{ck_dir / 'latest.txt'} is empty; resuming the newest complete checkpoint, final.pt" in s for s in said
+    ), said
     t.close()
 
 
@@ -466,10 +497,15 @@ def test_latest_txt_naming_a_damaged_or_foreign_checkpoint(tmp_path):
     assert ckpt.resolve_resume("latest", tmp_path / "run", log=said.append) == d / "final.pt" and not said
     (d / "final.pt").write_bytes((d / "final.pt").read_bytes()[:200])  # cut after it was saved
     assert ckpt.resolve_resume("latest", tmp_path / "run", log=said.append) == d / "step_0000004.pt"
-    assert said[-1] == (f"{d / 'latest.txt'} names 'final.pt', which is not a complete checkpoint; resuming the "
-                        "newest complete checkpoint, step_0000004.pt")
-    for text, note in (("../other/final.pt\n", "names '../other/final.pt', not a checkpoint in"),
-                       ("gone.pt\n", "names 'gone.pt', which does not exist"), ("\n\n", "is empty")):
+    assert said[-1] == (
+        f"{d / 'latest.txt'} names 'final.pt', which is not a complete checkpoint; resuming the "
+        "newest complete checkpoint, step_0000004.pt"
+    )
+    for text, note in (
+        ("../other/final.pt\n", "names '../other/final.pt', not a checkpoint in"),
+        ("gone.pt\n", "names 'gone.pt', which does not exist"),
+        ("\n\n", "is empty"),
+    ):
         (d / "latest.txt").write_text(text)
         assert ckpt.resolve_resume("latest", tmp_path / "run", log=said.append) == d / "step_0000004.pt"
         assert note in said[-1]
@@ -478,19 +514,25 @@ def test_latest_txt_naming_a_damaged_or_foreign_checkpoint(tmp_path):
     assert "latest.txt cannot be read" in said[-1]
     for p in d.glob("step_*.pt"):
         p.write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"no complete checkpoint in .*checkpoints \(.*latest.txt cannot be "
-                                              r"read"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no complete checkpoint in .*checkpoints \(.*latest.txt cannot be "
+        r"read",
+    ):
         ckpt.resolve_resume("latest", tmp_path / "run")
 
 
 # ------------------------------------------------------------------------------------------ round 3
-def test_a_cache_folder_blocked_by_a_file_is_one_line_and_a_folder_in_a_files_place_is_rebuilt(tmp_path, sources,
-                                                                                            bpe):
+def test_a_cache_folder_blocked_by_a_file_is_one_line_and_a_folder_in_a_files_place_is_rebuilt(tmp_path, sources, bpe):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(DataError, match=r"^data.cache_dir='.*file': .*file is a file, not a folder; move it, or set "
-                                        r"data.cache_dir to a folder$"):
-        prepare_data(DataConfig(source=sources["jsonl"], tokenizer=str(bpe), cache_dir=str(tmp_path / "file")), 0,
-                     log=quiet)
+    with pytest.raises(
+        DataError,
+        match=r"^data.cache_dir='.*file': .*file is a file, not a folder; move it, or set "
+        r"data.cache_dir to a folder$",
+    ):
+        prepare_data(
+            DataConfig(source=sources["jsonl"], tokenizer=str(bpe), cache_dir=str(tmp_path / "file")), 0, log=quiet
+        )
     cfg = DataConfig(source=sources["jsonl"], tokenizer=str(bpe), cache_dir=str(tmp_path / "c"))
     want = arrays(prepare_data(cfg, 0, log=quiet))  # the healthy twin
     cache = next((tmp_path / "c").iterdir())
@@ -522,8 +564,11 @@ def test_a_manifest_or_journal_of_the_wrong_shape_is_rebuilt_not_a_traceback(tmp
     want = arrays(prepare_data(cfg, 0, log=quiet))
     cache = next((tmp_path / "c").iterdir())
     good = json.loads((cache / "meta.json").read_text())
-    for change in ({"files": []}, {"segments": {"train": [["train-00000.bin", True, 3]], "val": []}},
-                   {"train_tokens": -1}):
+    for change in (
+        {"files": []},
+        {"segments": {"train": [["train-00000.bin", True, 3]], "val": []}},
+        {"train_tokens": -1},
+    ):
         meta = {**good, **change}
         meta["checksum"] = ds._checksum(meta)  # a valid checksum: only the shape is wrong
         (cache / "meta.json").write_text(json.dumps(meta))
@@ -566,8 +611,9 @@ def test_a_stopped_or_hung_builder_is_named_instead_of_waited_for_forever(tmp_pa
     cfg = DataConfig(source=sources["jsonl"], tokenizer=str(bpe), cache_dir=str(tmp_path / "c"))
     cache = ds.cache_folder(cfg, ds.open_corpus(cfg), ds.resolve_tokenizer(cfg), 0)
     cache.mkdir(parents=True)
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_CACHE_LOCK, str(cache / ".lock")], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_CACHE_LOCK, str(cache / ".lock")], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "locked"
         monkeypatch.setattr(ds, "LOCK_POLL_S", 0.05)
@@ -592,22 +638,26 @@ def test_non_utf8_bytes_are_named_by_line_and_file_offset(tmp_path):
     """The offset was counted from the decoder's last 8 KiB buffer, not from the file's start."""
     from moe_arch.data.corpus import Corpus
 
-    good = "".join(json.dumps({"text": f"caf\u00e9 {i} " + "x" * 90}, ensure_ascii=False) + "\n"
-                   for i in range(12000))  # > 1 MiB
+    good = "".join(
+        json.dumps({"text": f"caf\u00e9 {i} " + "x" * 90}, ensure_ascii=False) + "\n" for i in range(12000)
+    )  # > 1 MiB
     path = tmp_path / "d.jsonl"
     path.write_text(good)
     assert sum(1 for _ in Corpus(str(path)).documents()) == 12000  # the healthy twin
     raw = good.encode()
     at = raw.index(b"\xc3\xa9", 1 << 20)  # a two-byte character near the reader's 1 MiB blocks
-    path.write_bytes(raw[:at] + b"\xc3(" + raw[at + 2:])
+    path.write_bytes(raw[:at] + b"\xc3(" + raw[at + 2 :])
     line = raw[:at].count(b"\n") + 1
-    with pytest.raises(DataError, match=rf"d.jsonl:{line}: not UTF-8 text \(invalid continuation byte at byte "
-                                        rf"{at:,}\); convert it to UTF-8"):
+    with pytest.raises(
+        DataError,
+        match=rf"d.jsonl:{line}: not UTF-8 text \(invalid continuation byte at byte "
+        rf"{at:,}\); convert it to UTF-8",
+    ):
         list(Corpus(str(path)).documents())
 
 
 def test_a_history_file_in_the_way_is_refused_before_the_data_and_a_rewind_keeps_its_mode(small_cfg, tmp_path):
-    from moe_arch.training.run_dir import RunFolderError
+    from moe_arch.checkpoint import RunFolderError
 
     run = Path(small_cfg.train.out_dir) / "t"
     (run / "alerts.jsonl").mkdir(parents=True)
@@ -626,8 +676,11 @@ def test_a_history_file_in_the_way_is_refused_before_the_data_and_a_rewind_keeps
 def test_resuming_past_train_steps_is_refused_and_a_finished_run_resumed_logs_its_final_eval_once(small_cfg):
     cfg = with_train(small_cfg, steps=2, run_name="done")
     Trainer(cfg, log=quiet).run()
-    with pytest.raises(CheckpointError, match=r"final.pt is at step 2, past train.steps=1; raise --train.steps "
-                                              r"above 2"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"final.pt is at step 2, past train.steps=1; raise --train.steps "
+        r"above 2",
+    ):
         Trainer(with_train(cfg, steps=1), resume="latest", log=quiet)
     for _ in range(2):  # a finished run started again (a requeued job): its final validation is not doubled
         Trainer(cfg, resume="latest", log=quiet).run()

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import one_line_error
 
 from moe_arch.config import ConfigError, load_config
-
-from test_faults import cli, one_line_error  # noqa: F401  (cli is a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -62,32 +61,43 @@ def test_diagnose_json_into_a_folder_is_refused_before_the_analysis(weights, tmp
     folder = tmp_path / "reports"
     folder.mkdir()
     (tmp_path / "plain").write_text("x")
-    real = doctor_cli.run_analysis
-    monkeypatch.setattr(doctor_cli, "run_analysis", lambda *a, **k: pytest.fail("the analysis ran"))
-    one_line_error(cli("diagnose", weights, "--json", f"{folder}/", "--quiet"), "--json", "is a folder",
-                   "diagnosis.json")
+    real = doctor_cli.diagnose
+    monkeypatch.setattr(doctor_cli, "diagnose", lambda *a, **k: pytest.fail("the analysis ran"))
+    one_line_error(
+        cli("diagnose", weights, "--json", f"{folder}/", "--quiet"), "--json", "is a folder", "diagnosis.json"
+    )
     one_line_error(cli("diagnose", weights, "--json", folder, "--quiet"), "is a folder")
-    one_line_error(cli("diagnose", weights, "--json", tmp_path / "plain" / "d.json", "--quiet"),
-                   "plain is a file, not a folder")
-    one_line_error(cli("diagnose", weights, "--out", tmp_path / "plain", "--quiet"), "--out",
-                   "plain is a file, not a folder")
-    monkeypatch.setattr(doctor_cli, "run_analysis", real)
+    one_line_error(
+        cli("diagnose", weights, "--json", tmp_path / "plain" / "d.json", "--quiet"), "plain is a file, not a folder"
+    )
+    one_line_error(
+        cli("diagnose", weights, "--out", tmp_path / "plain", "--quiet"), "--out", "plain is a file, not a folder"
+    )
+    monkeypatch.setattr(doctor_cli, "diagnose", real)
     out = cli("diagnose", weights, "--json", folder / "d.json", "--out", tmp_path / "rep", "--quiet")
     assert out.returncode == 0, out.stderr
     assert json.loads((folder / "d.json").read_text())["schema"] == "moe_arch.diagnosis/1"
     assert (tmp_path / "rep" / "report.md").is_file()
 
 
-def test_a_disk_that_fills_during_the_analysis_is_one_line_and_the_report_stays_whole(weights, tmp_path, cli,
-                                                                                      monkeypatch):
+def test_a_disk_that_fills_during_the_analysis_is_one_line_and_the_report_stays_whole(
+    weights, tmp_path, cli, monkeypatch
+):
     rep = tmp_path / "rep"
     assert cli("diagnose", weights, "--out", rep, "--json", rep / "d.json", "--quiet").returncode == 0
     before = {p.name: p.read_bytes() for p in rep.iterdir()}
     _full_disk(monkeypatch, rep)
-    one_line_error(cli("diagnose", weights, "--out", rep, "--quiet"), "--out", "no space left on the device",
-                   "choose another --out")
-    one_line_error(cli("diagnose", weights, "--out", tmp_path / "other", "--json", rep / "d.json", "--quiet"),
-                   "--json", "no space left")
+    one_line_error(
+        cli("diagnose", weights, "--out", rep, "--quiet"),
+        "--out",
+        "no space left on the device",
+        "choose another --out",
+    )
+    one_line_error(
+        cli("diagnose", weights, "--out", tmp_path / "other", "--json", rep / "d.json", "--quiet"),
+        "--json",
+        "no space left",
+    )
     assert {p.name: p.read_bytes() for p in rep.iterdir()} == before  # whole, and no temporary file left
 
 
@@ -107,8 +117,14 @@ def test_lm_eval_output_into_a_folder_is_refused_before_the_tasks(trained, tmp_p
 
 
 # ------------------------------------------------------------------------------- 8: state dicts that do not fit
-@pytest.mark.parametrize("command", [["eval", "--max-tokens", "64"], ["generate", "--prompt", "The", "--max-new-tokens",
-                                                                      "3"], ["export", "--hf", "HF"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "--max-tokens", "64"],
+        ["generate", "--prompt", "The", "--max-new-tokens", "3"],
+        ["export", "--hf", "HF"],
+    ],
+)
 def test_a_checkpoint_with_an_extra_tensor_is_one_line_and_its_healthy_twin_works(trained, tmp_path, cli, command):
     good, extra = trained
     args = [str(tmp_path / "hf") if a == "HF" else a for a in command[1:]]
@@ -118,11 +134,14 @@ def test_a_checkpoint_with_an_extra_tensor_is_one_line_and_its_healthy_twin_work
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda m: m.pop("final_norm.weight"), "'final_norm.weight' is missing"),
-    (lambda m: m.update({"embed.weight": torch.zeros(3, 3)}), "'embed.weight' has shape [3, 3]"),
-    (lambda m: m.update({"final_norm.weight": "text"}), "'final_norm.weight' is a str"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda m: m.pop("final_norm.weight"), "'final_norm.weight' is missing"),
+        (lambda m: m.update({"embed.weight": torch.zeros(3, 3)}), "'embed.weight' has shape [3, 3]"),
+        (lambda m: m.update({"final_norm.weight": "text"}), "'final_norm.weight' is a str"),
+    ],
+)
 def test_every_mismatch_goes_through_the_checked_loader(trained, tmp_path, cli, edit, needle):
     state = torch.load(trained[0], weights_only=True)
     edit(state["model"])
@@ -161,8 +180,11 @@ def test_export_destination_and_shard_size_are_checked_before_the_load(trained, 
     one_line_error(cli("export", trained[0], "--hf", tmp_path / "full"), "not empty")
     one_line_error(cli("export", trained[0], "--hf", tmp_path / "file" / "hf"), "file is a file, not a folder")
     for size in ("5XB", "nanGB", "0MB", "-1GB", "GB"):
-        one_line_error(cli("export", trained[0], "--hf", tmp_path / "hf", f"--max-shard-size={size}"),
-                       "--max-shard-size", repr(size))
+        one_line_error(
+            cli("export", trained[0], "--hf", tmp_path / "hf", f"--max-shard-size={size}"),
+            "--max-shard-size",
+            repr(size),
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full"]  # nothing made, nothing partial
 
 
@@ -170,7 +192,12 @@ def test_export_shard_sizes_in_every_unit_work(trained, tmp_path, cli):
     from moe_arch.utils import parse_size
 
     assert [parse_size(s, "x") for s in ("500MB", "2GiB", "1.5KB", "100", " 3 kib ")] == [
-        500 * 10**6, 2 * 2**30, 1500, 100, 3 * 1024]
+        500 * 10**6,
+        2 * 2**30,
+        1500,
+        100,
+        3 * 1024,
+    ]
     out = cli("export", trained[0], "--hf", tmp_path / "hf", "--max-shard-size", "0.2MiB")
     assert out.returncode == 0, out.stderr
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
@@ -183,12 +210,17 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(trained, tmp_p
     from safetensors import SafetensorError
 
     def full(*a, **k):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
-                              '"No space left on device" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    one_line_error(cli("export", trained[0], "--hf", tmp_path / "hf"), "--hf", "no space left on the device",
-                   "nothing was left there")
+    one_line_error(
+        cli("export", trained[0], "--hf", tmp_path / "hf"),
+        "--hf",
+        "no space left on the device",
+        "nothing was left there",
+    )
     assert os.listdir(tmp_path) == []  # no folder, no hidden temporary folder
     monkeypatch.undo()
     _full_disk(monkeypatch, tmp_path)  # the config and code files fail instead of the weights
@@ -211,8 +243,11 @@ def test_a_prompt_longer_than_the_context_keeps_its_end_with_a_note(trained, cli
     assert len(out.stdout) < len(long) / 2  # the dropped start is not printed back
     short = cli("generate", trained[0], "--prompt", "the router", "--max-new-tokens", "6", "--temperature", "0")
     assert short.returncode == 0 and "note:" not in short.stderr and _new_tokens(short.stderr) == 6
-    one_line_error(cli("generate", trained[0], "--prompt", "a", "--max-new-tokens", "256"),
-                   "--max-new-tokens 256", "model.max_seq_len=256")
+    one_line_error(
+        cli("generate", trained[0], "--prompt", "a", "--max-new-tokens", "256"),
+        "--max-new-tokens 256",
+        "model.max_seq_len=256",
+    )
 
 
 def test_generate_refuses_a_negative_token_budget():
@@ -220,8 +255,9 @@ def test_generate_refuses_a_negative_token_budget():
     from moe_arch.model.generation import generate
     from moe_arch.model.transformer import build_model
 
-    model = build_model(ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=16,
-                                    max_seq_len=16)).eval()
+    model = build_model(
+        ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=16, max_seq_len=16)
+    ).eval()
     with pytest.raises(ValueError, match="max_new_tokens=-3: must be >= 0"):
         generate(model, torch.tensor([[1, 2]]), -3)
     assert generate(model, torch.tensor([[1, 2]]), 3, temperature=0).tokens.shape == (1, 3)
@@ -269,8 +305,7 @@ def test_presets_and_files_chain_with_a_cycle_check(tmp_path, cli, monkeypatch):
 # ------------------------------------------------------------------------------- 13: nan and inf
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
 def test_info_memory_refuses_non_finite_gpu_memory(cli, value):
-    one_line_error(cli("info", "seed-3b", "--memory", f"--gpu-memory={value}"), "--gpu-memory", repr(value),
-                   "finite")
+    one_line_error(cli("info", "seed-3b", "--memory", f"--gpu-memory={value}"), "--gpu-memory", repr(value), "finite")
 
 
 def test_info_memory_with_a_finite_gpu_memory_works_and_the_planner_checks_too(cli):
@@ -278,32 +313,46 @@ def test_info_memory_with_a_finite_gpu_memory_works_and_the_planner_checks_too(c
 
     out = cli("info", "seed-3b", "--memory", "--gpu-memory", "80", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["max_batch_size"] >= 1
-    with pytest.raises(ValueError, match="--gpu-memory nan: must be a finite number"):
+    with pytest.raises(ValueError, match="gpu_memory_gb nan: must be a finite number"):
         plan_memory(load_config("tiny"), gpu_memory_gb=float("nan"))
     # a sequence beyond the model's context took minutes of planning; it is refused as train.seq_len would be
-    one_line_error(cli("info", "seed-3b", "--memory", "--seq-len", "1000000000000"), "--seq-len 1000000000000",
-                   "model.max_seq_len=2048")
+    one_line_error(
+        cli("info", "seed-3b", "--memory", "--seq-len", "1000000000000"),
+        "--seq-len 1000000000000",
+        "model.max_seq_len=2048",
+    )
     assert cli("info", "seed-3b", "--memory", "--seq-len", "2048").returncode == 0
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["generate", "x.pt", "--prompt", "a", "--top-p", "nan"], "--top-p: 'nan'"),
-    (["generate", "x.pt", "--prompt", "a", "--temperature", "inf"], "--temperature: 'inf'"),
-    (["lm-eval", "x.pt", "--tasks", "t", "--limit", "nan"], "--limit: 'nan'"),
-    (["eval", "x.pt", "--max-tokens", "1e3"], "--max-tokens: '1e3': expected an integer"),
-    (["info", "tiny", "--memory", "--gpus"], "--gpus: expected one argument"),
-    (["lm-eval", "x.pt", "--tasks", "t", "--batch-size", "8x"], "--batch-size '8x': expected an integer"),
-    (["lm-eval", "x.pt", "--tasks", "t", "--limit=-1"], "--limit -1: must be > 0"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["generate", "x.pt", "--prompt", "a", "--top-p", "nan"], "--top-p: 'nan'"),
+        (["generate", "x.pt", "--prompt", "a", "--temperature", "inf"], "--temperature: 'inf'"),
+        (["lm-eval", "x.pt", "--tasks", "t", "--limit", "nan"], "--limit: 'nan'"),
+        (["eval", "x.pt", "--max-tokens", "1e3"], "--max-tokens: '1e3': expected an integer"),
+        (["info", "tiny", "--memory", "--gpus"], "--gpus: expected one argument"),
+        (["lm-eval", "x.pt", "--tasks", "t", "--batch-size", "8x"], "--batch-size '8x': expected an integer"),
+        (["lm-eval", "x.pt", "--tasks", "t", "--limit=-1"], "--limit -1: must be > 0"),
+    ],
+)
 def test_every_numeric_flag_refuses_non_finite_values_in_one_line(cli, args, needle):
     one_line_error(cli(*args), needle)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("train.grad_clip", ".nan"), ("monitor.spike_zscore", ".inf"), ("optim.muon_lr", "nan"),
-    ("model.rope_theta", "inf"), ("optim.adamw_betas", "[0.9, .nan]"), ("train.peak_flops", "1e999"),
-    ("data.val_fraction", "-.inf"), ("model.mtp_loss_weight", "1" + "0" * 400),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("train.grad_clip", ".nan"),
+        ("monitor.spike_zscore", ".inf"),
+        ("optim.muon_lr", "nan"),
+        ("model.rope_theta", "inf"),
+        ("optim.adamw_betas", "[0.9, .nan]"),
+        ("train.peak_flops", "1e999"),
+        ("data.val_fraction", "-.inf"),
+        ("model.mtp_loss_weight", "1" + "0" * 400),
+    ],
+)
 def test_config_floats_refuse_nan_and_inf(tmp_path, cli, field, value):
     section, name = field.split(".")
     path = tmp_path / "c.yaml"
@@ -314,11 +363,19 @@ def test_config_floats_refuse_nan_and_inf(tmp_path, cli, field, value):
 
 def test_config_floats_that_are_finite_still_load(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("preset: tiny\ntrain:\n  grad_clip: 0.5\n  peak_flops: 1e12\noptim:\n  muon_lr: 1e-3\n"
-                    "  adamw_betas: [0.9, 0.99]\nmonitor:\n  spike_zscore: 4\n")
+    path.write_text(
+        "preset: tiny\ntrain:\n  grad_clip: 0.5\n  peak_flops: 1e12\noptim:\n  muon_lr: 1e-3\n"
+        "  adamw_betas: [0.9, 0.99]\nmonitor:\n  spike_zscore: 4\n"
+    )
     cfg = load_config(str(path), ["--model.rope_theta", "5e5"])
-    assert (cfg.train.grad_clip, cfg.train.peak_flops, cfg.optim.muon_lr, cfg.optim.adamw_betas,
-            cfg.monitor.spike_zscore, cfg.model.rope_theta) == (0.5, 1e12, 1e-3, [0.9, 0.99], 4.0, 5e5)
+    assert (
+        cfg.train.grad_clip,
+        cfg.train.peak_flops,
+        cfg.optim.muon_lr,
+        cfg.optim.adamw_betas,
+        cfg.monitor.spike_zscore,
+        cfg.model.rope_theta,
+    ) == (0.5, 1e12, 1e-3, [0.9, 0.99], 4.0, 5e5)
 
 
 # ------------------------------------------------------------------------------- passing already: keep them so
@@ -330,8 +387,11 @@ def test_special_files_stay_one_line(tmp_path, weights, cli):
     os.symlink(tmp_path / "loop_a", tmp_path / "loop_b")
     os.symlink(tmp_path / "loop_b", tmp_path / "loop_a")
     one_line_error(cli("diagnose", tmp_path / "loop_a", "--quiet"), "loop_a")
-    one_line_error(cli("diagnose", weights, "--out", tmp_path / "loop_a", "--quiet"), "--out",
-                   "symbolic link that leads nowhere (or loops)")
+    one_line_error(
+        cli("diagnose", weights, "--out", tmp_path / "loop_a", "--quiet"),
+        "--out",
+        "symbolic link that leads nowhere (or loops)",
+    )
 
 
 # ------------------------------------------------------------------------------- round 3: fault injection
@@ -344,46 +404,92 @@ def test_yaml_keys_that_are_not_names_are_one_line(tmp_path, cli):
     assert cli("config", tmp_path / "c.yaml").returncode == 0
 
 
-@pytest.mark.parametrize("override, needle", [
-    (["--model.n_experts", "-1", "--model.moe_layers", "[]"], "model.n_experts=-1: must be >= 0"),
-    (["--train.seed", str(2**70)], "train.seed"), (["--data.shard_tokens", str(2**70)], "64 bits"),
-    (["--train.sample_tokens", str(2**63)], "64 bits"), (["--train.device", "cuda:x"], "train.device"),
-    (["--train.device", "cudaxyz"], "train.device"), (["--train.run_name", "a/../../x"], "plain folder name"),
-    (["--train.run_name", ".."], "plain folder name"), (["--train.run_name", ""], "plain folder name"),
-    (["--train.out_dir", ""], "train.out_dir='': must name a folder"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (["--model.n_experts", "-1", "--model.moe_layers", "[]"], "model.n_experts=-1: must be >= 0"),
+        (["--train.seed", str(2**70)], "train.seed"),
+        (["--data.shard_tokens", str(2**70)], "64 bits"),
+        (["--train.sample_tokens", str(2**63)], "64 bits"),
+        (["--train.device", "cuda:x"], "train.device"),
+        (["--train.device", "cudaxyz"], "train.device"),
+        (["--train.run_name", "a/../../x"], "plain folder name"),
+        (["--train.run_name", ".."], "plain folder name"),
+        (["--train.run_name", ""], "plain folder name"),
+        (["--train.out_dir", ""], "train.out_dir='': must name a folder"),
+    ],
+)
 def test_config_values_that_failed_late_are_refused_at_load(cli, override, needle):
     one_line_error(cli("config", "tiny", *override), needle)
 
 
 def test_their_healthy_twins_load_and_text_fields_take_the_text_as_typed():
-    cfg = load_config("tiny", ["--train.seed", str(2**32 - 1), "--train.device", "cuda:1", "--train.run_name", "123",
-                               "--train.sample_prompt", "Hello, world", "--data.source", "hf:x",
-                               "--model.n_experts", "0", "--model.moe_layers", "[]", "--train.out_dir", "'runs'"])
-    assert (cfg.train.seed, cfg.train.device, cfg.train.run_name, cfg.train.sample_prompt, cfg.data.source,
-            cfg.train.out_dir) == (2**32 - 1, "cuda:1", "123", "Hello, world", "hf:x", "runs")
+    cfg = load_config(
+        "tiny",
+        [
+            "--train.seed",
+            str(2**32 - 1),
+            "--train.device",
+            "cuda:1",
+            "--train.run_name",
+            "123",
+            "--train.sample_prompt",
+            "Hello, world",
+            "--data.source",
+            "hf:x",
+            "--model.n_experts",
+            "0",
+            "--model.moe_layers",
+            "[]",
+            "--train.out_dir",
+            "'runs'",
+        ],
+    )
+    assert (
+        cfg.train.seed,
+        cfg.train.device,
+        cfg.train.run_name,
+        cfg.train.sample_prompt,
+        cfg.data.source,
+        cfg.train.out_dir,
+    ) == (2**32 - 1, "cuda:1", "123", "Hello, world", "hf:x", "runs")
 
 
 def test_an_override_without_a_value_before_another_option_is_named(cli):
-    one_line_error(cli("config", "--model.d_model", "--train.steps", "5"), "--model.d_model: missing value",
-                   "--train.steps")
+    one_line_error(
+        cli("config", "--model.d_model", "--train.steps", "5"), "--model.d_model: missing value", "--train.steps"
+    )
     assert cli("config", "--model.d_model", "64", "--train.steps", "5").returncode == 0
 
 
-@pytest.mark.parametrize("args", [["config", ""], ["info", ""], ["train", "tiny", "--resume", ""],
-                                  ["train", "tiny", "--init-from", ""], ["diagnose", ""],
-                                  ["eval", "x.pt", "--json", ""],
-                                  ["diagnose", "x.pt", "--logs", ""], ["export", "x", ""], ["export", "x", "--hf", ""],
-                                  ["generate", "", "--prompt", "a"], ["reproduce-seed", "--out", ""],
-                                  ["lm-eval", "x.pt", "--tasks", ""]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["config", ""],
+        ["info", ""],
+        ["train", "tiny", "--resume", ""],
+        ["train", "tiny", "--init-from", ""],
+        ["diagnose", ""],
+        ["eval", "x.pt", "--json", ""],
+        ["diagnose", "x.pt", "--logs", ""],
+        ["export", "x", ""],
+        ["export", "x", "--hf", ""],
+        ["generate", "", "--prompt", "a"],
+        ["reproduce-seed", "--out", ""],
+        ["lm-eval", "x.pt", "--tasks", ""],
+    ],
+)
 def test_an_empty_path_or_name_is_refused_not_read_as_the_default(cli, args):
     one_line_error(cli(*args), "empty (an unset shell variable?)")
 
 
 def test_unknown_or_missing_devices_are_one_line(trained, cli, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for cmd in (["generate", trained[0], "--prompt", "a"], ["eval", trained[0]],
-                ["lm-eval", trained[0], "--tasks", "t"]):
+    for cmd in (
+        ["generate", trained[0], "--prompt", "a"],
+        ["eval", trained[0]],
+        ["lm-eval", trained[0], "--tasks", "t"],
+    ):
         one_line_error(cli(*cmd, "--device", "xyz"), "--device", "not a device")
         one_line_error(cli(*cmd, "--device", "cuda"), "CUDA is not available")
     one_line_error(cli("train", "tiny", "--train.device", "cuda"), "train.device", "CUDA is not available")
@@ -393,8 +499,9 @@ def test_unknown_or_missing_devices_are_one_line(trained, cli, monkeypatch):
 def test_generate_seed_and_sample_count_are_bounded(trained, cli):
     one_line_error(cli("generate", trained[0], "--prompt", "a", "--seed", str(2**70)), "--seed")
     one_line_error(cli("generate", trained[0], "--prompt", "a", "--num-samples", str(2**63)), "--num-samples")
-    out = cli("generate", trained[0], "--prompt", "a", "--max-new-tokens", "2", "--seed", str(2**63 - 1),
-              "--num-samples", "2")
+    out = cli(
+        "generate", trained[0], "--prompt", "a", "--max-new-tokens", "2", "--seed", str(2**63 - 1), "--num-samples", "2"
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -416,8 +523,9 @@ def test_outputs_over_their_own_inputs_are_refused(trained, weights, tmp_path, c
 
 
 def test_eval_refuses_a_window_beyond_the_models_context(trained, cli):
-    one_line_error(cli("eval", trained[0], "--seq-len", "100000", "--quiet"), "--seq-len 100000",
-                   "model.max_seq_len=256")
+    one_line_error(
+        cli("eval", trained[0], "--seq-len", "100000", "--quiet"), "--seq-len 100000", "model.max_seq_len=256"
+    )
     out = cli("eval", trained[0], "--seq-len", "256", "--max-tokens", "64", "--quiet")
     assert out.returncode == 0 and json.loads(out.stdout)["seq_len"] == 256
 

@@ -12,9 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_arch.doctor.cli import run_analysis
-from moe_arch.doctor.readers import LoadError
-from moe_arch.training.checkpoint import save_checkpoint
+from moe_arch.checkpoint import save_checkpoint
+from moe_arch.checkpoint.readers import LoadError
+from moe_arch.doctor.pipeline import DiagnoseOptions, diagnose
 
 
 def _model():
@@ -35,8 +35,8 @@ def _trained():
 @pytest.fixture(scope="module")
 def originals(tmp_path_factory) -> dict[str, Path]:
     """One checkpoint per format the doctor reads, written by the library that owns the format."""
-    from safetensors.torch import save_file
     import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("fuzz_originals")
     m, opt = _trained()
@@ -48,26 +48,44 @@ def originals(tmp_path_factory) -> dict[str, Path]:
     out["safetensors"] = root / "model.safetensors"
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(out["safetensors"]))
     out["moe_arch"] = root / "ours.pt"
-    save_checkpoint(out["moe_arch"], {"step": 2, "model": m.state_dict(), "optimizers": {"adamw": opt.state_dict()},
-                                      "param_roles": {}, "config": {}})
+    save_checkpoint(
+        out["moe_arch"],
+        {
+            "step": 2,
+            "model": m.state_dict(),
+            "optimizers": {"adamw": opt.state_dict()},
+            "param_roles": {},
+            "config": {},
+        },
+    )
     out["dcp"] = root / "dcp_step"
     dcp.save({f"model/{k}": v for k, v in m.state_dict().items()}, checkpoint_id=str(out["dcp"]), no_dist=True)
     out["hf_trainer"] = _hf_trainer_folder(root / "hf")
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     out["torchtitan"] = root / "step-2"  # torchtitan's layout: model at the top level, optimizer flattened
-    dcp.save({**get_model_state_dict(m), "optimizer": get_optimizer_state_dict(
-        m, opt, options=StateDictOptions(flatten_optimizer_state_dict=True)),
-              "train_state": {"step": torch.tensor(2)}}, checkpoint_id=str(out["torchtitan"]), no_dist=True)
+    dcp.save(
+        {
+            **get_model_state_dict(m),
+            "optimizer": get_optimizer_state_dict(m, opt, options=StateDictOptions(flatten_optimizer_state_dict=True)),
+            "train_state": {"step": torch.tensor(2)},
+        },
+        checkpoint_id=str(out["torchtitan"]),
+        no_dist=True,
+    )
     if "deepspeed" in FORMATS:
         import os
         import subprocess
         import sys
 
         ds = root / "deepspeed"
-        done = subprocess.run([sys.executable, str(Path(__file__).with_name("deepspeed_run.py")), str(ds), "2"],
-                              capture_output=True, text=True, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        done = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("deepspeed_run.py")), str(ds), "2"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         shutil.rmtree(ds / "global_step0")
         out["deepspeed"] = ds
@@ -79,13 +97,21 @@ def _hf_trainer_folder(root: Path) -> Path:
     scheduler.pt, trainer_state.json, ...)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
+    from plain_runs import HFTokens, hf_tiny_llama_bf16
     from transformers import Trainer, TrainingArguments
 
-    from plain_runs import HFTokens, hf_tiny_llama_bf16
-
     transformers.logging.set_verbosity_error()
-    args = TrainingArguments(output_dir=str(root), max_steps=2, per_device_train_batch_size=4, learning_rate=3e-4,
-                             save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=100)
+    args = TrainingArguments(
+        output_dir=str(root),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=3e-4,
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=100,
+    )
     Trainer(model=hf_tiny_llama_bf16(), args=args, train_dataset=HFTokens(n=8)).train()
     return root / "checkpoint-2"
 
@@ -95,16 +121,19 @@ def _files(path: Path) -> list[Path]:
 
 
 FORMATS = ["torch_dict", "state_dict", "safetensors", "moe_arch", "dcp", "hf_trainer", "torchtitan"] + (
-    ["deepspeed"] if importlib.util.find_spec("deepspeed") else [])
+    ["deepspeed"] if importlib.util.find_spec("deepspeed") else []
+)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fmt=st.sampled_from(FORMATS),
-       which=st.integers(0, 10), cut=st.floats(0, 1),
-       writes=st.lists(st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=8)), max_size=4),
-       truncate=st.booleans())
-def test_damaged_checkpoints_give_a_verdict_or_one_line(originals, tmp_path_factory, fmt, which, cut, writes,
-                                                        truncate):
+@given(
+    fmt=st.sampled_from(FORMATS),
+    which=st.integers(0, 10),
+    cut=st.floats(0, 1),
+    writes=st.lists(st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=8)), max_size=4),
+    truncate=st.booleans(),
+)
+def test_damaged_checkpoints_give_a_verdict_or_one_line(originals, tmp_path_factory, fmt, which, cut, writes, truncate):
     work = tmp_path_factory.mktemp("fuzz")
     src = originals[fmt]
     dst = work / src.name
@@ -117,12 +146,12 @@ def test_damaged_checkpoints_give_a_verdict_or_one_line(originals, tmp_path_fact
     data = bytearray(target.read_bytes())
     for pos, chunk in writes:
         at = int(pos * max(0, len(data) - 1))
-        data[at:at + len(chunk)] = chunk
+        data[at : at + len(chunk)] = chunk
     if truncate:
-        data = data[:int(cut * len(data))]
+        data = data[: int(cut * len(data))]
     target.write_bytes(bytes(data))
     try:
-        d = run_analysis(str(dst), probe=False)
+        d = diagnose(str(dst), DiagnoseOptions(probe=False))
     except LoadError as e:
         assert "\n" not in str(e) and str(e)
     else:
@@ -132,5 +161,5 @@ def test_damaged_checkpoints_give_a_verdict_or_one_line(originals, tmp_path_fact
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_undamaged_original_is_read(originals, fmt):
     """Each reader runs on its format's undamaged files every time (hypothesis may not draw every format clean)."""
-    d = run_analysis(str(originals[fmt]), probe=False)
+    d = diagnose(str(originals[fmt]), DiagnoseOptions(probe=False))
     assert d.status in ("healthy", "warning", "critical", "inconclusive") and d.evidence

@@ -19,8 +19,9 @@ from moe_arch.data.corpus import DataError
 from moe_arch.data.dataset import prepare_data
 from moe_arch.data.tokenizer import train_bpe
 
-DOCS = [f"Document {i}: expert {i % 5} takes token {i % 7}; the router's bias moves by {i / 7:.3f}."
-        for i in range(200)]
+DOCS = [
+    f"Document {i}: expert {i % 5} takes token {i % 7}; the router's bias moves by {i / 7:.3f}." for i in range(200)
+]
 BOOK = "".join(f"line {i}: a long book, one document, held out by its tail.\n" for i in range(400))
 KINDS = ("jsonl", "text")
 
@@ -43,8 +44,12 @@ def built(tmp_path_factory) -> dict:
         cfg = dict(source=str(src), tokenizer=str(root / "tok" / "tokenizer.json"), shard_tokens=1024)
         d = prepare_data(DataConfig(**cfg, cache_dir=str(root / kind)), 0, log=quiet)
         assert len(d.meta["files"]) >= 3
-        out[kind] = {"cfg": cfg, "pristine": d.cache_dir, "train": np.asarray(d.train).copy(),
-                     "val": np.asarray(d.val).copy()}
+        out[kind] = {
+            "cfg": cfg,
+            "pristine": d.cache_dir,
+            "train": np.asarray(d.train).copy(),
+            "val": np.asarray(d.val).copy(),
+        }
     return out
 
 
@@ -75,7 +80,7 @@ def _reopen(built: dict, kind: str, cfg: DataConfig) -> tuple[list[str], bool]:
 def _damage(path: Path, how: str, rng: np.random.Generator) -> None:
     data = path.read_bytes()
     if how == "truncate":
-        data = data[:len(data) // 2 // 4 * 4]  # a whole number of tokens: only the size says it is short
+        data = data[: len(data) // 2 // 4 * 4]  # a whole number of tokens: only the size says it is short
     elif how == "extend":
         data = data + bytes(64)
     elif how == "random bytes":
@@ -86,11 +91,18 @@ def _damage(path: Path, how: str, rng: np.random.Generator) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("target, how", [
-    ("train-00000.bin", "truncate"), ("train-00001.bin", "extend"), ("train-00000.bin", "random bytes"),
-    ("train-00002.bin", "odd size"), ("val-00000.bin", "extend"), ("meta.json", "truncate"),
-    ("tokenizer/tokenizer.json", "random bytes"),
-])
+@pytest.mark.parametrize(
+    "target, how",
+    [
+        ("train-00000.bin", "truncate"),
+        ("train-00001.bin", "extend"),
+        ("train-00000.bin", "random bytes"),
+        ("train-00002.bin", "odd size"),
+        ("val-00000.bin", "extend"),
+        ("meta.json", "truncate"),
+        ("tokenizer/tokenizer.json", "random bytes"),
+    ],
+)
 def test_each_kind_of_damage_is_found_and_repaired(built, tmp_path, kind, target, how):
     cfg, cache = _fresh_copy(built, kind, tmp_path)
     if not (cache / target).exists():
@@ -135,7 +147,7 @@ def test_a_copy_with_new_mtimes_is_hashed_in_full_once(built, tmp_path, monkeypa
     time.sleep(0.05)  # past the file system's timestamp granularity
     shard = cache / "train-00000.bin"
     data = bytearray(shard.read_bytes())
-    data[len(data) // 2 - 2:len(data) // 2 + 2] = b"\x01\x00\x02\x00"  # outside both sample blocks
+    data[len(data) // 2 - 2 : len(data) // 2 + 2] = b"\x01\x00\x02\x00"  # outside both sample blocks
     shard.write_bytes(bytes(data))
     logs, opened = _reopen(built, "jsonl", cfg)
     assert opened and any("train-00000.bin does not match its sha256" in m for m in logs), logs
@@ -151,11 +163,17 @@ def test_a_copy_with_new_mtimes_is_hashed_in_full_once(built, tmp_path, monkeypa
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(KINDS), which=st.integers(0, 30), cut=st.floats(0, 1),
-       writes=st.lists(st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=8)), max_size=4),
-       truncate=st.booleans(), extend=st.binary(max_size=9))
-def test_damaged_token_caches_give_the_original_tokens_or_one_line(built, tmp_path_factory, kind, which, cut,
-                                                                   writes, truncate, extend):
+@given(
+    kind=st.sampled_from(KINDS),
+    which=st.integers(0, 30),
+    cut=st.floats(0, 1),
+    writes=st.lists(st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=8)), max_size=4),
+    truncate=st.booleans(),
+    extend=st.binary(max_size=9),
+)
+def test_damaged_token_caches_give_the_original_tokens_or_one_line(
+    built, tmp_path_factory, kind, which, cut, writes, truncate, extend
+):
     work = tmp_path_factory.mktemp("fuzz")
     cfg, cache = _fresh_copy(built, kind, work)
     files = _files(cache)
@@ -164,9 +182,9 @@ def test_damaged_token_caches_give_the_original_tokens_or_one_line(built, tmp_pa
     data = bytearray(before)
     for pos, chunk in writes:
         at = int(pos * max(0, len(data) - 1))
-        data[at:at + len(chunk)] = chunk
+        data[at : at + len(chunk)] = chunk
     if truncate:
-        data = data[:int(cut * len(data))]
+        data = data[: int(cut * len(data))]
     data += extend
     target.write_bytes(bytes(data))
     logs, opened = _reopen(built, kind, cfg)

@@ -10,13 +10,12 @@ import random
 
 import pytest
 import torch
+from conftest import small_overrides
 from scipy.stats import chisquare
 
 from moe_arch.config import ModelConfig
 from moe_arch.model.generation import generate
 from moe_arch.model.transformer import build_model
-
-from conftest import small_overrides
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,7 @@ def oracle(reference: torch.Tensor, wrong: float, seed: int = 0):
 
     def draft(new: torch.Tensor, counts: torch.Tensor, k: int) -> torch.Tensor:
         padded = torch.cat([reference, torch.zeros_like(reference[:, :k])], 1)  # past the end: anything
-        d = torch.stack([padded[b, int(n):int(n) + k] for b, n in enumerate(counts)])
+        d = torch.stack([padded[b, int(n) : int(n) + k] for b, n in enumerate(counts)])
         for b in range(d.shape[0]):
             for j in range(d.shape[1]):
                 if rng.random() < wrong:
@@ -51,7 +50,7 @@ def assert_clear_greedy(model, prompt: torch.Tensor, new: torch.Tensor) -> None:
     (1e-9 of the logits' scale against ~1e-16): two computations of the same model cannot pick differently."""
     seq = torch.cat([prompt, new[:-1]])[None]
     with torch.no_grad():
-        logits = model(seq, return_logits=True).logits[0, len(prompt) - 1:]
+        logits = model(seq, return_logits=True).logits[0, len(prompt) - 1 :]
     top2 = logits.topk(2, dim=-1)
     margin = (top2.values[:, 0] - top2.values[:, 1]).min().item()
     assert margin > 1e-9 * logits.abs().max().item(), margin  # first: a near-tie is the reason, not a bug
@@ -109,7 +108,7 @@ def exact_joint(model, prompt: torch.Tensor, n: int, V: int) -> torch.Tensor:
     with torch.no_grad():
         logp = model(seqs[:, :-1], return_logits=True).logits.double().log_softmax(-1)
     T = prompt.shape[1]
-    picked = logp[:, T - 1:].gather(2, conts[:, :, None]).squeeze(2)
+    picked = logp[:, T - 1 :].gather(2, conts[:, :, None]).squeeze(2)
     return picked.sum(1).exp().reshape([V] * n)
 
 
@@ -120,8 +119,11 @@ def test_speculative_sampling_has_the_plain_sampling_distribution(temperature, t
     the verification's own sample) and plain sampling. The MTP heads are untrained, so drafts are rejected and accepted
     at every position (checked)."""
     V = 8
-    cfg = ModelConfig(**small_overrides(vocab_size=V, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, d_ff_expert=32,
-                                        n_predict=3, max_seq_len=32))
+    cfg = ModelConfig(
+        **small_overrides(
+            vocab_size=V, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, d_ff_expert=32, n_predict=3, max_seq_len=32
+        )
+    )
     model = build_model(cfg, seed=3).eval().double()
     with torch.no_grad():  # a sharper target than at initialisation (the drafts stay near uniform)
         model.lm_head.weight.mul_(20)
@@ -140,8 +142,15 @@ def test_speculative_sampling_has_the_plain_sampling_distribution(temperature, t
     for draft_tokens in (2, 0):
         samples, accepted, drafted = [], 0, 0
         for _ in range(500):
-            out = generate(model, prompt.expand(8, -1), 4, temperature=temperature, top_k=top_k, generator=g,
-                           draft_tokens=draft_tokens)
+            out = generate(
+                model,
+                prompt.expand(8, -1),
+                4,
+                temperature=temperature,
+                top_k=top_k,
+                generator=g,
+                draft_tokens=draft_tokens,
+            )
             samples.append(out.tokens)
             accepted, drafted = accepted + out.accepted, drafted + out.drafted
         s = torch.cat(samples)
@@ -157,16 +166,31 @@ def test_speculative_sampling_has_the_plain_sampling_distribution(temperature, t
 
 
 def test_generate_cli_speculative_auto_and_off(tmp_path, data_cache, capsys):
-    from moe_arch.cli import main
-
     from conftest import trained_checkpoint
+
+    from moe_arch.cli import main
 
     ckpt, _ = trained_checkpoint(tmp_path, data_cache, steps=4)
     capsys.readouterr()  # the training run's output
     texts = {}
     for mode in ("auto", "off"):
-        assert main(["generate", str(ckpt), "--prompt", "The hacker", "--max-new-tokens", "20", "--temperature", "0",
-                     "--speculative", mode]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    str(ckpt),
+                    "--prompt",
+                    "The hacker",
+                    "--max-new-tokens",
+                    "20",
+                    "--temperature",
+                    "0",
+                    "--speculative",
+                    mode,
+                ]
+            )
+            == 0
+        )
         out = capsys.readouterr()
         texts[mode] = out.out
         if mode == "auto":

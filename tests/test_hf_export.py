@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, data_cache):
     from conftest import trained_checkpoint
+
     from moe_arch import cli
 
     root = tmp_path_factory.mktemp("hf_export")
@@ -40,17 +40,17 @@ def test_the_exported_folder_loads_in_transformers_with_our_logits(exported, mon
     ids = torch.tensor([tok("The router sends tokens to experts")["input_ids"]])
     assert ids.tolist()[0] == ours.tokenizer.encode("The router sends tokens to experts")
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, ours.model(ids, return_logits=True, mtp=False).logits,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            hf(ids).logits, ours.model(ids, return_logits=True, mtp=False).logits, rtol=1e-5, atol=1e-5
+        )
         out_hf = hf.generate(ids, max_new_tokens=6, do_sample=False)
         out_ours = ours.model.generate(ids, 6, temperature=0.0)
     assert out_hf.tolist() == out_ours.tolist()
     # The model code in the folder is the project's, imports made relative; no second copy to drift.
-    from moe_arch.hf.export import relative_imports
-
     from pathlib import Path
 
     import moe_arch.model.transformer as transformer_py
+    from moe_arch.hf.export import relative_imports
 
     assert (out / "transformer.py").read_text() == relative_imports(Path(transformer_py.__file__).read_text(), "t.py")
     assert "from .attention import Attention" in (out / "transformer.py").read_text()
@@ -62,9 +62,27 @@ def test_train_init_from_an_exported_folder(exported, tmp_path, capsys):
     from moe_arch.training.trainer import Trainer
 
     ckpt, out, cfg = exported
-    base = load_config("tiny", ["--train.out_dir", str(tmp_path), "--train.steps", "1", "--train.batch_size", "4",
-                                "--train.seq_len", "32", "--data.cache_dir", cfg.data.cache_dir, "--monitor.enabled",
-                                "false", "--train.eval_max_tokens", "256", "--train.sample_tokens", "0"])
+    base = load_config(
+        "tiny",
+        [
+            "--train.out_dir",
+            str(tmp_path),
+            "--train.steps",
+            "1",
+            "--train.batch_size",
+            "4",
+            "--train.seq_len",
+            "32",
+            "--data.cache_dir",
+            cfg.data.cache_dir,
+            "--monitor.enabled",
+            "false",
+            "--train.eval_max_tokens",
+            "256",
+            "--train.sample_tokens",
+            "0",
+        ],
+    )
     new, state = init_from_config(base, out)
     assert new.model == cfg.model and new.data.tokenizer == str(out)
     t = Trainer(new, init_state=state)

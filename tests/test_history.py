@@ -10,19 +10,37 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_arch.doctor.cli import run_analysis
 from moe_arch.doctor.curves import curve_findings
 from moe_arch.doctor.history import History, canonical, find_history, read_history
+from moe_arch.doctor.pipeline import DiagnoseOptions, diagnose
 
 
 # ------------------------------------------------------------------------------------------------ schema
-@pytest.mark.parametrize("name,expected", [
-    ("loss", "loss"), ("train/loss", "loss"), ("train_loss_step", "loss"), ("lm_loss", "lm_loss"),
-    ("eval_loss", "eval_loss"), ("val_loss", "eval_loss"), ("eval/loss", "eval_loss"),
-    ("learning_rate", "lr"), ("train/learning_rate", "lr"), ("lr-AdamW", "lr/AdamW"), ("lr_muon", "lr/muon"),
-    ("lr-AdamW/pg2", "lr/AdamW/pg2"), ("grad_norm", "grad_norm"), ("train/grad_norm", "grad_norm"),
-    ("tokens_per_s", "tokens_per_s"), ("clip_rate", "clip_rate"), ("moe_max_over_mean_L3", "moe_imbalance/L3"),
-    ("mod_selected_L1", "mod_fraction/L1"), ("mfu", None), ("epoch_time", None)])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("loss", "loss"),
+        ("train/loss", "loss"),
+        ("train_loss_step", "loss"),
+        ("lm_loss", "lm_loss"),
+        ("eval_loss", "eval_loss"),
+        ("val_loss", "eval_loss"),
+        ("eval/loss", "eval_loss"),
+        ("learning_rate", "lr"),
+        ("train/learning_rate", "lr"),
+        ("lr-AdamW", "lr/AdamW"),
+        ("lr_muon", "lr/muon"),
+        ("lr-AdamW/pg2", "lr/AdamW/pg2"),
+        ("grad_norm", "grad_norm"),
+        ("train/grad_norm", "grad_norm"),
+        ("tokens_per_s", "tokens_per_s"),
+        ("clip_rate", "clip_rate"),
+        ("moe_max_over_mean_L3", "moe_imbalance/L3"),
+        ("mod_selected_L1", "mod_fraction/L1"),
+        ("mfu", None),
+        ("epoch_time", None),
+    ],
+)
 def test_logger_names_map_onto_one_schema(name, expected):
     assert canonical(name) == expected
 
@@ -48,8 +66,9 @@ WARMUP_COSINE = [3e-4 * min(1, s / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.p
 def test_a_healthy_run_has_no_curve_finding():
     grad = [1.0 + 0.1 * math.sin(s) for s in STEPS]
     tps = [1000 + 10 * math.sin(s) for s in STEPS]
-    assert _causes(_h(STEPS, loss=HEALTHY_LOSS, lr=WARMUP_COSINE, grad_norm=grad, tokens_per_s=tps),
-                   vocab_size=64) == []
+    assert (
+        _causes(_h(STEPS, loss=HEALTHY_LOSS, lr=WARMUP_COSINE, grad_norm=grad, tokens_per_s=tps), vocab_size=64) == []
+    )
 
 
 def test_loss_at_ln_vocab_is_not_learning():
@@ -65,7 +84,7 @@ def test_eval_loss_at_the_unigram_entropy_is_not_learning():
 
 def test_divergence_names_the_first_bad_step():
     up = [HEALTHY_LOSS[i] if s < 150 else HEALTHY_LOSS[149] + (s - 150) * 0.05 for i, s in enumerate(STEPS)]
-    (cause, sev, first), = _causes(_h(STEPS, loss=up))
+    ((cause, sev, first),) = _causes(_h(STEPS, loss=up))
     assert cause == "divergence" and sev == "critical" and 150 < first < 200
     nan = HEALTHY_LOSS[:200] + [float("nan")] * 100
     assert _causes(_h(STEPS, loss=nan)) == [("divergence", "critical", 201)]
@@ -74,7 +93,7 @@ def test_divergence_names_the_first_bad_step():
 def test_spikes_recovered_or_not():
     spiky = list(HEALTHY_LOSS)
     spiky[100] += 3.0
-    f, = curve_findings(_h(STEPS, loss=spiky))
+    (f,) = curve_findings(_h(STEPS, loss=spiky))
     assert f.cause == "loss_spike" and f.evidence["first_step"] == 101 and f.evidence["n_unrecovered"] == 0
 
 
@@ -90,14 +109,14 @@ def test_plateau_while_the_lr_is_high():
 def test_learning_rate_schedule_anomalies():
     assert _causes(_h(STEPS, loss=HEALTHY_LOSS, lr=[0.0] * 300))[0][:2] == ("lr_schedule", "critical")
     rising = [3e-4 * s / 1000 for s in STEPS]  # warmup of 1000 steps in a 300-step run
-    f, = curve_findings(_h(STEPS, loss=HEALTHY_LOSS, lr=rising))
+    (f,) = curve_findings(_h(STEPS, loss=HEALTHY_LOSS, lr=rising))
     assert f.evidence["issue"] == "warmup_longer_than_run"
     groups = _h(STEPS, loss=HEALTHY_LOSS, **{"lr_muon": WARMUP_COSINE, "lr_adamw": [x * 1e-4 for x in WARMUP_COSINE]})
     assert [f.evidence["issue"] for f in curve_findings(groups)] == ["group_ratio"]
 
 
 def test_gradient_norm_exploding_and_always_clipped():
-    grow = [0.5 * 1.03 ** s for s in STEPS]
+    grow = [0.5 * 1.03**s for s in STEPS]
     assert [f.evidence["issue"] for f in curve_findings(_h(STEPS, loss=HEALTHY_LOSS, grad_norm=grow))] == ["exploding"]
     clipped = curve_findings(_h(STEPS, loss=HEALTHY_LOSS, grad_norm=[50.0] * 300), grad_clip=1.0)
     assert curve_findings(_h(STEPS, loss=HEALTHY_LOSS, grad_norm=[1.8] * 300), grad_clip=1.0) == []  # ordinary
@@ -106,12 +125,13 @@ def test_gradient_norm_exploding_and_always_clipped():
 
 def test_throughput_collapse_and_routing_drift():
     tps = [1000.0] * 150 + [400.0] * 150
-    f, = curve_findings(_h(STEPS, loss=HEALTHY_LOSS, tokens_per_s=tps))
+    (f,) = curve_findings(_h(STEPS, loss=HEALTHY_LOSS, tokens_per_s=tps))
     assert f.cause == "throughput_collapse" and f.evidence["first_step"] == 151
     moe = [1.1 + 3.0 * s / 300 for s in STEPS]
     mod = [0.75 - 0.3 * s / 300 for s in STEPS]
-    found = curve_findings(_h(STEPS, loss=HEALTHY_LOSS, moe_max_over_mean_L2=moe, mod_selected_L1=mod),
-                           n_experts=4, mod_capacity=0.75)
+    found = curve_findings(
+        _h(STEPS, loss=HEALTHY_LOSS, moe_max_over_mean_L2=moe, mod_selected_L1=mod), n_experts=4, mod_capacity=0.75
+    )
     assert sorted(f.cause for f in found) == ["mod_drift", "moe_collapse"]
 
 
@@ -123,9 +143,11 @@ def test_our_trainer_history_and_run_folder_report(small_cfg, tmp_path):
 
     from moe_arch.training.trainer import Trainer
 
-    cfg = replace(small_cfg, train=replace(small_cfg.train, steps=60, log_every=1, ckpt_every=60, tensorboard=True,
-                                           warmup_steps=0),
-                  optim=replace(small_cfg.optim, muon_lr=0.0, adamw_lr=0.0))
+    cfg = replace(
+        small_cfg,
+        train=replace(small_cfg.train, steps=60, log_every=1, ckpt_every=60, tensorboard=True, warmup_steps=0),
+        optim=replace(small_cfg.optim, muon_lr=0.0, adamw_lr=0.0),
+    )
     Trainer(cfg).run()
     run = tmp_path / "runs" / "t"
     assert find_history(run) == run / "metrics.jsonl"
@@ -134,7 +156,7 @@ def test_our_trainer_history_and_run_folder_report(small_cfg, tmp_path):
     assert any(n.startswith("lr/") for n in h.found()) and len(h.get("loss").values) == 60
     tb = read_history(run / "tensorboard")
     assert tb.format == "tensorboard" and tb.get("loss") is not None
-    d = run_analysis(str(run), probe=False)
+    d = diagnose(str(run), DiagnoseOptions(probe=False))
     causes = {f.cause for f in d.findings}
     assert {"not_learning", "lr_schedule", "zero_learning_rate"} <= causes, [(f.cause, f.summary) for f in d.findings]
     nl = next(f for f in d.findings if f.cause == "not_learning")
@@ -147,22 +169,29 @@ def test_hugging_face_output_dir_history_and_checkpoint(tmp_path):
     output_dir's report names the loss stuck at ln(vocab), and the checkpoint's zero learning rate."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from transformers import Trainer, TrainingArguments
-
     from arch_runs import VOCAB, Pattern, _build
+    from transformers import Trainer, TrainingArguments
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=60, per_device_train_batch_size=8, learning_rate=0.0,
-                             logging_steps=1, save_steps=60, report_to=["tensorboard"], use_cpu=True,
-                             disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=60,
+        per_device_train_batch_size=8,
+        learning_rate=0.0,
+        logging_steps=1,
+        save_steps=60,
+        report_to=["tensorboard"],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     Trainer(model=_build("llama"), args=args, train_dataset=Pattern(480)).train()
     assert find_history(tmp_path).name == "trainer_state.json"
     h = read_history(find_history(tmp_path))
     assert h.format == "hf-trainer-state" and {"loss", "lr", "grad_norm"} <= set(h.found())
     tb = read_history(tmp_path)  # the event files under output_dir
     assert tb.get("loss") is not None and len(tb.get("loss").values) == 60  # HF's TensorBoard writer: train/loss
-    d = run_analysis(str(tmp_path), probe=False)
+    d = diagnose(str(tmp_path), DiagnoseOptions(probe=False))
     assert d.checkpoint["path"].endswith("checkpoint-60")
     causes = [(f.cause, f.severity) for f in d.findings]
     assert ("not_learning", "critical") in causes and ("lr_schedule", "critical") in causes, causes
@@ -173,35 +202,43 @@ def test_lightning_csv_logger_divergence_and_history_only_folder(tmp_path):
     """Lightning's CSVLogger (and LearningRateMonitor): a learning rate far too high diverges; the log dir holds no
     checkpoint, so the verdict comes from the history alone and says what it could not check."""
     L = pytest.importorskip("lightning.pytorch")
+    from arch_runs import Pattern
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import CSVLogger
-
-    from arch_runs import Pattern
     from plain_runs import lightning_module
 
-    trainer = L.Trainer(max_steps=80, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=1,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[LearningRateMonitor()])
+    trainer = L.Trainer(
+        max_steps=80,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[LearningRateMonitor()],
+    )
     module = lightning_module(lambda m: torch.optim.SGD(m.parameters(), lr=50.0), log_name="train_loss")
     trainer.fit(module, torch.utils.data.DataLoader(Pattern(640), batch_size=8))
     metrics = find_history(tmp_path)
     assert metrics.name == "metrics.csv"
     h = read_history(metrics)
     assert h.format == "lightning-csv" and {"loss", "lr/SGD"} <= set(h.found()), (h.found(), h.unmapped)
-    d = run_analysis(str(tmp_path), probe=False)
+    d = diagnose(str(tmp_path), DiagnoseOptions(probe=False))
     assert d.checkpoint["format"].startswith("none") and d.inconclusive
     assert d.status == "critical" and d.findings[0].cause == "divergence", [(f.cause, f.summary) for f in d.findings]
 
 
 def test_logs_flag_and_unreadable_history_is_one_line(tmp_path, capsys):
-    from moe_arch.cli import main
-
     from plain_runs import train
+
+    from moe_arch.cli import main
 
     train(tmp_path)
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(json.dumps({"step": s, "loss": math.log(64)}) for s in range(1, 80)))
-    d = run_analysis(str(tmp_path / "final.pt"), against=str(tmp_path / "init.pt"), logs=str(log), probe=False)
+    d = diagnose(
+        str(tmp_path / "final.pt"), DiagnoseOptions(against=str(tmp_path / "init.pt"), logs=str(log), probe=False)
+    )
     assert d.to_json()["history"]["format"] == "jsonl" and "not_learning" in {f.cause for f in d.findings}
     (tmp_path / "bad.jsonl").write_text("not json\n")
     code = main(["diagnose", str(tmp_path / "final.pt"), "--logs", str(tmp_path / "bad.jsonl"), "--quiet"])
@@ -222,17 +259,30 @@ def _ours(small_cfg, steps: int = 100, patch=None, **train):
 
     optim = {k: train.pop(k) for k in ("muon_lr", "adamw_lr") if k in train}
     _RUNS.append(None)  # one run folder per call
-    cfg = replace(small_cfg, train=replace(small_cfg.train, **{"steps": steps, "log_every": 1, "ckpt_every": 0,
-                                                               "warmup_steps": 5, "run_name": f"run{len(_RUNS)}",
-                                                               **train}),
-                  optim=replace(small_cfg.optim, **optim))
+    cfg = replace(
+        small_cfg,
+        train=replace(
+            small_cfg.train,
+            **{
+                "steps": steps,
+                "log_every": 1,
+                "ckpt_every": 0,
+                "warmup_steps": 5,
+                "run_name": f"run{len(_RUNS)}",
+                **train,
+            },
+        ),
+        optim=replace(small_cfg.optim, **optim),
+    )
     trainer = Trainer(cfg)
     if patch:
         patch(trainer)
     trainer.run()
     h = read_history(find_history(Path(cfg.train.out_dir) / cfg.train.run_name))
-    return {f.cause: f.evidence["first_step"] for f in curve_findings(h, vocab_size=cfg.model.vocab_size,
-                                                                      grad_clip=cfg.train.grad_clip or None)}, h
+    return {
+        f.cause: f.evidence["first_step"]
+        for f in curve_findings(h, vocab_size=cfg.model.vocab_size, grad_clip=cfg.train.grad_clip or None)
+    }, h
 
 
 def test_ours_healthy_and_clipped_every_step(small_cfg):
@@ -265,6 +315,7 @@ def test_ours_divergence_repeated_batch_and_a_sleeping_loop(small_cfg):
             if trainer.step >= 50:
                 time.sleep(0.5)
             return batch(rank, world)
+
         trainer.sampler.batch = slow
 
     found, _ = _ours(small_cfg, patch=sleep_from_step_50)
@@ -274,17 +325,25 @@ def test_ours_divergence_repeated_batch_and_a_sleeping_loop(small_cfg):
 def _hf(tmp_path, lr: float, train_data, eval_data=None, steps: int = 80, callbacks=(), history=None, **args):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from transformers import Trainer, TrainingArguments
-
     from arch_runs import VOCAB, _build
+    from transformers import Trainer, TrainingArguments
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    targs = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
-                              learning_rate=lr, logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True,
-                              **{"report_to": [], **args})
-    trainer = Trainer(model=_build("llama"), args=targs, train_dataset=train_data, eval_dataset=eval_data,
-                      callbacks=list(callbacks))
+    targs = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=lr,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        **{"report_to": [], **args},
+    )
+    trainer = Trainer(
+        model=_build("llama"), args=targs, train_dataset=train_data, eval_dataset=eval_data, callbacks=list(callbacks)
+    )
     trainer.train()
     trainer.state.save_to_json(str(tmp_path / "trainer_state.json"))  # what a checkpoint-N/ folder holds
     torch.save(targs, tmp_path / "training_args.bin")  # as the Trainer's _save does, next to it
@@ -309,8 +368,9 @@ def test_hugging_face_healthy_divergent_and_repeated_batch_histories(tmp_path):
         def __getitem__(self, i):
             return Pattern(1)[0]
 
-    found, h = _hf(tmp_path / "repeated", 3e-3, OneExample(), Pattern(64), steps=120, eval_strategy="steps",
-                   eval_steps=10)
+    found, h = _hf(
+        tmp_path / "repeated", 3e-3, OneExample(), Pattern(64), steps=120, eval_strategy="steps", eval_steps=10
+    )
     assert "overfitting" in found, (found, h.get("eval_loss").values)
     ev = h.get("eval_loss")
     assert found["overfitting"] > ev.steps[min(range(len(ev.values)), key=ev.values.__getitem__)]
@@ -320,14 +380,14 @@ def test_the_history_replays_the_monitors_spike_rule_exactly():
     """One rule: the vectorised replay gives the live monitor's score (rules.spike_z) at every step."""
     import random
 
-    from moe_arch.doctor.curves import _spike_scores
+    from moe_arch.doctor.causes.curves import _spike_scores
     from moe_arch.doctor.rules import spike_z
 
     rng = random.Random(0)
     vals = [3.0 - s / 500 + rng.gauss(0, 0.05) + (2.0 if s in (90, 150) else 0.0) for s in range(300)]
     span = 40
     fast = _spike_scores(vals, span)
-    slow = [spike_z(vals[max(0, i - span):i], vals[i]) for i in range(len(vals))]
+    slow = [spike_z(vals[max(0, i - span) : i], vals[i]) for i in range(len(vals))]
     assert [a is None for a in fast] == [b is None for b in slow]
     assert all(a is None or abs(a - b) <= 1e-9 * max(1.0, abs(b)) for a, b in zip(fast, slow))
     assert [i for i, z in enumerate(fast) if z is not None and z > 6] == [90, 150]
@@ -339,9 +399,8 @@ def test_hugging_face_clip_every_step_and_a_sleeping_loop(tmp_path):
     the TensorBoard events' wall times (the Trainer logs no per-step throughput)."""
     import time
 
-    from transformers import TrainerCallback
-
     from arch_runs import Pattern
+    from transformers import TrainerCallback
 
     found, h = _hf(tmp_path / "clip", 3e-3, Pattern(640), max_grad_norm=1e-3)
     assert h.meta["grad_clip"] == 1e-3 and found == {"gradient_norm": h.get("grad_norm").steps[0]}, found
@@ -351,7 +410,14 @@ def test_hugging_face_clip_every_step_and_a_sleeping_loop(tmp_path):
             if state.global_step >= 40:
                 time.sleep(1.0)
 
-    found, h = _hf(tmp_path / "sleep", 3e-3, Pattern(480), steps=60, callbacks=[Sleep()], report_to=["tensorboard"],
-                   history=lambda p: p)
+    found, h = _hf(
+        tmp_path / "sleep",
+        3e-3,
+        Pattern(480),
+        steps=60,
+        callbacks=[Sleep()],
+        report_to=["tensorboard"],
+        history=lambda p: p,
+    )
     assert h.format == "tensorboard" and h.get("steps_per_s") is not None
     assert found.get("throughput_collapse") in (40, 41), found  # the log of step 40 comes after its sleep

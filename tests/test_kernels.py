@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import assert_within, causal_conv_silu_bounds, rms_norm_bounds, rope_bounds, swiglu_bounds
 
 from moe_arch.model import cpu_kernels, fused
-from numerics import assert_within, causal_conv_silu_bounds, rms_norm_bounds, rope_bounds, swiglu_bounds
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: the CPU kernels cannot be built")
 
@@ -64,8 +64,12 @@ def test_rms_norm_kernel_matches_torch(shape, threads, threading_path, kernel_is
     x = (torch.randn(shape, generator=gen) * 3).requires_grad_()
     w = (torch.rand(shape[-1], generator=gen) + 0.5).requires_grad_()
     calls = _uses_kernel(monkeypatch, "rmsnorm_backward")
-    _check(lambda a, b: fused.rms_norm(a, b, 1e-6),
-           lambda a, b: torch.nn.functional.rms_norm(a, (a.shape[-1],), eps=1e-6) * b, (x, w), rms_norm_bounds)
+    _check(
+        lambda a, b: fused.rms_norm(a, b, 1e-6),
+        lambda a, b: torch.nn.functional.rms_norm(a, (a.shape[-1],), eps=1e-6) * b,
+        (x, w),
+        rms_norm_bounds,
+    )
     assert calls, "the kernel path did not run"
 
 
@@ -80,8 +84,7 @@ def test_swiglu_kernel_matches_torch(shape, threads, threading_path, kernel_isa,
 
 
 @pytest.mark.parametrize("B, T, D, K", [(16, 128, 256, 4), (2, 5, 21, 3), (3, 2, 16, 4), (2, 9, 40, 1)])
-def test_causal_conv_silu_kernel_matches_torch_and_conv1d(B, T, D, K, threads, threading_path, kernel_isa,
-                                                          monkeypatch):
+def test_causal_conv_silu_kernel_matches_torch_and_conv1d(B, T, D, K, threads, threading_path, kernel_isa, monkeypatch):
     gen = torch.Generator().manual_seed(3)
     xz = torch.randn(B, T, 2 * D, generator=gen, requires_grad=True)  # x is a strided half, as in the Mamba layer
     w = torch.randn(K, D, generator=gen, requires_grad=True)
@@ -95,8 +98,12 @@ def test_causal_conv_silu_kernel_matches_torch_and_conv1d(B, T, D, K, threads, t
         y_bound, (gx, gw, gb) = causal_conv_silu_bounds(t.chunk(2, dim=-1)[0], p, q, g, conv_pre)
         return y_bound, [torch.cat((gx, torch.zeros_like(gx)), dim=-1), gw, gb]  # z's half gets no gradient
 
-    _check(lambda t, p, q: fused.causal_conv_silu(t.chunk(2, dim=-1)[0], p, q),
-           lambda t, p, q: F.silu(conv_pre(t.chunk(2, dim=-1)[0], p, q)), (xz, w, bias), bounds)
+    _check(
+        lambda t, p, q: fused.causal_conv_silu(t.chunk(2, dim=-1)[0], p, q),
+        lambda t, p, q: F.silu(conv_pre(t.chunk(2, dim=-1)[0], p, q)),
+        (xz, w, bias),
+        bounds,
+    )
     assert calls
 
 
@@ -124,8 +131,11 @@ def test_inference_calls_the_forward_kernels_directly(monkeypatch):
     x, w = torch.randn(3, 5, 16, generator=gen), torch.rand(16, generator=gen) + 0.5
     q = torch.randn(2, 4, 5, 16, generator=gen)
     cos, sin = torch.randn(5, 16, generator=gen), torch.randn(5, 16, generator=gen)
-    calls = (("rms_norm", lambda t: fused.rms_norm(t, w, 1e-6), x), ("swiglu", lambda t: fused.swiglu(t, t * 2), x),
-             ("rope", lambda t: fused.rope(t, cos, sin), q))
+    calls = (
+        ("rms_norm", lambda t: fused.rms_norm(t, w, 1e-6), x),
+        ("swiglu", lambda t: fused.swiglu(t, t * 2), x),
+        ("rope", lambda t: fused.rope(t, cos, sin), q),
+    )
     with_grad = {name: f(t.clone().requires_grad_()).detach() for name, f, t in calls}
     for cls in (fused._RMSNorm, fused._SwiGLU, fused._Rope):
         monkeypatch.setattr(cls, "apply", lambda *a: pytest.fail("autograd.Function used under no_grad"))
@@ -147,8 +157,7 @@ def test_library_shares_pytorchs_openmp_runtime():
 
 
 @pytest.mark.parametrize("B, H, T, D, per_row", [(16, 4, 128, 32, False), (3, 2, 5, 6, True), (2, 3, 7, 34, False)])
-def test_rope_kernel_matches_torch_on_qkv_views(B, H, T, D, per_row, threads, threading_path, kernel_isa,
-                                               monkeypatch):
+def test_rope_kernel_matches_torch_on_qkv_views(B, H, T, D, per_row, threads, threading_path, kernel_isa, monkeypatch):
     """q read in place out of a fused QKV projection (strided view), cos/sin shared [T, D] or per row [B, T, D]
     (Mixture-of-Depths gathers tokens with their own positions); the gradient lands back in the projection."""
     gen = torch.Generator().manual_seed(4)
@@ -158,7 +167,7 @@ def test_rope_kernel_matches_torch_on_qkv_views(B, H, T, D, per_row, threads, th
     calls = _uses_kernel(monkeypatch, "rope")
 
     def q_of(t):
-        return t[..., :H * D].view(B, T, H, D).transpose(1, 2)
+        return t[..., : H * D].view(B, T, H, D).transpose(1, 2)
 
     def bounds(t, g):
         y_bound, dq_bound = rope_bounds(q_of(t), cos, sin, g)
@@ -166,8 +175,12 @@ def test_rope_kernel_matches_torch_on_qkv_views(B, H, T, D, per_row, threads, th
         q_of(d_qkv).copy_(dq_bound)
         return y_bound, [d_qkv]
 
-    _check(lambda t: fused.rope(q_of(t), cos, sin),
-           lambda t: fused.rope_reference(q_of(t), cos.double(), sin.double()), (qkv,), bounds)
+    _check(
+        lambda t: fused.rope(q_of(t), cos, sin),
+        lambda t: fused.rope_reference(q_of(t), cos.double(), sin.double()),
+        (qkv,),
+        bounds,
+    )
     assert len(calls) == 2  # forward and backward
 
 

@@ -36,12 +36,22 @@ def test_long_sequences_stay_finite_with_large_decay():
     dt = dt * 20  # exp(dt * A) underflows to 0 for many steps: must not produce inf/nan
     y, h = selective_scan(u, dt, A, Bm, Cm)
     assert torch.isfinite(y).all() and torch.isfinite(h).all()
-    y_ref, _ = reference_scan(*(t[:, :300].double() for t in (u, dt)), A.double(), Bm[:, :300].double(),
-                              Cm[:, :300].double())
+    y_ref, _ = reference_scan(
+        *(t[:, :300].double() for t in (u, dt)), A.double(), Bm[:, :300].double(), Cm[:, :300].double()
+    )
     from numerics import assert_within, selective_scan_bounds
 
-    y_bound, _, _ = selective_scan_bounds(u[:, :300], dt[:, :300], A, Bm[:, :300], Cm[:, :300], None,
-                                          torch.zeros(u.shape[-1]), None, torch.zeros_like(u[:, :300]))
+    y_bound, _, _ = selective_scan_bounds(
+        u[:, :300],
+        dt[:, :300],
+        A,
+        Bm[:, :300],
+        Cm[:, :300],
+        None,
+        torch.zeros(u.shape[-1]),
+        None,
+        torch.zeros_like(u[:, :300]),
+    )
     assert_within(y[:, :300], y_ref, y_bound, "y")
 
 
@@ -64,8 +74,9 @@ def _gated_reference(u, dt, A, Bm, Cm, h0, D, z):
 
 
 @needs_kernel
-@pytest.mark.parametrize("B, L, D, N, with_h0", [(2, 37, 20, 5, False), (3, 50, 48, 16, True), (1, 1, 17, 16, True),
-                                                 (2, 64, 33, 64, False)])
+@pytest.mark.parametrize(
+    "B, L, D, N, with_h0", [(2, 37, 20, 5, False), (3, 50, 48, 16, True), (1, 1, 17, 16, True), (2, 64, 33, 64, False)]
+)
 def test_cpu_kernel_matches_the_recurrence_with_skip_and_gate(B, L, D, N, with_h0, kernel_isa):
     """float32 kernel on each SIMD path (odd channel counts exercise the partial lane block) against the float64
     recurrence, within the float32 error bounds of the scan and its gradients (tests/numerics.py)."""
@@ -84,8 +95,9 @@ def test_cpu_kernel_matches_the_recurrence_with_skip_and_gate(B, L, D, N, with_h
     y, h = selective_scan(*f32[:5], None if h0 is None else h0.float(), D=f32[5], z=f32[6])
     assert y.grad_fn is not None and type(y.grad_fn).__name__.startswith("CpuSelectiveScan")
     gy = torch.randn(y.shape, dtype=torch.float64, generator=g)
-    y_bound, h_bound, grad_bounds = selective_scan_bounds(*[t.detach() for t in f32[:5]], h0, f32[5].detach(),
-                                                          f32[6].detach(), gy)
+    y_bound, h_bound, grad_bounds = selective_scan_bounds(
+        *[t.detach() for t in f32[:5]], h0, f32[5].detach(), f32[6].detach(), gy
+    )
     assert_within(y.detach(), y_ref.detach(), y_bound, "y")
     assert_within(h, h_ref.detach(), h_bound, "h_last")
     grads_ref = torch.autograd.grad(y_ref, ins, gy)
@@ -114,8 +126,9 @@ def test_cpu_kernel_threads_agree(kernel_isa):
             results.append([y] + list(torch.autograd.grad(y.square().sum(), ins)))
     finally:
         torch.set_num_threads(old)
-    y_bound, _, grad_bounds = selective_scan_bounds(*[t.detach() for t in ins[:5]], None, Dp.detach(), z.detach(),
-                                                    2 * results[0][0].detach())
+    y_bound, _, grad_bounds = selective_scan_bounds(
+        *[t.detach() for t in ins[:5]], None, Dp.detach(), z.detach(), 2 * results[0][0].detach()
+    )
     bounds = [y_bound] + [grad_bounds[k] for k in ("u", "dt", "A", "B", "C", "D", "z")]
     for name, a, b, bound in zip(["y", "u", "dt", "A", "B", "C", "D", "z"], *results, bounds):
         assert_within(a.detach(), b.detach(), 2 * bound, name)

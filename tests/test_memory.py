@@ -8,15 +8,13 @@ import json
 
 import pytest
 import torch
+from conftest import skip_unless_bf16_attention_runs
 
 from moe_arch.cli import main
 from moe_arch.config import load_config
 from moe_arch.model import cpu_kernels
 from moe_arch.model.transformer import HybridLM, build_model
-from moe_arch.training.memory import (GiB, Numerics, block_activations, head_activations, measure_step_peak,
-                                     plan_memory)
-
-from conftest import skip_unless_bf16_attention_runs
+from moe_arch.training.memory import GiB, Numerics, block_activations, head_activations, measure_step_peak, plan_memory
 
 B, T = 4, 64
 
@@ -69,8 +67,10 @@ def test_activation_terms_match_what_autograd_saves(precision):
     assert total == pytest.approx(sum(measured.values()), rel=0.05)
 
 
-@pytest.mark.parametrize("precision,ckpt", [("fp32", "none"), ("bf16-compensated", "full"),
-                                            ("bf16-mixed", "selective"), ("fp32", "sequence")])
+@pytest.mark.parametrize(
+    "precision,ckpt",
+    [("fp32", "none"), ("bf16-compensated", "full"), ("bf16-mixed", "selective"), ("fp32", "sequence")],
+)
 def test_plan_matches_measured_peak_of_a_training_step(precision, ckpt):
     if precision.startswith("bf16"):
         skip_unless_bf16_attention_runs()
@@ -89,8 +89,9 @@ def test_sharding_checkpointing_and_the_largest_batch():
     assert "fsdp gathered" in eight.gb and "autocast bf16 weight copies" not in eight.gb  # FSDP gathers in bf16
     ddp = plan_memory(cfg, gpus=8, gpu_memory_gb=80, parallel="ddp")
     assert ddp.gb["ddp buckets"] == pytest.approx(one.gb["gradients"]) and ddp.peak_gb > one.peak_gb
-    kept = {c: plan_memory(cfg, checkpointing=c).gb["activations (kept)"]
-            for c in ("none", "sequence", "selective", "full")}
+    kept = {
+        c: plan_memory(cfg, checkpointing=c).gb["activations (kept)"] for c in ("none", "sequence", "selective", "full")
+    }
     assert kept["full"] < kept["selective"] < kept["none"] and kept["sequence"] < kept["none"]
     # Optimizer states follow the routing: Muon 1 buffer, AdamW 2, float32 under bf16-mixed.
     assert one.gb["optimizer states"] > one.gb["parameters"]

@@ -4,13 +4,12 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, small_overrides
 
 from moe_arch.config import ModelConfig, load_config
 from moe_arch.model.mod import causal_capacity_select
 from moe_arch.model.params import count_parameters
 from moe_arch.model.transformer import HybridLM, build_model, materialize
-
-from conftest import ROOT, small_overrides
 
 
 @pytest.fixture
@@ -55,7 +54,7 @@ def test_mod_selection_is_causal_and_near_capacity():
         assert torch.equal(causal_capacity_select(s2, 0.75)[:, :t], sel[:, :t])
     assert 0.74 <= sel.float().mean() <= 0.78
     # Decoding one position at a time with the past scores gives the same choices.
-    steps = [causal_capacity_select(s[:, t:t + 1], 0.75, s[:, :t]) for t in range(64)]
+    steps = [causal_capacity_select(s[:, t : t + 1], 0.75, s[:, :t]) for t in range(64)]
     assert torch.equal(torch.cat(steps, 1), sel[:, :64])
 
 
@@ -67,7 +66,7 @@ def test_cached_generation_equals_full_forward(model):
         caches = model.new_caches(2, 64)
         parts = [model.lm_head(model.hidden_states(tok[:, :11], caches=caches))]
         for p in range(11, 48):
-            parts.append(model.lm_head(model.hidden_states(tok[:, p:p + 1], caches=caches, start=p)))
+            parts.append(model.lm_head(model.hidden_states(tok[:, p : p + 1], caches=caches, start=p)))
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-4, atol=1e-4)
 
 
@@ -115,10 +114,18 @@ def test_loss_parts_are_reported_separately():
     model = build_model(cfg, seed=0)
     tok = torch.randint(0, 512, (2, 20 + 3), generator=torch.Generator().manual_seed(6))
     out = model(tok[:, :20], tok[:, 1:])
-    expected = out.lm_loss + cfg.mtp_loss_weight * torch.stack(out.mtp_losses).mean() + sum(
-        c * out.aux_losses[k] for k, c in (("moe_load_balance", cfg.router_aux_loss_coef),
-                                           ("moe_z_loss", cfg.router_z_loss_coef),
-                                           ("mod_router", cfg.mod_aux_loss_coef)))
+    expected = (
+        out.lm_loss
+        + cfg.mtp_loss_weight * torch.stack(out.mtp_losses).mean()
+        + sum(
+            c * out.aux_losses[k]
+            for k, c in (
+                ("moe_load_balance", cfg.router_aux_loss_coef),
+                ("moe_z_loss", cfg.router_z_loss_coef),
+                ("mod_router", cfg.mod_aux_loss_coef),
+            )
+        )
+    )
     torch.testing.assert_close(out.loss, expected)
     assert len(out.mtp_losses) == 2
     logits = model(tok[:, :20], return_logits=True).logits
@@ -163,8 +170,13 @@ def test_seed_3b_counts_match_the_seed_report():
 
 
 def test_info_cli_json():
-    out = subprocess.run([sys.executable, "-m", "moe_arch", "info", "seed-3b", "--json", "--optimizer"],
-                         capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "moe_arch", "info", "seed-3b", "--json", "--optimizer"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     info = json.loads(out.stdout)
     assert info["n_norms"] == 49 and info["total"] > 3e9
     opt = {p["name"]: p for p in info["optimizer"]}
@@ -176,8 +188,12 @@ def test_info_cli_json():
 
 
 def test_info_cli_bad_config_is_one_line_exit_2():
-    out = subprocess.run([sys.executable, "-m", "moe_arch", "info", "tiny", "--model.top_k", "9"],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "moe_arch", "info", "tiny", "--model.top_k", "9"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "model.top_k=9" in out.stderr
 
@@ -186,8 +202,9 @@ def _fused_head_against_float64(N, V, chunk, scale, int32_targets):
     """Loss and both gradients of the fused head against the float64 unfused loss, within the float32 error bound
     of the reductions involved (tests/numerics.py): the kernel's SIMD sums and the GEMMs' blocking differ between
     CPUs, so no fixed tolerance holds on all of them."""
-    from moe_arch.model.losses import linear_cross_entropy
     from numerics import assert_within, softmax_xent_bounds
+
+    from moe_arch.model.losses import linear_cross_entropy
 
     g = torch.Generator().manual_seed(N)
     h = (torch.randn(N, 16, generator=g) * scale).requires_grad_()

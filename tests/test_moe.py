@@ -1,17 +1,24 @@
 import pytest
 import torch
+from numerics import assert_within, moe_experts_bound
 
 from moe_arch.config import ModelConfig
 from moe_arch.model import moe as moe_mod
 from moe_arch.model.moe import MoE
 from moe_arch.model.transformer import Aux
 
-from numerics import assert_within, moe_experts_bound
-
 
 def make(E=6, k=2, balancing=False, seed=0):
-    cfg = ModelConfig(d_model=32, n_layers=1, moe_layers=[0], n_experts=E, top_k=k, d_ff_expert=48,
-                      router_bias_balancing=balancing, router_bias_update_rate=0.01)
+    cfg = ModelConfig(
+        d_model=32,
+        n_layers=1,
+        moe_layers=[0],
+        n_experts=E,
+        top_k=k,
+        d_ff_expert=48,
+        router_bias_balancing=balancing,
+        router_bias_update_rate=0.01,
+    )
     m = MoE(cfg, 0)
     m.init_weights(0.2, 0.2, torch.Generator().manual_seed(seed))
     return m
@@ -22,8 +29,9 @@ def dense_reference(m: MoE, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
     _, _, idx, w = m.route(flat)
     e = m.experts
-    h = (torch.nn.functional.silu(torch.einsum("nd,edf->enf", flat, e.w_gate))
-         * torch.einsum("nd,edf->enf", flat, e.w_up))
+    h = torch.nn.functional.silu(torch.einsum("nd,edf->enf", flat, e.w_gate)) * torch.einsum(
+        "nd,edf->enf", flat, e.w_up
+    )
     out = torch.einsum("enf,efd->end", h, e.w_down)  # [E, N, d]
     gate = torch.zeros(flat.shape[0], m.n_experts).scatter(1, idx, w)
     return torch.einsum("ne,end->nd", gate, out).reshape(x.shape)

@@ -2,11 +2,10 @@ import json
 
 import pytest
 import torch
+from plain_runs import train
 
 from moe_arch.config import MonitorConfig
 from moe_arch.doctor.monitor import CriticalAlert, Monitor
-
-from plain_runs import train
 
 CFG = MonitorConfig(interval=5, window=10)
 
@@ -17,10 +16,18 @@ def test_healthy_plain_loop_raises_no_alert(tmp_path):
     assert not (tmp_path / "alerts.jsonl").exists()
 
 
-@pytest.mark.parametrize("bug, severity", [("bf16", "critical"), ("not_in_optimizer", "critical"),
-                                           ("unused", "critical"), ("zero_lr", "critical"),
-                                           ("zero_grad_order", "critical"), ("dead_experts", "warning"),
-                                           ("excessive", "warning")])
+@pytest.mark.parametrize(
+    "bug, severity",
+    [
+        ("bf16", "critical"),
+        ("not_in_optimizer", "critical"),
+        ("unused", "critical"),
+        ("zero_lr", "critical"),
+        ("zero_grad_order", "critical"),
+        ("dead_experts", "warning"),
+        ("excessive", "warning"),
+    ],
+)
 def test_each_cause_is_caught_in_the_first_window(tmp_path, bug, severity):
     planted = train(tmp_path, bug, steps=20, monitor_config=CFG)
     alerts = planted["monitor"].alerts
@@ -39,8 +46,10 @@ def test_each_cause_is_caught_in_the_first_window(tmp_path, bug, severity):
 
 def test_bf16_alert_message_has_the_numbers(tmp_path):
     msg = train(tmp_path, "bf16", steps=10, monitor_config=CFG)["monitor"].alerts[0].message
-    assert msg.startswith("step 10: 3 tensors (blocks.*.norm.weight \u00d72, final_norm.weight) have not changed in "
-                          "10 optimizer steps: bfloat16 stores them")
+    assert msg.startswith(
+        "step 10: 3 tensors (blocks.*.norm.weight \u00d72, final_norm.weight) have not changed in "
+        "10 optimizer steps: bfloat16 stores them"
+    )
     assert "below half a ULP (3.9e-03)" in msg and "cause precision_underflow" in msg
 
 

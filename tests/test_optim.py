@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import small_overrides
 from torch import nn
 
 from moe_arch.config import Config, ModelConfig, OptimConfig, TrainConfig
@@ -7,12 +8,16 @@ from moe_arch.model.roles import named_parameter_roles
 from moe_arch.model.transformer import build_model
 from moe_arch.training.optim import build_optimizers, build_schedulers, lr_factor, plan_parameters
 
-from conftest import small_overrides
-
 EXPECTED = {  # role -> (optimizer, decays)
-    "embedding": ("adamw", True), "output_head": ("adamw", True), "norm": ("adamw", False),
-    "bias": ("adamw", False), "router": ("adamw", False), "conv": ("adamw", True), "ssm": ("adamw", False),
-    "hidden_matrix": ("muon", True), "expert_matrix": ("expert_muon", True),
+    "embedding": ("adamw", True),
+    "output_head": ("adamw", True),
+    "norm": ("adamw", False),
+    "bias": ("adamw", False),
+    "router": ("adamw", False),
+    "conv": ("adamw", True),
+    "ssm": ("adamw", False),
+    "hidden_matrix": ("muon", True),
+    "expert_matrix": ("expert_muon", True),
 }
 
 
@@ -133,8 +138,13 @@ def test_schedule_shapes():
 
 
 def test_group_lr_ratio_survives_warmup_schedule_and_resume():
-    cfg = Config.from_dict({"model": small_overrides(), "optim": {"muon_lr": 0.02, "adamw_lr": 0.004},
-                            "train": {"steps": 20, "warmup_steps": 5}})
+    cfg = Config.from_dict(
+        {
+            "model": small_overrides(),
+            "optim": {"muon_lr": 0.02, "adamw_lr": 0.004},
+            "train": {"steps": 20, "warmup_steps": 5},
+        }
+    )
 
     def make():
         model = build_model(cfg.model, seed=0)

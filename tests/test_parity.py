@@ -23,8 +23,15 @@ def test_attention_matches_llama_attention_gqa_rope():
 
     torch.manual_seed(0)
     B, T, d, H, KV, hd = 2, 24, 64, 4, 2, 16
-    hf_cfg = LlamaConfig(hidden_size=d, num_attention_heads=H, num_key_value_heads=KV, head_dim=hd,
-                         max_position_embeddings=128, rope_theta=10000.0, attention_bias=False)
+    hf_cfg = LlamaConfig(
+        hidden_size=d,
+        num_attention_heads=H,
+        num_key_value_heads=KV,
+        head_dim=hd,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        attention_bias=False,
+    )
     hf_cfg._attn_implementation = "eager"  # the reference math, not SDPA
     ref = LlamaAttention(hf_cfg, layer_idx=0)
     ours = Attention(ModelConfig(d_model=d, n_heads=H, n_kv_heads=KV, head_dim=hd), 0)
@@ -61,8 +68,9 @@ def test_moe_matches_mixtral_sparse_moe_block_top2():
 
     torch.manual_seed(0)
     d, f, E = 48, 80, 6
-    hf_cfg = MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=E, num_experts_per_tok=2,
-                           router_jitter_noise=0.0)
+    hf_cfg = MixtralConfig(
+        hidden_size=d, intermediate_size=f, num_local_experts=E, num_experts_per_tok=2, router_jitter_noise=0.0
+    )
     hf_cfg._experts_implementation = "eager"
     ref = MixtralSparseMoeBlock(hf_cfg)
     for p in ref.parameters():
@@ -92,14 +100,29 @@ def test_shared_and_fine_grained_experts_match_qwen2_moe_sparse_moe_block(gate):
 
     torch.manual_seed(0)
     d, f, E, k, S = 32, 16, 16, 4, 2
-    hf_cfg = Qwen2MoeConfig(hidden_size=d, moe_intermediate_size=f, num_experts=E, num_experts_per_tok=k,
-                            shared_expert_intermediate_size=S * f, norm_topk_prob=True, hidden_act="silu")
+    hf_cfg = Qwen2MoeConfig(
+        hidden_size=d,
+        moe_intermediate_size=f,
+        num_experts=E,
+        num_experts_per_tok=k,
+        shared_expert_intermediate_size=S * f,
+        norm_topk_prob=True,
+        hidden_act="silu",
+    )
     hf_cfg._experts_implementation = "eager"
     ref = Qwen2MoeSparseMoeBlock(hf_cfg)
     for p in ref.parameters():
         torch.nn.init.normal_(p, 0.0, 0.2)
-    cfg = ModelConfig(d_model=d, n_layers=1, moe_layers=[0], n_experts=E, top_k=k, d_ff_expert=f, n_shared_experts=S,
-                      shared_expert_gate=gate)
+    cfg = ModelConfig(
+        d_model=d,
+        n_layers=1,
+        moe_layers=[0],
+        n_experts=E,
+        top_k=k,
+        d_ff_expert=f,
+        n_shared_experts=S,
+        shared_expert_gate=gate,
+    )
     ours = MoE(cfg, 0)
     x = torch.randn(3, 17, d, requires_grad=True)
     _copy_routed_experts(ours, ref, f)
@@ -118,8 +141,13 @@ def test_shared_and_fine_grained_experts_match_qwen2_moe_sparse_moe_block(gate):
     y = ours(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y)
-    ref_w = [x, ref.gate.weight, ref.experts.down_proj, ref.shared_expert.down_proj.weight,
-             ref.shared_expert.gate_proj.weight]
+    ref_w = [
+        x,
+        ref.gate.weight,
+        ref.experts.down_proj,
+        ref.shared_expert.down_proj.weight,
+        ref.shared_expert.gate_proj.weight,
+    ]
     our_w = [x, ours.router.weight, ours.experts.w_down, ours.shared.w2.weight, ours.shared.w1.weight]
     if gate:
         ref_w.append(ref.shared_expert_gate.weight)
@@ -134,8 +162,18 @@ def test_info_counts_shared_experts_as_active():
     from moe_arch.model.params import count_parameters
     from moe_arch.model.transformer import build_model
 
-    base = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=64, moe_layers=[1], n_experts=8,
-                top_k=2, d_ff_expert=16)
+    base = dict(
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=64,
+        vocab_size=64,
+        moe_layers=[1],
+        n_experts=8,
+        top_k=2,
+        d_ff_expert=16,
+    )
     a = count_parameters(build_model(ModelConfig(**base), device="meta"))
     cfg = ModelConfig(**base, n_shared_experts=2)
     b = count_parameters(build_model(cfg, device="meta"))
@@ -151,11 +189,30 @@ def test_mamba_matches_hf_mamba_mixer_slow_path(T, chunk):
 
     torch.manual_seed(0)
     d, N, expand, k, rank = 32, 8, 2, 4, 4
-    hf_cfg = MambaConfig(hidden_size=d, state_size=N, expand=expand, conv_kernel=k, time_step_rank=rank,
-                         use_bias=False, use_conv_bias=True, use_mambapy=False)
+    hf_cfg = MambaConfig(
+        hidden_size=d,
+        state_size=N,
+        expand=expand,
+        conv_kernel=k,
+        time_step_rank=rank,
+        use_bias=False,
+        use_conv_bias=True,
+        use_mambapy=False,
+    )
     ref = MambaMixer(hf_cfg, layer_idx=0)
-    ours = Mamba(ModelConfig(d_model=d, n_layers=1, mamba_layers=[0], mamba_d_state=N, mamba_expand=expand,
-                             mamba_d_conv=k, mamba_dt_rank=rank, mamba_chunk_size=chunk), 0)
+    ours = Mamba(
+        ModelConfig(
+            d_model=d,
+            n_layers=1,
+            mamba_layers=[0],
+            mamba_d_state=N,
+            mamba_expand=expand,
+            mamba_d_conv=k,
+            mamba_dt_rank=rank,
+            mamba_chunk_size=chunk,
+        ),
+        0,
+    )
     ours.init_weights(0.1, 0.1, torch.Generator().manual_seed(1))
     ref.load_state_dict(ours.state_dict())  # identical names and shapes by design
     ref.train()

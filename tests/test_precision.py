@@ -1,11 +1,10 @@
 import torch
+from test_checkpoint import losses, stop_after, with_train
 
+from moe_arch.checkpoint import load_checkpoint
 from moe_arch.config import Config
-from moe_arch.training.checkpoint import load_checkpoint
 from moe_arch.training.precision import CompensatedUpdates, preflight
 from moe_arch.training.trainer import Trainer
-
-from test_checkpoint import losses, stop_after, with_train
 
 SEED_OPTIM = {"muon_lr": 1e-3, "adamw_lr": 3e-4}  # the seed report's settings
 
@@ -95,9 +94,23 @@ def test_bf16_autocast_runs_mod_on_every_block_kind():
     from moe_arch.config import ModelConfig
     from moe_arch.model.transformer import build_model
 
-    cfg = ModelConfig(vocab_size=128, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=64,
-                      moe_layers=[2, 3], n_experts=4, top_k=2, d_ff_expert=32, mamba_layers=[1, 3],
-                      mod_layers=[0, 1, 2, 3], mod_capacity=0.5, n_predict=2)
+    cfg = ModelConfig(
+        vocab_size=128,
+        d_model=32,
+        n_layers=4,
+        n_heads=2,
+        n_kv_heads=1,
+        d_ff=64,
+        max_seq_len=64,
+        moe_layers=[2, 3],
+        n_experts=4,
+        top_k=2,
+        d_ff_expert=32,
+        mamba_layers=[1, 3],
+        mod_layers=[0, 1, 2, 3],
+        mod_capacity=0.5,
+        n_predict=2,
+    )
     model = build_model(cfg, seed=0).train()
     tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     targets = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(1))

@@ -10,8 +10,15 @@ from moe_arch.model.mod import causal_capacity_select
 
 
 @settings(max_examples=40, deadline=None)
-@given(B=st.integers(1, 3), L=st.integers(1, 40), D=st.integers(1, 5), N=st.integers(1, 4), chunk=st.integers(0, 12),
-       with_h0=st.booleans(), seed=st.integers(0, 2 ** 16))
+@given(
+    B=st.integers(1, 3),
+    L=st.integers(1, 40),
+    D=st.integers(1, 5),
+    N=st.integers(1, 4),
+    chunk=st.integers(0, 12),
+    with_h0=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_chunked_scan_matches_the_recurrence_for_any_shape_and_chunk(B, L, D, N, chunk, with_h0, seed):
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(B, L, D, dtype=torch.float64, generator=g)
@@ -27,8 +34,13 @@ def test_chunked_scan_matches_the_recurrence_for_any_shape_and_chunk(B, L, D, N,
 
 
 @settings(max_examples=60, deadline=None)
-@given(T=st.integers(1, 64), capacity=st.floats(0.05, 1.0), cut=st.integers(0, 63), seed=st.integers(0, 2 ** 16),
-       ties=st.booleans())
+@given(
+    T=st.integers(1, 64),
+    capacity=st.floats(0.05, 1.0),
+    cut=st.integers(0, 63),
+    seed=st.integers(0, 2**16),
+    ties=st.booleans(),
+)
 def test_mod_selection_never_depends_on_later_tokens(T, capacity, cut, seed, ties):
     g = torch.Generator().manual_seed(seed)
     scores = torch.randn(2, T, generator=g)

@@ -23,8 +23,10 @@ pa = pytest.importorskip("pyarrow")
 datasets = pytest.importorskip("datasets")
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [f"Document {i}: the router sends token {i % 7} to expert {i % 5}; the norm weight moves by {i} ulp."
-        for i in range(240)]
+DOCS = [
+    f"Document {i}: the router sends token {i % 7} to expert {i % 5}; the norm weight moves by {i} ulp."
+    for i in range(240)
+]
 
 
 @pytest.fixture(autouse=True)
@@ -70,9 +72,9 @@ def _write_sources(root: Path) -> dict[str, str]:
     src["folder"] = str(parts)
     datasets.Dataset.from_dict({"body": DOCS}).save_to_disk(str(root / "saved"))
     src["saved"] = str(root / "saved")
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": DOCS}),
-                          "test": datasets.Dataset.from_dict({"body": DOCS[:10]})}).save_to_disk(
-        str(root / "saveddict"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"body": DOCS}), "test": datasets.Dataset.from_dict({"body": DOCS[:10]})}
+    ).save_to_disk(str(root / "saveddict"))
     src["saved dict"] = str(root / "saveddict")
     return src
 
@@ -117,8 +119,12 @@ def test_hf_sources_load_dataset_streaming_and_config(tmp_path):
     with pytest.raises(DataError, match=r"could not load the dataset.*data.hf_config and data.split"):
         list(Corpus("hf:surely-not-a-local-dataset-xyz").documents())
     # Preparing from a stream with a token cap.
-    d = prepare_data(DataConfig(source=f"hf:{folder}", text_field="body", streaming=True, max_tokens=2000,
-                                cache_dir=str(tmp_path / "c")), 300)
+    d = prepare_data(
+        DataConfig(
+            source=f"hf:{folder}", text_field="body", streaming=True, max_tokens=2000, cache_dir=str(tmp_path / "c")
+        ),
+        300,
+    )
     assert d.meta["capped"] and 2000 <= d.meta["train_tokens"] + d.meta["val_tokens"] < 2000 + 60
 
 
@@ -126,8 +132,16 @@ def test_prepared_tokens_equal_a_direct_encoding_across_shards(tmp_path, bpe):
     """Shards are one stream: reading across their boundaries gives the tokens of encoding every document."""
     src = _write_sources(tmp_path)
     tok = TextTokenizer.load(bpe)
-    d = prepare_data(DataConfig(source=src["parquet"], text_field="body", tokenizer=str(bpe), shard_tokens=1024,
-                                cache_dir=str(tmp_path / "c")), 0)
+    d = prepare_data(
+        DataConfig(
+            source=src["parquet"],
+            text_field="body",
+            tokenizer=str(bpe),
+            shard_tokens=1024,
+            cache_dir=str(tmp_path / "c"),
+        ),
+        0,
+    )
     assert len(d.meta["train_shards"]) > 3
     from moe_arch.data.dataset import _is_val
 
@@ -138,7 +152,7 @@ def test_prepared_tokens_equal_a_direct_encoding_across_shards(tmp_path, bpe):
     # Slices that cross a shard boundary.
     a = np.asarray(want["train"])
     for s in (1000, 1023, 2040, 3070):
-        assert np.array_equal(d.train[s:s + 50], a[s:s + 50])
+        assert np.array_equal(d.train[s : s + 50], a[s : s + 50])
     assert d.train[1024] == a[1024] and d.train[-1] == a[-1]
 
 
@@ -151,8 +165,9 @@ def test_a_large_text_file_streams_in_pieces_with_one_end_of_document(tmp_path, 
     items = list(Corpus(str(tmp_path / "book.txt")).documents())
     assert len(items) > 10 and "".join(items) == text
     assert all(isinstance(p, corpus_mod.Piece) for p in items[:-1]) and not isinstance(items[-1], corpus_mod.Piece)
-    d = prepare_data(DataConfig(source=str(tmp_path / "book.txt"), tokenizer=str(bpe),
-                                cache_dir=str(tmp_path / "c")), 0)
+    d = prepare_data(
+        DataConfig(source=str(tmp_path / "book.txt"), tokenizer=str(bpe), cache_dir=str(tmp_path / "c")), 0
+    )
     tok = TextTokenizer.load(bpe)
     stream = np.concatenate([np.asarray(d.train), np.asarray(d.val)])
     assert d.meta["split"] == "tail" and int((stream == tok.eos_id).sum()) == 1 and stream[-1] == tok.eos_id
@@ -164,8 +179,9 @@ def test_an_interrupted_build_resumes_and_equals_an_uninterrupted_one(tmp_path, 
 
     src = _write_sources(tmp_path)
     monkeypatch.setattr(ds_mod, "BATCH_DOCS", 16)
-    cfg = DataConfig(source=src["parquet"], text_field="body", tokenizer=str(bpe), shard_tokens=2048,
-                     cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(
+        source=src["parquet"], text_field="body", tokenizer=str(bpe), shard_tokens=2048, cache_dir=str(tmp_path / "c")
+    )
     real = ds_mod._ShardWriter.sync
     calls = {"n": 0}
 
@@ -195,17 +211,21 @@ def test_an_interrupted_build_resumes_and_equals_an_uninterrupted_one(tmp_path, 
     assert resumed.meta["train_docs"] == fresh.meta["train_docs"] and not (cache / "progress.json").exists()
 
 
-@pytest.mark.parametrize("case, match", [
-    (dict(source="no/such/x.parquet"), "no such file or folder"),
-    (dict(max_tokens=-1), "data.max_tokens.*must be >= 0"),
-    (dict(hf_config="sample-10BT"), "data.hf_config.*applies to hf: sources only"),
-    (dict(source="hf:a:b:c:d"), "expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        (dict(source="no/such/x.parquet"), "no such file or folder"),
+        (dict(max_tokens=-1), "data.max_tokens.*must be >= 0"),
+        (dict(hf_config="sample-10BT"), "data.hf_config.*applies to hf: sources only"),
+        (dict(source="hf:a:b:c:d"), "expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT"),
+    ],
+)
 def test_bad_data_settings_name_the_field(tmp_path, case, match):
     from moe_arch.config import ConfigError
 
     with pytest.raises((DataError, ConfigError), match=match):
         prepare_data(DataConfig(cache_dir=str(tmp_path), **case), 300)
+
 
 # ---------------------------------------------------------------------------------------------- tokenizers
 def _gpt2_style_folder(root: Path) -> Path:
@@ -214,13 +234,25 @@ def _gpt2_style_folder(root: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(DOCS, trainers.BpeTrainer(vocab_size=350, special_tokens=["<|endoftext|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        DOCS,
+        trainers.BpeTrainer(
+            vocab_size=350, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     root.mkdir()
     tok.save(str(root / "tokenizer.json"))
-    (root / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "model_max_length": 1024}))
+    (root / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "GPT2Tokenizer",
+                "bos_token": "<|endoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "model_max_length": 1024,
+            }
+        )
+    )
     return root
 
 
@@ -230,29 +262,42 @@ def _llama_style_folder(root: Path) -> Path:
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     specials = ["<unk>", "<s>", "</s>"]
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     tok.train_from_iterator(DOCS, trainers.BpeTrainer(vocab_size=500, special_tokens=specials + byte_tokens))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     root.mkdir()
     tok.save(str(root / "tokenizer.json"))
-    (root / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizerFast", "add_bos_token": True, "add_eos_token": False,
-        "bos_token": {"content": "<s>", "special": True}, "eos_token": {"content": "</s>", "special": True},
-        "unk_token": {"content": "<unk>", "special": True}}))
-    (root / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                              "unk_token": "<unk>"}))
+    (root / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizerFast",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "bos_token": {"content": "<s>", "special": True},
+                "eos_token": {"content": "</s>", "special": True},
+                "unk_token": {"content": "<unk>", "special": True},
+            }
+        )
+    )
+    (root / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    )
     return root
 
 
 def test_tokenizer_folders_take_their_special_tokens_from_their_config(tmp_path):
     from transformers import AutoTokenizer
 
-    for folder, bos in ((_gpt2_style_folder(tmp_path / "gpt2"), False),
-                        (_llama_style_folder(tmp_path / "llama"), True)):
+    for folder, bos in (
+        (_gpt2_style_folder(tmp_path / "gpt2"), False),
+        (_llama_style_folder(tmp_path / "llama"), True),
+    ):
         ours = TextTokenizer.load(folder)
         hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         assert ours.eos_id == hf.eos_token_id and ours.eos_token == hf.eos_token
@@ -281,29 +326,33 @@ def test_tokenizer_folders_take_their_special_tokens_from_their_config(tmp_path)
     (slow / "tokenizer.json").unlink(missing_ok=True)
     if (slow / "vocab.json").exists():
         conv = TextTokenizer.load(slow)
-        assert conv.eos_token == "<|endoftext|>" and (conv.encode(DOCS[5])
-                                                      == TextTokenizer.load(tmp_path / "gpt2").encode(DOCS[5]))
+        assert conv.eos_token == "<|endoftext|>" and (
+            conv.encode(DOCS[5]) == TextTokenizer.load(tmp_path / "gpt2").encode(DOCS[5])
+        )
 
 
 def test_the_model_vocabulary_follows_a_given_tokenizer(tmp_path, data_cache):
     from moe_arch.config import ConfigError
-    from moe_arch.training.trainer import follow_tokenizer
+    from moe_arch.training.trainer import resolve_config
 
     folder = _llama_style_folder(tmp_path / "llama")
     tok = TextTokenizer.load(folder)
     assert tok.vocab_size == 500 and padded_vocab(500) == 512
     cfg = load_config("tiny", ["--data.tokenizer", str(folder)])
-    assert cfg.model.vocab_size == 4096 and follow_tokenizer(cfg, tok).model.vocab_size == 512
+    assert cfg.model.vocab_size == 4096 and resolve_config(cfg, tok).model.vocab_size == 512
     cfg = load_config("tiny", ["--data.tokenizer", str(folder), "--model.vocab_size", "512"])
-    assert follow_tokenizer(cfg, tok).model.vocab_size == 512
+    assert resolve_config(cfg, tok).model.vocab_size == 512
     cfg = load_config("tiny", ["--data.tokenizer", str(folder), "--model.vocab_size", "4096"])
-    with pytest.raises(ConfigError, match=r"model.vocab_size=4096 was set by hand, but data.tokenizer=.* has 500 "
-                                          r"tokens \(the model needs 512.*set it to 512"):
-        follow_tokenizer(cfg, tok)
+    with pytest.raises(
+        ConfigError,
+        match=r"model.vocab_size=4096 was set by hand, but data.tokenizer=.* has 500 "
+        r"tokens \(the model needs 512.*set it to 512",
+    ):
+        resolve_config(cfg, tok)
     # In a YAML file of the user's (starting from a preset) it is set by hand too; in the preset itself it is not.
     (tmp_path / "my.yaml").write_text(f"preset: tiny\nmodel: {{vocab_size: 1000}}\ndata: {{tokenizer: {folder}}}\n")
     with pytest.raises(ConfigError, match="model.vocab_size=1000 was set by hand"):
-        follow_tokenizer(load_config(str(tmp_path / "my.yaml")), tok)
+        resolve_config(load_config(str(tmp_path / "my.yaml")), tok)
 
 
 # ---------------------------------------------------------------------------------------------- bounded memory
@@ -315,8 +364,24 @@ def test_preparing_a_corpus_several_times_larger_than_an_rss_cap(tmp_path):
     cap_mb = 32
     corpus = tmp_path / "big.jsonl"
     rng = np.random.default_rng(0)
-    words = ["expert", "router", "token", "norm", "weight", "mamba", "state", "depth", "gate", "loss", "the", "a",
-             "of", "to", "and", "step"]
+    words = [
+        "expert",
+        "router",
+        "token",
+        "norm",
+        "weight",
+        "mamba",
+        "state",
+        "depth",
+        "gate",
+        "loss",
+        "the",
+        "a",
+        "of",
+        "to",
+        "and",
+        "step",
+    ]
     with open(corpus, "w") as f:
         size = 0
         while size < 4 * cap_mb << 20:
@@ -325,8 +390,9 @@ def test_preparing_a_corpus_several_times_larger_than_an_rss_cap(tmp_path):
             size += len(lines) * 16
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words + ["<unk>", "<|endoftext|>"])},
-                                     unk_token="<unk>"))
+    tok = Tokenizer(
+        models.WordLevel({w: i for i, w in enumerate(words + ["<unk>", "<|endoftext|>"])}, unk_token="<unk>")
+    )
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(tmp_path / "tok.json"))
     script = f"""
@@ -335,15 +401,20 @@ import psutil
 from moe_arch.config import DataConfig
 from moe_arch.data.dataset import prepare_data
 base = psutil.Process().memory_info().rss
-d = prepare_data(DataConfig(source={str(corpus)!r}, tokenizer={str(tmp_path / 'tok.json')!r}, shard_tokens=1 << 22,
-                            cache_dir={str(tmp_path / 'cache')!r}), 0, log=lambda *a: None)
+d = prepare_data(DataConfig(source={str(corpus)!r}, tokenizer={str(tmp_path / "tok.json")!r}, shard_tokens=1 << 22,
+                            cache_dir={str(tmp_path / "cache")!r}), 0, log=lambda *a: None)
 # VmHWM: this process's own peak (ru_maxrss would carry over the forking parent's peak across exec).
 peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(json.dumps({{"base": base, "peak": peak, "tokens": d.meta["train_tokens"] + d.meta["val_tokens"],
                   "shards": len(d.meta["train_shards"])}}))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     grew = (r["peak"] - r["base"]) / 2**20
@@ -378,13 +449,27 @@ def test_eval_reproduces_the_in_training_validation_loss(small_cfg, tmp_path, ca
     from moe_arch.data.dataset import prepare_data as prep
 
     val_tokens = np.asarray(prep(cfg.data, cfg.model.vocab_size, log=lambda *a: None).val)
-    targets = [t for t in val_tokens[1:1 + out["tokens"]].tolist() if t != tok.eos_id]
+    targets = [t for t in val_tokens[1 : 1 + out["tokens"]].tolist() if t != tok.eos_id]
     assert out["bytes"] == len(tok.tok.decode(targets).encode("utf-8"))
     # Another source, every token once: a JSONL file of the same kind of text.
     js = tmp_path / "other.jsonl"
     js.write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS))
-    assert cli.main(["eval", str(final), "--data", str(js), "--data.text_field", "body", "--quiet",
-                     "--json", str(tmp_path / "e.json")]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                str(final),
+                "--data",
+                str(js),
+                "--data.text_field",
+                "body",
+                "--quiet",
+                "--json",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     other = json.loads(capsys.readouterr().out)
     n_tokens = sum(len(tok.encode(d)) + 1 for d in DOCS)
     assert other["split"] == "all" and json.loads((tmp_path / "e.json").read_text()) == other

@@ -6,14 +6,32 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 
 def reproduce(tmp_path: Path, precision: str, data_cache: str):
-    out = subprocess.run([sys.executable, "-m", "moe_arch", "reproduce-seed", "--precision", precision, "--steps", "30",
-                          "--out", str(tmp_path), "--data.cache_dir", data_cache, "--train.progress", "plain"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_arch",
+            "reproduce-seed",
+            "--precision",
+            precision,
+            "--steps",
+            "30",
+            "--out",
+            str(tmp_path),
+            "--data.cache_dir",
+            data_cache,
+            "--train.progress",
+            "plain",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / f"seed-{precision}"
     diag = json.loads((run / "diagnosis" / "diagnosis.json").read_text())
@@ -37,7 +55,7 @@ def test_reproduce_seed_bf16_pure_then_bf16_mixed(tmp_path, data_cache):
     assert [f["cause"] for f in crit] == ["precision_underflow"]
     assert sum(t.endswith("norm.weight") for t in crit[0]["tensors"]) == n_norms
     assert crit[0]["evidence"]["unchanged_since_reference"] is True
-    assert crit[0]["evidence"]["half_ulp_at_1.0"] == 2 ** -8
+    assert crit[0]["evidence"]["half_ulp_at_1.0"] == 2**-8
     assert f"RMSNorm weights: 0 of {n_norms} moved since step 0" in stdout
 
     stdout, diag, alerts = reproduce(tmp_path, "bf16-mixed", data_cache)

@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
+from test_checkpoint import with_train
 
 from moe_arch.config import Config
 from moe_arch.training.trainer import NonFiniteLossError, Trainer
-
-from conftest import ROOT
-from test_checkpoint import with_train
 
 
 def rows(run_dir: Path, kind="train"):
@@ -25,10 +24,28 @@ def test_tokens_seen_and_metrics(small_cfg):
     m = rows(run)
     assert [x["step"] for x in m] == [2, 4]
     last = m[-1]
-    for key in ("loss", "lm_loss", "mtp_loss", "aux_moe_load_balance", "aux_moe_z_loss", "aux_mod_router",
-                "lr_muon", "lr_expert_muon", "lr_adamw_0", "lr_adamw_1", "grad_norm", "grad_norm_muon",
-                "grad_norm_adamw", "clip_rate", "tokens_per_s", "mfu", "mod_selected_L1", "mod_weight_std_L3",
-                "moe_max_over_mean_L1", "moe_load_L3"):
+    for key in (
+        "loss",
+        "lm_loss",
+        "mtp_loss",
+        "aux_moe_load_balance",
+        "aux_moe_z_loss",
+        "aux_mod_router",
+        "lr_muon",
+        "lr_expert_muon",
+        "lr_adamw_0",
+        "lr_adamw_1",
+        "grad_norm",
+        "grad_norm_muon",
+        "grad_norm_adamw",
+        "clip_rate",
+        "tokens_per_s",
+        "mfu",
+        "mod_selected_L1",
+        "mod_weight_std_L3",
+        "moe_max_over_mean_L1",
+        "moe_load_L3",
+    ):
         assert key in last, key
     assert last["tokens_seen"] == r.tokens_seen
     assert sum(last["moe_load_L1"]) == pytest.approx(1.0, abs=1e-3)
@@ -50,8 +67,11 @@ def test_gradient_accumulation_matches_a_bigger_batch(small_cfg):
         grads = {}
         names = {id(p): n for n, p in trainer.raw_model.named_parameters()}
         for opt in trainer.optimizers.values():
-            opt.register_step_pre_hook(lambda o, args, kw: grads.update(
-                {names[id(p)]: p.grad.clone() for g in o.param_groups for p in g["params"]}))
+            opt.register_step_pre_hook(
+                lambda o, args, kw: grads.update(
+                    {names[id(p)]: p.grad.clone() for g in o.param_groups for p in g["params"]}
+                )
+            )
         return grads
 
     a, b = make(8, 1, "a"), make(4, 2, "b")
@@ -123,22 +143,51 @@ def test_cli_train_smoke_and_plain_progress(small_cfg, tmp_path):
 
     cfg = with_train(small_cfg, steps=3, log_every=1, sample_tokens=8)
     save_config(cfg, tmp_path / "c.yaml")
-    out = subprocess.run([sys.executable, "-m", "moe_arch", "train", str(tmp_path / "c.yaml")], capture_output=True,
-                         text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "moe_arch", "train", str(tmp_path / "c.yaml")], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "step 3/3 | loss" in out.stdout
     assert "validation: loss" in out.stdout and "perplexity" in out.stdout and "sample: " in out.stdout
-    gen = subprocess.run([sys.executable, "-m", "moe_arch", "generate",
-                          str(Path(cfg.train.out_dir) / "t" / "checkpoints" / "final.pt"), "--prompt", "The",
-                          "--max-new-tokens", "5", "--temperature", "0"], capture_output=True, text=True, cwd=ROOT)
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_arch",
+            "generate",
+            str(Path(cfg.train.out_dir) / "t" / "checkpoints" / "final.pt"),
+            "--prompt",
+            "The",
+            "--max-new-tokens",
+            "5",
+            "--temperature",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert gen.stdout.startswith("The")
 
 
 def test_missing_data_is_a_one_line_error_exit_2(tmp_path):
     # its own out_dir: the checkout's runs/ may hold a `make train` run, whose folder a fresh start may not reuse
-    out = subprocess.run([sys.executable, "-m", "moe_arch", "train", "--data.source", str(tmp_path / "none.txt"),
-                          "--train.out_dir", str(tmp_path / "runs")], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_arch",
+            "train",
+            "--data.source",
+            str(tmp_path / "none.txt"),
+            "--train.out_dir",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 2
     assert out.stderr.startswith("error: data.source=") and out.stderr.count("\n") == 1
 
@@ -146,8 +195,13 @@ def test_missing_data_is_a_one_line_error_exit_2(tmp_path):
 @pytest.mark.slow
 def test_default_training_beats_the_unigram_baseline(tmp_path):
     """`moe-arch train` with no arguments (the tiny preset on the embedded corpus), as the README runs it."""
-    out = subprocess.run([sys.executable, "-m", "moe_arch", "train", "--train.out_dir", str(tmp_path)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    out = subprocess.run(
+        [sys.executable, "-m", "moe_arch", "train", "--train.out_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=1800,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     ev = rows(tmp_path / "tiny", "eval")[-1]
     assert ev["val_loss"] < ev["unigram_loss"] - 1.5, ev
@@ -160,8 +214,23 @@ def test_wandb_requested_but_missing_is_a_one_line_error(tmp_path):
 
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")
-    out = subprocess.run([sys.executable, "-m", "moe_arch", "train", "--train.wandb", "true", "--train.steps", "1",
-                          "--train.out_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_arch",
+            "train",
+            "--train.wandb",
+            "true",
+            "--train.steps",
+            "1",
+            "--train.out_dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 2 and "train.wandb=true: the wandb package is not installed" in out.stderr
     assert out.stderr.count("\n") == 1
 

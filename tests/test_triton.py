@@ -25,11 +25,19 @@ import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 
+from numerics import (  # noqa: E402
+    assert_within,
+    causal_conv_silu_bounds,
+    rms_norm_bounds,
+    rope_bounds,
+    selective_scan_bounds,
+    softmax_xent_bounds,
+    swiglu_bounds,
+)
+
 from moe_arch.model import cpu_kernels, fused  # noqa: E402
 from moe_arch.model import triton_kernels as tk  # noqa: E402
 from moe_arch.model.mamba import reference_scan, selective_scan  # noqa: E402
-from numerics import (assert_within, causal_conv_silu_bounds, rms_norm_bounds, rope_bounds,  # noqa: E402
-                      selective_scan_bounds, softmax_xent_bounds, swiglu_bounds)
 
 if not tk.INTERPRET:  # imported earlier in this process without the interpreter: define the kernels again
     tk = importlib.reload(tk)
@@ -80,15 +88,19 @@ def _scan_inputs(B, L, D, N, seed):
     return u, dt, A, Bm, Cm, Dp, z, h0
 
 
-@pytest.mark.parametrize("B, L, D, N, gated, with_h0, block_t, block_d", [
-    (2, 37, 20, 5, True, False, 16, 8),  # 3 chunks (the last partial), 3 channel blocks (the last partial)
-    (1, 1, 17, 16, True, True, 16, 16),  # one step from a given state (decoding)
-    (2, 21, 6, 3, False, True, 8, 8),  # no skip term, no gate
-])
+@pytest.mark.parametrize(
+    "B, L, D, N, gated, with_h0, block_t, block_d",
+    [
+        (2, 37, 20, 5, True, False, 16, 8),  # 3 chunks (the last partial), 3 channel blocks (the last partial)
+        (1, 1, 17, 16, True, True, 16, 16),  # one step from a given state (decoding)
+        (2, 21, 6, 3, False, True, 8, 8),  # no skip term, no gate
+    ],
+)
 def test_scan_matches_the_recurrence(B, L, D, N, gated, with_h0, block_t, block_d):
     u, dt, A, Bm, Cm, Dp, z, h0 = _scan_inputs(B, L, D, N, seed=L)
-    f32 = [t.requires_grad_() for t in (u, dt, A, Bm, Cm)] + ([Dp.requires_grad_(), z.requires_grad_()] if gated
-                                                              else [])
+    f32 = [t.requires_grad_() for t in (u, dt, A, Bm, Cm)] + (
+        [Dp.requires_grad_(), z.requires_grad_()] if gated else []
+    )
     h0 = h0 if with_h0 else None
     ins = [t.detach().double().requires_grad_() for t in f32]
     y_ref, h_ref = reference_scan(*ins[:5], None if h0 is None else h0.double())
@@ -97,12 +109,12 @@ def test_scan_matches_the_recurrence(B, L, D, N, gated, with_h0, block_t, block_
     y, h = tk.selective_scan(*f32[:5], *(f32[5:] if gated else [None, None]), h0, block_t=block_t, block_d=block_d)
     assert type(y.grad_fn).__name__ == "SelectiveScanBackward"
     gy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y_bound, h_bound, gb = selective_scan_bounds(*[t.detach() for t in f32[:5]], h0,
-                                                 Dp.detach() if gated else torch.zeros(D),
-                                                 z.detach() if gated else None, gy)
+    y_bound, h_bound, gb = selective_scan_bounds(
+        *[t.detach() for t in f32[:5]], h0, Dp.detach() if gated else torch.zeros(D), z.detach() if gated else None, gy
+    )
     assert_within(y.detach(), y_ref.detach(), y_bound, "y")
     assert_within(h, h_ref.detach(), h_bound, "h_last")
-    names = ["u", "dt", "A", "B", "C", "D", "z"][:len(f32)]
+    names = ["u", "dt", "A", "B", "C", "D", "z"][: len(f32)]
     for name, a, b in zip(names, torch.autograd.grad(y, f32, gy.float()), torch.autograd.grad(y_ref, ins, gy)):
         assert_within(a, b, gb[name], name)
 
@@ -143,8 +155,12 @@ def test_causal_conv_silu_matches_conv1d(B, T, D, K, monkeypatch):
         y_bound, (gx, gw, gb) = causal_conv_silu_bounds(t.chunk(2, dim=-1)[0], p, q, g, conv_pre)
         return y_bound, [torch.cat((gx, torch.zeros_like(gx)), dim=-1), gw, gb]
 
-    _check(lambda t, p, q: fused.causal_conv_silu(t.chunk(2, dim=-1)[0], p, q),
-           lambda t, p, q: F.silu(conv_pre(t.chunk(2, dim=-1)[0], p, q)), (xz, w, bias), bounds)
+    _check(
+        lambda t, p, q: fused.causal_conv_silu(t.chunk(2, dim=-1)[0], p, q),
+        lambda t, p, q: F.silu(conv_pre(t.chunk(2, dim=-1)[0], p, q)),
+        (xz, w, bias),
+        bounds,
+    )
     assert calls
 
 
@@ -154,8 +170,12 @@ def test_rms_norm_matches_torch(shape, monkeypatch):
     x = (torch.randn(shape, generator=gen) * 3).requires_grad_()
     w = (torch.rand(shape[-1], generator=gen) + 0.5).requires_grad_()
     calls = _calls(monkeypatch, "rms_norm")
-    _check(lambda a, b: fused.rms_norm(a, b, 1e-6),
-           lambda a, b: F.rms_norm(a, (a.shape[-1],), eps=1e-6) * b, (x, w), rms_norm_bounds)
+    _check(
+        lambda a, b: fused.rms_norm(a, b, 1e-6),
+        lambda a, b: F.rms_norm(a, (a.shape[-1],), eps=1e-6) * b,
+        (x, w),
+        rms_norm_bounds,
+    )
     assert calls
 
 
@@ -182,7 +202,7 @@ def test_swiglu_in_bfloat16_rounds_once():
         s = torch.sigmoid(p.double())
         ref_da = (g * q.double() * s * (1 + p.double() * (1 - s))).abs()
         ref_db = (g * p.double() * s).abs()
-        ulp = 2.0 ** -7
+        ulp = 2.0**-7
         # the gradient g enters as bf16 too (its rounding: another ulp of each gradient)
         return y_bound + ulp * ref_y, [da + 2 * ulp * ref_da, db + 2 * ulp * ref_db]
 
@@ -200,7 +220,7 @@ def test_rope_matches_torch_on_qkv_views(B, H, T, D, per_row, monkeypatch):
     calls = _calls(monkeypatch, "rope")
 
     def q_of(t):
-        return t[..., :H * D].view(B, T, H, D).transpose(1, 2)
+        return t[..., : H * D].view(B, T, H, D).transpose(1, 2)
 
     def bounds(t, g):
         y_bound, dq_bound = rope_bounds(q_of(t), cos, sin, g)
@@ -208,8 +228,12 @@ def test_rope_matches_torch_on_qkv_views(B, H, T, D, per_row, monkeypatch):
         q_of(d_qkv).copy_(dq_bound)
         return y_bound, [d_qkv]
 
-    _check(lambda t: fused.rope(q_of(t), cos, sin),
-           lambda t: fused.rope_reference(q_of(t), cos.double(), sin.double()), (qkv,), bounds)
+    _check(
+        lambda t: fused.rope(q_of(t), cos, sin),
+        lambda t: fused.rope_reference(q_of(t), cos.double(), sin.double()),
+        (qkv,),
+        bounds,
+    )
     assert calls
 
 
@@ -256,7 +280,7 @@ def test_linear_cross_entropy_under_autocast_runs_the_products_in_bf16():
     logits = hb @ wb.t()
     ref = F.cross_entropy(logits, y)
     dh_ref, dw_ref = torch.autograd.grad(ref, (hb, wb))
-    ulp = 2.0 ** -7
+    ulp = 2.0**-7
     loss_bound, dh_bound, dw_bound = softmax_xent_bounds(hb.detach().float(), wb.detach().float(), y)
     e_logit = ulp * logits.detach().abs().amax(1)  # per row
     p = torch.softmax(logits.detach(), 1)
@@ -284,15 +308,15 @@ def test_every_chain_of_a_model_dispatches_and_matches_the_reference(monkeypatch
     runs, and the loss and every gradient are those of the PyTorch definitions (both float32, against float64)
     within the model's rounding bound (bench/gpu_check.py: model_bound)."""
     sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "bench")))
+    from conftest import small_overrides
     from gpu_check import model_bound
 
     from moe_arch.config import ModelConfig
     from moe_arch.model import transformer
 
-    from conftest import small_overrides
-
-    cfg = ModelConfig(**small_overrides(d_model=16, n_heads=2, n_kv_heads=1, d_ff=24, d_ff_expert=16,
-                                        mamba_d_state=4, vocab_size=48))
+    cfg = ModelConfig(
+        **small_overrides(d_model=16, n_heads=2, n_kv_heads=1, d_ff=24, d_ff_expert=16, mamba_d_state=4, vocab_size=48)
+    )
     tok = torch.randint(0, 48, (2, 9), generator=torch.Generator().manual_seed(0))
     names = ("selective_scan", "causal_conv_silu", "rms_norm", "swiglu", "rope", "linear_cross_entropy")
     calls = {n: _calls(monkeypatch, n) for n in names}
@@ -302,12 +326,16 @@ def test_every_chain_of_a_model_dispatches_and_matches_the_reference(monkeypatch
         with fused.triton_disabled(not triton_on):
             out = model(tok[:, :8], tok[:, 1:])
             out.loss.backward()
-        return out.loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()
-                                            if p.grad is not None}
+        return out.loss.detach().double(), {
+            n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None
+        }
 
     head = transformer.linear_cross_entropy  # float64 reference: the unfused head casts logits to float32
-    monkeypatch.setattr(transformer, "linear_cross_entropy",
-                        lambda h, w, t: F.cross_entropy(F.linear(h.reshape(-1, h.shape[-1]), w), t.reshape(-1)))
+    monkeypatch.setattr(
+        transformer,
+        "linear_cross_entropy",
+        lambda h, w, t: F.cross_entropy(F.linear(h.reshape(-1, h.shape[-1]), w), t.reshape(-1)),
+    )
     loss64, grads64 = run(torch.float64, False)
     monkeypatch.setattr(transformer, "linear_cross_entropy", head)
     loss_ref, grads_ref = run(torch.float32, False)
@@ -336,8 +364,9 @@ def test_cpu_tensors_never_reach_triton(monkeypatch):
     from moe_arch.model.losses import linear_cross_entropy
 
     linear_cross_entropy(x.reshape(6, 8), torch.randn(5, 8), torch.zeros(6, dtype=torch.long))
-    selective_scan(torch.randn(1, 3, 2), torch.rand(1, 3, 2), -torch.rand(2, 2), torch.randn(1, 3, 2),
-                   torch.randn(1, 3, 2))
+    selective_scan(
+        torch.randn(1, 3, 2), torch.rand(1, 3, 2), -torch.rand(2, 2), torch.randn(1, 3, 2), torch.randn(1, 3, 2)
+    )
 
 
 def test_disabled_inside_compile_and_for_float64(monkeypatch):
@@ -371,8 +400,11 @@ def test_without_triton_the_pytorch_definitions_run_with_one_warning(tmp_path, e
     )
     paths = [str(fake)] if "PYTHONPATH_FAKE" in env else []
     full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    full_env.update({k: v for k, v in env.items() if k != "PYTHONPATH_FAKE"}, MOE_ARCH_NO_KERNELS="1",
-                    PYTHONPATH=os.pathsep.join(paths + [os.path.dirname(os.path.dirname(__file__))]))
+    full_env.update(
+        {k: v for k, v in env.items() if k != "PYTHONPATH_FAKE"},
+        MOE_ARCH_NO_KERNELS="1",
+        PYTHONPATH=os.pathsep.join(paths + [os.path.dirname(os.path.dirname(__file__))]),
+    )
     out = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("WARNINGS"))

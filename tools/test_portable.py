@@ -27,16 +27,29 @@ ROOT = Path(__file__).resolve().parents[1]
 # checkpointing (recomputation), parity with transformers, precision policies, optimizers, trainer determinism
 # and resume, the memory planner's measured bytes, and the MoD selection properties.
 NUMERICS_TESTS = [
-    "tests/test_kernels.py", "tests/test_model.py", "tests/test_moe.py", "tests/test_mamba.py",
-    "tests/test_generation.py", "tests/test_checkpointing.py", "tests/test_parity.py", "tests/test_precision.py",
-    "tests/test_optim.py", "tests/test_trainer.py", "tests/test_checkpoint.py", "tests/test_memory.py",
-    "tests/test_properties.py", "tests/test_triton.py",
+    "tests/test_kernels.py",
+    "tests/test_model.py",
+    "tests/test_moe.py",
+    "tests/test_mamba.py",
+    "tests/test_generation.py",
+    "tests/test_checkpointing.py",
+    "tests/test_parity.py",
+    "tests/test_precision.py",
+    "tests/test_optim.py",
+    "tests/test_trainer.py",
+    "tests/test_checkpoint.py",
+    "tests/test_memory.py",
+    "tests/test_properties.py",
+    "tests/test_triton.py",
 ]
 
 RUNS = [
     ("COMPATIBLE GEMMs, portable kernels", {"MKL_CBWR": "COMPATIBLE", "MOE_ARCH_KERNEL_ISA": "portable"}, set()),
-    ("AVX2 GEMMs, AVX2 ATen, AVX2 kernels",
-     {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MOE_ARCH_KERNEL_ISA": "avx2"}, {"avx2", "fma"}),
+    (
+        "AVX2 GEMMs, AVX2 ATen, AVX2 kernels",
+        {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MOE_ARCH_KERNEL_ISA": "avx2"},
+        {"avx2", "fma"},
+    ),
 ]
 
 
@@ -61,8 +74,9 @@ def main(argv: list[str]) -> int:
             continue
         print(f"portability: {name} ({label})", flush=True)
         t0 = time.monotonic()
-        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", *NUMERICS_TESTS, *argv], cwd=ROOT,
-                             env={**os.environ, **env})
+        rc = subprocess.call(
+            [sys.executable, "-m", "pytest", "-q", *NUMERICS_TESTS, *argv], cwd=ROOT, env={**os.environ, **env}
+        )
         print(f"portability: {name}: exit {rc} in {time.monotonic() - t0:.0f} s", flush=True)
         worst = max(worst, rc)
     return worst

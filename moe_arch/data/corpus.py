@@ -12,6 +12,7 @@ tokens.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import hashlib
@@ -45,11 +46,9 @@ def embedded_corpus_path() -> Path:
 
 def _need_pyarrow(where: str):
     try:
-        import pyarrow  # noqa: F401
+        import pyarrow  # lazy: an optional extra (moe-arch[data]), only for parquet / arrow / CSV sources
     except ImportError:
         raise DataError(f"{where}: reading this format needs pyarrow; pip install 'moe-arch[data]'") from None
-    import pyarrow
-
     return pyarrow
 
 
@@ -80,12 +79,15 @@ def _read_jsonl(path: Path, comp: str, text_field: str) -> Iterator[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
-                                "each line must be one JSON object") from None
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object"
+                ) from None
             if not isinstance(obj, dict) or text_field not in obj:
-                raise DataError(f"{path}:{lineno}: no field {text_field!r}; set data.text_field to the field that "
-                                "holds the text (keys here: "
-                                f"{sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})")
+                raise DataError(
+                    f"{path}:{lineno}: no field {text_field!r}; set data.text_field to the field that "
+                    "holds the text (keys here: "
+                    f"{sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})"
+                )
             text = obj[text_field]
             if not isinstance(text, str):
                 raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string")
@@ -121,15 +123,17 @@ def _strings(values: list, text_field: str, path) -> Iterator[str]:
         if v is None:
             continue
         if not isinstance(v, str):
-            raise DataError(f"{path}: column {text_field!r} holds {type(v).__name__}, expected strings; set "
-                            "data.text_field to the text column")
+            raise DataError(
+                f"{path}: column {text_field!r} holds {type(v).__name__}, expected strings; set "
+                "data.text_field to the text column"
+            )
         if v.strip():
             yield v
 
 
 def _read_parquet(path: Path, comp: str, text_field: str) -> Iterator[str]:
     _need_pyarrow(str(path))
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: optional extra, checked by _need_pyarrow
 
     try:
         pf = pq.ParquetFile(str(path))
@@ -164,12 +168,15 @@ def _read_arrow(path: Path, comp: str, text_field: str) -> Iterator[str]:
 
 def _read_csv(path: Path, comp: str, text_field: str) -> Iterator[str]:
     pa = _need_pyarrow(str(path))
-    import pyarrow.csv as pcsv
+    import pyarrow.csv as pcsv  # lazy: optional extra, checked by _need_pyarrow
 
     stream = pa.input_stream(str(path), compression="detect")
     try:
-        reader = pcsv.open_csv(stream, read_options=pcsv.ReadOptions(block_size=4 << 20),
-                               convert_options=pcsv.ConvertOptions(column_types={text_field: pa.string()}))
+        reader = pcsv.open_csv(
+            stream,
+            read_options=pcsv.ReadOptions(block_size=4 << 20),
+            convert_options=pcsv.ConvertOptions(column_types={text_field: pa.string()}),
+        )
     except pa.ArrowInvalid as e:
         raise DataError(f"{path}: not a readable CSV file ({str(e).splitlines()[0]})") from None
     _check_column(reader.schema.names, text_field, path)
@@ -196,8 +203,6 @@ def _readable(path: Path) -> bool:
 def _first_bad_utf8(path: Path, comp: str) -> tuple[int, int, str] | None:
     """(line, byte offset, reason) of the first bytes of ``path`` (decompressed) that are not UTF-8; None when
     it cannot be re-read. Only called on the way to an error, so one more pass costs nothing that matters."""
-    import codecs
-
     try:
         if comp == ".gz":
             f = gzip.open(path, "rb")
@@ -214,7 +219,7 @@ def _first_bad_utf8(path: Path, comp: str) -> tuple[int, int, str] | None:
                     # the decoder may hold back up to 3 bytes of a sequence begun in the previous block
                     held = len(e.object) - len(block)
                     at = done - held + e.start
-                    return lines + e.object[:e.start].count(b"\n"), at, e.reason
+                    return lines + e.object[: e.start].count(b"\n"), at, e.reason
                 done += len(block)
                 lines += block.count(b"\n")
             try:
@@ -236,8 +241,10 @@ def _read_file(path: Path, text_field: str) -> Iterator[str]:
         if where is None:
             raise DataError(f"{path}: not UTF-8 text ({e.reason}); convert it to UTF-8") from None
         line, offset, reason = where
-        raise DataError(f"{path}:{line}: not UTF-8 text ({reason} at byte {offset:,}"
-                        f"{' of the decompressed data' if comp else ''}); convert it to UTF-8") from None
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text ({reason} at byte {offset:,}"
+            f"{' of the decompressed data' if comp else ''}); convert it to UTF-8"
+        ) from None
     except PermissionError:
         raise DataError(f"{path}: permission denied; make the file readable") from None
     except (OSError, EOFError) as e:
@@ -256,8 +263,10 @@ def _files_under(path: Path, source: str) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and _readable(p))
     if not files:
-        raise DataError(f"data.source={source!r}: the folder has no {KNOWN} files; point data.source at such "
-                        "a file, a folder or glob of them, or hf:NAME")
+        raise DataError(
+            f"data.source={source!r}: the folder has no {KNOWN} files; point data.source at such "
+            "a file, a folder or glob of them, or hf:NAME"
+        )
     return files
 
 
@@ -274,8 +283,10 @@ def parse_hf(source: str, hf_config: str = "", split: str = "", streaming: bool 
     """``hf:NAME``, ``hf:NAME:SPLIT`` or ``hf:NAME:CONFIG:SPLIT``; data.hf_config / data.split fill or override."""
     parts = source[3:].split(":")
     if not parts[0] or len(parts) > 3:
-        raise DataError(f"data.source={source!r}: expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT "
-                        "(or data.hf_config / data.split)")
+        raise DataError(
+            f"data.source={source!r}: expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT "
+            "(or data.hf_config / data.split)"
+        )
     name = parts[0]
     cfg = parts[1] if len(parts) == 3 else None
     spl = parts[-1] if len(parts) >= 2 else None
@@ -285,8 +296,16 @@ def parse_hf(source: str, hf_config: str = "", split: str = "", streaming: bool 
 class Corpus:
     """A named source of documents with a fingerprint (the token cache's key)."""
 
-    def __init__(self, source: str, text_field: str = "text", *, hf_config: str = "", split: str = "",
-                 streaming: bool = False, max_documents: int = 0):
+    def __init__(
+        self,
+        source: str,
+        text_field: str = "text",
+        *,
+        hf_config: str = "",
+        split: str = "",
+        streaming: bool = False,
+        max_documents: int = 0,
+    ):
         self.source = source
         self.text_field = text_field
         self.max_documents = max_documents
@@ -312,8 +331,10 @@ class Corpus:
         else:
             path = Path(source).expanduser()
             if not path.exists():
-                raise DataError(f"data.source={source!r}: no such file or folder; give a file, a folder or a glob "
-                                f"of {KNOWN} files, 'embedded', or hf:NAME")
+                raise DataError(
+                    f"data.source={source!r}: no such file or folder; give a file, a folder or a glob "
+                    f"of {KNOWN} files, 'embedded', or hf:NAME"
+                )
             if is_saved_dataset(path):
                 self.saved, self.kind = path, "saved"
                 self.hf = HFSpec(str(path), None, split or "train", False)
@@ -323,8 +344,12 @@ class Corpus:
     def describe(self) -> str:
         if self.hf is not None and self.kind == "hf":
             h = self.hf
-            return (f"hf:{h.name}" + (f" config {h.config}" if h.config else "") + f" split {h.split}"
-                    + (" (streaming)" if h.streaming else ""))
+            return (
+                f"hf:{h.name}"
+                + (f" config {h.config}" if h.config else "")
+                + f" split {h.split}"
+                + (" (streaming)" if h.streaming else "")
+            )
         if self.saved is not None:
             return f"saved dataset {self.saved}"
         return self.source if len(self.files) != 1 or self.kind == "embedded" else str(self.files[0])
@@ -345,8 +370,11 @@ class Corpus:
         """Documents in a fixed order (the same every time, so a build can resume by counting). ``Piece`` items
         continue in the next one; they count towards data.max_documents only when the document ends."""
         n = 0
-        docs = (self._hf_documents() if self.hf is not None
-                else (d for p in self.files for d in _read_file(p, self.text_field)))
+        docs = (
+            self._hf_documents()
+            if self.hf is not None
+            else (d for p in self.files for d in _read_file(p, self.text_field))
+        )
         for d in docs:
             yield d
             if not isinstance(d, Piece):
@@ -358,11 +386,12 @@ class Corpus:
 
     def _hf_documents(self) -> Iterator[str]:
         try:
-            import datasets  # noqa: F401
+            import datasets  # lazy: an optional extra (moe-arch[data]), heavy, only for hub / saved datasets
         except ImportError:
-            raise DataError(f"data.source={self.source!r}: the Hugging Face `datasets` package is not installed; "
-                            "pip install 'moe-arch[data]' or use a local file") from None
-        import datasets
+            raise DataError(
+                f"data.source={self.source!r}: the Hugging Face `datasets` package is not installed; "
+                "pip install 'moe-arch[data]' or use a local file"
+            ) from None
 
         h = self.hf
         try:
@@ -370,21 +399,25 @@ class Corpus:
                 ds = datasets.load_from_disk(str(self.saved))
                 if isinstance(ds, datasets.DatasetDict):
                     if h.split not in ds:
-                        raise DataError(f"data.source={self.source!r}: no split {h.split!r} (splits: {list(ds)}); "
-                                        "set data.split")
+                        raise DataError(
+                            f"data.source={self.source!r}: no split {h.split!r} (splits: {list(ds)}); set data.split"
+                        )
                     ds = ds[h.split]
             else:
                 ds = datasets.load_dataset(h.name, h.config, split=h.split, streaming=h.streaming)
         except DataError:
             raise
         except Exception as e:  # datasets raises many types; report them in one line
-            raise DataError(f"data.source={self.source!r}: could not load the dataset ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); check the name, data.hf_config and "
-                            "data.split") from None
+            raise DataError(
+                f"data.source={self.source!r}: could not load the dataset ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); check the name, data.hf_config and "
+                "data.split"
+            ) from None
         names = list(ds.column_names or []) if ds.column_names is not None else None
         if names is not None and self.text_field not in names:
-            raise DataError(f"data.source={self.source!r}: no column {self.text_field!r} (columns: {names}); "
-                            "set data.text_field")
+            raise DataError(
+                f"data.source={self.source!r}: no column {self.text_field!r} (columns: {names}); set data.text_field"
+            )
         where = f"data.source={self.source!r}"
         for batch in ds.iter(batch_size=TABLE_BATCH_ROWS):
             if self.text_field not in batch:

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import itertools
 import json
 import os
 import queue
 import shutil
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -41,11 +43,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from moe_arch.config import DataConfig
 from moe_arch.data.corpus import Corpus, DataError, Piece
 from moe_arch.data.tokenizer import TRAIN_BPE, TextTokenizer, train_bpe
-from moe_arch.utils import atomic_path, clean_stale_temps
+from moe_arch.utils import atomic_path, clean_stale_temps, os_reason, prove_writable
 
 CACHE_VERSION = 3
 BATCH_DOCS = 1024
@@ -107,8 +111,9 @@ class ShardedTokens:
             else:
                 path, lo, hi = Path(part[0]), int(part[1]), int(part[2])
             if hi > lo:
-                self.shards.append(np.memmap(path, dtype=self.dtype, mode="r", offset=lo * self.dtype.itemsize,
-                                             shape=(hi - lo,)))
+                self.shards.append(
+                    np.memmap(path, dtype=self.dtype, mode="r", offset=lo * self.dtype.itemsize, shape=(hi - lo,))
+                )
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.size = int(self.starts[-1])
 
@@ -118,9 +123,11 @@ class ShardedTokens:
     def _checked(self, a: np.ndarray, start: int) -> np.ndarray:
         if self.vocab is not None and a.size and int(a.max()) >= self.vocab:
             k = int(np.argmax(a >= self.vocab))
-            raise DataError(f"{self.where}: token {start + k:,} is id {int(a[k])}, outside the tokenizer's "
-                            f"{self.vocab} ids (the cache changed after it was verified); remove the folder so that "
-                            "the next run rebuilds it")
+            raise DataError(
+                f"{self.where}: token {start + k:,} is id {int(a[k])}, outside the tokenizer's "
+                f"{self.vocab} ids (the cache changed after it was verified); remove the folder so that "
+                "the next run rebuilds it"
+            )
         return a
 
     def __getitem__(self, key):
@@ -129,7 +136,7 @@ class ShardedTokens:
             if not 0 <= key < self.size:
                 raise IndexError(f"token {key} of {self.size}")
             i = int(np.searchsorted(self.starts, key, side="right")) - 1
-            return self._checked(self.shards[i][key - self.starts[i]:key - self.starts[i] + 1], key)[0]
+            return self._checked(self.shards[i][key - self.starts[i] : key - self.starts[i] + 1], key)[0]
         start, stop, step = key.indices(self.size)
         if step != 1:
             raise IndexError("ShardedTokens supports contiguous slices only")
@@ -138,21 +145,24 @@ class ShardedTokens:
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         j = int(np.searchsorted(self.starts, stop - 1, side="right")) - 1
         if i == j:
-            out = self.shards[i][start - self.starts[i]:stop - self.starts[i]]
+            out = self.shards[i][start - self.starts[i] : stop - self.starts[i]]
         else:
-            out = np.concatenate([self.shards[k][max(start - self.starts[k], 0):
-                                                 min(stop - self.starts[k], len(self.shards[k]))]
-                                  for k in range(i, j + 1)])
+            out = np.concatenate(
+                [
+                    self.shards[k][max(start - self.starts[k], 0) : min(stop - self.starts[k], len(self.shards[k]))]
+                    for k in range(i, j + 1)
+                ]
+            )
         return self._checked(out, start)
 
     def __array__(self, dtype=None, copy=None):
-        out = self[0:self.size]
+        out = self[0 : self.size]
         return out.astype(dtype) if dtype is not None else np.asarray(out)
 
     def chunks(self, n: int = 1 << 24) -> Iterator[np.ndarray]:
         for s, base in zip(self.shards, self.starts):
             for a in range(0, len(s), n):
-                yield self._checked(s[a:a + n], int(base) + a)
+                yield self._checked(s[a : a + n], int(base) + a)
 
 
 @dataclass
@@ -178,19 +188,27 @@ def resolve_tokenizer(cfg: DataConfig) -> TextTokenizer | None:
 
 
 def open_corpus(cfg: DataConfig) -> Corpus:
-    return Corpus(cfg.source, cfg.text_field, hf_config=cfg.hf_config, split=cfg.split, streaming=cfg.streaming,
-                  max_documents=cfg.max_documents)
+    return Corpus(
+        cfg.source,
+        cfg.text_field,
+        hf_config=cfg.hf_config,
+        split=cfg.split,
+        streaming=cfg.streaming,
+        max_documents=cfg.max_documents,
+    )
 
 
 def cache_folder(cfg: DataConfig, corpus: Corpus, tok: TextTokenizer | None, vocab_size: int) -> Path:
     tok_key = tok.fingerprint() if tok is not None else f"train-bpe-{vocab_size}"
-    key = hashlib.sha256(f"{CACHE_VERSION}|{corpus.fingerprint()}|{tok_key}|{cfg.val_fraction}|{cfg.max_tokens}"
-                         .encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{CACHE_VERSION}|{corpus.fingerprint()}|{tok_key}|{cfg.val_fraction}|{cfg.max_tokens}".encode()
+    ).hexdigest()[:16]
     return Path(cfg.cache_dir).expanduser() / f"{corpus.kind}-{key}"
 
 
-def prepare_data(cfg: DataConfig, vocab_size: int, log=print, tokenizer: TextTokenizer | None = None,
-                 progress: bool = False) -> TokenData:
+def prepare_data(
+    cfg: DataConfig, vocab_size: int, log=print, tokenizer: TextTokenizer | None = None, progress: bool = False
+) -> TokenData:
     """Tokenize ``cfg``'s source once (cached) and open it, verified. ``tokenizer`` (e.g. a checkpoint's) replaces
     data.tokenizer; with neither, a byte-level BPE of ``vocab_size`` is trained on the training split."""
     corpus = open_corpus(cfg)
@@ -217,8 +235,10 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print, tokenizer: TextTok
     except DataError as e:
         if problem is None:
             raise
-        raise DataError(f"{cache}: the token cache is damaged ({problem}) and cannot be rebuilt there ({e}); "
-                        "remove the folder, or set data.cache_dir to a writable folder") from None
+        raise DataError(
+            f"{cache}: the token cache is damaged ({problem}) and cannot be rebuilt there ({e}); "
+            "remove the folder, or set data.cache_dir to a writable folder"
+        ) from None
     with _build_lock(cache, log):
         data, problem = _open_verified(cache)  # another process may have built (or repaired) it meanwhile
         if data is not None:
@@ -228,12 +248,16 @@ def prepare_data(cfg: DataConfig, vocab_size: int, log=print, tokenizer: TextTok
         try:
             meta = _build(cfg, corpus, tok, vocab_size, cache, log, progress, damaged=problem is not None)
         except OSError as e:  # the manifest is written last, so a half-written cache is never used
-            raise DataError(f"{cache}: cannot write the token cache ({_os_problem(e, cache)}); "
-                            f"{_os_fix(e)}, or set data.cache_dir to another folder") from None
+            raise DataError(
+                f"{cache}: cannot write the token cache ({_os_problem(e, cache)}); "
+                f"{_os_fix(e)}, or set data.cache_dir to another folder"
+            ) from None
         data, problem = _open_verified(cache, meta)
         if data is None:  # the files changed under the build: a second build would fare no better
-            raise DataError(f"{cache}: the token cache just built does not verify ({problem}); check the disk, or "
-                            "set data.cache_dir to another folder")
+            raise DataError(
+                f"{cache}: the token cache just built does not verify ({problem}); check the disk, or "
+                "set data.cache_dir to another folder"
+            )
         return data
 
 
@@ -247,9 +271,14 @@ def _in_the_way(path: Path) -> str | None:
 
 def _os_problem(e: OSError, cache: Path) -> str:
     where = Path(e.filename).name if e.filename and Path(e.filename).parent == cache else e.filename
-    reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-              errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-              errno.EISDIR: "a folder is in the way", errno.ENOTDIR: "a file is in the way"}.get(e.errno)
+    reason = {
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EISDIR: "a folder is in the way",
+        errno.ENOTDIR: "a file is in the way",
+    }.get(e.errno)
     return f"{where}: {reason or e.strerror or e}" if where else (reason or e.strerror or str(e))
 
 
@@ -268,9 +297,6 @@ def _build_lock(cache: Path, log):
     waiting run can name it and tell a working builder from a stopped or hung one (``_wait_for_lock``). Where no
     lock can be had (a file system without locks, such as some NFS mounts) the build goes on unguarded, as it
     always did. A killed holder never blocks anyone: the kernel drops its lock with the process."""
-    import fcntl
-    import socket
-
     f = None
     try:
         f = open(cache / ".lock", "a+")
@@ -319,9 +345,6 @@ def _wait_for_lock(f, cache: Path, log) -> None:
     """Wait for another process's build to end, saying so now and every LOCK_REPORT_S. A holder on this host
     that is stopped, or that has used no CPU and journaled no progress for LOCK_STALL_S, is a DataError naming
     it: waiting on it would hang this run (and every later one) forever."""
-    import fcntl
-    import socket
-
     info = _holder(cache)
     pid = info.get("pid") if isinstance(info.get("pid"), int) else None
     local = pid is not None and info.get("host") == socket.gethostname()
@@ -342,21 +365,28 @@ def _wait_for_lock(f, cache: Path, log) -> None:
             journal_mtime = None
         proc = _cpu_ticks(pid) if local else None
         if proc is not None and proc[0] in "Tt":
-            raise DataError(f"{cache}: the process building this token cache ({who}) is stopped (SIGSTOP or "
-                            f"Ctrl-Z) and holds {cache / '.lock'}; continue it (kill -CONT {pid}) or end it, then "
-                            "rerun")
+            raise DataError(
+                f"{cache}: the process building this token cache ({who}) is stopped (SIGSTOP or "
+                f"Ctrl-Z) and holds {cache / '.lock'}; continue it (kill -CONT {pid}) or end it, then "
+                "rerun"
+            )
         state = (journal_mtime, proc[1] if proc is not None else None)
         if state != seen:
             seen, last_change = state, now
         elif proc is not None and now - last_change > LOCK_STALL_S:
-            raise DataError(f"{cache}: the process building this token cache ({who}) has used no CPU and made no "
-                            f"progress for {now - last_change:.0f} s and holds {cache / '.lock'}; if it is hung, "
-                            f"end it (kill {pid}), then rerun")
+            raise DataError(
+                f"{cache}: the process building this token cache ({who}) has used no CPU and made no "
+                f"progress for {now - last_change:.0f} s and holds {cache / '.lock'}; if it is hung, "
+                f"end it (kill {pid}), then rerun"
+            )
         if now - last_report > LOCK_REPORT_S:
             done = _read_json(cache / "progress.json")[0] or {}
             items = done.get("items") if isinstance(done.get("items"), int) else None
-            log(f"{cache}: still waiting for {who} ({now - t0:.0f} s"
-                + (f"; {items:,} source items tokenized" if items is not None else "") + ")")
+            log(
+                f"{cache}: still waiting for {who} ({now - t0:.0f} s"
+                + (f"; {items:,} source items tokenized" if items is not None else "")
+                + ")"
+            )
             last_report = now
         time.sleep(LOCK_POLL_S)
 
@@ -406,15 +436,21 @@ def _manifest_shape(meta: dict) -> str | None:
         if not _count(meta.get(key)):
             return f"meta.json's {key!r} is missing or not a count"
     for name, rec in meta["files"].items():
-        if not isinstance(rec, dict) or not _count(rec.get("tokens")) or not isinstance(rec.get("sha256"), str) \
-                or not isinstance(rec.get("sample_sha256"), str) or isinstance(rec.get("max_id"), bool) \
-                or not isinstance(rec.get("max_id"), int):
+        if (
+            not isinstance(rec, dict)
+            or not _count(rec.get("tokens"))
+            or not isinstance(rec.get("sha256"), str)
+            or not isinstance(rec.get("sample_sha256"), str)
+            or isinstance(rec.get("max_id"), bool)
+            or not isinstance(rec.get("max_id"), int)
+        ):
             return f"meta.json's record of {name} lacks or mistypes tokens, sha256, sample_sha256 or max_id"
     for split in ("train", "val"):
         segs = meta["segments"].get(split)
         if not isinstance(segs, list) or not all(
-                isinstance(g, list) and len(g) == 3 and isinstance(g[0], str) and _count(g[1]) and _count(g[2])
-                for g in segs):
+            isinstance(g, list) and len(g) == 3 and isinstance(g[0], str) and _count(g[1]) and _count(g[2])
+            for g in segs
+        ):
             return f"meta.json's {split} segments are not a list of [shard, start, stop]"
         for name, _, _ in segs:
             if name not in meta["files"]:
@@ -521,8 +557,10 @@ def _open_verified(cache: Path, meta: dict | None = None) -> tuple[TokenData | N
                 if not 0 <= lo <= hi <= meta["files"][name]["tokens"]:
                     return None, f"meta.json's {split} segment {name}[{lo}:{hi}] is outside the shard"
                 parts[split].append((cache / name, lo, hi))
-        if sum(hi - lo for _, lo, hi in parts["train"]) != meta["train_tokens"] or \
-                sum(hi - lo for _, lo, hi in parts["val"]) != meta["val_tokens"]:
+        if (
+            sum(hi - lo for _, lo, hi in parts["train"]) != meta["train_tokens"]
+            or sum(hi - lo for _, lo, hi in parts["val"]) != meta["val_tokens"]
+        ):
             return None, "meta.json's segments do not add up to its token counts"
     except (KeyError, TypeError, ValueError) as e:
         return None, f"meta.json lacks or mistypes a field ({type(e).__name__}: {e})"
@@ -619,8 +657,9 @@ def _clear(cache: Path) -> None:
 
 def _journal_shards(journal: dict, split: str) -> list[dict]:
     shards = journal["shards"][split]
-    if not isinstance(shards, list) or not all(isinstance(r, dict) and _count(r.get("tokens"))
-                                               and isinstance(r.get("sha256"), str) for r in shards):
+    if not isinstance(shards, list) or not all(
+        isinstance(r, dict) and _count(r.get("tokens")) and isinstance(r.get("sha256"), str) for r in shards
+    ):
         raise TypeError("shards")
     return shards
 
@@ -681,8 +720,16 @@ def _resume_state(cache: Path, tok_given: TextTokenizer | None, log) -> tuple[Te
     return tok, journal, shards
 
 
-def _build(cfg: DataConfig, corpus: Corpus, tok_given: TextTokenizer | None, vocab_size: int, cache: Path, log,
-           progress: bool, damaged: bool = False) -> dict:
+def _build(
+    cfg: DataConfig,
+    corpus: Corpus,
+    tok_given: TextTokenizer | None,
+    vocab_size: int,
+    cache: Path,
+    log,
+    progress: bool,
+    damaged: bool = False,
+) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(cache)
     state = None if damaged else _resume_state(cache, tok_given, log)
@@ -690,16 +737,28 @@ def _build(cfg: DataConfig, corpus: Corpus, tok_given: TextTokenizer | None, voc
         _clear(cache)
         if tok_given is None:
             log(f"training a byte-level BPE tokenizer ({vocab_size} tokens) on {corpus.describe()}")
-            tok = train_bpe(_first_chars((d for i, d in _numbered(corpus.documents())
-                                          if not _is_val(i, cfg.val_fraction)), BPE_TRAIN_CHARS), vocab_size)
+            tok = train_bpe(
+                _first_chars(
+                    (d for i, d in _numbered(corpus.documents()) if not _is_val(i, cfg.val_fraction)), BPE_TRAIN_CHARS
+                ),
+                vocab_size,
+            )
         else:
             tok = tok_given
         tok.save(cache / "tokenizer")
         tok = TextTokenizer.load(cache / "tokenizer")  # what every reader of the cache loads
-        journal = {"version": CACHE_VERSION, "tokenizer": tok.fingerprint(),
-                   "given_tokenizer": tok_given.fingerprint() if tok_given is not None else None,
-                   "dtype": _dtype(tok).name, "items": 0, "docs": {"train": 0, "val": 0}, "chars": 0,
-                   "mid_doc": False, "done": False, "shards": {"train": [], "val": []}}
+        journal = {
+            "version": CACHE_VERSION,
+            "tokenizer": tok.fingerprint(),
+            "given_tokenizer": tok_given.fingerprint() if tok_given is not None else None,
+            "dtype": _dtype(tok).name,
+            "items": 0,
+            "docs": {"train": 0, "val": 0},
+            "chars": 0,
+            "mid_doc": False,
+            "done": False,
+            "shards": {"train": [], "val": []},
+        }
         _write_json(cache / "progress.json", journal)  # the tokenizer is now part of the build
         state = tok, journal, {"train": [], "val": []}
     return _Builder(cfg, corpus, *state, cache, log, progress).run()
@@ -754,15 +813,25 @@ class _ShardWriter:
 
 
 class _Builder:
-    def __init__(self, cfg: DataConfig, corpus: Corpus, tok: TextTokenizer, journal: dict, shards: dict,
-                 cache: Path, log, progress: bool):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        corpus: Corpus,
+        tok: TextTokenizer,
+        journal: dict,
+        shards: dict,
+        cache: Path,
+        log,
+        progress: bool,
+    ):
         self.cfg, self.corpus, self.tok, self.cache, self.log, self.progress = cfg, corpus, tok, cache, log, progress
         self.journal, self.shards = journal, shards
         self.dtype = _dtype(tok)
         self.state_path = cache / "progress.json"
 
-    def _batches(self, skip: int, doc_index: int,
-                 mid_doc: bool) -> Iterator[tuple[list[str], list[int], list[bool], list[bool]]]:
+    def _batches(
+        self, skip: int, doc_index: int, mid_doc: bool
+    ) -> Iterator[tuple[list[str], list[int], list[bool], list[bool]]]:
         """Batches of (texts, document indices, starts-a-document, ends-a-document), after ``skip`` items."""
         texts, idx, starts, ends, chars = [], [], [], [], 0
         i, starting = doc_index, not mid_doc
@@ -790,14 +859,17 @@ class _Builder:
 
     def run(self) -> dict:
         cfg, tok, st = self.cfg, self.tok, self.journal
-        writers = {s: _ShardWriter(self.cache, s, self.dtype, cfg.shard_tokens, self.shards[s])
-                   for s in ("train", "val")}
+        writers = {
+            s: _ShardWriter(self.cache, s, self.dtype, cfg.shard_tokens, self.shards[s]) for s in ("train", "val")
+        }
         docs = dict(st["docs"])
         chars, items = st["chars"], st["items"]
         doc_index = docs["train"] + docs["val"]
         if items > 0:
-            self.log(f"resuming the interrupted tokenization of {self.corpus.describe()} after {items:,} items "
-                     f"({writers['train'].total + writers['val'].total:,} tokens, verified)")
+            self.log(
+                f"resuming the interrupted tokenization of {self.corpus.describe()} after {items:,} items "
+                f"({writers['train'].total + writers['val'].total:,} tokens, verified)"
+            )
         t0, last_log = time.perf_counter(), time.perf_counter()
         tokens_at_start = writers["train"].total + writers["val"].total
         bar = _Progress(self.progress, f"tokenizing {self.corpus.describe()}")
@@ -821,8 +893,9 @@ class _Builder:
                     sel = [k for k in range(n_keep) if _is_val(idx[k], cfg.val_fraction) == (split == "val")]
                     if sel:
                         n = sum(len(encoded[k]) for k in sel)
-                        flat = np.fromiter(itertools.chain.from_iterable(encoded[k] for k in sel), dtype=self.dtype,
-                                           count=n)
+                        flat = np.fromiter(
+                            itertools.chain.from_iterable(encoded[k] for k in sel), dtype=self.dtype, count=n
+                        )
                         writers[split].write(flat)
                     docs[split] += sum(1 for k in sel if ends[k])
                 items += n_keep
@@ -846,8 +919,9 @@ class _Builder:
         seconds = time.perf_counter() - t0
         return self._commit(writers, docs, chars, capped, seconds, tokens_at_start)
 
-    def _commit(self, writers: dict, docs: dict, chars: int, capped: bool, seconds: float,
-                tokens_at_start: int) -> dict:
+    def _commit(
+        self, writers: dict, docs: dict, chars: int, capped: bool, seconds: float, tokens_at_start: int
+    ) -> dict:
         """Write the manifest: the one step that makes the cache usable. Nothing before it changed a shard."""
         cfg, tok = self.cfg, self.tok
         files, order = {}, []
@@ -857,8 +931,13 @@ class _Builder:
                 p = w.path(k)
                 nbytes = s["tokens"] * self.dtype.itemsize
                 sample, _ = _sample_digest(p, nbytes, self.dtype)
-                files[p.name] = {"tokens": s["tokens"], "sha256": s["hash"].hexdigest(), "sample_sha256": sample,
-                                 "max_id": s["max_id"], "mtime_ns": p.stat().st_mtime_ns}
+                files[p.name] = {
+                    "tokens": s["tokens"],
+                    "sha256": s["hash"].hexdigest(),
+                    "sample_sha256": sample,
+                    "max_id": s["max_id"],
+                    "mtime_ns": p.stat().st_mtime_ns,
+                }
                 order.append((split, p.name, s["tokens"]))
         segments: dict = {"train": [], "val": []}
         split = "documents"
@@ -881,21 +960,38 @@ class _Builder:
                     segments[s].append([name, 0, n])
         n_train = sum(hi - lo for _, lo, hi in segments["train"])
         n_val = sum(hi - lo for _, lo, hi in segments["val"])
-        meta = {"version": CACHE_VERSION, "source": cfg.source, "describe": self.corpus.describe(),
-                "dtype": self.dtype.name, "train_tokens": n_train, "val_tokens": n_val,
-                "train_docs": docs["train"], "val_docs": docs["val"], "split": split, "characters": chars,
-                "train_shards": [name for name, _, _ in segments["train"]],
-                "val_shards": [name for name, _, _ in segments["val"]],
-                "tokenizer": tok.source, "tokenizer_fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size,
-                "eos_id": tok.eos_id, "bos_id": tok.bos_id, "capped": capped, "seconds": round(seconds, 3),
-                "tokens_per_s": round((n_train + n_val - tokens_at_start) / max(seconds, 1e-9)),
-                "files": files, "segments": segments}
+        meta = {
+            "version": CACHE_VERSION,
+            "source": cfg.source,
+            "describe": self.corpus.describe(),
+            "dtype": self.dtype.name,
+            "train_tokens": n_train,
+            "val_tokens": n_val,
+            "train_docs": docs["train"],
+            "val_docs": docs["val"],
+            "split": split,
+            "characters": chars,
+            "train_shards": [name for name, _, _ in segments["train"]],
+            "val_shards": [name for name, _, _ in segments["val"]],
+            "tokenizer": tok.source,
+            "tokenizer_fingerprint": tok.fingerprint(),
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "bos_id": tok.bos_id,
+            "capped": capped,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round((n_train + n_val - tokens_at_start) / max(seconds, 1e-9)),
+            "files": files,
+            "segments": segments,
+        }
         meta["checksum"] = _checksum(meta)
         _write_json(self.cache / "meta.json", meta, indent=2)
         self.state_path.unlink(missing_ok=True)
-        self.log(f"tokenized {docs['train'] + docs['val']:,} documents: {n_train:,} train / {n_val:,} validation "
-                 f"tokens (vocabulary {tok.vocab_size}, {meta['tokens_per_s']:,} tokens/s)"
-                 + (f"; stopped at data.max_tokens={cfg.max_tokens:,}" if capped else ""))
+        self.log(
+            f"tokenized {docs['train'] + docs['val']:,} documents: {n_train:,} train / {n_val:,} validation "
+            f"tokens (vocabulary {tok.vocab_size}, {meta['tokens_per_s']:,} tokens/s)"
+            + (f"; stopped at data.max_tokens={cfg.max_tokens:,}" if capped else "")
+        )
         return meta
 
 
@@ -905,13 +1001,15 @@ class _Progress:
     def __init__(self, enabled: bool, title: str):
         self.p = None
         if enabled:
-            from rich.console import Console
-            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
             console = Console(stderr=True)
             if console.is_terminal:
-                self.p = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                  console=console, transient=True)
+                self.p = Progress(
+                    SpinnerColumn(),
+                    TextColumn("{task.description}"),
+                    TimeElapsedColumn(),
+                    console=console,
+                    transient=True,
+                )
                 self.p.start()
                 self.task = self.p.add_task(title)
                 self.title = title
@@ -926,12 +1024,12 @@ class _Progress:
 
 
 def _check_writable(cache: Path) -> None:
-    from moe_arch.training.run_dir import RunFolderError, writable_dir
-
     try:
-        writable_dir(cache, "token cache")
-    except RunFolderError as e:
-        raise DataError(f"{e} (data.cache_dir)") from None
+        prove_writable(cache)
+    except OSError as e:
+        raise DataError(
+            f"{cache}: cannot write the token cache there ({os_reason(e)}); choose another folder (data.cache_dir)"
+        ) from None
 
 
 def token_counts(tokens: ShardedTokens, vocab: int) -> np.ndarray:
@@ -958,9 +1056,11 @@ class WindowSampler:
         self.seed = seed
         self.n_windows = (len(tokens) - extra) // seq_len
         if self.n_windows < global_batch:
-            raise DataError(f"the training split has {len(tokens):,} tokens: fewer than one global batch of "
-                            f"{global_batch} windows x {seq_len} tokens; use more data or lower train.batch_size / "
-                            "train.seq_len")
+            raise DataError(
+                f"the training split has {len(tokens):,} tokens: fewer than one global batch of "
+                f"{global_batch} windows x {seq_len} tokens; use more data or lower train.batch_size / "
+                "train.seq_len"
+            )
         self.epoch = 0
         self.cursor = 0
         self._perm_epoch = -1
@@ -977,7 +1077,7 @@ class WindowSampler:
         if self.cursor + self.global_batch > self.n_windows:
             self.epoch += 1
             self.cursor = 0
-        idx = self._permutation()[self.cursor:self.cursor + self.global_batch]
+        idx = self._permutation()[self.cursor : self.cursor + self.global_batch]
         self.cursor += self.global_batch
         return idx
 
@@ -985,24 +1085,34 @@ class WindowSampler:
         """The next global batch's slice for ``rank``: [global_batch / world, T + extra] int64."""
         idx = self.next_global()
         per = self.global_batch // world
-        mine = idx[rank * per:(rank + 1) * per].tolist()
+        mine = idx[rank * per : (rank + 1) * per].tolist()
         L = self.seq_len + self.extra
-        return torch.from_numpy(np.stack([np.asarray(self.tokens[i * self.seq_len:i * self.seq_len + L],
-                                                     dtype=np.int64) for i in mine]))
+        return torch.from_numpy(
+            np.stack([np.asarray(self.tokens[i * self.seq_len : i * self.seq_len + L], dtype=np.int64) for i in mine])
+        )
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "n_windows": self.n_windows, "seed": self.seed,
-                "global_batch": self.global_batch}
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "n_windows": self.n_windows,
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("n_windows") != self.n_windows:
-            raise DataError(f"the checkpoint's data position was saved for {state.get('n_windows')} windows, but this "
-                            f"data gives {self.n_windows}; resume with the same data and train.seq_len")
+            raise DataError(
+                f"the checkpoint's data position was saved for {state.get('n_windows')} windows, but this "
+                f"data gives {self.n_windows}; resume with the same data and train.seq_len"
+            )
         saved = state.get("global_batch", self.global_batch)
         if saved != self.global_batch:
-            raise DataError(f"the checkpoint was saved with a global batch of {saved} sequences per micro-step, this "
-                            f"run has {self.global_batch} (train.batch_size x processes); set train.batch_size so that "
-                            f"batch_size x processes = {saved}")
+            raise DataError(
+                f"the checkpoint was saved with a global batch of {saved} sequences per micro-step, this "
+                f"run has {self.global_batch} (train.batch_size x processes); set train.batch_size so that "
+                f"batch_size x processes = {saved}"
+            )
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
 
@@ -1018,7 +1128,7 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int = 0) -> Itera
             end = start + (max_tokens - done)
             if end <= start:
                 break
-        chunk = torch.from_numpy(np.asarray(tokens[start:end + 1], dtype=np.int64))
+        chunk = torch.from_numpy(np.asarray(tokens[start : end + 1], dtype=np.int64))
         yield chunk[:-1], chunk[1:]
         done += end - start
         start = end
@@ -1030,5 +1140,4 @@ def eval_batches(windows: list[tuple[torch.Tensor, torch.Tensor]], seq_len: int,
     """Evaluation windows grouped for forwards: full-length windows ``batch`` at a time, then each shorter (last)
     window alone. The in-training validation and ``moe-arch eval`` batch alike, so their losses agree."""
     full = [w for w in windows if len(w[0]) == seq_len]
-    return ([full[i:i + batch] for i in range(0, len(full), batch)]
-            + [[w] for w in windows if len(w[0]) != seq_len])
+    return [full[i : i + batch] for i in range(0, len(full), batch)] + [[w] for w in windows if len(w[0]) != seq_len]

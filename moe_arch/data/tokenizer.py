@@ -46,26 +46,38 @@ def _token_name(value) -> str | None:
 class TextTokenizer:
     """A ``tokenizers.Tokenizer`` plus the special tokens that frame a document."""
 
-    def __init__(self, tok: Tokenizer, source: str, eos_token: str | None = None, bos_token: str | None = None,
-                 add_bos: bool | None = None):
+    def __init__(
+        self,
+        tok: Tokenizer,
+        source: str,
+        eos_token: str | None = None,
+        bos_token: str | None = None,
+        add_bos: bool | None = None,
+    ):
         self.tok = tok
         self.source = source
         if eos_token is None:
             eos_token = next((t for t in KNOWN_EOS if tok.token_to_id(t) is not None), None)
             if eos_token is None:
-                raise DataError(f"{source}: no end-of-document token: no tokenizer_config.json names an eos_token "
-                                f"and none of {list(KNOWN_EOS)} is in the vocabulary; give the tokenizer's folder "
-                                "(with tokenizer_config.json) or set data.eos_token")
+                raise DataError(
+                    f"{source}: no end-of-document token: no tokenizer_config.json names an eos_token "
+                    f"and none of {list(KNOWN_EOS)} is in the vocabulary; give the tokenizer's folder "
+                    "(with tokenizer_config.json) or set data.eos_token"
+                )
         eos = tok.token_to_id(eos_token)
         if eos is None:
-            raise DataError(f"{source}: the end-of-document token {eos_token!r} is not in the vocabulary; check "
-                            "eos_token in tokenizer_config.json or data.eos_token")
+            raise DataError(
+                f"{source}: the end-of-document token {eos_token!r} is not in the vocabulary; check "
+                "eos_token in tokenizer_config.json or data.eos_token"
+            )
         self.eos_token, self.eos_id = eos_token, eos
         self.bos_token = bos_token
         self.bos_id = tok.token_to_id(bos_token) if bos_token else None
         if bos_token and self.bos_id is None:
-            raise DataError(f"{source}: the BOS token {bos_token!r} is not in the vocabulary; check bos_token in "
-                            "tokenizer_config.json")
+            raise DataError(
+                f"{source}: the BOS token {bos_token!r} is not in the vocabulary; check bos_token in "
+                "tokenizer_config.json"
+            )
         if add_bos is None:
             # Whether the tokenizer itself puts a BOS in front of a text (its post-processor), as AutoTokenizer does.
             probe = tok.encode("a", add_special_tokens=True).ids
@@ -93,8 +105,9 @@ class TextTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
-    def encode_documents(self, texts: list[str], starts: list[bool] | None = None,
-                         ends: list[bool] | None = None) -> list[list[int]]:
+    def encode_documents(
+        self, texts: list[str], starts: list[bool] | None = None, ends: list[bool] | None = None
+    ) -> list[list[int]]:
         """Documents as they go into the token stream: [BOS] text EOS. A large document read in pieces has
         ``ends`` False on all but its last piece (no EOS after it) and ``starts`` False on all but its first."""
         # encode_batch_fast: the same ids without computing character offsets (not needed here).
@@ -140,8 +153,10 @@ class TextTokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "tokenizer.json", self.tok.to_str())
-        atomic_write_text(folder / "tokenizer_config.json",
-                          json.dumps({**self.specials(), "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+        atomic_write_text(
+            folder / "tokenizer_config.json",
+            json.dumps({**self.specials(), "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2),
+        )
 
     def checkpoint_entries(self) -> dict:
         return {"tokenizer_json": self.tok.to_str(), "tokenizer_specials": self.specials()}
@@ -151,8 +166,13 @@ class TextTokenizer:
         if "tokenizer_json" not in state:
             raise DataError(f"{where}: the checkpoint carries no tokenizer (no 'tokenizer_json')")
         sp = state.get("tokenizer_specials") or {}  # checkpoints before the specials were stored: our own BPE
-        return cls(Tokenizer.from_str(state["tokenizer_json"]), f"{where} (tokenizer)", sp.get("eos_token"),
-                   sp.get("bos_token"), sp.get("add_bos_token"))
+        return cls(
+            Tokenizer.from_str(state["tokenizer_json"]),
+            f"{where} (tokenizer)",
+            sp.get("eos_token"),
+            sp.get("bos_token"),
+            sp.get("add_bos_token"),
+        )
 
     @classmethod
     def load(cls, path: str | Path, eos_token: str = "") -> "TextTokenizer":
@@ -162,8 +182,10 @@ class TextTokenizer:
         if path.is_dir():
             return _load_folder(path, where, eos_token)
         if not path.is_file():
-            raise DataError(f"{where}: no such file or folder; give a tokenizer.json, a Hugging Face tokenizer "
-                            "folder, or 'train-bpe'")
+            raise DataError(
+                f"{where}: no such file or folder; give a tokenizer.json, a Hugging Face tokenizer "
+                "folder, or 'train-bpe'"
+            )
         tok = _read_tokenizer_json(path, where)
         # A tokenizer.json inside a downloaded folder still has its config next to it.
         cfg = _read_tokenizer_config(path.parent) if (path.parent / "tokenizer_config.json").is_file() else {}
@@ -224,26 +246,38 @@ def _load_folder(folder: Path, where: str, eos_token: str) -> TextTokenizer:
     cfg = _read_tokenizer_config(folder)
     if (folder / "tokenizer.json").is_file():
         tok = _read_tokenizer_json(folder / "tokenizer.json", where)
-        return TextTokenizer(tok, str(folder), eos_token or cfg.get("eos_token"), cfg.get("bos_token"),
-                             cfg.get("add_bos_token"))
+        return TextTokenizer(
+            tok, str(folder), eos_token or cfg.get("eos_token"), cfg.get("bos_token"), cfg.get("add_bos_token")
+        )
     # Only the slow files (vocab.json + merges.txt, a SentencePiece model): transformers converts them to a fast
     # tokenizer, offline. Its backend tokenizer is what we encode with from then on.
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # lazy: an optional extra (moe-arch[hf]), heavy; slow files only
     except ImportError:
-        raise DataError(f"{where}: the folder has no tokenizer.json; converting its other files needs transformers "
-                        "(pip install 'moe-arch[hf]')") from None
+        raise DataError(
+            f"{where}: the folder has no tokenizer.json; converting its other files needs transformers "
+            "(pip install 'moe-arch[hf]')"
+        ) from None
     try:
         hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
     except Exception as e:
-        raise DataError(f"{where}: transformers could not read the tokenizer folder ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise DataError(
+            f"{where}: transformers could not read the tokenizer folder ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:
-        raise DataError(f"{where}: transformers gives no fast tokenizer for this folder; save it with "
-                        "tokenizer.save_pretrained() to get a tokenizer.json")
-    return TextTokenizer(backend, str(folder), eos_token or hf.eos_token or cfg.get("eos_token"),
-                         hf.bos_token or cfg.get("bos_token"), cfg.get("add_bos_token"))
+        raise DataError(
+            f"{where}: transformers gives no fast tokenizer for this folder; save it with "
+            "tokenizer.save_pretrained() to get a tokenizer.json"
+        )
+    return TextTokenizer(
+        backend,
+        str(folder),
+        eos_token or hf.eos_token or cfg.get("eos_token"),
+        hf.bos_token or cfg.get("bos_token"),
+        cfg.get("add_bos_token"),
+    )
 
 
 def train_bpe(documents: Iterable[str], vocab_size: int) -> TextTokenizer:
@@ -252,7 +286,11 @@ def train_bpe(documents: Iterable[str], vocab_size: int) -> TextTokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(documents, trainer)
     return TextTokenizer(tok, f"bpe-{vocab_size}", EOS)

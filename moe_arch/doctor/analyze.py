@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 
-from moe_arch.doctor.readers import BUFFER_PATTERNS, CheckpointView, LoadError, release
+from moe_arch.checkpoint.readers import BUFFER_PATTERNS, CheckpointView, LoadError, release
 from moe_arch.doctor.optim_map import ParamSlot
-from moe_arch.doctor.rules import LOW_PRECISION, adam_update, half_ulp, muon_update_rms
+from moe_arch.numerics import LOW_PRECISION, adam_update, half_ulp, muon_update_rms
 
 CHUNK = 1 << 22  # elements per chunk (16 MB of fp32 temporaries each)
 SAMPLE = 1 << 14  # elements kept for medians
@@ -117,8 +117,13 @@ def structural_experts(shapes: dict[str, tuple[int, ...]]) -> set[str]:
         module = name.rsplit(".", 1)[0] if "." in name else ""
         scopes = {module, module.rsplit(".", 1)[0] if "." in module else ""}
         for other, oshape in shapes.items():
-            if len(oshape) == 2 and oshape[0] == shape[0] and oshape[1] in shape[1:] and other != name and any(
-                    other.startswith(sc + ".") if sc else "." not in other.split(".", 1)[0] for sc in scopes):
+            if (
+                len(oshape) == 2
+                and oshape[0] == shape[0]
+                and oshape[1] in shape[1:]
+                and other != name
+                and any(other.startswith(sc + ".") if sc else "." not in other.split(".", 1)[0] for sc in scopes)
+            ):
                 found.add(name)
                 break
     return found
@@ -149,9 +154,13 @@ def tied_tensors(view: CheckpointView) -> dict[str, str]:
     return out
 
 
-def analyze_tensors(view: CheckpointView, ref: CheckpointView | None, slots: dict[str, ParamSlot],
-                    optimizer_kinds: dict[str, str], progress: Callable[[int], None] | None = None
-                    ) -> list[TensorEvidence]:
+def analyze_tensors(
+    view: CheckpointView,
+    ref: CheckpointView | None,
+    slots: dict[str, ParamSlot],
+    optimizer_kinds: dict[str, str],
+    progress: Callable[[int], None] | None = None,
+) -> list[TensorEvidence]:
     roles = view.meta.get("param_roles")
     experts = structural_experts({n: tuple(t.shape) for n, t in view.tensors.items() if t.dtype.is_floating_point})
     buffers = set(view.meta.get("buffers") or [])
@@ -166,8 +175,14 @@ def analyze_tensors(view: CheckpointView, ref: CheckpointView | None, slots: dic
         role = infer_role(name, ti.shape, roles)
         if name in experts and not (roles and name in roles):
             role = "expert_matrix"
-        ev = TensorEvidence(name, list(ti.shape), str(ti.dtype).replace("torch.", ""), ti.numel, role,
-                            buffer_like=name in buffers or bool(BUFFER_PATTERNS.search(name)))
+        ev = TensorEvidence(
+            name,
+            list(ti.shape),
+            str(ti.dtype).replace("torch.", ""),
+            ti.numel,
+            role,
+            buffer_like=name in buffers or bool(BUFFER_PATTERNS.search(name)),
+        )
         slot = slots.get(name)
         ev.alias_of = aliases.get(name)
         if slot is None and ev.alias_of is not None:
@@ -184,8 +199,10 @@ def analyze_tensors(view: CheckpointView, ref: CheckpointView | None, slots: dic
             ev.state_step = float(step) if step is not None else None
         ref_ti = ref.tensors.get(name) if ref is not None else None
         if ref is not None and ref_ti is not None and tuple(ref_ti.shape) != tuple(ti.shape):
-            raise LoadError(f"{name}: shape {tuple(ti.shape)} in the checkpoint but {tuple(ref_ti.shape)} in the "
-                            f"reference {ref.path}; --against must be a checkpoint of the same model")
+            raise LoadError(
+                f"{name}: shape {tuple(ti.shape)} in the checkpoint but {tuple(ref_ti.shape)} in the "
+                f"reference {ref.path}; --against must be a checkpoint of the same model"
+            )
         _stream(ev, ti.get(), ref_ti.get() if ref_ti is not None else None, slot, progress)
         if slot is not None and hasattr(slot.state, "release"):
             slot.state.release()  # lazily read optimizer state (distributed checkpoints): free it now
@@ -253,7 +270,7 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
             nonfin += int(bad.sum())
             wc = torch.where(bad, torch.zeros_like(wc), wc)  # the statistics below describe the finite elements
             nrm = float(torch.linalg.vector_norm(wc, dtype=f64))
-        sq += nrm ** 2
+        sq += nrm**2
         mn, mx = torch.aminmax(wc)
         lo, hi = min(lo, float(mn)), max(hi, float(mx))
         if flat0 is not None:
@@ -291,8 +308,14 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
                 upd = torch.full_like(hu, muon_upd)
             elif kind == "adam":
                 vc = v.reshape(-1)[s:e] if v is not None else None
-                upd = adam_update(lr, mc, vc, float(st.get("step", 0) or 0), tuple(group.get("betas", (0.9, 0.999))),
-                                  float(group.get("eps", 1e-8)))
+                upd = adam_update(
+                    lr,
+                    mc,
+                    vc,
+                    float(st.get("step", 0) or 0),
+                    tuple(group.get("betas", (0.9, 0.999))),
+                    float(group.get("eps", 1e-8)),
+                )
                 upd = upd if isinstance(upd, torch.Tensor) else torch.full_like(hu, upd)
             elif kind == "sgd" and mc is not None:
                 upd = lr * mc.float().abs()
@@ -324,15 +347,15 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
         ev.rel_change = math.sqrt(diff2) / ev.ref_norm if ev.ref_norm > 0 else None
         if stacked:
             ev.slice_unchanged = [c == per for c in slice_eq]
-            ev.slice_rel_change = [math.sqrt(d) / math.sqrt(r) if r > 0 else float("nan")
-                                   for d, r in zip(slice_d2, slice_r2)]
+            ev.slice_rel_change = [
+                math.sqrt(d) / math.sqrt(r) if r > 0 else float("nan") for d, r in zip(slice_d2, slice_r2)
+            ]
     if stacked and moment is not None:
         ev.slice_state_zero = [not x for x in slice_mom]
     if nonfin or state_bad:
         ev.fact = "non_finite"
     elif ev.has_reference:
-        ev.fact = ("unchanged" if ev.unchanged else "partly_unchanged" if (ev.frac_unchanged or 0) >= 0.5
-                   else "changed")
+        ev.fact = "unchanged" if ev.unchanged else "partly_unchanged" if (ev.frac_unchanged or 0) >= 0.5 else "changed"
     if low and lr is not None and n and moving:
         ev.frac_lost = lost / moving
         ev.median_update = float(torch.cat(upd_samples).median())

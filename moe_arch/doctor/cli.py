@@ -1,365 +1,48 @@
-"""``moe-arch diagnose``: load, analyse, probe, decide, report."""
+"""``moe-arch diagnose``: the parsed flags -> the pipeline (:mod:`moe_arch.doctor.pipeline`) -> the reports -> an
+exit code."""
 
 from __future__ import annotations
 
-import re
+import argparse
 import sys
-from collections import Counter
-from pathlib import Path
 
-from moe_arch.doctor.analyze import analyze_tensors
-from moe_arch.doctor.curves import curve_findings
-from moe_arch.doctor.engine import diagnose, status_of
-from moe_arch.doctor.history import HistoryError, find_history, read_history
-from moe_arch.doctor.readers import CheckpointView, LoadError, open_checkpoint
-from moe_arch.doctor.optim_map import map_optimizers
-from moe_arch.doctor.report import Diagnosis, write_json, write_reports
+from moe_arch.checkpoint.readers import LoadError
+from moe_arch.config import ConfigError, load_config
+from moe_arch.doctor.pipeline import DiagnoseOptions, diagnose, locate
+from moe_arch.doctor.report import publish, report_dir
+from moe_arch.utils import OutputError, refuse_overwriting_inputs, writable_file, writable_folder
 
 # Exit codes. With --fail-on, an inconclusive diagnosis exits 3: a CI gate must not pass on missing evidence, and
 # it is told apart from a problem found (1). Untrained checkpoints exit 0 (nothing to judge yet).
 EXIT_OK, EXIT_FAIL_ON, EXIT_BAD_INPUT, EXIT_INCONCLUSIVE = 0, 1, 2, 3
 
 
-def default_reference(view: CheckpointView) -> Path | None:
-    """Our run's step-0 checkpoint (the true initialisation) next to the checkpoint, if it exists."""
-    if view.format not in ("moe_arch", "moe_arch-dcp"):
-        return None
-    for cand in (view.path.parent / "step_0000000.pt", view.path.parent / "step_0000000"):
-        if cand.exists() and cand.resolve() != view.path.resolve():
-            return cand
-    return None
-
-
-def run_analysis(path: str, against: str | None = None, model_config: str | None = None, probe: bool = True,
-                 trust_pickle: bool = False, progress: bool = False, logs: str | None = None) -> Diagnosis:
-    """The diagnosis of a checkpoint, or of a run folder (its newest checkpoint and its history), or of a run's
-    history alone when its folder holds no checkpoint. ``logs``: a history to read with a checkpoint."""
-    history = Path(logs) if logs else (find_history(Path(path)) if Path(path).is_dir() else None)
-    if logs and not Path(logs).exists():
-        raise LoadError(f"{logs}: no such file or folder (--logs)")
-    try:
-        view = open_checkpoint(path, trust_pickle)
-    except LoadError:
-        if history is None or not Path(path).is_dir():
-            raise
-        return with_history(_history_only(Path(path)), history, None)
-    d = _analyse(view, path, against, model_config, probe, trust_pickle, progress)
-    return with_history(d, history, view) if history is not None else d
-
-
-def _history_only(folder: Path) -> Diagnosis:
-    checkpoint = {"path": str(folder), "format": "none (history only)", "step": None, "epoch": None,
-                  "tokens_seen": None, "reference": None, "n_tensors": 0, "n_parameters": 0, "dtypes": {},
-                  "precision": None, "config": None, "optimizer_steps": None}
-    missing = ["no checkpoint in the folder: only the run's history was read, so frozen tensors, precision and "
-               "optimizer problems cannot be ruled out; diagnose a checkpoint of the run (or pass the folder that "
-               "holds one)"]
-    return Diagnosis("inconclusive", checkpoint, [], [], [], None, [], missing)
-
-
-def _run_config(view: CheckpointView | None, history: Path) -> dict:
-    """What the curve rules use from the run's config: vocabulary, experts, MoD capacity, clip threshold."""
-    import yaml
-
-    cfg = view.meta.get("config") if view is not None and isinstance(view.meta.get("config"), dict) else None
-    if cfg is None:
-        for folder in (history.parent, history.parent.parent):
-            if (folder / "config.yaml").is_file():
-                try:
-                    cfg = yaml.safe_load((folder / "config.yaml").read_text())
-                except (yaml.YAMLError, UnicodeDecodeError):
-                    cfg = None
-                break
-    out: dict = {}
-    if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
-        m, t = cfg["model"], cfg.get("train") or {}
-        out = {"vocab_size": m.get("vocab_size"), "n_experts": m.get("n_experts") if m.get("moe_layers") else None,
-               "mod_capacity": m.get("mod_capacity") if m.get("mod_layers") else None,
-               "grad_clip": t.get("grad_clip") or None}
-    hf = view.meta.get("hf_config") if view is not None else None
-    if isinstance(hf, dict):
-        out["vocab_size"] = hf.get("vocab_size")
-        out["n_experts"] = hf.get("num_local_experts") or hf.get("num_experts")
-    if history.name == "trainer_state.json" and (history.parent / "config.json").is_file() and "vocab_size" not in out:
-        import json
-
-        try:
-            out["vocab_size"] = json.loads((history.parent / "config.json").read_text()).get("vocab_size")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass
-    if "vocab_size" not in out and view is not None:  # the input embedding's rows are the vocabulary
-        emb = [t for n, t in view.tensors.items() if len(t.shape) == 2
-               and re.search(r"(^|\.)(embed|embed_tokens|wte|tok_embeddings|word_embeddings)(\.weight)?$", n)]
-        if len(emb) == 1:
-            out["vocab_size"] = emb[0].shape[0]
-    return {k: v for k, v in out.items() if v}
-
-
-WEIGHT_CAUSES = ("precision_underflow", "not_in_optimizer", "no_gradient", "zero_learning_rate", "frozen_unexplained")
-
-
-def with_history(d: Diagnosis, history: Path, view: CheckpointView | None) -> Diagnosis:
-    """Add the run's history: its curve findings join the checkpoint's, and findings that explain each other are
-    linked (tensors that never trained + a loss that does not fall)."""
-    try:
-        h = read_history(history)
-    except HistoryError as e:
-        raise LoadError(str(e)) from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LoadError(f"{history}: unreadable history ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
-    cfg = _run_config(view, history)
-    found = curve_findings(h, **cfg)
-    if "vocab_size" not in cfg:
-        d.notes.append("vocabulary size unknown (no config with it, no input embedding in a checkpoint): the "
-                       "loss-at-ln(vocab) check was skipped")
-    weights = [f for f in d.findings if f.cause in WEIGHT_CAUSES]
-    for f in found:
-        if f.cause in ("plateau", "not_learning") and weights:
-            f.evidence["related"] = [w.cause for w in weights]
-            f.summary += f" (see {', '.join(sorted({w.cause for w in weights}))}: tensors that never trained)"
-            for w in weights:
-                w.evidence.setdefault("related", []).append(f.cause)
-    d.findings = sorted(d.findings + found, key=lambda f: f.severity != "critical")
-    d.history = h
-    d.notes.append(f"history: {h.format} from {history} ({', '.join(h.found()[:12]) or 'no series'}"
-                   + (f"; not mapped: {', '.join(h.unmapped[:8])}" if h.unmapped else "") + ")")
-    if not h.found():
-        d.notes.append("the history holds no series this doctor reads (loss, lr, grad norm, ...)")
-    if d.checkpoint["format"].startswith("none"):
-        d.status = status_of(d.findings, d.inconclusive)
-    else:
-        d.status = status_of(d.findings, d.inconclusive, d.status == "untrained")
-    return d
-
-
-def _analyse(view: CheckpointView, path: str, against: str | None, model_config: str | None, probe: bool,
-             trust_pickle: bool, progress: bool) -> Diagnosis:
-    ref_path = Path(against) if against else default_reference(view)
-    ref = open_checkpoint(ref_path, trust_pickle) if ref_path else None
-    notes = list(view.notes)
-    if ref is None:
-        notes.append("no reference checkpoint: change-based evidence (unchanged tensors, relative change, dead experts by "
-                     "change) is unavailable. Pass --against with the run's initial or an earlier checkpoint; an "
-                     "unseeded fresh initialisation is never used as a reference")
-    else:
-        missing = [n for n in view.tensors if n not in ref.tensors]
-        if missing:
-            notes.append(f"{len(missing)} tensors are not in the reference (no change measured): {missing[:4]}")
-    slots, summaries = map_optimizers(view)
-    kinds = {s.name: s.kind for s in summaries}
-    total = sum(t.numel for t in view.tensors.values())
-    bar = None
-    if progress and sys.stderr.isatty():
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("analysing tensors", total=total)
-        cb = lambda n: bar.advance(task, n)  # noqa: E731
-    else:
-        cb = None
-    try:
-        evidence = analyze_tensors(view, ref, slots, kinds, cb)
-    finally:
-        if bar is not None:
-            bar.stop()
-    steps = _optimizer_steps(view, evidence, notes)
-    identical = ref is not None and _same_state(view, ref, evidence)
-    findings = diagnose(evidence, summaries, bool(view.optimizers), str(ref_path) if ref_path else None, steps,
-                        identical)
-    untrained = steps == 0
-    if untrained:
-        notes.insert(0, "nothing trained yet: the checkpoint records 0 optimizer steps (a run's initial checkpoint); "
-                        "there is nothing to diagnose")
-        findings = [f for f in findings if f.cause == "non_finite"]
-    inconclusive = [] if untrained else _missing_evidence(view, ref, evidence, summaries, identical)
-    checkpoint = {
-        "path": str(view.path), "format": view.format, "step": _plain(view.meta.get("step")),
-        "epoch": _plain(view.meta.get("epoch")), "tokens_seen": _plain(view.meta.get("tokens_seen")),
-        "reference": str(ref_path) if ref_path else None, "n_tensors": len(view.tensors), "n_parameters": total,
-        "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in view.tensors.values())),
-        "precision": view.meta.get("precision"),
-        "config": view.meta.get("config"),
-    }
-    probe_res = None
-    cfg = _model_config(view, model_config, notes)
-    if cfg is not None:
-        from moe_arch.model.params import count_parameters
-        from moe_arch.model.transformer import HybridLM
-        import torch
-
-        with torch.device("meta"):
-            counts = count_parameters(HybridLM(cfg.model))
-        checkpoint["params_total"], checkpoint["params_active"] = counts["total"], counts["active"]
-        m = cfg.model
-        checkpoint["config_summary"] = (f"d_model {m.d_model}, {m.n_layers} layers, {m.n_experts} experts top-{m.top_k}, "
-                                        f"Mamba layers {m.mamba_layers}, MoD {m.mod_capacity}, {m.n_predict} heads")
-        if probe:
-            from moe_arch.doctor.probe import run_probe
-
-            try:
-                probe_res = run_probe(view, cfg).to_dict()
-            except Exception as e:  # the probe is corroboration; its failure must not hide the findings
-                notes.append(f"model-aware probe failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    summaries_json = [{"name": s.name, "kind": s.kind, "mapping": s.method, "n_params": s.n_params,
-                       "n_mapped": s.n_mapped, "n_with_state": s.n_with_state,
-                       "groups": [{k: _plain(v) for k, v in g.items()} for g in s.groups],
-                       "ambiguous": s.ambiguous, "unmatched": s.unmatched} for s in summaries]
-    for s in summaries:
-        if s.method == "unmapped":
-            notes.append(f"optimizer {s.name!r}: its parameters could not be matched to the model's tensors by shape and "
-                         "order (was it saved for another model?); optimizer-based analyses skip it")
-    if probe_res:
-        _corroborate(findings, probe_res)
-    checkpoint["optimizer_steps"] = steps
-    return Diagnosis(status_of(findings, inconclusive, untrained), checkpoint, findings, summaries_json, evidence,
-                     probe_res, notes, inconclusive)
-
-
-ACCUMULATION_KEYS = ("gradient_accumulation_steps", "grad_accum", "accumulate_grad_batches", "grad_accum_steps",
-                     "gradient_accumulation_iters", "accum_steps")
-
-
-def _accumulation(config) -> int | None:
-    """Gradient accumulation from a checkpoint's saved config (any nesting), when it names it."""
-    if isinstance(config, dict):
-        for k, v in config.items():
-            if k in ACCUMULATION_KEYS and isinstance(v, int) and not isinstance(v, bool) and v >= 1:
-                return v
-            found = _accumulation(v)
-            if found:
-                return found
-    return None
-
-
-def _optimizer_steps(view: CheckpointView, evidence, notes: list[str] | None = None) -> int | None:
-    """Optimizer steps the checkpoint records (None when nothing says).
-
-    Its step counter is used unless the optimizer state's own step count (Adam's per-parameter ``step``, which
-    counts optimizer steps and nothing else) disagrees: a counter of micro-steps (forward/backward passes) is
-    ``accumulation`` times larger. Then the state's count is the answer, and a note says what the counter was."""
-    notes = notes if notes is not None else []
-    counts = [e.state_step for e in evidence if e.state_step is not None]
-    opt_steps = int(max(counts)) if counts else None
-    step = view.meta.get("step")
-    try:
-        counter = int(step) if step is not None else None
-    except (TypeError, ValueError):
-        counter = None
-    accum = _accumulation(view.meta.get("config"))
-    if counter is None:
-        return opt_steps
-    if opt_steps is None or opt_steps == counter:
-        if accum and accum > 1 and opt_steps is None:
-            notes.append(f"the checkpoint's step counter is {counter} and its config sets gradient accumulation "
-                         f"{accum}: if the counter counts micro-steps, that is {counter // accum} optimizer steps (the "
-                         "optimizer state has no step count to tell)")
-        return counter
-    if accum and accum > 1 and counter // accum == opt_steps:
-        notes.append(f"the checkpoint's step counter ({counter}) counts micro-steps: with gradient accumulation "
-                     f"{accum} that is {opt_steps} optimizer steps, as the optimizer state's own step count says; "
-                     "steps here are optimizer steps")
-    else:
-        notes.append(f"the checkpoint's step counter ({counter}) differs from the optimizer state's step count "
-                     f"({opt_steps}); steps here are the optimizer's (a counter of micro-steps, or an optimizer "
-                     "re-created on resume, would explain it)")
-    return opt_steps
-
-
-def _same_state(view: CheckpointView, ref: CheckpointView, evidence) -> bool:
-    """The reference is the checkpoint's own state: the same file, or every shared tensor bitwise equal while
-    neither records an earlier step than the other (a run frozen since step 0 is not this: its reference is an
-    earlier step)."""
-    if view.path.resolve() == ref.path.resolve():
-        return True
-    shared = [e for e in evidence if e.has_reference and not e.buffer_like]
-    if not shared or not all(e.unchanged for e in shared):
-        return False
-    a, b = view.meta.get("step"), ref.meta.get("step")
-    return a is None or b is None or a == b
-
-
-def _missing_evidence(view: CheckpointView, ref, evidence, summaries, identical: bool = False) -> list[str]:
-    """Why the evidence cannot support "healthy", each with what would give a verdict (empty: it can)."""
-    reasons = []
-    params = [e for e in evidence if not e.buffer_like]
-    if ref is not None:
-        shared = [e for e in params if e.has_reference]
-        if not shared:
-            reasons.append("no tensor name is shared with the reference, so no change could be measured: pass --against "
-                           "a checkpoint of the same model")
-        elif identical:
-            reasons.append("the reference is identical to the checkpoint (every tensor bitwise equal): pass --against "
-                           "an earlier checkpoint of the run, e.g. its initialisation")
-        return reasons
-    if not view.optimizers:
-        reasons.append("neither optimizer state nor a reference: nothing shows whether the tensors trained; pass "
-                       "--against the run's initial (or an earlier) checkpoint, or a checkpoint saved with its optimizer "
-                       "state")
-    elif not all(s.fully_mapped for s in summaries):
-        reasons.append("the optimizer state could not be mapped to the tensors, and there is no reference: pass --against "
-                       "the run's initial (or an earlier) checkpoint")
-    elif any(e.optimizer is not None and e.lr is None for e in params):
-        reasons.append("the optimizer's learning rates could not be read (a zero learning rate cannot be ruled out), and "
-                       "there is no reference: pass --against the run's initial (or an earlier) checkpoint")
-    return reasons
-
-
-def _corroborate(findings, probe: dict) -> None:
-    for f in findings:
-        if f.cause == "no_gradient":
-            hit = [t for t in f.tensors if t in set(probe["no_grad"]) | set(probe["zero_grad"])]
-            f.evidence["probe_confirms_no_gradient"] = len(hit)
-        if f.cause == "dead_experts":
-            f.evidence["probe_expert_zero_grad"] = probe["expert_zero_grad"]
-
-
-def _plain(v):
-    if hasattr(v, "item"):
-        return v.item()
-    if isinstance(v, tuple):
-        return list(v)
-    return v
-
-
-def _model_config(view: CheckpointView, spec: str | None, notes: list[str]):
-    from moe_arch.config import Config, ConfigError, load_config
-
-    if spec:  # asked for by name (--model): a bad one is the user's error, not a probe to skip quietly
-        return load_config(spec)
-    try:
-        if isinstance(view.meta.get("config"), dict) and view.format in ("moe_arch", "moe_arch-dcp"):
-            return Config.from_dict(view.meta["config"], f"{view.path} (config)")
-    except ConfigError as e:
-        notes.append(f"model-aware probes skipped: {e}")
-    return None
-
-
-def report_dir(checkpoint: str | Path, out: str | Path | None) -> Path:
-    """Where the reports go: ``out``, or next to the checkpoint (never inside a checkpoint folder)."""
-    src = Path(checkpoint)
-    return Path(out) if out else src.parent / f"diagnosis-{src.stem if src.is_file() else src.name}"
-
-
-def run_diagnose(args) -> int:
-    from moe_arch.config import ConfigError, load_config
-    from moe_arch.doctor.readers import resolve_checkpoint_path
-    from moe_arch.utils import OutputError, refuse_overwriting_inputs, writable_file, writable_folder
-
+def run_diagnose(args: argparse.Namespace) -> int:
+    options = DiagnoseOptions(
+        against=args.against,
+        model_config=args.model,
+        probe=not args.no_probe,
+        trust_pickle=args.trust_pickle,
+        progress=not args.quiet,
+        logs=args.logs,
+    )
     try:
         # Where the reports will go must take files before the analysis runs (it may take minutes).
-        try:
-            target = resolve_checkpoint_path(args.checkpoint)
-        except LoadError:  # a run folder with a history but no checkpoint is diagnosed from its history
-            if not (Path(args.checkpoint).is_dir() and find_history(Path(args.checkpoint))):
-                raise
-            target = Path(args.checkpoint)
-        writable_folder(report_dir(target, args.out), "diagnosis report", "--out")
+        target = locate(args.checkpoint, args.logs)
+        out_dir = report_dir(target.path, args.out)
+        writable_folder(out_dir, "diagnosis report", "--out")
         if args.json and args.json != "-":
-            refuse_overwriting_inputs(args.json, {"checkpoint": target, "reference (--against)": args.against,
-                                                  "history (--logs)": args.logs, "model config (--model)": args.model},
-                                      "--json", "JSON report")
+            refuse_overwriting_inputs(
+                args.json,
+                {
+                    "checkpoint": target.path,
+                    "reference (--against)": args.against,
+                    "history (--logs)": args.logs,
+                    "model config (--model)": args.model,
+                },
+                "--json",
+                "JSON report",
+            )
             writable_file(args.json, "JSON report", "--json", "diagnosis.json")
         if args.model:  # before the analysis: a misspelt --model is one line at once, not after minutes
             try:
@@ -370,13 +53,12 @@ def run_diagnose(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        d = run_analysis(args.checkpoint, args.against, args.model, probe=not args.no_probe,
-                         trust_pickle=args.trust_pickle, progress=not args.quiet, logs=args.logs)
+        d = diagnose(target, options)
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        publish(d, args.out, args.json, quiet=args.quiet or args.json == "-")
+        publish(d, out_dir, args.json, quiet=args.quiet or args.json == "-")
     except OutputError as e:  # a disk that filled up during the analysis
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -387,36 +69,3 @@ def run_diagnose(args) -> int:
     if args.fail_on and d.status == "inconclusive":
         return EXIT_INCONCLUSIVE
     return EXIT_OK
-
-
-def publish(d: Diagnosis, out: str | Path | None = None, json_path: str | None = None, quiet: bool = False) -> Path:
-    """Write report.md / report.html (in ``out``, default next to the checkpoint, never inside a checkpoint folder),
-    the JSON document when asked, and the console summary; returns the report folder."""
-    out_dir = report_dir(d.checkpoint["path"], out)
-    md, htm = write_reports(d, out_dir)
-    if json_path:
-        write_json(d, json_path)
-    if not quiet:
-        print_summary(d, md, htm)
-    return out_dir
-
-
-def print_summary(d: Diagnosis, md: Path, htm: Path) -> None:
-    from rich.console import Console
-
-    con = Console(highlight=False)
-    color = {"critical": "red", "warning": "yellow", "inconclusive": "magenta", "untrained": "cyan",
-             "healthy": "green"}[d.status]
-    ck = d.checkpoint
-    con.print(f"[bold]{ck['path']}[/] ({ck['format']}, optimizer step {ck.get('optimizer_steps')}, {ck['n_tensors']} tensors; reference: "
-              f"{ck['reference'] or 'none'})")
-    con.print(f"status: [bold {color}]{d.status.upper()}[/]")
-    for f in d.findings:
-        c = "red" if f.severity == "critical" else "yellow"
-        con.print(f"  [{c}]{f.severity}[/] {f.cause}: {f.summary}")
-        con.print(f"    fix: {f.recommendation}")
-    for r in d.inconclusive:
-        con.print(f"  [magenta]missing evidence[/]: {r}")
-    for n in d.notes:
-        con.print(f"  [dim]note: {n}[/]")
-    con.print(f"report: {md} and {htm}")

@@ -30,6 +30,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moe_arch.checkpoint.readers.base import LoadError, load_with_inert_classes
+
 STEP_KEYS = ("step", "global_step", "iter", "iteration", "iter_num", "trainer/global_step")
 
 # (pattern on the metric name, canonical name; \1 is a group / layer captured by the pattern)
@@ -215,8 +217,11 @@ def read_trainer_state(path: Path) -> History:
             continue
         step = _step_of(row)
         for k, v in row.items():
-            if k in STEP_KEYS or k in ("epoch", "total_flos") or k.startswith(("train_", "eval_runtime",
-                                                                               "eval_samples", "eval_steps")):
+            if (
+                k in STEP_KEYS
+                or k in ("epoch", "total_flos")
+                or k.startswith(("train_", "eval_runtime", "eval_samples", "eval_steps"))
+            ):
                 continue
             h.add(k, step, _num(v))
     h.meta["max_steps"] = state.get("max_steps")
@@ -231,8 +236,6 @@ def _hf_max_grad_norm(path: Path) -> float | None:
     stand-ins for transformers' classes (no transformers code runs; None when it cannot be read)."""
     if not path.is_file():
         return None
-    from moe_arch.doctor.readers.base import LoadError, load_with_inert_classes
-
     try:
         args = load_with_inert_classes(path, ("transformers.", "accelerate."))
     except LoadError:
@@ -269,7 +272,7 @@ def read_csv(path: Path) -> History:
 
 
 def read_tensorboard(folder: Path) -> History:
-    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.backend.event_processing import event_accumulator  # lazy: seconds to import, for TB runs only
 
     h = History(folder, "tensorboard")
     files = sorted(folder.rglob("events.out.tfevents.*"))
@@ -294,16 +297,22 @@ def find_history(path: Path) -> Path | None:
     """The history file (or event folder) for a run folder, a checkpoint, or a history file itself."""
     p = Path(path)
     if p.is_file():
-        if p.name == "metrics.jsonl" or p.suffix in (".jsonl", ".csv") or p.name == "trainer_state.json" \
-                or p.name.startswith("events.out.tfevents."):
+        if (
+            p.name == "metrics.jsonl"
+            or p.suffix in (".jsonl", ".csv")
+            or p.name == "trainer_state.json"
+            or p.name.startswith("events.out.tfevents.")
+        ):
             return p
         p = p.parent
     for folder in (p, p.parent, p.parent.parent):
         if (folder / "metrics.jsonl").is_file():
             return folder / "metrics.jsonl"
     # Hugging Face output_dir: the newest checkpoint's trainer_state.json holds the whole log_history
-    states = sorted(p.glob("checkpoint-*/trainer_state.json"), key=lambda q: int(q.parent.name.split("-")[-1])
-                    if q.parent.name.split("-")[-1].isdigit() else -1)
+    states = sorted(
+        p.glob("checkpoint-*/trainer_state.json"),
+        key=lambda q: int(q.parent.name.split("-")[-1]) if q.parent.name.split("-")[-1].isdigit() else -1,
+    )
     if (p / "trainer_state.json").is_file():
         return p / "trainer_state.json"
     if states:

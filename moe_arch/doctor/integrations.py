@@ -45,8 +45,15 @@ class HFMonitorCallback(_HFBase):
         def stop(alert: Alert):
             self._stop = True
 
-        self.monitor = Monitor(model, optimizer, self.config, run_dir=self.run_dir or args.output_dir,
-                               enabled_output=state.is_world_process_zero, auto_check=False, on_critical=stop)
+        self.monitor = Monitor(
+            model,
+            optimizer,
+            self.config,
+            run_dir=self.run_dir or args.output_dir,
+            enabled_output=state.is_world_process_zero,
+            auto_check=False,
+            on_critical=stop,
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.monitor is not None:
@@ -79,9 +86,15 @@ class LightningMonitorCallback(_LBase):
         def stop(alert: Alert):
             trainer.should_stop = True
 
-        self.monitor = Monitor(pl_module, list(trainer.optimizers), self.config,
-                               run_dir=self.run_dir or trainer.default_root_dir, enabled_output=trainer.is_global_zero,
-                               auto_check=False, on_critical=stop)
+        self.monitor = Monitor(
+            pl_module,
+            list(trainer.optimizers),
+            self.config,
+            run_dir=self.run_dir or trainer.default_root_dir,
+            enabled_output=trainer.is_global_zero,
+            auto_check=False,
+            on_critical=stop,
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.monitor is None:

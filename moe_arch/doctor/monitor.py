@@ -32,29 +32,31 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from rich.console import Console
 from torch import nn
 
 from moe_arch.config import MonitorConfig
 from moe_arch.doctor.analyze import TensorEvidence, infer_role, is_stacked
-from moe_arch.doctor.engine import Finding, describe, diagnose
+from moe_arch.doctor.causes import REGISTRY, Finding
+from moe_arch.doctor.engine import diagnose
+from moe_arch.doctor.nonfinite import _has_nonfinite
 from moe_arch.doctor.optim_map import OptimizerSummary
+from moe_arch.doctor.rules import spike_window, spike_z
+from moe_arch.model.roles import named_parameter_roles
+from moe_arch.numerics import LOW_PRECISION, adam_update, half_ulp, muon_update_rms
 from moe_arch.parallel.parallelize import global_grad_norm, local
-from moe_arch.doctor.rules import (LOW_PRECISION, adam_update, half_ulp, half_ulp_at, muon_update_rms, spike_window,
-                                   spike_z)
 
-SHORT_FIX = {
-    "precision_underflow": "use --train.precision bf16-mixed (fp32 master weights) or bf16-compensated",
-    "not_in_optimizer": "add them to an optimizer param group",
-    "no_gradient": "check that the forward uses them (and that zero_grad runs before backward, not before step)",
-    "zero_learning_rate": "give their param group a non-zero lr",
-    "excessive_update": "lower their learning rate / check their init scale",
-    "dead_experts": "raise the load-balance weight or enable router bias balancing",
-    "loss_spike": "inspect the batch; lower the lr or clip harder if spikes repeat",
-    "non_finite": "lower the lr, check the data, or use a more stable precision",
+GROUP_OF_ROLE = {
+    "hidden_matrix": "matrices",
+    "expert_matrix": "experts",
+    "router": "routers",
+    "norm": "norms",
+    "embedding": "embeddings",
+    "output_head": "heads",
+    "conv": "mamba",
+    "ssm": "mamba",
+    "bias": "biases",
 }
-
-GROUP_OF_ROLE = {"hidden_matrix": "matrices", "expert_matrix": "experts", "router": "routers", "norm": "norms",
-                 "embedding": "embeddings", "output_head": "heads", "conv": "mamba", "ssm": "mamba", "bias": "biases"}
 
 
 class CriticalAlert(RuntimeError):
@@ -72,8 +74,15 @@ class Alert:
     experts: dict | None = None
 
     def to_dict(self) -> dict:
-        d = {"step": self.step, "cause": self.cause, "severity": self.severity, "tensors": self.tensors,
-             "message": self.message, "evidence": self.evidence, "time": time.time()}
+        d = {
+            "step": self.step,
+            "cause": self.cause,
+            "severity": self.severity,
+            "tensors": self.tensors,
+            "message": self.message,
+            "evidence": self.evidence,
+            "time": time.time(),
+        }
         if self.experts:
             d["experts"] = self.experts
         return d
@@ -96,6 +105,7 @@ def _shard_offset(p: torch.Tensor) -> int:
     """Global index, along dim 0, of the first row of this rank's shard (0 when not sharded)."""
     if not hasattr(p, "device_mesh"):
         return 0
+    # lazy: torch.distributed.tensor is absent from builds without torch.distributed (sharded tensors imply it)
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
@@ -119,10 +129,19 @@ def _as_dict(optimizers) -> dict[str, torch.optim.Optimizer]:
 
 
 class Monitor:
-    def __init__(self, model: nn.Module, optimizers, config: MonitorConfig | None = None,
-                 run_dir: str | Path | None = None, enabled_output: bool = True, auto_check: bool = True,
-                 print_fn: Callable[[str], None] | None = None, on_critical: Callable[[Alert], None] | None = None,
-                 roles: dict[str, str] | None = None, start_step: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizers,
+        config: MonitorConfig | None = None,
+        run_dir: str | Path | None = None,
+        enabled_output: bool = True,
+        auto_check: bool = True,
+        print_fn: Callable[[str], None] | None = None,
+        on_critical: Callable[[Alert], None] | None = None,
+        roles: dict[str, str] | None = None,
+        start_step: int = 0,
+    ):
         self.cfg = config or MonitorConfig()
         self.model = model
         self.optimizers = _as_dict(optimizers)
@@ -130,8 +149,6 @@ class Monitor:
         self.output = enabled_output
         self.auto_check = auto_check
         if print_fn is None:
-            from rich.console import Console
-
             console = Console(highlight=False, soft_wrap=True)
             print_fn = console.print
         self.print = print_fn
@@ -151,8 +168,6 @@ class Monitor:
         role_of = roles
         if role_of is None:
             try:
-                from moe_arch.model.roles import named_parameter_roles
-
                 role_of = {n: r for n, _, r in named_parameter_roles(model)}
             except TypeError:
                 role_of = {}
@@ -175,8 +190,16 @@ class Monitor:
                 slice_of = idx // per + _shard_offset(p)
             else:
                 idx = torch.arange(n) if n <= k else torch.randperm(n, generator=gen)[:k].sort().values
-            self.tracked.append(_Tracked(name, p, role, idx.to(loc.device), p.shape[0] if stacked else 0,
-                                         slice_of.to(loc.device) if slice_of is not None else None))
+            self.tracked.append(
+                _Tracked(
+                    name,
+                    p,
+                    role,
+                    idx.to(loc.device),
+                    p.shape[0] if stacked else 0,
+                    slice_of.to(loc.device) if slice_of is not None else None,
+                )
+            )
         by_id = {id(t.param): t for t in self.tracked}
         for oname, opt in self.optimizers.items():
             for gi, g in enumerate(opt.param_groups):
@@ -200,9 +223,11 @@ class Monitor:
         if trainer is not None:
             self.print = lambda s: trainer.ui.print(s)
             if self.cfg.stop_on_critical:
+
                 def stop(alert: Alert):
                     trainer.stop_reason = f"monitor: critical alert at step {alert.step}: {alert.message}"
                     trainer.request_stop()
+
                 self.on_critical = stop
 
     def close(self) -> None:
@@ -230,11 +255,13 @@ class Monitor:
         new: list[Alert] = []
         if stats:
             loss = stats.get("loss", loss)
-            self._stats.update({k: stats[k] for k in ("moe_load", "mod_frac", "mod_weight", "clipped", "grad_norm")
-                                if k in stats})
+            self._stats.update(
+                {k: stats[k] for k in ("moe_load", "mod_frac", "mod_weight", "clipped", "grad_norm") if k in stats}
+            )
             for i, load in (stats.get("moe_load") or {}).items():
                 self._dead_window.setdefault(i, deque(maxlen=max(1, self.cfg.window))).append(
-                    torch.as_tensor(load).float())
+                    torch.as_tensor(load).float()
+                )
         if loss is not None:
             new += self._watch_loss(float(loss))
         if self.step % self.cfg.interval == 0 and self._last_checked != self.step:
@@ -247,18 +274,39 @@ class Monitor:
                 return []
             self._nonfinite_seen = True
             self.arm_nonfinite_hooks()
-            return self._emit([Alert(self.step, "non_finite", "critical", [], f"step {self.step}: the loss is {loss}; "
-                                     "forward hooks are armed to name the first module producing NaN/Inf on the next "
-                                     f"forward pass — {SHORT_FIX['non_finite']}", {"loss": str(loss)})])
+            return self._emit(
+                [
+                    Alert(
+                        self.step,
+                        "non_finite",
+                        "critical",
+                        [],
+                        f"step {self.step}: the loss is {loss}; "
+                        "forward hooks are armed to name the first module producing NaN/Inf on the next "
+                        f"forward pass — {REGISTRY['non_finite'].short_fix}",
+                        {"loss": str(loss)},
+                    )
+                ]
+            )
         alerts = []
         z = spike_z(list(self._losses), loss)
         if z is not None:
             if z > self.cfg.spike_zscore:
                 med = sorted(self._losses)[len(self._losses) // 2]
-                alerts = self._emit([Alert(self.step, "loss_spike", "warning", [],
-                                           f"step {self.step}: loss spike {loss:.4f} (window median {med:.4f}, robust "
-                                           f"z {z:.1f}) — {SHORT_FIX['loss_spike']}",
-                                           {"loss": loss, "median": med, "z": z})], dedupe=False)
+                alerts = self._emit(
+                    [
+                        Alert(
+                            self.step,
+                            "loss_spike",
+                            "warning",
+                            [],
+                            f"step {self.step}: loss spike {loss:.4f} (window median {med:.4f}, robust "
+                            f"z {z:.1f}) — {REGISTRY['loss_spike'].short_fix}",
+                            {"loss": loss, "median": med, "z": z},
+                        )
+                    ],
+                    dedupe=False,
+                )
         self._losses.append(loss)
         return alerts
 
@@ -266,8 +314,6 @@ class Monitor:
         """Watch the next forward pass for the first module whose output is non-finite (one pass only)."""
         if self._hooks_armed:
             return
-        from moe_arch.doctor.nonfinite import _has_nonfinite
-
         names = {m: n for n, m in self.model.named_modules()}
 
         def hook(module, args, output):
@@ -276,9 +322,19 @@ class Monitor:
                 for h in self._hooks_armed:
                     h.remove()
                 self._hooks_armed = []
-                self._emit([Alert(self.step, "non_finite", "critical", [where],
-                                  f"step {self.step}: the first non-finite output appears in module {where!r}",
-                                  {"module": where})], dedupe=False)
+                self._emit(
+                    [
+                        Alert(
+                            self.step,
+                            "non_finite",
+                            "critical",
+                            [where],
+                            f"step {self.step}: the first non-finite output appears in module {where!r}",
+                            {"module": where},
+                        )
+                    ],
+                    dedupe=False,
+                )
 
         self._hooks_armed = [m.register_forward_hook(hook) for m in self.model.modules()]
 
@@ -314,7 +370,7 @@ class Monitor:
         ratio_by_group: dict[str, list[float]] = {}
         pos = 0
         for t, (vec, medians) in zip(self.tracked, per_tensor):
-            stats = flat[pos:pos + vec.numel()]
+            stats = flat[pos : pos + vec.numel()]
             pos += vec.numel()
             ev = self._finalize(t, stats, medians, full_window)
             evidence.append(ev)
@@ -339,8 +395,9 @@ class Monitor:
             total = torch.stack(list(loads)).sum(0)
             frac = total / total.sum().clamp_min(1)
             nz = frac[frac > 0]
-            metrics[f"moe_entropy_L{layer}"] = (float(-(nz * nz.log()).sum() / math.log(len(frac)))
-                                                if len(frac) > 1 else 1.0)
+            metrics[f"moe_entropy_L{layer}"] = (
+                float(-(nz * nz.log()).sum() / math.log(len(frac))) if len(frac) > 1 else 1.0
+            )
             metrics[f"moe_dead_L{layer}"] = int((total == 0).sum())
         for layer, (wm, ws) in (self._stats.get("mod_weight") or {}).items():
             metrics[f"mod_weight_spread_L{layer}"] = ws
@@ -358,16 +415,23 @@ class Monitor:
 
         def sample(x):
             x = local(x) if isinstance(x, torch.Tensor) else None
-            return (x.reshape(-1).index_select(0, t.idx) if x is not None and x.numel() == local(t.param).numel()
-                    else None)
+            return (
+                x.reshape(-1).index_select(0, t.idx) if x is not None and x.numel() == local(t.param).numel() else None
+            )
 
         m = sample(st.get("exp_avg", st.get("momentum_buffer")))
         if kind == "muon" and t.param.ndim >= 2:
             upd = muon_update_rms(lr, tuple(t.param.shape), g.get("adjust_lr_fn"))
         elif kind == "adam":
             step = st.get("step", 0)
-            upd = adam_update(lr, m, sample(st.get("exp_avg_sq")), float(step) if step is not None else 0.0,
-                              tuple(g["betas"]), float(g["eps"]))
+            upd = adam_update(
+                lr,
+                m,
+                sample(st.get("exp_avg_sq")),
+                float(step) if step is not None else 0.0,
+                tuple(g["betas"]),
+                float(g["eps"]),
+            )
         else:
             upd = lr if m is None else lr * m.float().abs()
         upd = upd if isinstance(upd, torch.Tensor) else torch.full((cur.numel(),), float(upd), device=cur.device)
@@ -381,8 +445,17 @@ class Monitor:
         cur = local(t.param.detach()).reshape(-1).index_select(0, t.idx)
         same = cur == ref_vals
         c, r = cur.float(), ref_vals.float()
-        vec = [cur.numel(), float(same.sum()), float((c - r).pow(2).sum()), float(r.pow(2).sum()),
-               float(c.pow(2).sum()), 0.0, 0.0, 0.0, float((c - prev_vals.float()).pow(2).sum())]
+        vec = [
+            cur.numel(),
+            float(same.sum()),
+            float((c - r).pow(2).sum()),
+            float(r.pow(2).sum()),
+            float(c.pow(2).sum()),
+            0.0,
+            0.0,
+            0.0,
+            float((c - prev_vals.float()).pow(2).sum()),
+        ]
         medians = {"abs": float(c.abs().median()) if cur.numel() else None}
         if t.optimizer is not None and cur.numel():
             upd, m, kind = self._expected_update(t, cur)
@@ -415,7 +488,7 @@ class Monitor:
         ev.update_rms = math.sqrt(float(s[2]) / n) if n else None
         ev.median_abs = med.get("abs")
         if t.slices:
-            counts, eq = s[9:9 + t.slices], s[9 + t.slices:9 + 2 * t.slices]
+            counts, eq = s[9 : 9 + t.slices], s[9 + t.slices : 9 + 2 * t.slices]
             ev.slice_unchanged = [bool(c > 0 and e == c) for c, e in zip(counts.tolist(), eq.tolist())]
         if t.optimizer is None:
             return ev
@@ -449,30 +522,20 @@ class Monitor:
         if not dead:
             return []
         tensors = [f"{m}.experts.{w}" for m in dead for w in ("w_gate", "w_up", "w_down")]
-        from moe_arch.doctor.engine import RECOMMENDATIONS
-
-        return [Finding("dead_experts", "warning", tensors, {"source": "router load over the window",
-                                                            "n_dead": sum(map(len, dead.values()))},
-                        RECOMMENDATIONS["dead_experts"], experts=dead,
-                        summary=f"experts received no token in {self.cfg.window} steps: {dead}")]
+        return [
+            REGISTRY["dead_experts"].finding(
+                "warning",
+                tensors,
+                {"source": "router load over the window", "n_dead": sum(map(len, dead.values()))},
+                experts=dead,
+                summary=f"experts received no token in {self.cfg.window} steps: {dead}",
+            )
+        ]
 
     def _alert_from(self, f: Finding, step: int, window: int, tensors: list[str]) -> Alert:
-        ev = f.evidence
-        what = describe(tensors)
-        if f.cause == "precision_underflow":
-            dtype = ev.get("dtype")
-            change = ("have not changed" if f.severity == "critical" else
-                      f"have mostly not changed ({ev.get('fraction_of_elements_unchanged') or 0:.0%} "
-                      "of sampled elements)")
-            msg = (f"step {step}: {len(tensors)} tensors ({what}) {change} in {window} optimizer steps: "
-                   f"{dtype} stores them and their updates (\u2248{ev.get('median_expected_update', 0):.1e}) are below "
-                   f"half a ULP ({ev.get('half_ulp_at_median_value') or half_ulp_at(1.0, torch.bfloat16):.1e})")
-        elif f.cause in ("not_in_optimizer", "no_gradient", "zero_learning_rate"):
-            msg = f"step {step}: {f.summary}; unchanged for {window} optimizer steps"
-        else:
-            msg = f"step {step}: {f.summary}"
-        msg += f" \u2014 cause {f.cause}; {SHORT_FIX[f.cause]}"
-        return Alert(step, f.cause, f.severity, tensors, msg, ev, f.experts)
+        c = REGISTRY[f.cause]
+        msg = f"{c.alert(f, step, window, tensors)} \u2014 cause {f.cause}; {c.short_fix}"
+        return Alert(step, f.cause, f.severity, tensors, msg, f.evidence, f.experts)
 
     def _emit(self, alerts: list[Alert], dedupe: bool = True) -> list[Alert]:
         out = []
@@ -498,8 +561,16 @@ class Monitor:
                     with open(self.run_dir / "alerts.jsonl", "a") as f:
                         f.write(json.dumps(a.to_dict(), default=str) + "\n")
                 if self.logger is not None:
-                    self.logger.log(a.step, {"alert_cause": a.cause, "alert_severity": a.severity,
-                                             "alert_tensors": len(a.tensors), "alert_message": a.message}, "alert")
+                    self.logger.log(
+                        a.step,
+                        {
+                            "alert_cause": a.cause,
+                            "alert_severity": a.severity,
+                            "alert_tensors": len(a.tensors),
+                            "alert_message": a.message,
+                        },
+                        "alert",
+                    )
                     self.logger.log_text(a.step, f"alerts/{a.cause}", a.message)
             if a.severity == "critical" and self.cfg.stop_on_critical:
                 if self.on_critical is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moe_arch.doctor.readers import BUFFER_PATTERNS, CheckpointView, strip_prefixes
+from moe_arch.checkpoint.readers import BUFFER_PATTERNS, CheckpointView, strip_prefixes
 
 
 @dataclass
@@ -105,8 +105,9 @@ def map_optimizers(view: CheckpointView) -> tuple[dict[str, ParamSlot], list[Opt
     return _map(view, candidate_tensors(view))
 
 
-def _to_saved_names(view: CheckpointView, slots: dict[str, ParamSlot], summaries: list[OptimizerSummary]
-                    ) -> tuple[dict[str, ParamSlot], list[OptimizerSummary]]:
+def _to_saved_names(
+    view: CheckpointView, slots: dict[str, ParamSlot], summaries: list[OptimizerSummary]
+) -> tuple[dict[str, ParamSlot], list[OptimizerSummary]]:
     """One in-memory parameter becomes one or more saved tensors (a stacked expert tensor: one per expert and
     projection); each gets its share of every state tensor, and the group, lr and step of the parameter."""
     shape_of = dict(view.param_layout)
@@ -115,12 +116,18 @@ def _to_saved_names(view: CheckpointView, slots: dict[str, ParamSlot], summaries
     for name, slot in slots.items():
         try:
             saved = list(view.to_saved({name: torch.empty(shape_of[name], device="meta")}))
-            pieces = {k: view.to_saved({name: v}) for k, v in slot.state.items()
-                      if isinstance(v, torch.Tensor) and tuple(v.shape) == shape_of[name]}
+            pieces = {
+                k: view.to_saved({name: v})
+                for k, v in slot.state.items()
+                if isinstance(v, torch.Tensor) and tuple(v.shape) == shape_of[name]
+            }
         except Exception:  # a conversion that needs other parameters too: this one stays unmapped
             saved, pieces = [], {}
-        ok = saved and all(n in view.tensors for n in saved) and all(
-            tuple(p[n].shape) == tuple(view.tensors[n].shape) for p in pieces.values() for n in saved)
+        ok = (
+            saved
+            and all(n in view.tensors for n in saved)
+            and all(tuple(p[n].shape) == tuple(view.tensors[n].shape) for p in pieces.values() for n in saved)
+        )
         summ = by_name[slot.optimizer]
         if not ok:
             summ.n_mapped -= 1
@@ -132,8 +139,9 @@ def _to_saved_names(view: CheckpointView, slots: dict[str, ParamSlot], summaries
     return out, summaries
 
 
-def _map(view: CheckpointView, cands: list[tuple[str, tuple[int, ...]]]
-         ) -> tuple[dict[str, ParamSlot], list[OptimizerSummary]]:
+def _map(
+    view: CheckpointView, cands: list[tuple[str, tuple[int, ...]]]
+) -> tuple[dict[str, ParamSlot], list[OptimizerSummary]]:
     cand_names = [n for n, _ in cands]
     shape_of = dict(cands)
     slots: dict[str, ParamSlot] = {}
@@ -146,9 +154,15 @@ def _map(view: CheckpointView, cands: list[tuple[str, tuple[int, ...]]]
         have_names = bool(groups) and all("param_names" in g for g in groups)
         group_meta = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in groups]
         n_params = sum(len(g["params"]) for g in groups)
-        summ = OptimizerSummary(opt.name, optimizer_kind(sd), "param_names" if have_names else "shape-order",
-                                n_params, 0, sum(1 for g in groups for pid in g["params"] if state.get(pid)),
-                                group_meta)
+        summ = OptimizerSummary(
+            opt.name,
+            optimizer_kind(sd),
+            "param_names" if have_names else "shape-order",
+            n_params,
+            0,
+            sum(1 for g in groups for pid in g["params"] if state.get(pid)),
+            group_meta,
+        )
         summaries.append(summ)
         for gi, g in enumerate(groups):
             if have_names:
@@ -160,8 +174,9 @@ def _map(view: CheckpointView, cands: list[tuple[str, tuple[int, ...]]]
                     else:
                         summ.unmatched += 1
             else:
-                pending.append((summ, gi, group_meta[gi], [(pid, _state_shape(state.get(pid, {})))
-                                                           for pid in g["params"]], state))
+                pending.append(
+                    (summ, gi, group_meta[gi], [(pid, _state_shape(state.get(pid, {}))) for pid in g["params"]], state)
+                )
     # Shape/order matching with constraint propagation across groups.
     fixed: dict[int, dict[int, str]] = {k: {} for k in range(len(pending))}  # group -> {param position: name}
     taken_by_names = set(slots)
@@ -194,6 +209,7 @@ def _map(view: CheckpointView, cands: list[tuple[str, tuple[int, ...]]]
             else:
                 e, l = b[0][pos], b[1][pos]
                 options = [names[i] for i in range(e, l + 1) if shp is None or shape_of[names[i]] == shp]
-                summ.ambiguous.append({"index": pos, "group": gi, "candidates": options[:8],
-                                       "n_candidates": len(options)})
+                summ.ambiguous.append(
+                    {"index": pos, "group": gi, "candidates": options[:8], "n_candidates": len(options)}
+                )
     return slots, summaries

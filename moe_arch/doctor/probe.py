@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+from moe_arch.checkpoint.readers import CheckpointView
 from moe_arch.config import Config
-from moe_arch.doctor.readers import CheckpointView
+from moe_arch.data.corpus import Corpus, DataError
+from moe_arch.data.dataset import open_corpus, prepare_data
+from moe_arch.data.tokenizer import TextTokenizer
+from moe_arch.model.transformer import materialize
 
 
 @dataclass
@@ -35,8 +39,6 @@ class ProbeResult:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         d = asdict(self)
         d["router"] = {str(k): v for k, v in self.router.items()}
         d["mod"] = {str(k): v for k, v in self.mod.items()}
@@ -53,18 +55,11 @@ def gini(x: torch.Tensor) -> float:
 
 
 def _tokens(cfg: Config, view: CheckpointView, n_tokens: int) -> tuple[torch.Tensor, str]:
-    from moe_arch.data.corpus import Corpus, DataError
-    from moe_arch.data.tokenizer import TextTokenizer
-
     if view.meta.get("tokenizer_json"):
         tok = TextTokenizer.from_checkpoint(view.meta, "checkpoint")
     else:
-        from moe_arch.data.dataset import prepare_data
-
         tok = prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a: None).tokenizer
     try:
-        from moe_arch.data.dataset import open_corpus
-
         corpus, source = open_corpus(cfg.data), cfg.data.source
         docs = corpus.documents()
         first = next(docs)
@@ -79,12 +74,10 @@ def _tokens(cfg: Config, view: CheckpointView, n_tokens: int) -> tuple[torch.Ten
             break
     if max(ids) >= cfg.model.vocab_size:
         raise ValueError("the tokenizer produces ids beyond model.vocab_size")
-    return torch.tensor(ids[:n_tokens + cfg.model.n_predict], dtype=torch.long), source
+    return torch.tensor(ids[: n_tokens + cfg.model.n_predict], dtype=torch.long), source
 
 
 def run_probe(view: CheckpointView, cfg: Config, batch: int = 4, seq_len: int | None = None) -> ProbeResult:
-    from moe_arch.model.transformer import materialize
-
     T = min(seq_len or cfg.train.seq_len, 256)
     sd = {name: ti.get().float() if ti.dtype.is_floating_point else ti.get() for name, ti in view.tensors.items()}
     model, missing, unexpected = materialize(cfg.model, sd, "cpu", strict=False)
@@ -93,14 +86,15 @@ def run_probe(view: CheckpointView, cfg: Config, batch: int = 4, seq_len: int | 
     need = batch * T + cfg.model.n_predict
     if ids.numel() < need:
         batch = max(1, (ids.numel() - cfg.model.n_predict) // T)
-    rows = torch.stack([ids[i * T:i * T + T + cfg.model.n_predict] for i in range(batch)])
+    rows = torch.stack([ids[i * T : i * T + T + cfg.model.n_predict] for i in range(batch)])
     inp, tgt = rows[:, :T], rows[:, 1:]
     out = model(inp, tgt)
     out.loss.backward()
     res = ProbeResult(inp.numel(), source, float(out.loss.detach()), float(out.lm_loss.detach()))
     if missing:
-        res.notes.append(f"{len(missing)} model tensors missing from the checkpoint (left uninitialised): "
-                         f"{missing[:5]}")
+        res.notes.append(
+            f"{len(missing)} model tensors missing from the checkpoint (left uninitialised): {missing[:5]}"
+        )
     if unexpected:
         res.notes.append(f"{len(unexpected)} checkpoint tensors not in the model: {unexpected[:5]}")
     for name, p in model.named_parameters():
@@ -123,12 +117,20 @@ def run_probe(view: CheckpointView, cfg: Config, batch: int = 4, seq_len: int | 
         frac = load / load.sum().clamp_min(1)
         nz = frac[frac > 0]
         ent = float(-(nz * nz.log()).sum() / math.log(len(frac))) if len(frac) > 1 else 1.0
-        res.router[layer] = {"tokens_per_expert": [int(x) for x in load], "share": [round(float(x), 4) for x in frac],
-                             "entropy_normalised": ent, "gini": gini(load),
-                             "max_over_mean": float(frac.max() * len(frac)),
-                             "dead_experts": [i for i, x in enumerate(load) if x == 0]}
+        res.router[layer] = {
+            "tokens_per_expert": [int(x) for x in load],
+            "share": [round(float(x), 4) for x in frac],
+            "entropy_normalised": ent,
+            "gini": gini(load),
+            "max_over_mean": float(frac.max() * len(frac)),
+            "dead_experts": [i for i, x in enumerate(load) if x == 0],
+        }
     for layer, frac in sorted(aux.mod_frac.items()):
         wm, ws = aux.mod_weight.get(layer, (torch.tensor(float("nan")), torch.tensor(float("nan"))))
-        res.mod[layer] = {"selected_fraction": float(frac), "router_weight_mean": float(wm),
-                          "router_weight_std": float(ws), "capacity": cfg.model.mod_capacity}
+        res.mod[layer] = {
+            "selected_fraction": float(frac),
+            "router_weight_mean": float(wm),
+            "router_weight_std": float(ws),
+            "capacity": cfg.model.mod_capacity,
+        }
     return res

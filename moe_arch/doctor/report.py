@@ -17,8 +17,8 @@ JSON schema ``moe_arch.diagnosis/1``::
       "notes": [str]
     }
 
-``cause`` is one of precision_underflow, not_in_optimizer, no_gradient, zero_learning_rate, excessive_update,
-dead_experts; ``severity`` is critical (tensors cannot learn at all) or warning.
+``cause`` is the name of a registered cause (:mod:`moe_arch.doctor.causes`: the checkpoint causes, and with a
+run's history the curve causes); ``severity`` is critical (tensors cannot learn at all) or warning.
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from rich.console import Console
+
 from moe_arch.doctor.analyze import TensorEvidence
-from moe_arch.doctor.engine import Finding, describe, pattern_groups
+from moe_arch.doctor.causes import REGISTRY, Finding, describe, fmt, is_curve, pattern_groups
 from moe_arch.utils import OutputError, os_reason, write_output
 
 SCHEMA = "moe_arch.diagnosis/1"
@@ -57,26 +60,26 @@ class Diagnosis:
         h = self.history
         if h is None:
             return None
-        return {"path": str(h.path), "format": h.format, "series": h.found(), "unmapped": h.unmapped,
-                "points": {n: len(s.values) for n, s in h.series.items() if s.values}}
+        return {
+            "path": str(h.path),
+            "format": h.format,
+            "series": h.found(),
+            "unmapped": h.unmapped,
+            "points": {n: len(s.values) for n, s in h.series.items() if s.values},
+        }
 
     def to_json(self) -> dict:
-        return {"schema": SCHEMA, "status": self.status, "inconclusive": self.inconclusive,
-                "checkpoint": self.checkpoint,
-                "findings": [f.to_dict() for f in self.findings], "optimizers": self.optimizers,
-                "probe": self.probe, "notes": self.notes, "history": self.history_json()}
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        if v == 0 or math.isnan(v):
-            return f"{v:g}"
-        return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
-    if isinstance(v, (list, tuple)):
-        return ", ".join(_fmt(x) for x in v[:8]) + (" ..." if len(v) > 8 else "")
-    if isinstance(v, dict):
-        return "; ".join(f"{k}: {_fmt(x)}" for k, x in list(v.items())[:8]) + (" ..." if len(v) > 8 else "")
-    return str(v)
+        return {
+            "schema": SCHEMA,
+            "status": self.status,
+            "inconclusive": self.inconclusive,
+            "checkpoint": self.checkpoint,
+            "findings": [f.to_dict() for f in self.findings],
+            "optimizers": self.optimizers,
+            "probe": self.probe,
+            "notes": self.notes,
+            "history": self.history_json(),
+        }
 
 
 # ---------------------------------------------------------------------------------------------- blocks
@@ -118,8 +121,14 @@ def to_markdown(blocks) -> str:
             out.append("\n".join(f"{i}. {x}" for i, x in enumerate(b[1], 1)))
         elif b[0] == "table":
             header, rows = b[1], b[2]
-            out.append("| " + " | ".join(header) + " |\n| " + " | ".join("---" for _ in header) + " |\n" +
-                       "\n".join("| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows))
+            out.append(
+                "| "
+                + " | ".join(header)
+                + " |\n| "
+                + " | ".join("---" for _ in header)
+                + " |\n"
+                + "\n".join("| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows)
+            )
         elif b[0] == "img":
             out.append(f"*(plot in report.html: {b[2]})*")
     return "\n\n".join(out) + "\n"
@@ -141,48 +150,63 @@ def to_html(blocks, title: str) -> str:
         elif b[0] in ("ul", "ol"):
             body.append(f"<{b[0]}>" + "".join(f"<li>{_inline_html(x)}</li>" for x in b[1]) + f"</{b[0]}>")
         elif b[0] == "table":
-            body.append("<table><thead><tr>" + "".join(f"<th>{_inline_html(h)}</th>" for h in b[1]) +
-                        "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{_inline_html(str(c))}</td>" for c in r)
-                                                         + "</tr>" for r in b[2]) + "</tbody></table>")
+            body.append(
+                "<table><thead><tr>"
+                + "".join(f"<th>{_inline_html(h)}</th>" for h in b[1])
+                + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{_inline_html(str(c))}</td>" for c in r) + "</tr>" for r in b[2])
+                + "</tbody></table>"
+            )
         elif b[0] == "img":
-            body.append(f'<figure><img alt="{html.escape(b[2])}" src="data:image/png;base64,{b[1]}"/>'
-                        f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;"
-             "font-size:90%}code{background:#f3f3f3;padding:0 3px}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+            body.append(
+                f'<figure><img alt="{html.escape(b[2])}" src="data:image/png;base64,{b[1]}"/>'
+                f"<figcaption>{html.escape(b[2])}</figcaption></figure>"
+            )
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;"
+        "font-size:90%}code{background:#f3f3f3;padding:0 3px}img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- plots
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib  # lazy: a second or so to import, paid only by reports that draw a plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # lazy: as above, and only after the backend is chosen
+
+    return plt
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    _pyplot().close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
 def change_heatmap(evidence: list[TensorEvidence]) -> str | None:
-    matched = [(m, e) for e in evidence if e.rel_change is not None
-               and (m := re.match(r"^(.*?)\.(\d+)\.(.+)$", e.name))]  # the first numeric segment is the layer
+    matched = [
+        (m, e) for e in evidence if e.rel_change is not None and (m := re.match(r"^(.*?)\.(\d+)\.(.+)$", e.name))
+    ]  # the first numeric segment is the layer
     if not matched:
         return None
     # Rows are the layers of the stack (the most common prefix, e.g. "layers"); other numbered modules such as
     # prediction heads are not layers and stay out of the grid.
     prefixes = [m.group(1) for m, _ in matched]
     stack = max(set(prefixes), key=prefixes.count)
-    cells: dict[tuple[int, str], float] = {(int(m.group(2)), m.group(3)): e.rel_change
-                                           for m, e in matched if m.group(1) == stack}
+    cells: dict[tuple[int, str], float] = {
+        (int(m.group(2)), m.group(3)): e.rel_change for m, e in matched if m.group(1) == stack
+    }
     if not cells:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    plt = _pyplot()
     layers = sorted({k[0] for k in cells})
     kinds = sorted({k[1] for k in cells})
     grid = np.full((len(layers), len(kinds)), np.nan)
@@ -201,12 +225,7 @@ def change_heatmap(evidence: list[TensorEvidence]) -> str | None:
 def expert_heatmap(router: dict) -> str | None:
     if not router:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    plt = _pyplot()
     layers = sorted(router, key=int)
     grid = np.array([router[l]["share"] for l in layers])
     fig, ax = plt.subplots(figsize=(max(5, 0.4 * grid.shape[1] + 2), max(2.5, 0.35 * len(layers) + 1.5)))
@@ -220,27 +239,27 @@ def expert_heatmap(router: dict) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- report
-CURVE_CAUSES = ("not_learning", "divergence", "loss_spike", "overfitting", "plateau", "lr_schedule", "gradient_norm",
-                "throughput_collapse", "moe_collapse", "mod_drift")
-HISTORY_PANELS = (("loss", ("loss", "lm_loss", "eval_loss")), ("learning rate", ("lr", "lr/")),
-                  ("gradient norm", ("grad_norm",)))
+HISTORY_PANELS = (
+    ("loss", ("loss", "lm_loss", "eval_loss")),
+    ("learning rate", ("lr", "lr/")),
+    ("gradient norm", ("grad_norm",)),
+)
 
 
 def history_plot(h, findings: list[Finding]) -> str | None:
     """Loss, learning rate and gradient norm against the step, each curve finding marked at its first step."""
     panels = []
     for title, names in HISTORY_PANELS:
-        series = [s for n, s in sorted(h.series.items()) if s.values and any(
-            n == x or (x.endswith("/") and n.startswith(x)) for x in names)]
+        series = [
+            s
+            for n, s in sorted(h.series.items())
+            if s.values and any(n == x or (x.endswith("/") and n.startswith(x)) for x in names)
+        ]
         if series:
             panels.append((title, series))
     if not panels:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
     marks = [(f.evidence["first_step"], f.cause) for f in findings if isinstance(f.evidence.get("first_step"), int)]
     for ax, (title, series) in zip(axes[:, 0], panels):
@@ -255,8 +274,16 @@ def history_plot(h, findings: list[Finding]) -> str | None:
         ax.set_ylabel(title)
         ax.legend(fontsize=7, loc="best")
     for step, cause in marks:
-        axes[0, 0].annotate(cause, (step, 1), xycoords=("data", "axes fraction"), fontsize=7, color="red",
-                            rotation=90, va="top", ha="right")
+        axes[0, 0].annotate(
+            cause,
+            (step, 1),
+            xycoords=("data", "axes fraction"),
+            fontsize=7,
+            color="red",
+            rotation=90,
+            va="top",
+            ha="right",
+        )
     axes[-1, 0].set_xlabel("step")
     return _png(fig)
 
@@ -268,30 +295,48 @@ def build_blocks(d: Diagnosis, plots: bool = True):
     status_word = d.status.upper()
     blocks = [H(1, "Training Diagnostic Report"), H(2, "Executive summary")]
     if crit or warn:
-        head = (f"**Status: {status_word}.** {len(crit + warn)} root cause(s), ranked by severity, then by the number "
-                "of tensors:" if crit else
-                f"**Status: {status_word}.** {len(warn)} warning(s); no tensor is prevented from learning:")
+        head = (
+            f"**Status: {status_word}.** {len(crit + warn)} root cause(s), ranked by severity, then by the number "
+            "of tensors:"
+            if crit
+            else f"**Status: {status_word}.** {len(warn)} warning(s); no tensor is prevented from learning:"
+        )
         blocks.append(P(head))
-        blocks.append(UL([f"`{f.cause}` ({f.severity}, {len(f.tensors)} tensors): {f.summary}. **Fix:** "
-                          f"{f.recommendation}." for f in crit + warn]))
+        blocks.append(
+            UL(
+                [
+                    f"`{f.cause}` ({f.severity}, {len(f.tensors)} tensors): {f.summary}. **Fix:** {f.recommendation}."
+                    for f in crit + warn
+                ]
+            )
+        )
     elif d.status == "untrained":
         blocks.append(P(f"**Status: {status_word}.** Nothing trained yet: the checkpoint records 0 optimizer steps."))
     elif d.status == "inconclusive":
-        blocks.append(P(f"**Status: {status_word}.** No problem was found, but the evidence cannot support a "
-                        "verdict of healthy:"))
+        blocks.append(
+            P(f"**Status: {status_word}.** No problem was found, but the evidence cannot support a verdict of healthy:")
+        )
         blocks.append(UL(list(d.inconclusive)))
     else:
-        blocks.append(P(f"**Status: {status_word}.** Every parameter has optimizer state and, where a reference is "
-                        "available, has changed; no precision, learning-rate, gradient or routing problem was found."))
+        blocks.append(
+            P(
+                f"**Status: {status_word}.** Every parameter has optimizer state and, where a reference is "
+                "available, has changed; no precision, learning-rate, gradient or routing problem was found."
+            )
+        )
     blocks.append(H(2, "Checkpoint"))
     rows = [["path", ck.get("path")], ["format", ck.get("format")], ["optimizer steps", ck.get("optimizer_steps")]]
     if ck.get("step") is not None and ck.get("step") != ck.get("optimizer_steps"):
         rows.append(["step counter as saved (see notes)", ck.get("step")])
     rows += [
-            ["epoch", ck.get("epoch")], ["tokens seen", ck.get("tokens_seen")],
-            ["tensors", ck.get("n_tensors")], ["parameters (elements)", ck.get("n_parameters")],
-            ["dtypes", _fmt(ck.get("dtypes"))], ["precision policy", ck.get("precision")],
-            ["reference for change", ck.get("reference") or "none (change-based evidence unavailable)"]]
+        ["epoch", ck.get("epoch")],
+        ["tokens seen", ck.get("tokens_seen")],
+        ["tensors", ck.get("n_tensors")],
+        ["parameters (elements)", ck.get("n_parameters")],
+        ["dtypes", fmt(ck.get("dtypes"))],
+        ["precision policy", ck.get("precision")],
+        ["reference for change", ck.get("reference") or "none (change-based evidence unavailable)"],
+    ]
     if ck.get("params_total"):
         rows.append(["total / active parameters", f"{ck['params_total']:,} / {ck['params_active']:,}"])
     if ck.get("config_summary"):
@@ -303,18 +348,24 @@ def build_blocks(d: Diagnosis, plots: bool = True):
             continue
         blocks.append(H(2, title))
         for f in group:
-            what = "series" if f.cause in CURVE_CAUSES else "tensors"
+            what = "series" if is_curve(f.cause) else "tensors"
             blocks.append(H(3, f"`{f.cause}` ({f.severity}): {len(f.tensors)} {what}"))
             blocks.append(P(f.summary + "."))
             blocks.append(UL([f"`{p}` \u00d7{c}" if c > 1 else f"`{p}`" for p, c in pattern_groups(f.tensors)[:30]]))
-            blocks.append(TABLE(["evidence", "value"], [[k, _fmt(v)] for k, v in f.evidence.items()
-                                                        if k not in ("modules",)]))
+            blocks.append(
+                TABLE(["evidence", "value"], [[k, fmt(v)] for k, v in f.evidence.items() if k not in ("modules",)])
+            )
             blocks.append(P(f"**Fix:** {f.recommendation}."))
 
     blocks.append(H(2, "Root cause: the evidence that decided it"))
     if not d.findings:
-        blocks.append(P("No rule fired. The checks that ran: optimizer coverage of every tensor, learning rates, "
-                        "optimizer state, the bf16/fp16 rounding rule, per-expert change, and relative-change outliers."))
+        blocks.append(
+            P(
+                "No rule fired. The checks that ran: optimizer coverage of every tensor, learning rates, "
+                "optimizer state, the bf16/fp16 rounding rule, per-expert change, and relative-change "
+                "outliers."
+            )
+        )
     for f in d.findings:
         blocks.append(P(f"`{f.cause}`: " + _chain(f)))
 
@@ -324,53 +375,116 @@ def build_blocks(d: Diagnosis, plots: bool = True):
     if d.history is not None:
         h = d.history
         blocks.append(H(2, "Run history"))
-        blocks.append(P(f"Read from `{h.path}` ({h.format}): {', '.join(f'`{n}`' for n in h.found()[:20]) or 'no series'}"
-                        + (f"; not mapped to the schema: {', '.join(h.unmapped[:12])}" if h.unmapped else "") + "."))
+        series = ", ".join(f"`{n}`" for n in h.found()[:20]) or "no series"
+        blocks.append(
+            P(
+                f"Read from `{h.path}` ({h.format}): {series}"
+                + (f"; not mapped to the schema: {', '.join(h.unmapped[:12])}" if h.unmapped else "")
+                + "."
+            )
+        )
         if plots:
-            img = history_plot(h, [f for f in d.findings if f.cause in CURVE_CAUSES])
+            img = history_plot(h, [f for f in d.findings if is_curve(f.cause)])
             if img:
-                blocks.append(IMG(img, "loss, learning rate and gradient norm; dashed: where each curve finding starts"))
+                blocks.append(
+                    IMG(img, "loss, learning rate and gradient norm; dashed: where each curve finding starts")
+                )
 
     blocks.append(H(2, "Optimizer configuration"))
     if d.optimizers:
         orows = []
         for o in d.optimizers:
             for gi, g in enumerate(o["groups"]):
-                orows.append([o["name"], o["kind"], gi, _fmt(g.get("lr")), _fmt(g.get("initial_lr", "-")),
-                              _fmt(g.get("weight_decay", "-")), o["mapping"]])
+                orows.append(
+                    [
+                        o["name"],
+                        o["kind"],
+                        gi,
+                        fmt(g.get("lr")),
+                        fmt(g.get("initial_lr", "-")),
+                        fmt(g.get("weight_decay", "-")),
+                        o["mapping"],
+                    ]
+                )
         blocks.append(TABLE(["optimizer", "kind", "group", "lr", "initial lr", "weight decay", "name mapping"], orows))
         for o in d.optimizers:
-            blocks.append(P(f"`{o['name']}`: {o['n_params']} parameters, {o['n_mapped']} mapped to tensor names "
-                            f"({o['mapping']}), {o['n_with_state']} with state."))
+            blocks.append(
+                P(
+                    f"`{o['name']}`: {o['n_params']} parameters, {o['n_mapped']} mapped to tensor names "
+                    f"({o['mapping']}), {o['n_with_state']} with state."
+                )
+            )
             if o["ambiguous"]:
-                blocks.append(P(f"**Ambiguous mapping:** {len(o['ambiguous'])} parameters of `{o['name']}` match several "
-                                "tensors by shape and order; they are not attributed to a name. First: " +
-                                "; ".join(f"#{a['index']} could be {', '.join(a['candidates'][:3])}"
-                                          for a in o["ambiguous"][:3])))
+                blocks.append(
+                    P(
+                        f"**Ambiguous mapping:** {len(o['ambiguous'])} parameters of `{o['name']}` match "
+                        "several tensors by shape and order; they are not attributed to a name. First: "
+                        + "; ".join(
+                            f"#{a['index']} could be {', '.join(a['candidates'][:3])}" for a in o["ambiguous"][:3]
+                        )
+                    )
+                )
     else:
-        blocks.append(P("The checkpoint holds no optimizer state: optimizer coverage, learning rates and the expected "
-                        "update size could not be checked."))
+        blocks.append(
+            P(
+                "The checkpoint holds no optimizer state: optimizer coverage, learning rates and the expected "
+                "update size could not be checked."
+            )
+        )
 
     if d.probe:
         pr = d.probe
         blocks.append(H(2, "Model-aware probe (one real batch)"))
-        blocks.append(P(f"{pr['batch_tokens']} tokens from {pr['text_source']}: loss {pr['loss']:.4f} "
-                        f"(next-token {pr['lm_loss']:.4f})."))
-        blocks.append(UL([f"tensors with a gradient: {len(pr['grad_norms'])}",
-                          f"no gradient (unused in the forward): {describe(pr['no_grad']) or 'none'}",
-                          f"all-zero gradient: {describe(pr['zero_grad']) or 'none'}",
-                          f"non-finite gradient: {describe(pr['nonfinite_grad']) or 'none'}"] +
-                         [f"expert slices with zero gradient in `{k}`: {v}" for k, v in pr["expert_zero_grad"].items()]))
+        blocks.append(
+            P(
+                f"{pr['batch_tokens']} tokens from {pr['text_source']}: loss {pr['loss']:.4f} "
+                f"(next-token {pr['lm_loss']:.4f})."
+            )
+        )
+        blocks.append(
+            UL(
+                [
+                    f"tensors with a gradient: {len(pr['grad_norms'])}",
+                    f"no gradient (unused in the forward): {describe(pr['no_grad']) or 'none'}",
+                    f"all-zero gradient: {describe(pr['zero_grad']) or 'none'}",
+                    f"non-finite gradient: {describe(pr['nonfinite_grad']) or 'none'}",
+                ]
+                + [f"expert slices with zero gradient in `{k}`: {v}" for k, v in pr["expert_zero_grad"].items()]
+            )
+        )
         if pr["router"]:
-            blocks.append(TABLE(["MoE layer", "tokens per expert", "entropy (norm.)", "Gini", "max/mean", "dead"],
-                                [[l, _fmt(r["tokens_per_expert"]), f"{r['entropy_normalised']:.3f}", f"{r['gini']:.3f}",
-                                  f"{r['max_over_mean']:.2f}", r["dead_experts"] or "none"]
-                                 for l, r in sorted(pr["router"].items(), key=lambda kv: int(kv[0]))]))
+            blocks.append(
+                TABLE(
+                    ["MoE layer", "tokens per expert", "entropy (norm.)", "Gini", "max/mean", "dead"],
+                    [
+                        [
+                            l,
+                            fmt(r["tokens_per_expert"]),
+                            f"{r['entropy_normalised']:.3f}",
+                            f"{r['gini']:.3f}",
+                            f"{r['max_over_mean']:.2f}",
+                            r["dead_experts"] or "none",
+                        ]
+                        for l, r in sorted(pr["router"].items(), key=lambda kv: int(kv[0]))
+                    ],
+                )
+            )
         if pr["mod"]:
-            blocks.append(TABLE(["MoD block", "selected fraction", "capacity", "router weight mean", "std"],
-                                [[l, f"{m['selected_fraction']:.3f}", m["capacity"], f"{m['router_weight_mean']:.3f}",
-                                  f"{m['router_weight_std']:.3f}"]
-                                 for l, m in sorted(pr["mod"].items(), key=lambda kv: int(kv[0]))]))
+            blocks.append(
+                TABLE(
+                    ["MoD block", "selected fraction", "capacity", "router weight mean", "std"],
+                    [
+                        [
+                            l,
+                            f"{m['selected_fraction']:.3f}",
+                            m["capacity"],
+                            f"{m['router_weight_mean']:.3f}",
+                            f"{m['router_weight_std']:.3f}",
+                        ]
+                        for l, m in sorted(pr["mod"].items(), key=lambda kv: int(kv[0]))
+                    ],
+                )
+            )
         if plots:
             img = expert_heatmap(pr["router"])
             if img:
@@ -393,37 +507,8 @@ def build_blocks(d: Diagnosis, plots: bool = True):
 
 
 def _chain(f: Finding) -> str:
-    ev = f.evidence
-    if f.cause == "precision_underflow":
-        steps = [f"stored dtype {ev['dtype']}",
-                 f"half a ULP at the tensors' typical value {_fmt(ev.get('median_abs_value'))} is "
-                 f"{_fmt(ev.get('half_ulp_at_median_value'))} ({_fmt(ev.get('half_ulp_at_1.0'))} at 1.0)",
-                 f"the optimizer's expected step is {_fmt(ev.get('median_expected_update'))} (at the schedule's peak lr "
-                 f"{_fmt(ev.get('peak_learning_rates'))}, from the optimizer state)",
-                 f"so {(ev.get('fraction_of_elements_lost') or 0):.0%} of the updated elements round back to their "
-                 "stored value"]
-        if ev.get("unchanged_since_reference"):
-            steps.append(f"and the tensors are bitwise identical to the reference ({ev.get('reference')})")
-        elif ev.get("constant_values"):
-            steps.append(f"and every element still equals {_fmt(ev['constant_values'])}, the initial value")
-        return " \u2192 ".join(steps) + "."
-    if f.cause == "not_in_optimizer":
-        return ("the tensors appear in no param group of " + _fmt(ev.get("optimizers")) +
-                (" and are bitwise unchanged since the reference." if ev.get("unchanged_since_reference") else "."))
-    if f.cause == "no_gradient":
-        return (f"{ev['without_state']} have no optimizer state and {ev['with_all_zero_moments']} have all-zero moments "
-                "while the optimizer stepped" + (" (the other tensors of the same optimizer have state)"
-                                                 if ev.get("other_tensors_in_these_optimizers_have_state") else "") + ".")
-    if f.cause == "zero_learning_rate":
-        return f"param groups {_fmt(ev['groups'])} have lr 0 and no non-zero initial lr."
-    if f.cause == "dead_experts":
-        return f"per-expert slices: {_fmt({m: v['evidence'] for m, v in ev['modules'].items()})}; experts {_fmt(f.experts)}."
-    if f.cause == "excessive_update":
-        rel = (f"; relative change {_fmt(ev['relative_change'])} against a run median of "
-               f"{_fmt(ev['run_median_relative_change'])}" if ev.get("relative_change") else "")
-        return (f"update RMS per element since the reference is {_fmt(ev['update_rms'])}, against a run median of "
-                f"{_fmt(ev['run_median_update_rms'])}{rel} (robust z {_fmt(ev['robust_z'])}).")
-    return f.summary
+    c = REGISTRY.get(f.cause)
+    return c.explain(f) if c is not None else f.summary
 
 
 def _working(d: Diagnosis) -> list[str]:
@@ -438,9 +523,11 @@ def _working(d: Diagnosis) -> list[str]:
         rc = sorted(e.rel_change for e in moved if e.rel_change is not None)
         med = f", median relative change {rc[len(rc) // 2]:.3g}" if rc else ""
         state = sum(1 for e in es if e.has_state)
-        out.append(f"{role}: {len(es)} tensors" + (f", {len(moved)} changed since the reference{med}"
-                                                   if any(e.has_reference for e in es) else "")
-                   + (f", {state} with optimizer state" if d.optimizers else ""))
+        out.append(
+            f"{role}: {len(es)} tensors"
+            + (f", {len(moved)} changed since the reference{med}" if any(e.has_reference for e in es) else "")
+            + (f", {state} with optimizer state" if d.optimizers else "")
+        )
     return out or ["no tensor is free of findings"]
 
 
@@ -450,8 +537,9 @@ def write_reports(d: Diagnosis, out_dir: Path, plots: bool = True) -> tuple[Path
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"--out {out_dir}: cannot create the report folder ({os_reason(e)}); choose another "
-                          "--out") from None
+        raise OutputError(
+            f"--out {out_dir}: cannot create the report folder ({os_reason(e)}); choose another --out"
+        ) from None
     blocks = build_blocks(d, plots)
     md = out_dir / "report.md"
     htm = out_dir / "report.html"
@@ -466,3 +554,47 @@ def write_json(d: Diagnosis, path: str) -> None:
         print(text)
     else:
         write_output(path, text + "\n", "JSON report", "--json")
+
+
+# ---------------------------------------------------------------------------------------------- publishing
+def report_dir(checkpoint: str | Path, out: str | Path | None) -> Path:
+    """Where the reports go: ``out``, or next to the checkpoint (never inside a checkpoint folder)."""
+    src = Path(checkpoint)
+    return Path(out) if out else src.parent / f"diagnosis-{src.stem if src.is_file() else src.name}"
+
+
+def publish(d: Diagnosis, out_dir: Path, json_path: str | None = None, quiet: bool = False) -> Path:
+    """Write report.md / report.html in ``out_dir`` (see :func:`report_dir`), the JSON document when asked, and the
+    console summary; returns the report folder."""
+    md, htm = write_reports(d, out_dir)
+    if json_path:
+        write_json(d, json_path)
+    if not quiet:
+        print_summary(d, md, htm)
+    return out_dir
+
+
+def print_summary(d: Diagnosis, md: Path, htm: Path) -> None:
+    con = Console(highlight=False)
+    color = {
+        "critical": "red",
+        "warning": "yellow",
+        "inconclusive": "magenta",
+        "untrained": "cyan",
+        "healthy": "green",
+    }[d.status]
+    ck = d.checkpoint
+    con.print(
+        f"[bold]{ck['path']}[/] ({ck['format']}, optimizer step {ck.get('optimizer_steps')}, "
+        f"{ck['n_tensors']} tensors; reference: {ck['reference'] or 'none'})"
+    )
+    con.print(f"status: [bold {color}]{d.status.upper()}[/]")
+    for f in d.findings:
+        c = "red" if f.severity == "critical" else "yellow"
+        con.print(f"  [{c}]{f.severity}[/] {f.cause}: {f.summary}")
+        con.print(f"    fix: {f.recommendation}")
+    for r in d.inconclusive:
+        con.print(f"  [magenta]missing evidence[/]: {r}")
+    for n in d.notes:
+        con.print(f"  [dim]note: {n}[/]")
+    con.print(f"report: {md} and {htm}")

@@ -18,19 +18,19 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 
 from moe_arch.evaluation.loss import load_for_eval
-from moe_arch.training.precision import resolve_policy
+from moe_arch.precision import resolve_policy
+from moe_arch.utils import resolve_device
 
 
 @register_model("moe_arch", "moe-arch")
 class MoeArchLM(LM):
-    def __init__(self, checkpoint: str, device: str = "auto", batch_size: int | str = 1, max_length: int | None = None,
-                 **kwargs):
+    def __init__(
+        self, checkpoint: str, device: str = "auto", batch_size: int | str = 1, max_length: int | None = None, **kwargs
+    ):
         super().__init__()
-        from moe_arch.utils import resolve_device
-
         self._device = resolve_device(device, "device")
         ck = load_for_eval(checkpoint, self._device)
         self.model, self.cfg, self.tok = ck.model, ck.cfg, ck.tokenizer
@@ -41,8 +41,6 @@ class MoeArchLM(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "MoeArchLM":
-        from lm_eval.utils import simple_parse_args_string
-
         args = simple_parse_args_string(arg_string)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in ("device", "batch_size")}
         return cls(**{**args, **extra})
@@ -59,8 +57,8 @@ class MoeArchLM(LM):
     def score(self, context_tokens: list[int], continuation: list[int]) -> tuple[float, bool]:
         """Summed log-probability of ``continuation`` after ``context_tokens`` (left-truncated to the model's
         context), and whether greedy decoding would produce it."""
-        whole = (context_tokens + continuation)[-(self.max_length + 1):]
-        lp = self._logprobs(whole)[-len(continuation):]
+        whole = (context_tokens + continuation)[-(self.max_length + 1) :]
+        lp = self._logprobs(whole)[-len(continuation) :]
         target = torch.tensor(continuation)
         ll = float(lp.gather(1, target[:, None]).sum())
         return ll, bool((lp.argmax(-1) == target).all())
@@ -71,7 +69,7 @@ class MoeArchLM(LM):
             continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
         whole = self.tok.encode(context + continuation)
         ctx = self.tok.encode(context)
-        return [self.prefix_token_id] + ctx, whole[len(ctx):]
+        return [self.prefix_token_id] + ctx, whole[len(ctx) :]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         out = []
@@ -89,9 +87,15 @@ class MoeArchLM(LM):
         out = []
         for req in requests:
             (text,) = req.args
-            windows = map(make_disjoint_window, get_rolling_token_windows(
-                token_list=self.tok.encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
-                context_len=1))
+            windows = map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok.encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            )
             total = sum(self.score(ctx, pred)[0] for ctx, pred in windows)
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
             out.append(total)
@@ -110,17 +114,18 @@ class MoeArchLM(LM):
             sample = bool(kwargs.pop("do_sample", False))
             temperature = float(kwargs.pop("temperature", 0.0)) if sample else 0.0
             ids = [self.prefix_token_id] + self.tok.encode(context)
-            ids = ids[-max(1, self.max_length - max_new):]
+            ids = ids[-max(1, self.max_length - max_new) :]
             room = min(max_new, self.cfg.model.max_seq_len - len(ids))
             prompt = torch.tensor([ids], device=self._device)
-            gen = self.model.generate(prompt, room, temperature=temperature, top_k=0,
-                                      eos_id=self.tok.eos_id)[0, len(ids):].tolist()
+            gen = self.model.generate(prompt, room, temperature=temperature, top_k=0, eos_id=self.tok.eos_id)[
+                0, len(ids) :
+            ].tolist()
             if self.tok.eos_id in gen:
-                gen = gen[:gen.index(self.tok.eos_id)]
+                gen = gen[: gen.index(self.tok.eos_id)]
             text = self.tok.decode(gen)
             for stop in until:
                 if stop and stop in text:
-                    text = text[:text.index(stop)]
+                    text = text[: text.index(stop)]
             self.cache_hook.add_partial("generate_until", (context, {"until": until}), text)
             out.append(text)
         return out

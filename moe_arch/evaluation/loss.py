@@ -17,9 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moe_arch import checkpoint
 from moe_arch.config import Config
-from moe_arch.data.dataset import eval_batches, eval_windows
+from moe_arch.data.dataset import eval_batches, eval_windows, prepare_data
 from moe_arch.data.tokenizer import TextTokenizer
+from moe_arch.precision import resolve_policy
+from moe_arch.utils import resolve_device
 
 
 @dataclass
@@ -32,51 +35,25 @@ class LoadedCheckpoint:
 
 
 def load_for_eval(path: str | Path, device: torch.device) -> LoadedCheckpoint:
-    """A single-file checkpoint (ours, or one ``moe-arch export`` made from a distributed one) or a distributed
-    checkpoint folder, as a model in eval mode with its tokenizer."""
-    from moe_arch.parallel.dcp import is_dcp_dir, load_dcp_run
-    from moe_arch.training.checkpoint import CheckpointError, load_checkpoint
-
-    path = Path(path)
-    if is_dcp_dir(path):
-        model, cfg, _, state = load_dcp_run(path, "evaluated")
-        model.to(device)
-    else:
-        state = load_checkpoint(path)
-        if "config" not in state or "model" not in state:
-            raise CheckpointError(f"{path}: not a moe_arch checkpoint (no 'config'/'model'); `moe-arch diagnose` "
-                                  "reads other stacks' checkpoints")
-        cfg = Config.from_dict(state["config"], f"{path} (config)")
-        model = checked_model(path, cfg, state["model"], device)
+    """One of our checkpoints, either format (a single file, one ``moe-arch export`` made, or a distributed
+    folder), as a model in eval mode with its tokenizer; no optimizer is built."""
+    model, w = checkpoint.load_model(path, device, "evaluated")
     model.eval()
-    tok = TextTokenizer.from_checkpoint(state, str(path))
-    return LoadedCheckpoint(model, cfg, tok, state.get("step"), path)
-
-
-def checked_model(path: str | Path, cfg: Config, saved, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model of ``cfg`` holding the saved weights, once they are known to fit it: every state dict that
-    ``eval``, ``generate``, ``lm-eval`` and ``export`` load comes through here, so a missing, extra or misshapen
-    tensor is one line naming it (as on ``--resume``), not load_state_dict's multi-line RuntimeError."""
-    from moe_arch.model.transformer import HybridLM, materialize
-    from moe_arch.training.checkpoint import CheckpointError, check_model_state
-
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path}: 'model' is a {type(saved).__name__}, not a state dict")
-    with torch.device("meta"):  # shapes only
-        expected = HybridLM(cfg.model).state_dict()
-    try:
-        check_model_state(path, saved, expected)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e}: the weights do not fit the model the checkpoint's own config describes "
-                              f"(edited, or written by other code); `moe-arch diagnose {path}` reads it as it "
-                              "is") from None
-    model, _, _ = materialize(cfg.model, saved, device)
-    return model
+    tok = TextTokenizer.from_checkpoint(w.meta, str(w.path))
+    return LoadedCheckpoint(model, w.config, tok, w.meta.get("step"), w.path)
 
 
 @torch.no_grad()
-def evaluate_streams(model, streams, seq_len: int, batch_size: int, device: torch.device, autocast,
-                     byte_lengths: np.ndarray | None = None, max_tokens: int = 0) -> dict:
+def evaluate_streams(
+    model,
+    streams,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    autocast,
+    byte_lengths: np.ndarray | None = None,
+    max_tokens: int = 0,
+) -> dict:
     """Summed next-token loss over every window of every token stream (each stream on its own: no window
     crosses from one into the next). ``max_tokens`` > 0 stops after that many predicted tokens in all."""
     nll, n, n_bytes = 0.0, 0, 0
@@ -90,8 +67,9 @@ def evaluate_streams(model, streams, seq_len: int, batch_size: int, device: torc
             tgt = torch.stack([w[1] for w in gb]).to(device)
             with autocast:
                 logits = model(inp, return_logits=True, mtp=False).logits
-            nll += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                         reduction="sum").double())
+            nll += float(
+                F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum").double()
+            )
             n += tgt.numel()
             if byte_lengths is not None:
                 n_bytes += int(byte_lengths[tgt.cpu().numpy()].sum())
@@ -103,21 +81,26 @@ def evaluate_streams(model, streams, seq_len: int, batch_size: int, device: torc
     return out
 
 
-def run_eval(checkpoint: str, data_overrides: dict, split: str | None, max_tokens: int, device: str = "auto",
-             seq_len: int = 0, batch_size: int = 0, log=print) -> dict:
-    from moe_arch.data.dataset import prepare_data
-    from moe_arch.training.precision import resolve_policy
-
-    from moe_arch.utils import resolve_device
-
+def run_eval(
+    checkpoint: str,
+    data_overrides: dict,
+    split: str | None,
+    max_tokens: int,
+    device: str = "auto",
+    seq_len: int = 0,
+    batch_size: int = 0,
+    log=print,
+) -> dict:
     dev = resolve_device(device, "--device")
     ck = load_for_eval(checkpoint, dev)
     cfg = ck.cfg
     if seq_len > cfg.model.max_seq_len:
         # Positions beyond max_seq_len were never trained (and a huge window makes one attention matrix of
         # seq_len**2): the loss there would measure extrapolation, not the model.
-        raise ValueError(f"--seq-len {seq_len}: must be <= model.max_seq_len={cfg.model.max_seq_len} of the "
-                         "checkpoint (0: its train.seq_len)")
+        raise ValueError(
+            f"--seq-len {seq_len}: must be <= model.max_seq_len={cfg.model.max_seq_len} of the "
+            "checkpoint (0: its train.seq_len)"
+        )
     data = cfg.to_dict()["data"]
     other_source = "source" in data_overrides and data_overrides["source"] != data["source"]
     if other_source:  # a different source: its own text field / HF options, unless given
@@ -132,7 +115,14 @@ def run_eval(checkpoint: str, data_overrides: dict, split: str | None, max_token
     policy = resolve_policy(cfg.train.precision, dev)
     T = seq_len or cfg.train.seq_len
     B = batch_size or cfg.train.batch_size
-    res = evaluate_streams(ck.model, td.split(split), T, B, dev, policy.autocast(dev), ck.tokenizer.byte_lengths(),
-                           max_tokens)
-    return {"checkpoint": str(ck.path), "step": ck.step, "data": td.meta.get("describe", data_cfg.source),
-            "split": split, "seq_len": T, **res}
+    res = evaluate_streams(
+        ck.model, td.split(split), T, B, dev, policy.autocast(dev), ck.tokenizer.byte_lengths(), max_tokens
+    )
+    return {
+        "checkpoint": str(ck.path),
+        "step": ck.step,
+        "data": td.meta.get("describe", data_cfg.source),
+        "split": split,
+        "seq_len": T,
+        **res,
+    }

@@ -17,12 +17,30 @@ import shutil
 from pathlib import Path
 
 import torch
+from huggingface_hub import save_torch_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from moe_arch.checkpoint import CheckpointError, check_model_state
 from moe_arch.config import Config
+from moe_arch.evaluation.loss import load_for_eval
+from moe_arch.model.transformer import HybridLM
+from moe_arch.utils import os_reason, parse_size, writable_folder
 
 PACKAGE = Path(__file__).resolve().parents[1]
-MODEL_FILES = ["attention.py", "cpu_kernels.py", "fused.py", "generation.py", "layers.py", "losses.py", "mamba.py",
-               "mod.py", "moe.py", "roles.py", "transformer.py"]
+MODEL_FILES = [
+    "attention.py",
+    "cpu_kernels.py",
+    "fused.py",
+    "generation.py",
+    "layers.py",
+    "losses.py",
+    "mamba.py",
+    "mod.py",
+    "moe.py",
+    "roles.py",
+    "transformer.py",
+]
 HERE_FILES = ["configuration_moe_arch.py", "modeling_moe_arch.py"]
 
 
@@ -54,22 +72,18 @@ def write_code(folder: Path) -> None:
             # transformers copies only files named in `from .x import` lines; `from . import x` is not one.
             text += "\n\n# Every model file, so that transformers' remote-code loader copies them all.\n" + "".join(
                 f"from .{Path(m).stem} import __name__ as _{Path(m).stem}_module  # noqa: E402,F401\n"
-                for m in MODEL_FILES + ["utils.py"])
+                for m in MODEL_FILES + ["utils.py"]
+            )
         (folder / f).write_text(text)
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str | int = "5GB") -> Path:
-    from huggingface_hub import save_torch_state_dict
-    from safetensors import SafetensorError
-
-    from moe_arch.evaluation.loss import load_for_eval
-    from moe_arch.utils import os_reason, parse_size, writable_folder
-
     out = Path(out)
     # Everything about the destination is checked before the checkpoint is read (a large one takes minutes).
     try:
-        shard_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size,
-                                                                                       "--max-shard-size")
+        shard_bytes = (
+            max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size, "--max-shard-size")
+        )
     except ValueError as e:
         raise ExportError(str(e)) from None
     if out.exists() and not out.is_dir():
@@ -91,8 +105,10 @@ def export_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str | int
         reason = os_reason(e) if isinstance(e, OSError) else (str(e).splitlines() or [type(e).__name__])[0][:200]
         if "No space left" in reason or "StorageFull" in reason:
             reason = "no space left on the device"
-        raise ExportError(f"--hf {out}: the export could not be written ({reason}); nothing was left there. Free "
-                          "space or choose another --hf folder") from None
+        raise ExportError(
+            f"--hf {out}: the export could not be written ({reason}); nothing was left there. Free "
+            "space or choose another --hf folder"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -104,24 +120,29 @@ def _write_folder(tmp: Path, ck, cfg: Config, shard_bytes: int, save_torch_state
     dtype = next(iter(state.values())).dtype
     tok = ck.tokenizer
     config = {
-        "architectures": ["MoeArchForCausalLM"], "model_type": "moe_arch",
-        "auto_map": {"AutoConfig": "configuration_moe_arch.MoeArchConfig",
-                     "AutoModelForCausalLM": "modeling_moe_arch.MoeArchForCausalLM"},
-        "moe_arch": cfg.to_dict()["model"], "torch_dtype": str(dtype).removeprefix("torch."),
-        "eos_token_id": tok.eos_id, "bos_token_id": tok.bos_id if tok.add_bos else tok.eos_id,
-        "use_cache": False, "moe_arch_step": ck.step,
+        "architectures": ["MoeArchForCausalLM"],
+        "model_type": "moe_arch",
+        "auto_map": {
+            "AutoConfig": "configuration_moe_arch.MoeArchConfig",
+            "AutoModelForCausalLM": "modeling_moe_arch.MoeArchForCausalLM",
+        },
+        "moe_arch": cfg.to_dict()["model"],
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "eos_token_id": tok.eos_id,
+        "bos_token_id": tok.bos_id if tok.add_bos else tok.eos_id,
+        "use_cache": False,
+        "moe_arch_step": ck.step,
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"eos_token_id": tok.eos_id, "bos_token_id": config["bos_token_id"], "use_cache": False}, indent=2))
+    (tmp / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": tok.eos_id, "bos_token_id": config["bos_token_id"], "use_cache": False}, indent=2)
+    )
     tok.save(tmp)
     write_code(tmp)
 
 
 def read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(model config dict, state dict with HybridLM names) of an exported folder; safetensors only."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -131,30 +152,40 @@ def read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{cfg_path}: not JSON ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(cfg, dict):
-        raise ExportError(f"{cfg_path}: a JSON {type(cfg).__name__}, not an object; --init-from reads folders written "
-                          "by `moe-arch export --hf`")
+        raise ExportError(
+            f"{cfg_path}: a JSON {type(cfg).__name__}, not an object; --init-from reads folders written "
+            "by `moe-arch export --hf`"
+        )
     if cfg.get("model_type") != "moe_arch" or "moe_arch" not in cfg:
-        raise ExportError(f"{cfg_path}: model_type is {cfg.get('model_type')!r}, not a moe_arch export; "
-                          "--init-from reads folders written by `moe-arch export --hf`")
+        raise ExportError(
+            f"{cfg_path}: model_type is {cfg.get('model_type')!r}, not a moe_arch export; "
+            "--init-from reads folders written by `moe-arch export --hf`"
+        )
     if not isinstance(cfg["moe_arch"], dict):
-        raise ExportError(f"{cfg_path}: 'moe_arch' is a {type(cfg['moe_arch']).__name__}, not the model config's "
-                          "object; export the checkpoint again")
-    from safetensors import SafetensorError
-
+        raise ExportError(
+            f"{cfg_path}: 'moe_arch' is a {type(cfg['moe_arch']).__name__}, not the model config's "
+            "object; export the checkpoint again"
+        )
     index = folder / "model.safetensors.index.json"
     try:
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.is_file()
             else ["model.safetensors"]
+        )
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ExportError(f"{index}: not a safetensors index (no 'weight_map' of file names: "
-                          f"{type(e).__name__})") from None
+        raise ExportError(
+            f"{index}: not a safetensors index (no 'weight_map' of file names: {type(e).__name__})"
+        ) from None
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
             state.update(load_file(str(folder / f)))
         except (OSError, SafetensorError) as e:
-            raise ExportError(f"{folder / f}: cannot be read as safetensors ({type(e).__name__}: "
-                              f"{(str(e).splitlines() or [''])[0][:200]})") from None
+            raise ExportError(
+                f"{folder / f}: cannot be read as safetensors ({type(e).__name__}: "
+                f"{(str(e).splitlines() or [''])[0][:200]})"
+            ) from None
     state = {k.removeprefix("model."): v for k, v in state.items()}
     if cfg["moe_arch"].get("tie_embeddings"):  # safetensors stores a shared tensor once, under one of its names
         for a, b in (("lm_head.weight", "embed.weight"), ("embed.weight", "lm_head.weight")):
@@ -170,15 +201,14 @@ def init_from_config(cfg: Config, folder: str | Path) -> tuple[Config, dict[str,
     mine = cfg.to_dict()
     for k, v in model_cfg.items():
         if f"model.{k}" in cfg.explicit and mine["model"].get(k) != v:
-            raise ExportError(f"model.{k}={mine['model'].get(k)!r} was set by hand, but {folder} holds a model with "
-                              f"{k}={v!r}; remove the override to start from that model")
+            raise ExportError(
+                f"model.{k}={mine['model'].get(k)!r} was set by hand, but {folder} holds a model with "
+                f"{k}={v!r}; remove the override to start from that model"
+            )
     mine["model"] = {**mine["model"], **model_cfg}
     if "data.tokenizer" not in cfg.explicit:
         mine["data"]["tokenizer"] = str(Path(folder))
     out = Config.from_dict(mine, f"{folder} (--init-from)")
-    from moe_arch.model.transformer import HybridLM
-    from moe_arch.training.checkpoint import CheckpointError, check_model_state
-
     with torch.device("meta"):  # shapes only
         expected = HybridLM(out.model).state_dict()
     try:

@@ -29,8 +29,10 @@ class KVCache:
         position: no query of this call sees a key beyond it."""
         last = int(positions.max())
         if last >= self.max_len:
-            raise ValueError(f"generation reached position {last}, beyond the cache's max_len "
-                             f"{self.max_len}; raise model.max_seq_len or generate fewer tokens")
+            raise ValueError(
+                f"generation reached position {last}, beyond the cache's max_len "
+                f"{self.max_len}; raise model.max_seq_len or generate fewer tokens"
+            )
         slots = positions if valid is None else torch.where(valid, positions, torch.full_like(positions, self.max_len))
         idx = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         self.k.scatter_(2, idx, k.to(self.k.dtype))
@@ -43,7 +45,7 @@ class KVCache:
         """A cache of batch 1 that reads and writes row ``b`` of this one (for one prompt's prefill)."""
         view = KVCache.__new__(KVCache)
         view.max_len = self.max_len
-        view.k, view.v, view.valid = self.k[b:b + 1], self.v[b:b + 1], self.valid[b:b + 1]
+        view.k, view.v, view.valid = self.k[b : b + 1], self.v[b : b + 1], self.valid[b : b + 1]
         return view
 
     def rollback(self, end: torch.Tensor) -> None:
@@ -78,8 +80,9 @@ class Attention(nn.Module):
         # One GEMM for q, k and v (~20% faster than three on the CPU); the weights stay separate parameters, so
         # Muon still orthogonalises each projection on its own.
         qkv = F.linear(x, torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
-        q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
-                             self.n_kv_heads * self.head_dim], dim=-1)
+        q, k, v = qkv.split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
+        )
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -96,16 +99,24 @@ class Attention(nn.Module):
             keys_pos = torch.arange(n, device=x.device)
             # A query at position p sees the cached keys at positions <= p that are valid.
             mask = cache.valid[:, None, None, :n] & (keys_pos[None, None, None, :] <= ctx.positions[:, None, :, None])
-            out = F.scaled_dot_product_attention(q, cache.k[:, :, :n].to(q.dtype), cache.v[:, :, :n].to(q.dtype),
-                                                 attn_mask=mask, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(
+                q, cache.k[:, :, :n].to(q.dtype), cache.v[:, :, :n].to(q.dtype), attn_mask=mask, enable_gqa=gqa
+            )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class SeqContext:
     """Per-call information a sequence layer needs besides its input: positions, padding, cache."""
 
-    def __init__(self, positions: torch.Tensor, rotary: Rotary, valid: torch.Tensor | None = None, cache=None,
-                 cos_sin_table: tuple[torch.Tensor, torch.Tensor] | None = None, contiguous: bool = False):
+    def __init__(
+        self,
+        positions: torch.Tensor,
+        rotary: Rotary,
+        valid: torch.Tensor | None = None,
+        cache=None,
+        cos_sin_table: tuple[torch.Tensor, torch.Tensor] | None = None,
+        contiguous: bool = False,
+    ):
         self.positions = positions  # [B, T] original positions
         self.valid = valid  # [B, T] bool, False for padding (MoD), None when all valid
         self.cache = cache

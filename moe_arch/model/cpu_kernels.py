@@ -79,8 +79,9 @@ def cache_dir() -> Path:
 
 def _compile(cc: str, flags: list[str], out: Path) -> None:
     with atomic_path(out) as tmp:
-        proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run(
+            [cc, *flags, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True, text=True, timeout=120
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} exited with {proc.returncode}: {proc.stderr.strip()[-500:]}")
 
@@ -97,8 +98,11 @@ def _openmp_runtimes() -> set[str]:
 def _torch_uses_gomp() -> bool:
     """PyTorch runs its intra-op parallelism on GNU OpenMP, and that runtime is the only one loaded."""
     runtimes = _openmp_runtimes()
-    return ("parallel backend: OpenMP" in torch.__config__.parallel_info() and len(runtimes) == 1
-            and "libgomp" in next(iter(runtimes)))
+    return (
+        "parallel backend: OpenMP" in torch.__config__.parallel_info()
+        and len(runtimes) == 1
+        and "libgomp" in next(iter(runtimes))
+    )
 
 
 def _sig(lib: ctypes.CDLL, name: str, argtypes: list) -> None:
@@ -110,8 +114,10 @@ def _sig(lib: ctypes.CDLL, name: str, argtypes: list) -> None:
 # Each SIMD path: its compiler flags and the CPU features (as /proc/cpuinfo spells them) it needs. The flags are
 # the x86-64 micro-architecture levels, so no CPU-specific tuning (-march=native) changes the generated code.
 ISAS: dict[str, tuple[list[str], tuple[str, ...]]] = {
-    "avx512": (["-march=x86-64-v4"], ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma",
-                                      "bmi1", "bmi2", "movbe")),
+    "avx512": (
+        ["-march=x86-64-v4"],
+        ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi1", "bmi2", "movbe"),
+    ),
     "avx2": (["-march=x86-64-v3"], ("avx2", "fma", "bmi1", "bmi2", "f16c", "movbe")),
     "portable": (["-march=x86-64"] if platform.machine() in ("x86_64", "AMD64") else [], ()),
 }
@@ -120,8 +126,11 @@ ISAS: dict[str, tuple[list[str], tuple[str, ...]]] = {
 def supported_isas() -> list[str]:
     """The SIMD paths this CPU can run, widest first (``portable`` always)."""
     flags = set(_cpu_flags().split())
-    return [name for name, (_, needs) in ISAS.items()
-            if name == "portable" or (platform.machine() in ("x86_64", "AMD64") and set(needs) <= flags)]
+    return [
+        name
+        for name, (_, needs) in ISAS.items()
+        if name == "portable" or (platform.machine() in ("x86_64", "AMD64") and set(needs) <= flags)
+    ]
 
 
 class KernelISAError(ValueError):
@@ -138,9 +147,11 @@ def _isa_candidates() -> list[str]:
     if want not in ISAS:
         raise KernelISAError(f"MOE_ARCH_KERNEL_ISA={want!r}: must be one of auto, {', '.join(ISAS)}")
     if want not in supported:
-        raise KernelISAError(f"MOE_ARCH_KERNEL_ISA={want}: this CPU lacks "
-                             f"{', '.join(sorted(set(ISAS[want][1]) - set(_cpu_flags().split())))}; "
-                             f"it supports {', '.join(supported)} (or unset it for auto)")
+        raise KernelISAError(
+            f"MOE_ARCH_KERNEL_ISA={want}: this CPU lacks "
+            f"{', '.join(sorted(set(ISAS[want][1]) - set(_cpu_flags().split())))}; "
+            f"it supports {', '.join(supported)} (or unset it for auto)"
+        )
     return [want]
 
 
@@ -192,10 +203,11 @@ def _build(isa: str) -> ctypes.CDLL:
     source = b"\0".join(p.read_bytes() for p in SOURCES + HEADERS)
     last_err = None
     before = _openmp_runtimes()
-    for openmp in ([["-fopenmp"], []] if _torch_uses_gomp() else [[]]):
+    for openmp in [["-fopenmp"], []] if _torch_uses_gomp() else [[]]:
         flags = FLAGS + ISAS[isa][0] + openmp
-        key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
-                                         platform.machine().encode()])).hexdigest()[:16]
+        key = hashlib.sha256(
+            b"\0".join([source, version.encode(), " ".join(flags).encode(), platform.machine().encode()])
+        ).hexdigest()[:16]
         path = cache_dir() / f"moe_arch_cpu-{isa}-{key}.so"
         try:
             if not path.exists():
@@ -264,10 +276,14 @@ def load() -> ctypes.CDLL | None:
                     errors.append(f"{name}: {type(e).__name__}: {e}")
             if _lib is None:
                 _error = "; ".join(errors)
-                warnings.warn(f"moe_arch: the CPU kernels could not be built ({_error}); Mamba layers use the "
-                              "chunked PyTorch scan and the output heads PyTorch's softmax instead (same results, "
-                              "slower: several times for Mamba layers). Install a C compiler or set CC to enable "
-                              "them.", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"moe_arch: the CPU kernels could not be built ({_error}); Mamba layers use the "
+                    "chunked PyTorch scan and the output heads PyTorch's softmax instead (same results, "
+                    "slower: several times for Mamba layers). Install a C compiler or set CC to enable "
+                    "them.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
     return _lib
 
 
@@ -276,8 +292,11 @@ def available() -> bool:
 
 
 def supports(*tensors: torch.Tensor, d_state: int) -> bool:
-    return (d_state <= MAX_STATE and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and available())
+    return (
+        d_state <= MAX_STATE
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and available()
+    )
 
 
 def _threads(n_items: int, work_per_item: int) -> int:
@@ -343,12 +362,30 @@ def scan_backward(u, dt, AT, Bm, Cm, Dskip, z, h0, gout):
     base = scratch.data_ptr() + (-scratch.data_ptr()) % 64
     inputs = (_p(u), _p(dt), _p(AT), _p(Bm), _p(Cm), _p(Dskip), _p(z), _p(h0), _p(gout), _p(du), _p(ddt))
     if _omp(lib):
-        lib.moe_arch_scan_bwd_par(*inputs, _p(dAT), _p(dB), _p(dC), _p(dD), _p(dz), B, L, D, N, n_items, threads,
-                                  base, per_thread)
+        lib.moe_arch_scan_bwd_par(
+            *inputs, _p(dAT), _p(dB), _p(dC), _p(dD), _p(dz), B, L, D, N, n_items, threads, base, per_thread
+        )
     else:
-        _run(lib.moe_arch_scan_bwd, n_items, threads,
-             lambda i0, i1, k: (*inputs, _p(dAT[k]), _p(dB[k]), _p(dC[k]), _p(dD[k]), _p(dz), B, L, D, N, i0, i1,
-                                base + 4 * k * per_thread))
+        _run(
+            lib.moe_arch_scan_bwd,
+            n_items,
+            threads,
+            lambda i0, i1, k: (
+                *inputs,
+                _p(dAT[k]),
+                _p(dB[k]),
+                _p(dC[k]),
+                _p(dD[k]),
+                _p(dz),
+                B,
+                L,
+                D,
+                N,
+                i0,
+                i1,
+                base + 4 * k * per_thread,
+            ),
+        )
     return du, ddt, dAT.sum(0), dB.sum(0), dC.sum(0), (dD.sum(0) if Dskip is not None else None), dz
 
 
@@ -393,8 +430,12 @@ def rmsnorm_backward(x, w, rstd, dy):
     if _omp(lib):
         lib.moe_arch_rmsnorm_bwd_par(_p(x), _p(w), _p(rstd), _p(dy), _p(dx), _p(dw), D, R, threads)
     else:
-        _run(lib.moe_arch_rmsnorm_bwd, R, threads,
-             lambda r0, r1, k: (_p(x), _p(w), _p(rstd), _p(dy), _p(dx), _p(dw[k]), D, r0, r1))
+        _run(
+            lib.moe_arch_rmsnorm_bwd,
+            R,
+            threads,
+            lambda r0, r1, k: (_p(x), _p(w), _p(rstd), _p(dy), _p(dx), _p(dw[k]), D, r0, r1),
+        )
     return dx, dw.sum(0)
 
 
@@ -436,8 +477,12 @@ def conv_silu_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> t
     if _omp(lib):
         lib.moe_arch_conv_silu_fwd_par(_p(x), sx, _p(w), _p(bias), _p(y), T, D, K, R, threads)
     else:
-        _run(lib.moe_arch_conv_silu_fwd, R, threads,
-             lambda r0, r1, _: (_p(x), sx, _p(w), _p(bias), _p(y), T, D, K, r0, r1))
+        _run(
+            lib.moe_arch_conv_silu_fwd,
+            R,
+            threads,
+            lambda r0, r1, _: (_p(x), sx, _p(w), _p(bias), _p(y), T, D, K, r0, r1),
+        )
     return y
 
 
@@ -452,13 +497,34 @@ def conv_silu_backward(x, w, bias, dy):
     dw, dbias = x.new_zeros(threads, K, D), x.new_zeros(threads, D)
     sx = x.stride(1)
     if _omp(lib):
-        lib.moe_arch_conv_silu_bwd_par(_p(x), sx, _p(w), _p(bias), _p(dy), _p(dpre), _p(dx), D, _p(dw), _p(dbias),
-                                       T, D, K, R, threads)
+        lib.moe_arch_conv_silu_bwd_par(
+            _p(x), sx, _p(w), _p(bias), _p(dy), _p(dpre), _p(dx), D, _p(dw), _p(dbias), T, D, K, R, threads
+        )
     else:
         for pass_ in (1, 2):  # every thread's pass 1 before any pass 2: dx reads dpre of later rows
-            _run(lib.moe_arch_conv_silu_bwd, R, threads,
-                 lambda r0, r1, k: (_p(x), sx, _p(w), _p(bias), _p(dy), _p(dpre), _p(dx), D, _p(dw[k]), _p(dbias[k]),
-                                    T, D, K, r0, r1, pass_))
+            _run(
+                lib.moe_arch_conv_silu_bwd,
+                R,
+                threads,
+                lambda r0, r1, k: (
+                    _p(x),
+                    sx,
+                    _p(w),
+                    _p(bias),
+                    _p(dy),
+                    _p(dpre),
+                    _p(dx),
+                    D,
+                    _p(dw[k]),
+                    _p(dbias[k]),
+                    T,
+                    D,
+                    K,
+                    r0,
+                    r1,
+                    pass_,
+                ),
+            )
     return dx, dw.sum(0), dbias.sum(0)
 
 
@@ -472,8 +538,23 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool =
     cb = cos.stride(0) if cos.dim() == 3 else 0
     R = B * T
     threads = _threads(R, H * D * 4)
-    args = (_p(x), x.stride(0), x.stride(1), x.stride(2), _p(cos), _p(sin), cb, _p(y), y.stride(0), y.stride(1),
-            y.stride(2), H, T, D, int(backward))
+    args = (
+        _p(x),
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        _p(cos),
+        _p(sin),
+        cb,
+        _p(y),
+        y.stride(0),
+        y.stride(1),
+        y.stride(2),
+        H,
+        T,
+        D,
+        int(backward),
+    )
     if _omp(lib):
         lib.moe_arch_rope_par(*args, R, threads)
     else:

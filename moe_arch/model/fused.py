@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from moe_arch.model import cpu_kernels
 
-
 # ---- dispatch to the Triton kernels (CUDA) ----
 #
 # The CPU paths never reach Triton: triton_use() returns False at its first test for a CPU tensor, and
@@ -49,15 +48,19 @@ def triton():
                 _triton["error"] = "disabled by MOE_ARCH_NO_TRITON"
                 return None
             try:
-                from moe_arch.model import triton_kernels
+                from moe_arch.model import triton_kernels  # lazy: imports triton (optional, GPU), guarded
 
                 _triton["module"] = triton_kernels
             except Exception as e:  # noqa: BLE001 - any import failure means the documented PyTorch path
                 _triton["error"] = f"{type(e).__name__}: {e}"
-                warnings.warn(f"moe_arch: the Triton kernels are unavailable ({_triton['error']}); on the GPU the "
-                              "Mamba layers run the chunked PyTorch scan and RMSNorm, SwiGLU, the causal conv, RoPE "
-                              "and the heads' cross-entropy their PyTorch definitions (same results, slower). "
-                              "Install triton to enable them.", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"moe_arch: the Triton kernels are unavailable ({_triton['error']}); on the GPU the "
+                    "Mamba layers run the chunked PyTorch scan and RMSNorm, SwiGLU, the causal conv, RoPE "
+                    "and the heads' cross-entropy their PyTorch definitions (same results, slower). "
+                    "Install triton to enable them.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
     return _triton["module"]
 
 
@@ -87,10 +90,13 @@ def triton_disabled(flag: bool = True):
 
 # ---- the CPU kernels ----
 
+
 def _kernel_ok(*tensors: torch.Tensor) -> bool:
-    return (not torch.compiler.is_compiling()
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and cpu_kernels.available())
+    return (
+        not torch.compiler.is_compiling()
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and cpu_kernels.available()
+    )
 
 
 def _no_grad(*tensors: torch.Tensor) -> bool:
@@ -100,6 +106,7 @@ def _no_grad(*tensors: torch.Tensor) -> bool:
 
 
 # ---- RMSNorm ----
+
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * weight.float()
@@ -124,8 +131,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight over the last dim, in float32 (the caller casts back)."""
     if _kernel_ok(x, weight) and x.shape[-1] == weight.shape[0]:
         if _no_grad(x, weight):
-            return cpu_kernels.rmsnorm_forward(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(),
-                                               eps)[0].view(x.shape)
+            return cpu_kernels.rmsnorm_forward(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), eps)[
+                0
+            ].view(x.shape)
         return _RMSNorm.apply(x, weight, eps)
     if triton_use(x, weight) and triton().rms_norm_supported(x, weight):
         return triton().rms_norm(x, weight, eps)
@@ -133,6 +141,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # ---- SwiGLU gate ----
+
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
@@ -160,6 +169,7 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # ---- Mamba's causal depthwise conv + silu, [B, T, D] layout ----
 
+
 def shifted_conv_silu(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """silu(bias + sum_j weight[j] * xp[:, t + j]) for t < T = len(xp) - K + 1: xp is the input with its K-1
     predecessors in front (zeros at a sequence start, the cached inputs when generating). The same arithmetic as
@@ -168,7 +178,7 @@ def shifted_conv_silu(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     T = xp.shape[1] - K + 1
     y = torch.addcmul(bias, xp[:, :T], weight[0])
     for j in range(1, K):
-        y = torch.addcmul(y, xp[:, j:j + T], weight[j])
+        y = torch.addcmul(y, xp[:, j : j + T], weight[j])
     return F.silu(y)
 
 
@@ -203,6 +213,7 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
 
 # ---- rotary position embedding ----
 
+
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, D]; cos/sin [B, T, D] or [T, D]: x * cos + rotate_half(x) * sin (Llama's convention)."""
     if cos.dim() == 3:
@@ -228,9 +239,18 @@ class _Rope(torch.autograd.Function):
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     B, H, T, D = x.shape
-    if (_kernel_ok(x, cos, sin) and D % 2 == 0 and x.stride(-1) == 1 and not cos.requires_grad
-            and not sin.requires_grad and cos.is_contiguous() and sin.is_contiguous()
-            and cos.shape == sin.shape and cos.shape[-2:] == (T, D) and (cos.dim() == 2 or cos.shape[0] == B)):
+    if (
+        _kernel_ok(x, cos, sin)
+        and D % 2 == 0
+        and x.stride(-1) == 1
+        and not cos.requires_grad
+        and not sin.requires_grad
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and cos.shape == sin.shape
+        and cos.shape[-2:] == (T, D)
+        and (cos.dim() == 2 or cos.shape[0] == B)
+    ):
         if _no_grad(x):
             return cpu_kernels.rope(x, cos, sin)
         return _Rope.apply(x, cos, sin)

@@ -61,8 +61,9 @@ def transform_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p
     return logits
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """One token per row of logits [B, V] (argmax at temperature 0)."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -71,8 +72,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 
 def _row_caches(caches: list[dict], b: int) -> list[dict]:
-    return [{"seq": c["seq"].row(b), "mod": c["mod"].row(b) if c["mod"] is not None else None, "selected": None}
-            for c in caches]
+    return [
+        {"seq": c["seq"].row(b), "mod": c["mod"].row(b) if c["mod"] is not None else None, "selected": None}
+        for c in caches
+    ]
 
 
 def _recording(caches: list[dict], on: bool) -> None:
@@ -98,9 +101,18 @@ def _rollback(model, caches: list[dict], pos: torch.Tensor, keep: torch.Tensor) 
 
 
 @torch.no_grad()
-def generate(model, prompts: torch.Tensor | list[torch.Tensor], max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, generator: torch.Generator | None = None,
-             draft_tokens: int = 0, drafter=None) -> Generated:
+def generate(
+    model,
+    prompts: torch.Tensor | list[torch.Tensor],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    draft_tokens: int = 0,
+    drafter=None,
+) -> Generated:
     """``prompts``: a [B, T] tensor or a list of 1-D token tensors (lengths may differ). ``draft_tokens``: tokens
     drafted per forward (0: plain decoding; at most the number of MTP heads). ``drafter``, for greedy speculative
     decoding with another draft source (tests use an oracle): ``drafter(new_tokens [B, N], counts [B], k)`` returns
@@ -121,14 +133,18 @@ def generate(model, prompts: torch.Tensor | list[torch.Tensor], max_new_tokens: 
     lengths = torch.tensor([r.numel() for r in rows], device=device)
     max_len = int(lengths.max()) + max_new_tokens
     if max_len > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({int(lengths.max())}) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len="
-                         f"{model.cfg.max_seq_len}")
+        raise ValueError(
+            f"prompt ({int(lengths.max())}) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len="
+            f"{model.cfg.max_seq_len}"
+        )
     k = draft_tokens
     if drafter is not None and temperature > 0:
         raise ValueError("a drafter gives tokens, not distributions: it works with greedy decoding only")
     if drafter is None and not 0 <= k <= len(model.mtp_heads):
-        raise ValueError(f"draft_tokens={k}: the model has {len(model.mtp_heads)} MTP heads to draft with "
-                         f"(model.n_predict={model.cfg.n_predict})")
+        raise ValueError(
+            f"draft_tokens={k}: the model has {len(model.mtp_heads)} MTP heads to draft with "
+            f"(model.n_predict={model.cfg.n_predict})"
+        )
     out = torch.full((B, max_new_tokens), eos_id if eos_id is not None else 0, dtype=torch.long, device=device)
     result = Generated(out, 0, 0, 0)
     if max_new_tokens == 0:
@@ -234,5 +250,5 @@ def generate(model, prompts: torch.Tensor | list[torch.Tensor], max_new_tokens: 
                 resid = torch.where(mass > 0, resid / mass.clamp(min=1e-30), p[ar, ai])
                 fixed = torch.multinomial(resid, 1, generator=generator).squeeze(-1)
                 nxt = torch.where(rejected, fixed, torch.where(accepted > a, d[ar, ai], nxt))
-    result.tokens = out[:, :int(n.max())]  # shorter when every row stopped at EOS
+    result.tokens = out[:, : int(n.max())]  # shorter when every row stopped at EOS
     return result

@@ -20,8 +20,9 @@ from moe_arch.model import cpu_kernels
 from moe_arch.model.fused import triton, triton_use
 
 
-def _softmax_grad_chunked(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int,
-                          grad_logits: torch.Tensor) -> torch.Tensor:
+def _softmax_grad_chunked(
+    h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int, grad_logits: torch.Tensor
+) -> torch.Tensor:
     """PyTorch-ops path: fills grad_logits, returns the float64 loss sum."""
     N = h.shape[0]
     total = torch.zeros((), dtype=torch.float64, device=h.device)
@@ -37,7 +38,7 @@ def _softmax_grad_chunked(h: torch.Tensor, weight: torch.Tensor, target: torch.T
         z = logits.sub_(m).exp_().sum(dim=-1, keepdim=True)
         total += (m.squeeze(1) + z.log().squeeze(1) - picked).sum(dtype=torch.float64)
         logits.mul_(z.reciprocal_())
-        logits[rows[:e - s], tgt] -= 1.0
+        logits[rows[: e - s], tgt] -= 1.0
     return total
 
 
@@ -61,7 +62,7 @@ def _kernel_loss_and_grads(h: torch.Tensor, weight: torch.Tensor, target: torch.
     total = torch.zeros((), dtype=torch.float64)
     for s in range(0, N, rows):
         e = min(N, s + rows)
-        g = torch.mm(h[s:e], weight.t(), out=block[:e - s])
+        g = torch.mm(h[s:e], weight.t(), out=block[: e - s])
         total += cpu_kernels.xent_rows_(g, target[s:e]).sum()
         if want_h:
             torch.mm(g, weight, out=dh[s:e])
@@ -83,8 +84,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int):
         N, V = h.shape[0], weight.shape[0]
         if h.device.type == "cpu" and cpu_kernels.available():
-            total, dh, dwt = _kernel_loss_and_grads(h, weight, target, ctx.needs_input_grad[0],
-                                                    ctx.needs_input_grad[1])
+            total, dh, dwt = _kernel_loss_and_grads(h, weight, target, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
             ctx.fused = True
             ctx.save_for_backward(dh, dwt)
         else:
@@ -100,13 +100,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_out / ctx.n_rows
         if ctx.fused:
             dh, dwt = ctx.saved_tensors
-            return (dh * scale if dh is not None else None,
-                    torch.mul(dwt.t(), scale, out=dwt.new_empty(dwt.shape[::-1])) if dwt is not None else None,
-                    None, None)
+            return (
+                dh * scale if dh is not None else None,
+                torch.mul(dwt.t(), scale, out=dwt.new_empty(dwt.shape[::-1])) if dwt is not None else None,
+                None,
+                None,
+            )
         h, weight, grad_logits = ctx.saved_tensors
         dh = torch.mm(grad_logits, weight) * scale if ctx.needs_input_grad[0] else None
-        dw = torch.mul(torch.mm(h.t(), grad_logits).t(), scale, out=torch.empty_like(weight)) \
-            if ctx.needs_input_grad[1] else None
+        dw = (
+            torch.mul(torch.mm(h.t(), grad_logits).t(), scale, out=torch.empty_like(weight))
+            if ctx.needs_input_grad[1]
+            else None
+        )
         return dh, dw, None, None
 
 
@@ -117,8 +123,11 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Te
     if triton_use(h2, weight):  # CUDA: the same blocked form with a Triton softmax row kernel, autocast included
         return triton().linear_cross_entropy(h2, weight, t2)
     if h2.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled(h2.device.type):
-        if (h2.device.type == "cpu" and cpu_kernels.available()
-                and not (torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad))):
+        if (
+            h2.device.type == "cpu"
+            and cpu_kernels.available()
+            and not (torch.is_grad_enabled() and (h2.requires_grad or weight.requires_grad))
+        ):
             # evaluation: an autograd.Function would still see needs_input_grad under no_grad and form the grads
             total, _, _ = _kernel_loss_and_grads(h2, weight, t2, False, False)
             return (total / h2.shape[0]).to(h2.dtype)

@@ -22,6 +22,7 @@ missing (a slower, documented path, never a different model).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +64,14 @@ def _time_major(x: torch.Tensor, L: int) -> torch.Tensor:
     return x.transpose(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])[:L]
 
 
-def chunked_scan(dA: torch.Tensor, b: torch.Tensor, cdt: torch.Tensor, A: torch.Tensor, h0: torch.Tensor | None,
-                 reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_scan(
+    dA: torch.Tensor,
+    b: torch.Tensor,
+    cdt: torch.Tensor,
+    A: torch.Tensor,
+    h0: torch.Tensor | None,
+    reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve h_t = dA_t * h_{t-1} + b_t for all t (or, with ``reverse``, h_t = b_t + dA_{t+1} * h_{t+1}).
 
     Chunk-major tensors: dA, b [c, nc, B, D, N] with dA = exp(dt * A); cdt [c, nc, B, D] the cumulative sum of dt
@@ -91,7 +98,7 @@ def chunked_scan(dA: torch.Tensor, b: torch.Tensor, cdt: torch.Tensor, A: torch.
     h[c - 1] = b[c - 1]
     for j in range(c - 2, -1, -1):
         torch.addcmul(b[j], dA[j + 1], h[j + 1], out=h[j])
-    decay = ((cdt[c - 1:] - cdt).unsqueeze(-1) * A).exp_()  # prod_{j<m<=c-1} dA_m
+    decay = ((cdt[c - 1 :] - cdt).unsqueeze(-1) * A).exp_()  # prod_{j<m<=c-1} dA_m
     for k in range(nc - 1, -1, -1):
         carries[k] = carry
         carry = dA[0, k] * torch.addcmul(h[0, k], decay[0, k], carry)
@@ -101,8 +108,14 @@ def chunked_scan(dA: torch.Tensor, b: torch.Tensor, cdt: torch.Tensor, A: torch.
     return h, carry
 
 
-def chunked_scan_functional(dA: torch.Tensor, b: torch.Tensor, cdt: torch.Tensor, A: torch.Tensor,
-                            h0: torch.Tensor | None, reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_scan_functional(
+    dA: torch.Tensor,
+    b: torch.Tensor,
+    cdt: torch.Tensor,
+    A: torch.Tensor,
+    h0: torch.Tensor | None,
+    reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`chunked_scan` without in-place writes (steps collected, then stacked): the form torch.compile can fuse.
     Eagerly it is ~30% slower than the in-place form, which is why both exist; tests hold both to the recurrence."""
     c, nc = b.shape[:2]
@@ -122,7 +135,7 @@ def chunked_scan_functional(dA: torch.Tensor, b: torch.Tensor, cdt: torch.Tensor
     for j in range(c - 2, -1, -1):
         steps.append(torch.addcmul(b[j], dA[j + 1], steps[-1]))
     h = torch.stack(steps[::-1])
-    decay = torch.exp((cdt[c - 1:] - cdt).unsqueeze(-1) * A)
+    decay = torch.exp((cdt[c - 1 :] - cdt).unsqueeze(-1) * A)
     carries = [None] * nc
     for k in range(nc - 1, -1, -1):
         carries[k] = carry
@@ -194,8 +207,6 @@ def use_compiled_scan(enabled: bool = True) -> None:
     """Run the scan's block kernels through torch.compile (inductor fuses the element-wise chains; on the CPU the
     scan runs ~2.5x faster after ~20 s of compilation per shape). Same functions, same results (tested)."""
     if enabled:
-        from functools import partial
-
         _KERNELS["forward"] = torch.compile(partial(scan_block_forward, scan=chunked_scan_functional), dynamic=False)
         _KERNELS["backward"] = torch.compile(partial(scan_block_backward, scan=chunked_scan_functional), dynamic=False)
     else:
@@ -218,8 +229,15 @@ class SelectiveScan(torch.autograd.Function):
         y = u.new_empty(L, B, D)
         h_last = u.new_empty(B, D, N)
         for b0, b1, d0, d1 in _blocks(L, B, D, N, u.device):
-            yb, hl = _KERNELS["forward"](u[:, b0:b1, d0:d1], dt[:, b0:b1, d0:d1], A[d0:d1], Bm[:, b0:b1],
-                                         Cm[:, b0:b1], h0[b0:b1, d0:d1] if h0 is not None else None, c)
+            yb, hl = _KERNELS["forward"](
+                u[:, b0:b1, d0:d1],
+                dt[:, b0:b1, d0:d1],
+                A[d0:d1],
+                Bm[:, b0:b1],
+                Cm[:, b0:b1],
+                h0[b0:b1, d0:d1] if h0 is not None else None,
+                c,
+            )
             y[:, b0:b1, d0:d1] = yb
             h_last[b0:b1, d0:d1] = hl
         ctx.chunk = c
@@ -238,8 +256,15 @@ class SelectiveScan(torch.autograd.Function):
         gy = gy.contiguous()
         for b0, b1, d0, d1 in _blocks(L, B, D, N, u.device):
             du, ddt, dA, dB, dC = _KERNELS["backward"](
-                u[:, b0:b1, d0:d1], dt[:, b0:b1, d0:d1], A[d0:d1], Bm[:, b0:b1], Cm[:, b0:b1],
-                h0[b0:b1, d0:d1] if h0 is not None else None, gy[:, b0:b1, d0:d1], ctx.chunk)
+                u[:, b0:b1, d0:d1],
+                dt[:, b0:b1, d0:d1],
+                A[d0:d1],
+                Bm[:, b0:b1],
+                Cm[:, b0:b1],
+                h0[b0:b1, d0:d1] if h0 is not None else None,
+                gy[:, b0:b1, d0:d1],
+                ctx.chunk,
+            )
             d_u[:, b0:b1, d0:d1] = du
             d_dt[:, b0:b1, d0:d1] = ddt
             d_A[d0:d1] += dA
@@ -277,10 +302,13 @@ def selective_scan(u, dt, A, Bm, Cm, h0=None, chunk: int = 0, impl: str = "auto"
     CUDA tensors (``triton_kernels.selective_scan``), else the chunked scan."""
     extra = tuple(t for t in (h0, D, z) if t is not None)
     if impl == "auto" and cpu_kernels.supports(u, dt, A, Bm, Cm, *extra, d_state=A.shape[1]):
-        c = (lambda t: None if t is None else t.contiguous())
+        c = lambda t: None if t is None else t.contiguous()
         return CpuSelectiveScan.apply(c(u), c(dt), A, c(Bm), c(Cm), c(D), c(z), c(h0))
-    if (impl == "auto" and triton_use(u, dt, A, Bm, Cm, *extra, dtypes=(torch.float32,))
-            and A.shape[1] <= triton().MAX_STATE):
+    if (
+        impl == "auto"
+        and triton_use(u, dt, A, Bm, Cm, *extra, dtypes=(torch.float32,))
+        and A.shape[1] <= triton().MAX_STATE
+    ):
         return triton().selective_scan(u, dt, A, Bm, Cm, D, z, h0)  # CUDA: the Triton scan, the same fusion
     y, h_last = _chunked_selective_scan(u, dt, A, Bm, Cm, h0, chunk)
     if D is not None:
@@ -291,8 +319,15 @@ def selective_scan(u, dt, A, Bm, Cm, h0=None, chunk: int = 0, impl: str = "auto"
 
 
 def _chunked_selective_scan(u, dt, A, Bm, Cm, h0, chunk):
-    y, h_last = SelectiveScan.apply(u.transpose(0, 1).contiguous(), dt.transpose(0, 1).contiguous(), A,
-                                    Bm.transpose(0, 1).contiguous(), Cm.transpose(0, 1).contiguous(), h0, chunk)
+    y, h_last = SelectiveScan.apply(
+        u.transpose(0, 1).contiguous(),
+        dt.transpose(0, 1).contiguous(),
+        A,
+        Bm.transpose(0, 1).contiguous(),
+        Cm.transpose(0, 1).contiguous(),
+        h0,
+        chunk,
+    )
     return y.transpose(0, 1), h_last
 
 
@@ -326,7 +361,7 @@ class MambaCache:
     def row(self, b: int) -> "MambaCache":
         """A cache of batch 1 that reads and writes row ``b`` of this one (for one prompt's prefill)."""
         view = MambaCache.__new__(MambaCache)
-        view.conv, view.ssm = self.conv[b:b + 1], self.ssm[b:b + 1]
+        view.conv, view.ssm = self.conv[b : b + 1], self.ssm[b : b + 1]
         view.recording, view._states, view._conv_in = False, None, None
         return view
 
@@ -364,8 +399,15 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d, bias=False)
 
     @torch.no_grad()
-    def init_weights(self, std: float, out_std: float, gen: torch.Generator,
-                     dt_min: float = 1e-3, dt_max: float = 1e-1, dt_floor: float = 1e-4) -> None:
+    def init_weights(
+        self,
+        std: float,
+        out_std: float,
+        gen: torch.Generator,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_floor: float = 1e-4,
+    ) -> None:
         """Mamba-1 initialisation: S4D-real A, D = 1, dt log-uniform in [dt_min, dt_max] through the bias."""
         nn.init.normal_(self.in_proj.weight, 0.0, std, generator=gen)
         nn.init.normal_(self.x_proj.weight, 0.0, std, generator=gen)
@@ -373,7 +415,7 @@ class Mamba(nn.Module):
         bound = 1.0 / math.sqrt(self.d_conv)  # PyTorch's default Conv1d bound for fan_in = d_conv (depthwise)
         nn.init.uniform_(self.conv1d.weight, -bound, bound, generator=gen)
         nn.init.uniform_(self.conv1d.bias, -bound, bound, generator=gen)
-        dt_std = self.dt_rank ** -0.5
+        dt_std = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -dt_std, dt_std, generator=gen)
         u = torch.rand(self.d_inner, generator=gen, device=self.dt_proj.bias.device)
         dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
@@ -412,8 +454,18 @@ class Mamba(nn.Module):
             states = [cache.ssm.clone()]
             ys = []
             for t in range(T):
-                y_t, h = selective_scan(u[:, t:t + 1], dt[:, t:t + 1], A, Bm[:, t:t + 1], Cm[:, t:t + 1], states[-1],
-                                        self.chunk, self.scan_impl, D=Dskip, z=z[:, t:t + 1])
+                y_t, h = selective_scan(
+                    u[:, t : t + 1],
+                    dt[:, t : t + 1],
+                    A,
+                    Bm[:, t : t + 1],
+                    Cm[:, t : t + 1],
+                    states[-1],
+                    self.chunk,
+                    self.scan_impl,
+                    D=Dskip,
+                    z=z[:, t : t + 1],
+                )
                 ys.append(y_t)
                 states.append(h)
             y, h_last = torch.cat(ys, 1), states[-1]

@@ -33,8 +33,9 @@ def _within_capacity(keys: torch.Tensor, q: torch.Tensor, qpos: torch.Tensor, ca
     return rank < torch.ceil(capacity * (qpos + 1).double() - 1e-9).long()
 
 
-def causal_capacity_select(scores: torch.Tensor, capacity: float, past: torch.Tensor | None = None,
-                           query_chunk: int = 512) -> torch.Tensor:
+def causal_capacity_select(
+    scores: torch.Tensor, capacity: float, past: torch.Tensor | None = None, query_chunk: int = 512
+) -> torch.Tensor:
     """scores [B, T] (positions P..P+T-1), past [B, P] (scores of positions 0..P-1) -> selected [B, T] bool."""
     B, T = scores.shape
     full = scores if past is None or past.numel() == 0 else torch.cat([past, scores], dim=1)
@@ -42,8 +43,9 @@ def causal_capacity_select(scores: torch.Tensor, capacity: float, past: torch.Te
     pos = torch.arange(P, P + T, device=scores.device)
     out = torch.empty(B, T, dtype=torch.bool, device=scores.device)
     for s in range(0, T, query_chunk):  # queries in chunks: [B, chunk, P + T] comparisons at a time
-        out[:, s:s + query_chunk] = _within_capacity(full, scores[:, s:s + query_chunk], pos[s:s + query_chunk],
-                                                     capacity)
+        out[:, s : s + query_chunk] = _within_capacity(
+            full, scores[:, s : s + query_chunk], pos[s : s + query_chunk], capacity
+        )
     return out
 
 
@@ -74,7 +76,7 @@ class ModScores:
 
     def row(self, b: int) -> "ModScores":
         view = ModScores.__new__(ModScores)
-        view.scores = self.scores[b:b + 1]
+        view.scores = self.scores[b : b + 1]
         return view
 
     def select(self, scores: torch.Tensor, positions: torch.Tensor, capacity: float) -> torch.Tensor:

@@ -38,12 +38,16 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offse
             return _GROUPED_MM(x, w.to(x.dtype), offs=offsets)
         except (RuntimeError, NotImplementedError) as e:
             _grouped_mm_broken.add(key)
-            warnings.warn(f"grouped_mm is unavailable for {key} ({str(e).splitlines()[0]}); MoE experts run as a "
-                          "loop over expert slices instead (same result, slower)", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"grouped_mm is unavailable for {key} ({str(e).splitlines()[0]}); MoE experts run as a "
+                "loop over expert slices instead (same result, slower)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     outs = []
     start = 0
     for e, n in enumerate(counts.tolist()):
-        outs.append(x[start:start + n] @ w[e].to(x.dtype))
+        outs.append(x[start : start + n] @ w[e].to(x.dtype))
         start += n
     return torch.cat(outs, 0)
 
@@ -77,8 +81,9 @@ class Experts(nn.Module):
 
     def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)
-        h = fused.swiglu(grouped_matmul(xs, self.w_gate, counts, offsets),
-                         grouped_matmul(xs, self.w_up, counts, offsets))
+        h = fused.swiglu(
+            grouped_matmul(xs, self.w_gate, counts, offsets), grouped_matmul(xs, self.w_up, counts, offsets)
+        )
         return _ContiguousGrad.apply(grouped_matmul(h, self.w_down, counts, offsets))
 
 
@@ -97,8 +102,9 @@ class MoE(nn.Module):
         # Shared experts: n_shared SwiGLUs of width d_ff_expert on the same input sum to one SwiGLU of their
         # total width, so they run as one dense layer (every token, no routing).
         self.shared = SwiGLU(cfg.d_model, cfg.n_shared_experts * cfg.d_ff_expert) if cfg.n_shared_experts else None
-        self.shared_gate = (RouterLinear(cfg.d_model, 1, bias=False)
-                            if cfg.n_shared_experts and cfg.shared_expert_gate else None)
+        self.shared_gate = (
+            RouterLinear(cfg.d_model, 1, bias=False) if cfg.n_shared_experts and cfg.shared_expert_gate else None
+        )
 
     def init_weights(self, std: float, out_std: float, gen: torch.Generator) -> None:
         nn.init.normal_(self.router.weight, 0.0, std, generator=gen)
@@ -158,10 +164,10 @@ class MoE(nn.Module):
         ex = self.experts
         y = torch.zeros_like(flat)
         for t, (experts, ws) in enumerate(zip(idx.tolist(), weights.tolist())):
-            row = flat[t:t + 1]
+            row = flat[t : t + 1]
             for e, w in zip(experts, ws):
                 h = fused.swiglu(row @ ex.w_gate[e].to(row.dtype), row @ ex.w_up[e].to(row.dtype))
-                y[t:t + 1] += (w * (h @ ex.w_down[e].to(row.dtype))).to(y.dtype)
+                y[t : t + 1] += (w * (h @ ex.w_down[e].to(row.dtype))).to(y.dtype)
         return y
 
     @torch.no_grad()

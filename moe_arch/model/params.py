@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import torch
 from torch import nn
 
 from moe_arch.config import ModelConfig
@@ -81,8 +82,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, model: nn.Module | None = No
     Mamba scan ~ 6 * 3 * d_inner * d_state per layer. MoD blocks count their expected selected fraction.
     """
     if model is None:
-        import torch
-
         with torch.device("meta"):
             model = HybridLM(cfg)
     frac = capacity_tokens(cfg.mod_capacity, seq_len) / seq_len if cfg.mod_enabled else 1.0

@@ -3,7 +3,8 @@
 The optimizer routing rule (Muon for hidden matrices, AdamW for the rest) and the doctor's grouping both
 read these roles, so no code guesses from parameter names or shapes. A module class registers the role of
 each of its own parameters; subclasses inherit the registration unless they register their own. A model
-parameter whose owner registered nothing is an error at optimizer-build time, never a silent default.
+parameter whose owner registered nothing is an error at optimizer-build time, never a silent default. The role
+names themselves (``ROLES``) are config's vocabulary (``optim.muon_roles``), defined in moe_arch/config.py.
 """
 
 from __future__ import annotations
@@ -13,17 +14,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-ROLES = {
-    "embedding": "token embedding table",
-    "output_head": "unembedding / prediction head projecting to the vocabulary",
-    "norm": "RMSNorm gain",
-    "bias": "additive bias",
-    "router": "MoE or MoD routing projection",
-    "conv": "depthwise causal convolution kernel",
-    "ssm": "state-space parameter (A_log, D)",
-    "hidden_matrix": "2-D weight of a hidden linear layer",
-    "expert_matrix": "stacked expert weights [n_experts, in, out]",
-}
+from moe_arch.config import ROLES
 
 _REGISTRY: dict[type, dict[str, str]] = {}
 
@@ -80,5 +71,6 @@ def named_parameter_roles(model: nn.Module) -> Iterator[tuple[str, torch.nn.Para
             if role is None:
                 raise TypeError(
                     f"parameter {full!r} of {type(module).__name__} has no registered role; decorate the class with "
-                    f"@register_roles({{{pname!r}: ROLE}}) using one of {sorted(ROLES)}")
+                    f"@register_roles({{{pname!r}: ROLE}}) using one of {sorted(ROLES)}"
+                )
             yield full, p, role

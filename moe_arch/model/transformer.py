@@ -18,10 +18,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 from moe_arch.config import ModelConfig
+from moe_arch.model import generation
 from moe_arch.model.attention import Attention, SeqContext
 from moe_arch.model.layers import RMSNorm, Rotary, SwiGLU
 from moe_arch.model.losses import linear_cross_entropy
-from moe_arch.model.mamba import Mamba
+from moe_arch.model.mamba import Mamba, use_compiled_scan
 from moe_arch.model.mod import ModScores, causal_capacity_select, gather_selected
 from moe_arch.model.moe import MoE
 from moe_arch.model.roles import OutputHead, RouterLinear
@@ -78,8 +79,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = FFN_LAYERS[ffn_kind](cfg, layer_idx)
         self.mod_capacity = cfg.mod_capacity
-        self.mod_router = (RouterLinear(cfg.d_model, 1, bias=False)
-                           if cfg.mod_enabled and layer_idx in cfg.mod_layers else None)
+        self.mod_router = (
+            RouterLinear(cfg.d_model, 1, bias=False) if cfg.mod_enabled and layer_idx in cfg.mod_layers else None
+        )
         self.checkpoint_seq = False  # set by HybridLM.set_activation_checkpointing("sequence")
 
     def init_weights(self, std: float, out_std: float, gen: torch.Generator) -> None:
@@ -94,8 +96,9 @@ class Block(nn.Module):
         """What the block adds to the residual stream: seq_layer(...) + ffn(...)."""
         if self.checkpoint_seq and ctx.cache is None and self.training and torch.is_grad_enabled():
             # activation_checkpointing=sequence: keep x, recompute the norm and attention / Mamba in the backward
-            a = torch.utils.checkpoint.checkpoint(lambda inp: self.seq_layer(self.seq_norm(inp), ctx), x,
-                                                  use_reentrant=False, preserve_rng_state=True)
+            a = torch.utils.checkpoint.checkpoint(
+                lambda inp: self.seq_layer(self.seq_norm(inp), ctx), x, use_reentrant=False, preserve_rng_state=True
+            )
         else:
             a = self.seq_layer(self.seq_norm(x), ctx)
         h = x + a
@@ -119,8 +122,9 @@ class Block(nn.Module):
             return x
         d = x.shape[-1]
         idx = order.unsqueeze(-1).expand(-1, -1, d)
-        sub = SeqContext(ctx.positions.gather(1, order), ctx._rotary, valid=valid, cache=ctx.cache,
-                         cos_sin_table=ctx._table)
+        sub = SeqContext(
+            ctx.positions.gather(1, order), ctx._rotary, valid=valid, cache=ctx.cache, cos_sin_table=ctx._table
+        )
         delta = self._residual(x.gather(1, idx), sub, aux)
         weight = torch.sigmoid(logits).gather(1, order)  # the router learns through this scale
         update = delta * weight.unsqueeze(-1).to(delta.dtype)
@@ -128,9 +132,13 @@ class Block(nn.Module):
             update = torch.where(valid.unsqueeze(-1), update, torch.zeros_like(update))
         if aux is not None:
             w_sel = weight if valid is None else weight[valid]
-            aux.add_mod(self.layer_idx, F.binary_cross_entropy_with_logits(logits, selected.float()),
-                        selected.float().mean().detach(), w_sel.mean().detach(),
-                        w_sel.std().detach() if w_sel.numel() > 1 else torch.zeros((), device=x.device))
+            aux.add_mod(
+                self.layer_idx,
+                F.binary_cross_entropy_with_logits(logits, selected.float()),
+                selected.float().mean().detach(),
+                w_sel.mean().detach(),
+                w_sel.std().detach() if w_sel.numel() > 1 else torch.zeros((), device=x.device),
+            )
         # Under autocast a block whose layers are all matmuls returns bf16 while the residual stream stays float32.
         return x.scatter_add(1, idx, update.to(x.dtype))
 
@@ -227,8 +235,15 @@ class HybridLM(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------- forward
-    def _context(self, B: int, T: int, device, start: int | torch.Tensor = 0, cache=None,
-                 table: tuple[torch.Tensor, torch.Tensor] | None = None) -> SeqContext:
+    def _context(
+        self,
+        B: int,
+        T: int,
+        device,
+        start: int | torch.Tensor = 0,
+        cache=None,
+        table: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> SeqContext:
         if isinstance(start, torch.Tensor):  # one start per sequence (batched generation of different lengths)
             positions = start[:, None] + torch.arange(T, device=device)[None, :]
             contiguous = False
@@ -240,9 +255,14 @@ class HybridLM(nn.Module):
             table = self.rotary.cos_sin(torch.arange(n, device=device), torch.float32)
         return SeqContext(positions, self.rotary, cos_sin_table=table, contiguous=contiguous)
 
-    def hidden_states(self, tokens: torch.Tensor, aux: Aux | None = None, caches: list | None = None,
-                      start: int | torch.Tensor = 0, table: tuple[torch.Tensor, torch.Tensor] | None = None
-                      ) -> torch.Tensor:
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        aux: Aux | None = None,
+        caches: list | None = None,
+        start: int | torch.Tensor = 0,
+        table: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Final-norm hidden states. With ``caches`` (generation), ``start`` is the position of the first token
         (an int, or one per sequence) and ``table`` a precomputed rotary table covering every position."""
         B, T = tokens.shape
@@ -250,16 +270,22 @@ class HybridLM(nn.Module):
         base = self._context(B, T, tokens.device, start, caches, table)
         for i, block in enumerate(self.layers):
             cache = caches[i] if caches is not None else None
-            ctx = SeqContext(base.positions, self.rotary, cache=cache["seq"] if cache else None,
-                             cos_sin_table=base._table, contiguous=base._contiguous)
+            ctx = SeqContext(
+                base.positions,
+                self.rotary,
+                cache=cache["seq"] if cache else None,
+                cos_sin_table=base._table,
+                contiguous=base._contiguous,
+            )
             if cache is None and self._checkpointed(i) and self.training and torch.is_grad_enabled():
                 x = _checkpoint_block(block, x, ctx, aux)
             else:
                 x = block(x, ctx, aux, cache)
         return self.final_norm(x)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = False,
-                mtp: bool = True) -> LMOutput:
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = False, mtp: bool = True
+    ) -> LMOutput:
         """tokens [B, T]; targets [B, T + n_predict - 1] with targets[:, t] = token t + 1 (so head i's labels
         are targets[:, i : i + T]). With fewer target columns, only the heads that have labels are scored."""
         aux = Aux()
@@ -279,12 +305,14 @@ class HybridLM(nn.Module):
             for i, head in enumerate(self.mtp_heads, start=1):
                 if targets.shape[1] < i + T:
                     break
-                out.mtp_losses.append(linear_cross_entropy(head.hidden(h), head.out.weight, targets[:, i:i + T]))
+                out.mtp_losses.append(linear_cross_entropy(head.hidden(h), head.out.weight, targets[:, i : i + T]))
             if out.mtp_losses:
                 total = total + self.cfg.mtp_loss_weight * torch.stack(out.mtp_losses).mean()
-        for name, values, coef in (("moe_load_balance", aux.moe_lb, self.cfg.router_aux_loss_coef),
-                                   ("moe_z_loss", aux.moe_z, self.cfg.router_z_loss_coef),
-                                   ("mod_router", aux.mod_bce, self.cfg.mod_aux_loss_coef)):
+        for name, values, coef in (
+            ("moe_load_balance", aux.moe_lb, self.cfg.router_aux_loss_coef),
+            ("moe_z_loss", aux.moe_z, self.cfg.router_z_loss_coef),
+            ("mod_router", aux.mod_bce, self.cfg.mod_aux_loss_coef),
+        ):
             v = Aux._mean(values)
             if v is not None:
                 out.aux_losses[name] = v
@@ -296,8 +324,6 @@ class HybridLM(nn.Module):
     def compile_blocks(self) -> "HybridLM":
         """``train.compile``: torch.compile the parts with static shapes (norms, attention, dense feed-forward, the
         Mamba scan's block kernels); MoE dispatch and MoD routing have data-dependent shapes and stay eager."""
-        from moe_arch.model.mamba import use_compiled_scan
-
         for block in self.layers:
             block.seq_norm.compile()
             block.ffn_norm.compile()
@@ -322,22 +348,42 @@ class HybridLM(nn.Module):
         """Per block: its sequence layer's cache (KV or Mamba state) and, with MoD, the router scores by position;
         all allocated once for ``max_len`` positions."""
         p = self.embed.weight
-        return [{"seq": blk.seq_layer.new_cache(batch, max_len, p.device, p.dtype),
-                 "mod": ModScores(batch, max_len, p.device) if blk.mod_router is not None else None,
-                 "selected": None}
-                for blk in self.layers]
+        return [
+            {
+                "seq": blk.seq_layer.new_cache(batch, max_len, p.device, p.dtype),
+                "mod": ModScores(batch, max_len, p.device) if blk.mod_router is not None else None,
+                "selected": None,
+            }
+            for blk in self.layers
+        ]
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, eos_id: int | None = None, generator: torch.Generator | None = None,
-                 speculative: bool = False) -> torch.Tensor:
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+        speculative: bool = False,
+    ) -> torch.Tensor:
         """``prompt`` [B, T] followed by ``max_new_tokens`` sampled tokens (greedy at temperature 0), with the KV /
         SSM caches; ``speculative``: the MTP heads draft tokens that one forward verifies (same tokens when
         greedy, same distribution when sampling). See ``model/generation.py``."""
-        from moe_arch.model.generation import generate
-
-        out = generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       eos_id=eos_id, generator=generator, draft_tokens=len(self.mtp_heads) if speculative else 0)
+        drafts = len(self.mtp_heads) if speculative else 0
+        out = generation.generate(
+            self,
+            prompt,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=eos_id,
+            generator=generator,
+            draft_tokens=drafts,
+        )
         return torch.cat([prompt, out.tokens], 1)
 
 

@@ -41,6 +41,7 @@ MAX_STATE = 256  # d_state the scan accepts (a [BLOCK_D, next_pow2(N)] state til
 MAX_NORM_DIM = 1 << 16  # RMSNorm keeps one row in registers
 
 if INTERPRET:
+
     @triton.jit
     def _exp(x):
         return tl.exp(x)
@@ -49,6 +50,7 @@ if INTERPRET:
     def _log(x):
         return tl.log(x)
 else:
+
     @triton.jit
     def _exp(x):
         return libdevice.exp(x)
@@ -106,11 +108,40 @@ def _col(tile, idx, n):
 
 
 @triton.jit
-def _scan_fwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, h0_ptr, out_ptr, hlast_ptr, st_ptr,
-              su_b, su_t, sdt_b, sdt_t, sB_b, sB_t, sC_b, sC_t, sz_b, sz_t,
-              L, D, N, n_chunks,
-              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr, SAVE: tl.constexpr,
-              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _scan_fwd(
+    u_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    h0_ptr,
+    out_ptr,
+    hlast_ptr,
+    st_ptr,
+    su_b,
+    su_t,
+    sdt_b,
+    sdt_t,
+    sB_b,
+    sB_t,
+    sC_b,
+    sC_t,
+    sz_b,
+    sz_t,
+    L,
+    D,
+    N,
+    n_chunks,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    SAVE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_t = tl.arange(0, BLOCK_T)
@@ -158,12 +189,46 @@ def _scan_fwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, h0_ptr, out_ptr,
 
 
 @triton.jit
-def _scan_bwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, st_ptr, g_ptr,
-              du_ptr, ddt_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr,
-              su_b, su_t, sdt_b, sdt_t, sB_b, sB_t, sC_b, sC_t, sz_b, sz_t, sg_b, sg_t,
-              Bsz, L, D, N, n_chunks,
-              HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _scan_bwd(
+    u_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    st_ptr,
+    g_ptr,
+    du_ptr,
+    ddt_ptr,
+    dz_ptr,
+    dA_ptr,
+    dB_ptr,
+    dC_ptr,
+    dD_ptr,
+    su_b,
+    su_t,
+    sdt_b,
+    sdt_t,
+    sB_b,
+    sB_t,
+    sC_b,
+    sC_t,
+    sz_b,
+    sz_t,
+    sg_b,
+    sg_t,
+    Bsz,
+    L,
+    D,
+    N,
+    n_chunks,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -193,8 +258,9 @@ def _scan_bwd(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, st_ptr, g_ptr,
         dtp = tl.load(dt_ptr + b * sdt_b + (t - 1)[:, None] * sdt_t + offs_d[None, :], mask=mp, other=0.0)
         dtn = tl.load(dt_ptr + b * sdt_b + (t + 1)[:, None] * sdt_t + offs_d[None, :], mask=mnx, other=0.0)
         Bt = tl.load(B_ptr + b * sB_b + t[:, None] * sB_t + nidx[None, :], mask=mtn, other=0.0)
-        Bp = tl.load(B_ptr + b * sB_b + (t - 1)[:, None] * sB_t + nidx[None, :],
-                     mask=(offs_t > 0)[:, None] & mtn, other=0.0)
+        Bp = tl.load(
+            B_ptr + b * sB_b + (t - 1)[:, None] * sB_t + nidx[None, :], mask=(offs_t > 0)[:, None] & mtn, other=0.0
+        )
         Ct = tl.load(C_ptr + b * sC_b + t[:, None] * sC_t + nidx[None, :], mask=mtn, other=0.0)
         g = tl.load(g_ptr + b * sg_b + t[:, None] * sg_t + offs_d[None, :], mask=m2, other=0.0)
         if HAS_Z:
@@ -275,11 +341,35 @@ def _scan_forward(u, dt, A, Bm, Cm, Dskip, z, h0, save: bool, block_t: int = 0, 
     st = torch.empty(Bsz, n_chunks, D, N, device=u.device, dtype=torch.float32) if save else h_last
     with _device(u):
         _scan_fwd[(Bsz, triton.cdiv(D, bd))](
-            u, dt, A, Bm, Cm, Dskip if Dskip is not None else A, z if z is not None else u,
-            h0 if h0 is not None else h_last, out, h_last, st,
-            *_bt_strides(u), *_bt_strides(dt), *_bt_strides(Bm), *_bt_strides(Cm), *_bt_strides(z),
-            L, D, N, n_chunks, HAS_D=Dskip is not None, HAS_Z=z is not None, HAS_H0=h0 is not None, SAVE=save,
-            BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=_pow2(N), num_warps=4)
+            u,
+            dt,
+            A,
+            Bm,
+            Cm,
+            Dskip if Dskip is not None else A,
+            z if z is not None else u,
+            h0 if h0 is not None else h_last,
+            out,
+            h_last,
+            st,
+            *_bt_strides(u),
+            *_bt_strides(dt),
+            *_bt_strides(Bm),
+            *_bt_strides(Cm),
+            *_bt_strides(z),
+            L,
+            D,
+            N,
+            n_chunks,
+            HAS_D=Dskip is not None,
+            HAS_Z=z is not None,
+            HAS_H0=h0 is not None,
+            SAVE=save,
+            BLOCK_T=bt,
+            BLOCK_D=bd,
+            BLOCK_N=_pow2(N),
+            num_warps=4,
+        )
     return out, h_last, (st if save else None), (bt, bd)
 
 
@@ -312,13 +402,41 @@ class SelectiveScan(torch.autograd.Function):
         dD = torch.empty(Bsz, D, **f32) if Dskip is not None else None
         with _device(u):
             _scan_bwd[(Bsz, n_db)](
-                u, dt, A, Bm, Cm, Dskip if Dskip is not None else A, z if z is not None else u, st, gout,
-                du, ddt, dz if dz is not None else du, dA, dB, dC, dD if dD is not None else dA,
-                *_bt_strides(u), *_bt_strides(dt), *_bt_strides(Bm), *_bt_strides(Cm), *_bt_strides(z),
-                *_bt_strides(gout), Bsz, L, D, N, st.shape[1], HAS_D=Dskip is not None, HAS_Z=z is not None,
-                BLOCK_T=bt, BLOCK_D=bd, BLOCK_N=_pow2(N), num_warps=4)
-        return (du, ddt, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0) if dD is not None else None, dz,
-                None, None, None)
+                u,
+                dt,
+                A,
+                Bm,
+                Cm,
+                Dskip if Dskip is not None else A,
+                z if z is not None else u,
+                st,
+                gout,
+                du,
+                ddt,
+                dz if dz is not None else du,
+                dA,
+                dB,
+                dC,
+                dD if dD is not None else dA,
+                *_bt_strides(u),
+                *_bt_strides(dt),
+                *_bt_strides(Bm),
+                *_bt_strides(Cm),
+                *_bt_strides(z),
+                *_bt_strides(gout),
+                Bsz,
+                L,
+                D,
+                N,
+                st.shape[1],
+                HAS_D=Dskip is not None,
+                HAS_Z=z is not None,
+                BLOCK_T=bt,
+                BLOCK_D=bd,
+                BLOCK_N=_pow2(N),
+                num_warps=4,
+            )
+        return (du, ddt, dA.sum(0), dB.sum(0), dC.sum(0), dD.sum(0) if dD is not None else None, dz, None, None, None)
 
 
 def selective_scan(u, dt, A, Bm, Cm, Dskip=None, z=None, h0=None, block_t: int = 0, block_d: int = 0):
@@ -337,12 +455,27 @@ def selective_scan(u, dt, A, Bm, Cm, Dskip=None, z=None, h0=None, block_t: int =
 
 # ============================================================================================ causal conv + silu
 @triton.jit
-def _conv_pre(x_ptr, w_ptr, bias_ptr, b, t, offs_d, sx_b, sx_t, T, D, K: tl.constexpr, BLOCK_T: tl.constexpr,
-              BLOCK_D: tl.constexpr):
+def _conv_pre(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    b,
+    t,
+    offs_d,
+    sx_b,
+    sx_t,
+    T,
+    D,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # bias + sum_j w[j] x[t - K + 1 + j] over a [BT, BD] tile, zeros before the sequence start
     md = offs_d < D
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32) + \
-        tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)[None, :]
+    acc = (
+        tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        + tl.load(bias_ptr + offs_d, mask=md, other=0.0).to(tl.float32)[None, :]
+    )
     for j in tl.static_range(K):
         src = t - (K - 1) + j
         m = ((src >= 0) & (src < T))[:, None] & md[None, :]
@@ -352,8 +485,9 @@ def _conv_pre(x_ptr, w_ptr, bias_ptr, b, t, offs_d, sx_b, sx_t, T, D, K: tl.cons
 
 
 @triton.jit
-def _conv_fwd(x_ptr, w_ptr, bias_ptr, y_ptr, sx_b, sx_t, T, D, n_tb,
-              K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _conv_fwd(
+    x_ptr, w_ptr, bias_ptr, y_ptr, sx_b, sx_t, T, D, n_tb, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr
+):
     pid = tl.program_id(0)
     b = (pid // n_tb).to(tl.int64)
     t = (pid % n_tb) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -365,8 +499,25 @@ def _conv_fwd(x_ptr, w_ptr, bias_ptr, y_ptr, sx_b, sx_t, T, D, n_tb,
 
 
 @triton.jit
-def _conv_bwd_pre(x_ptr, w_ptr, bias_ptr, dy_ptr, dpre_ptr, dw_ptr, db_ptr, sx_b, sx_t, sdy_b, sdy_t, T, D, n_tb,
-                  K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _conv_bwd_pre(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    dy_ptr,
+    dpre_ptr,
+    dw_ptr,
+    db_ptr,
+    sx_b,
+    sx_t,
+    sdy_b,
+    sdy_t,
+    T,
+    D,
+    n_tb,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # dpre = dy * silu'(pre), and this time block's partial sums of dw and dbias
     pid = tl.program_id(0)
     b = (pid // n_tb).to(tl.int64)
@@ -429,8 +580,26 @@ class CausalConvSilu(torch.autograd.Function):
         dw, db = torch.empty(B * n_tb, K, D, **f32), torch.empty(B * n_tb, D, **f32)
         dx = torch.empty(B, T, D, device=x.device, dtype=x.dtype)
         with _device(x):
-            _conv_bwd_pre[grid](x, w, bias, dy, dpre, dw, db, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-                                T, D, n_tb, K=K, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D, num_warps=4)
+            _conv_bwd_pre[grid](
+                x,
+                w,
+                bias,
+                dy,
+                dpre,
+                dw,
+                db,
+                x.stride(0),
+                x.stride(1),
+                dy.stride(0),
+                dy.stride(1),
+                T,
+                D,
+                n_tb,
+                K=K,
+                BLOCK_T=CONV_BLOCK_T,
+                BLOCK_D=CONV_BLOCK_D,
+                num_warps=4,
+            )
             _conv_bwd_x[grid](dpre, w, dx, T, D, n_tb, K=K, BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D, num_warps=4)
         return dx, dw.sum(0).to(w.dtype), db.sum(0).to(bias.dtype)
 
@@ -438,12 +607,26 @@ class CausalConvSilu(torch.autograd.Function):
 def _conv_forward(x, w, bias):
     B, T, D = x.shape
     K = w.shape[0]
-    y = torch.empty(B, T, D, device=x.device, dtype=torch.promote_types(torch.promote_types(x.dtype, w.dtype),
-                                                                           bias.dtype))
+    y = torch.empty(
+        B, T, D, device=x.device, dtype=torch.promote_types(torch.promote_types(x.dtype, w.dtype), bias.dtype)
+    )
     n_tb = triton.cdiv(T, CONV_BLOCK_T)
     with _device(x):
-        _conv_fwd[(B * n_tb, triton.cdiv(D, CONV_BLOCK_D))](x, w, bias, y, x.stride(0), x.stride(1), T, D, n_tb, K=K,
-                                                            BLOCK_T=CONV_BLOCK_T, BLOCK_D=CONV_BLOCK_D, num_warps=4)
+        _conv_fwd[(B * n_tb, triton.cdiv(D, CONV_BLOCK_D))](
+            x,
+            w,
+            bias,
+            y,
+            x.stride(0),
+            x.stride(1),
+            T,
+            D,
+            n_tb,
+            K=K,
+            BLOCK_T=CONV_BLOCK_T,
+            BLOCK_D=CONV_BLOCK_D,
+            num_warps=4,
+        )
     return y
 
 
@@ -529,8 +712,21 @@ class RMSNorm(torch.autograd.Function):
         dw = torch.empty(progs, D, device=x2.device, dtype=torch.float32)
         block = _pow2(D)
         with _device(x2):
-            _rmsnorm_bwd[(progs,)](x2, w, rstd, dy2, dx, dw, x2.stride(0), dy2.stride(0), R, D, per, BLOCK=block,
-                                   num_warps=min(16, max(1, block // 256)))
+            _rmsnorm_bwd[(progs,)](
+                x2,
+                w,
+                rstd,
+                dy2,
+                dx,
+                dw,
+                x2.stride(0),
+                dy2.stride(0),
+                R,
+                D,
+                per,
+                BLOCK=block,
+                num_warps=min(16, max(1, block // 256)),
+            )
         return dx.view(ctx.x_shape), dw.sum(0).to(ctx.w_dtype), None
 
 
@@ -605,8 +801,25 @@ def swiglu(a, b):
 
 # ============================================================================================ RoPE
 @triton.jit
-def _rope(x_ptr, cos_ptr, sin_ptr, y_ptr, sx_b, sx_h, sx_t, sc_b, sy_b, sy_h, sy_t, H, T, half,
-          BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rope(
+    x_ptr,
+    cos_ptr,
+    sin_ptr,
+    y_ptr,
+    sx_b,
+    sx_h,
+    sx_t,
+    sc_b,
+    sy_b,
+    sy_h,
+    sy_t,
+    H,
+    T,
+    half,
+    BACKWARD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     # one (batch, position) per program, BLOCK_H heads: y = x cos + rotate_half(x) sin, or its transpose
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
@@ -641,9 +854,26 @@ def _rope_apply(x, cos, sin, backward: bool):
     cb = cos.stride(0) if cos.dim() == 3 else 0
     bh = min(16, _pow2(H))
     with _device(x):
-        _rope[(B * T, triton.cdiv(H, bh))](x, cos, sin, y, x.stride(0), x.stride(1), x.stride(2), cb, y.stride(0),
-                                           y.stride(1), y.stride(2), H, T, D // 2, BACKWARD=backward, BLOCK_H=bh,
-                                           BLOCK_HALF=_pow2(D // 2), num_warps=4)
+        _rope[(B * T, triton.cdiv(H, bh))](
+            x,
+            cos,
+            sin,
+            y,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            cb,
+            y.stride(0),
+            y.stride(1),
+            y.stride(2),
+            H,
+            T,
+            D // 2,
+            BACKWARD=backward,
+            BLOCK_H=bh,
+            BLOCK_HALF=_pow2(D // 2),
+            num_warps=4,
+        )
     return y
 
 
@@ -662,9 +892,17 @@ class Rope(torch.autograd.Function):
 
 def rope_supported(x, cos, sin) -> bool:
     B, H, T, D = x.shape
-    return (D % 2 == 0 and x.stride(-1) == 1 and not cos.requires_grad and not sin.requires_grad
-            and cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape
-            and tuple(cos.shape[-2:]) == (T, D) and (cos.dim() == 2 or (cos.dim() == 3 and cos.shape[0] == B)))
+    return (
+        D % 2 == 0
+        and x.stride(-1) == 1
+        and not cos.requires_grad
+        and not sin.requires_grad
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and cos.shape == sin.shape
+        and tuple(cos.shape[-2:]) == (T, D)
+        and (cos.dim() == 2 or (cos.dim() == 3 and cos.shape[0] == B))
+    )
 
 
 def rope(x, cos, sin):
@@ -711,8 +949,9 @@ def xent_rows_(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     loss = torch.empty(R, device=logits.device, dtype=torch.float32)
     if R:
         with _device(logits):
-            _xent_rows[(R,)](logits, target, loss, V, logits.stride(0), BLOCK_V=min(XENT_BLOCK_V, _pow2(V)),
-                             num_warps=8)
+            _xent_rows[(R,)](
+                logits, target, loss, V, logits.stride(0), BLOCK_V=min(XENT_BLOCK_V, _pow2(V)), num_warps=8
+            )
     return loss
 
 
@@ -748,8 +987,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, target, compute_dtype, block_elements):
         with torch.autocast(device_type=h.device.type, enabled=False):
-            total, dh, dwt = _xent_blocks(h.to(compute_dtype), weight.to(compute_dtype), target,
-                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1], block_elements)
+            total, dh, dwt = _xent_blocks(
+                h.to(compute_dtype),
+                weight.to(compute_dtype),
+                target,
+                ctx.needs_input_grad[0],
+                ctx.needs_input_grad[1],
+                block_elements,
+            )
         ctx.save_for_backward(dh, dwt)
         ctx.n, ctx.dtypes = h.shape[0], (h.dtype, weight.dtype)
         return (total / h.shape[0]).float()
@@ -758,8 +1003,13 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         dh, dwt = ctx.saved_tensors
         scale = grad_out / ctx.n
-        return ((dh * scale).to(ctx.dtypes[0]) if dh is not None else None,
-                (dwt.t() * scale).to(ctx.dtypes[1]).contiguous() if dwt is not None else None, None, None, None)
+        return (
+            (dh * scale).to(ctx.dtypes[0]) if dh is not None else None,
+            (dwt.t() * scale).to(ctx.dtypes[1]).contiguous() if dwt is not None else None,
+            None,
+            None,
+            None,
+        )
 
 
 def linear_cross_entropy(h, weight, target, block_elements: int = 0):
@@ -775,4 +1025,3 @@ def linear_cross_entropy(h, weight, target, block_elements: int = 0):
     with torch.autocast(device_type=h.device.type, enabled=False):
         total, _, _ = _xent_blocks(h.to(cdt), weight.to(cdt), target, False, False, block)
     return (total / max(1, h.shape[0])).float()
-

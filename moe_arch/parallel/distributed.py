@@ -36,8 +36,9 @@ class DistEnv:
             backend = "nccl" if device_type == "cuda" else "gloo"
             if device_type == "cuda":
                 torch.cuda.set_device(local)
-            dist.init_process_group(backend=backend,
-                                    timeout=timedelta(minutes=int(os.environ.get("MOE_ARCH_DIST_TIMEOUT_MIN", "30"))))
+            dist.init_process_group(
+                backend=backend, timeout=timedelta(minutes=int(os.environ.get("MOE_ARCH_DIST_TIMEOUT_MIN", "30")))
+            )
         return cls(rank, world, local)
 
     def barrier(self) -> None:

@@ -8,14 +8,12 @@ stacked expert tensors [E, in, out] that is a split over experts. The mixed-prec
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-if TYPE_CHECKING:  # annotation only: importing training here would be circular (training -> doctor -> here)
-    from moe_arch.training.precision import PrecisionPolicy
+from moe_arch.precision import PrecisionPolicy
 
 
 def resolve_mode(mode: str) -> str:
@@ -23,20 +21,20 @@ def resolve_mode(mode: str) -> str:
 
 
 def parallelize(model: nn.Module, mode: str, policy: PrecisionPolicy, device: torch.device) -> nn.Module:
-    import torch.distributed as dist
-
     mode = resolve_mode(mode)
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        from torch.nn.parallel import DistributedDataParallel as DDP  # lazy: ~0.9 s with FSDP's; distributed only
 
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if mode != "fsdp":
         raise ValueError(f"train.parallel={mode!r}: allowed under torchrun: auto, ddp, fsdp, none")
     if policy.compensated:
-        raise ValueError("train.precision=bf16-compensated is not supported with train.parallel=fsdp (its "
-                         "compensation buffers are per full parameter); use bf16-mixed, which FSDP2 implements with "
-                         "fp32 master shards")
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        raise ValueError(
+            "train.precision=bf16-compensated is not supported with train.parallel=fsdp (its "
+            "compensation buffers are per full parameter); use bf16-mixed, which FSDP2 implements with "
+            "fp32 master shards"
+        )
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # lazy: ~0.9 s to import; FSDP runs only
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy()
@@ -66,7 +64,7 @@ def shard_like(full_value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``full_value`` distributed with ``like``'s mesh and placements (each rank keeps its own slice, no traffic)."""
     if not hasattr(like, "device_mesh"):
         return full_value
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import distribute_tensor  # lazy: slow to import; sharded runs only
 
     return distribute_tensor(full_value, like.device_mesh, like.placements, src_data_rank=None)
 
@@ -79,8 +77,6 @@ def global_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     ``clip_grad_norm_`` on FSDP2 DTensors relies on DTensor reductions that break with mixed meshes or mixed
     DTensor / plain gradients; this computes the true global norm explicitly.
     """
-    import torch.distributed as dist
-
     sharded, replicated = [], []
     for p in params:
         g = p.grad

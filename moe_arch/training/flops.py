@@ -7,8 +7,9 @@ import time
 import torch
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype | None = None, n: int = 2048,
-                        seconds: float = 0.5) -> float:
+def measure_matmul_peak(
+    device: torch.device, dtype: torch.dtype | None = None, n: int = 2048, seconds: float = 0.5
+) -> float:
     """FLOP/s of an n x n x n matmul in ``dtype`` (fp32 on CPU, bf16 on GPU by default), best of a short run."""
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -29,4 +30,4 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype | None = None, 
         best = min(best, time.perf_counter() - t0)
         if time.perf_counter() > deadline:
             break
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best

@@ -26,16 +26,48 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from moe_arch.config import Config
+from moe_arch.model import cpu_kernels
 from moe_arch.model.mod import capacity_tokens
+from moe_arch.model.moe import Experts
+from moe_arch.model.transformer import HybridLM, build_model, layer_kinds
+from moe_arch.parallel.parallelize import clip_grads_
+from moe_arch.precision import resolve_policy
+from moe_arch.training.optim import build_optimizers, newton_schulz_batches, plan_parameters
+from moe_arch.training.precision import CompensatedUpdates
 
-GiB = 1024 ** 3
+GiB = 1024**3
+
+
+class PlanError(ValueError):
+    """An input the planner cannot plan, in the planner's own words: ``template`` names the inputs as ``{gpus}``,
+    ``{seq_len}``, ``{max_seq_len}``... and the refused value as ``{value}``; ``str()`` says the names as
+    plan_memory's arguments (and config fields), :meth:`worded` in another vocabulary (``moe-arch info --memory``
+    says its flags)."""
+
+    NAMES = {
+        "gpus": "gpus",
+        "batch_size": "batch_size",
+        "seq_len": "seq_len",
+        "gpu_memory_gb": "gpu_memory_gb",
+        "parallel": "parallel",
+        "checkpointing": "checkpointing",
+        "max_seq_len": "model.max_seq_len",
+    }
+
+    def __init__(self, template: str, value: object = None):
+        self.template, self.value = template, value
+        super().__init__(self.worded({}))
+
+    def worded(self, names: dict[str, str]) -> str:
+        return self.template.format(**(self.NAMES | names), value=self.value)
 
 
 @dataclass(frozen=True)
 class Numerics:
-    """How one step computes: which dtypes and which code path (see ``training/precision.py``)."""
+    """How one step computes: which dtypes and which code path (see ``moe_arch/precision.py``)."""
 
     precision: str  # fp32 | bf16-mixed | bf16-pure | bf16-compensated
     device: str  # cuda | cpu
@@ -172,8 +204,6 @@ def mod_rows(cfg, batch: int, seq: int) -> tuple[float, float]:
 def _matmul_params(module: torch.nn.Module, num: Numerics) -> int:
     """Parameters autocast copies to bf16 in a forward (weights of matmuls; CPU autocast leaves grouped_mm, hence
     the experts, in float32). The copies live until the backward has used them."""
-    from moe_arch.model.moe import Experts
-
     skip = {id(p) for m in module.modules() if isinstance(m, Experts) and num.device == "cpu" for p in m.parameters()}
     n = 0
     for name, p in module.named_parameters():
@@ -196,8 +226,6 @@ class BlockActivations:
 def block_activations(cfg, num: Numerics, batch: int, seq: int, model=None) -> list[BlockActivations]:
     """Per block: bytes kept for the backward (with autocast's weight copies when ``model``, a meta-device
     HybridLM of ``cfg``, is given) and its backward's temporaries."""
-    from moe_arch.model.transformer import layer_kinds
-
     out = []
     N = batch * seq
     d = cfg.d_model
@@ -223,8 +251,17 @@ def block_activations(cfg, num: Numerics, batch: int, seq: int, model=None) -> l
             b += mod_bytes(cfg, num, N, rows)
         copies = 2 * _matmul_params(model.layers[i], num) if num.autocast and not num.fsdp_mixed and model else 0
         # backward temporaries: the gradient of the block's widest intermediate and of the residual stream
-        out.append(BlockActivations(i, f"{seq_kind}/{ffn_kind}{'/mod' if mod else ''}", rows, b + copies,
-                                    rows * 4 * (width + 2 * d), copies, seq_part))
+        out.append(
+            BlockActivations(
+                i,
+                f"{seq_kind}/{ffn_kind}{'/mod' if mod else ''}",
+                rows,
+                b + copies,
+                rows * 4 * (width + 2 * d),
+                copies,
+                seq_part,
+            )
+        )
     return out
 
 
@@ -291,7 +328,6 @@ def _muon_step_transient(groups: list[list[tuple[int, ...]]], ns_bytes: int, bat
     ``newton_schulz_batches``: the Nesterov updates (fp32) while they are concatenated, then the batch, and in
     each Newton-Schulz iteration X, the next X (ns dtype) and A, B [b, m, m]. torch.optim.Muon does one matrix at
     a time: the same terms for one matrix."""
-    from moe_arch.training.optim import newton_schulz_batches
 
     def batch(shapes: list[tuple[int, ...]]) -> float:
         m, n = sorted(shapes[0][-2:])
@@ -306,21 +342,32 @@ def _muon_step_transient(groups: list[list[tuple[int, ...]]], ns_bytes: int, bat
     return peak
 
 
-def plan_memory(cfg: Config, *, name: str = "", gpus: int = 1, gpu_memory_gb: float | None = None,
-                parallel: str = "fsdp", batch_size: int | None = None, seq_len: int | None = None,
-                checkpointing: str | None = None, precision: str | None = None, device: str = "cuda",
-                kernels: bool | None = None, grad_accum: int | None = None) -> MemoryPlan:
-    from moe_arch.model.transformer import HybridLM
-    from moe_arch.training.optim import plan_parameters
-
-    for flag, v in (("--gpus", gpus), ("--batch-size", batch_size), ("--seq-len", seq_len)):
+def plan_memory(
+    cfg: Config,
+    *,
+    name: str = "",
+    gpus: int = 1,
+    gpu_memory_gb: float | None = None,
+    parallel: str = "fsdp",
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    checkpointing: str | None = None,
+    precision: str | None = None,
+    device: str = "cuda",
+    kernels: bool | None = None,
+    grad_accum: int | None = None,
+) -> MemoryPlan:
+    for arg, v in (("gpus", gpus), ("batch_size", batch_size), ("seq_len", seq_len)):
         if v is not None and v < 1:
-            raise ValueError(f"{flag} {v}: must be >= 1")
+            raise PlanError(f"{{{arg}}} {{value}}: must be >= 1", v)
     if seq_len is not None and seq_len > cfg.model.max_seq_len:  # as train.seq_len is (and bounds the work)
-        raise ValueError(f"--seq-len {seq_len}: must be <= model.max_seq_len={cfg.model.max_seq_len} (raise it with "
-                         "--model.max_seq_len)")
+        raise PlanError(
+            f"{{seq_len}} {{value}}: must be <= model.max_seq_len={cfg.model.max_seq_len} (raise it "
+            "with {max_seq_len})",
+            seq_len,
+        )
     if gpu_memory_gb is not None and not (math.isfinite(gpu_memory_gb) and gpu_memory_gb > 0):
-        raise ValueError(f"--gpu-memory {gpu_memory_gb}: must be a finite number > 0 (GiB per device)")
+        raise PlanError("{gpu_memory_gb} {value}: must be a finite number > 0 (GiB per device)", gpu_memory_gb)
     m = cfg.model
     B = batch_size or cfg.train.batch_size
     T = seq_len or cfg.train.seq_len
@@ -330,15 +377,14 @@ def plan_memory(cfg: Config, *, name: str = "", gpus: int = 1, gpu_memory_gb: fl
         prec = "bf16-mixed" if device == "cuda" else "fp32"
     accum = grad_accum or cfg.train.grad_accum
     if parallel not in ("fsdp", "ddp"):
-        raise ValueError(f"--parallel {parallel!r}: allowed fsdp, ddp")
+        raise PlanError("{parallel} {value!r}: allowed fsdp, ddp", parallel)
     if ckpt not in ("none", "full", "selective", "sequence"):
-        raise ValueError(f"--activation-checkpointing {ckpt!r}: allowed none, full, selective, sequence")
+        raise PlanError("{checkpointing} {value!r}: allowed none, full, selective, sequence", ckpt)
     if prec == "bf16-compensated" and parallel == "fsdp" and gpus > 1:
-        raise ValueError("bf16-compensated is not supported with FSDP (train.parallel=fsdp); use bf16-mixed or "
-                         "--parallel ddp")
+        raise PlanError(
+            "bf16-compensated is not supported with FSDP (train.parallel=fsdp); use bf16-mixed or {parallel} ddp"
+        )
     if kernels is None:
-        from moe_arch.model import cpu_kernels
-
         kernels = device == "cpu" and cpu_kernels.available()
     sharded = parallel == "fsdp" and gpus > 1
     num = Numerics(prec, device, kernels, fsdp_mixed=sharded and prec == "bf16-mixed")
@@ -384,8 +430,9 @@ def plan_memory(cfg: Config, *, name: str = "", gpus: int = 1, gpu_memory_gb: fl
     static = params + opt + comp + ddp_buckets
     acc_grads = grads if accum > 1 else 0.0  # later micro-batches run with the earlier ones' gradients held
     # autocast caches its weight casts until the forward's autocast region ends: checkpointed blocks' copies too
-    forward = acc_grads + activations + head_transient + gathered + sum(b.copies for b, c in zip(blocks, checkpointed)
-                                                                        if c)
+    forward = (
+        acc_grads + activations + head_transient + gathered + sum(b.copies for b, c in zip(blocks, checkpointed) if c)
+    )
     # backward: heads first (their gradients appear, their activations go), then blocks last to first
     head_params = n_params - sum(per_block_params)
     live = acc_grads + activations - head_saved + head_params * num.param / shard + head_transient
@@ -408,22 +455,38 @@ def plan_memory(cfg: Config, *, name: str = "", gpus: int = 1, gpu_memory_gb: fl
     phase = max(phases, key=phases.get)
     peak = static + phases[phase]
 
-    plan = MemoryPlan(name, prec, device, parallel if gpus > 1 else "none", gpus, B, T, ckpt, n_params,
-                      gpu_memory_gb=gpu_memory_gb)
-    plan.gb = {k: v / GiB for k, v in {
-        "parameters": params, "gradients": grads, "optimizer states": opt, "compensation buffers": comp,
-        "activations (kept)": activations - autocast_copies, "autocast bf16 weight copies": autocast_copies,
-        "fsdp gathered": gathered, "ddp buckets": ddp_buckets, "optimizer-step temporaries": step_tmp,
-        "head temporaries": head_transient}.items() if v}
+    plan = MemoryPlan(
+        name, prec, device, parallel if gpus > 1 else "none", gpus, B, T, ckpt, n_params, gpu_memory_gb=gpu_memory_gb
+    )
+    plan.gb = {
+        k: v / GiB
+        for k, v in {
+            "parameters": params,
+            "gradients": grads,
+            "optimizer states": opt,
+            "compensation buffers": comp,
+            "activations (kept)": activations - autocast_copies,
+            "autocast bf16 weight copies": autocast_copies,
+            "fsdp gathered": gathered,
+            "ddp buckets": ddp_buckets,
+            "optimizer-step temporaries": step_tmp,
+            "head temporaries": head_transient,
+        }.items()
+        if v
+    }
     plan.peak_gb = peak / GiB
     plan.phase = phase
     if gpu_memory_gb:
         plan.fits = plan.peak_gb <= gpu_memory_gb * USABLE
-        plan.max_batch_size = _largest_batch(cfg, name, gpus, gpu_memory_gb, parallel, T, ckpt, prec, device,
-                                             kernels, accum) if plan.fits or B > 1 else 0
+        plan.max_batch_size = (
+            _largest_batch(cfg, name, gpus, gpu_memory_gb, parallel, T, ckpt, prec, device, kernels, accum)
+            if plan.fits or B > 1
+            else 0
+        )
     if sharded:
-        plan.notes.append(f"FSDP over {gpus} devices: parameters, gradients and optimizer states sharded; "
-                          "activations are per device")
+        plan.notes.append(
+            f"FSDP over {gpus} devices: parameters, gradients and optimizer states sharded; activations are per device"
+        )
     return plan
 
 
@@ -436,21 +499,15 @@ def measure_step_peak(cfg: Config, precision: str, checkpointing: str, batch: in
     model and ``steps`` training steps composed as the trainer does (precision policy, checkpointing, Muon + AdamW,
     compensated updates, clipping, zero_grad(set_to_none)), from the profiler's allocation events (+bytes / -bytes
     in time order; the CPU analogue of torch.cuda.max_memory_allocated). Used by bench_memory.py and the tests."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from moe_arch.model.transformer import build_model
-    from moe_arch.parallel.parallelize import clip_grads_
-    from moe_arch.training.optim import build_optimizers
-    from moe_arch.training.precision import CompensatedUpdates, resolve_policy
-
     cpu = torch.device("cpu")
     policy = resolve_policy(precision, cpu)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=g)
     targets = torch.randint(0, cfg.model.vocab_size, (batch, seq + cfg.model.n_predict - 1), generator=g)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model = build_model(cfg.model, seed=0).to(policy.param_dtype).train().set_activation_checkpointing(
-            checkpointing)
+        model = (
+            build_model(cfg.model, seed=0).to(policy.param_dtype).train().set_activation_checkpointing(checkpointing)
+        )
         opts = build_optimizers(model, cfg.optim)
         comp = CompensatedUpdates(dict(model.named_parameters())) if policy.compensated else None
         for _ in range(steps):
@@ -465,8 +522,9 @@ def measure_step_peak(cfg: Config, precision: str, checkpointing: str, batch: in
             for o in opts.values():
                 o.zero_grad(set_to_none=True)
     live = peak = 0
-    for _, n in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                       if e.name() == "[memory]"):
+    for _, n in sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    ):
         live += n
         peak = max(peak, live)
     return peak
@@ -474,8 +532,20 @@ def measure_step_peak(cfg: Config, precision: str, checkpointing: str, batch: in
 
 def _largest_batch(cfg, name, gpus, gpu_memory_gb, parallel, T, ckpt, prec, device, kernels, accum) -> int:
     def fits(b: int) -> bool:
-        p = plan_memory(cfg, name=name, gpus=gpus, gpu_memory_gb=None, parallel=parallel, batch_size=b, seq_len=T,
-                        checkpointing=ckpt, precision=prec, device=device, kernels=kernels, grad_accum=accum)
+        p = plan_memory(
+            cfg,
+            name=name,
+            gpus=gpus,
+            gpu_memory_gb=None,
+            parallel=parallel,
+            batch_size=b,
+            seq_len=T,
+            checkpointing=ckpt,
+            precision=prec,
+            device=device,
+            kernels=kernels,
+            grad_accum=accum,
+        )
         return p.peak_gb <= gpu_memory_gb * USABLE
 
     if not fits(1):

@@ -19,6 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from moe_arch.checkpoint import RunFolderError
+from moe_arch.config import ConfigError
 from moe_arch.utils import atomic_path
 
 HISTORIES = ("metrics.jsonl", "alerts.jsonl")  # the JSON-lines files of a run folder, one row per step event
@@ -48,16 +50,17 @@ def _step(row: dict) -> int | None:
 def check_histories(run_dir: Path) -> None:
     """Refuse, before any long work, a history file the run could not rewind or append to (a folder in its
     place, no permission): otherwise a traceback when training is about to start."""
-    from moe_arch.training.run_dir import RunFolderError
-
     for name in HISTORIES:
         p = run_dir / name
         if p.is_dir():
-            raise RunFolderError(f"{p} is a folder, not a file; move it out of the run folder (the run writes its "
-                                 f"{name} there)")
+            raise RunFolderError(
+                f"{p} is a folder, not a file; move it out of the run folder (the run writes its {name} there)"
+            )
         if p.exists() and not os.access(p, os.R_OK | os.W_OK):
-            raise RunFolderError(f"{p}: cannot read and write it (permission denied); make it writable "
-                                 "(chmod u+rw) or start a new run with --train.run_name NAME")
+            raise RunFolderError(
+                f"{p}: cannot read and write it (permission denied); make it writable "
+                "(chmod u+rw) or start a new run with --train.run_name NAME"
+            )
 
 
 def rewind_history(path: Path, step: int, redone_evals: bool = False) -> str | None:
@@ -65,8 +68,6 @@ def rewind_history(path: Path, step: int, redone_evals: bool = False) -> str | N
     its newline (cut by a crash) are removed, atomically (the file's mode kept, a symbolic link followed). With
     ``redone_evals`` (resuming a run already at its last step, whose final validation runs again), the eval rows
     of ``step`` itself go too. Returns what was removed, or None when nothing was."""
-    from moe_arch.training.run_dir import RunFolderError
-
     try:
         path = path.resolve() if path.is_symlink() else path  # rewrite the file it names, not the link
         st = path.stat()
@@ -81,8 +82,10 @@ def rewind_history(path: Path, step: int, redone_evals: bool = False) -> str | N
     except IsADirectoryError:
         raise RunFolderError(f"{path} is a folder, not a file; move it out of the run folder") from None
     except OSError as e:
-        raise RunFolderError(f"{path}: cannot cut the history back to step {step} ({e.strerror}); free space or "
-                             "make the run folder writable") from None
+        raise RunFolderError(
+            f"{path}: cannot cut the history back to step {step} ({e.strerror}); free space or "
+            "make the run folder writable"
+        ) from None
 
 
 def _rewind(path: Path, step: int, redone_evals: bool, st: os.stat_result) -> str | None:
@@ -115,8 +118,7 @@ def _rewind(path: Path, step: int, redone_evals: bool, st: os.stat_result) -> st
             dst.write(line if complete else line + b"\n")
     parts = []
     if later:
-        parts.append(f"{len(later)} rows of steps {min(later)}-{max(later)} (after step {step}, where this run "
-                     "starts)")
+        parts.append(f"{len(later)} rows of steps {min(later)}-{max(later)} (after step {step}, where this run starts)")
     if evals:
         parts.append(f"{evals} validation rows of step {step} (its final validation runs again)")
     if torn:
@@ -130,9 +132,18 @@ class MetricsLogger:
     """``start_step``: the step the run starts from (0, or the resumed checkpoint's); the history past it is
     removed first (``rewind_history``), and ``log`` says what was removed."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, wandb: bool = False, wandb_project: str = "moe-arch",
-                 config: dict | None = None, enabled: bool = True, start_step: int = 0, log=None,
-                 redone_evals: bool = False):
+    def __init__(
+        self,
+        run_dir: Path,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        wandb_project: str = "moe-arch",
+        config: dict | None = None,
+        enabled: bool = True,
+        start_step: int = 0,
+        log=None,
+        redone_evals: bool = False,
+    ):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self._tb = None
@@ -146,7 +157,7 @@ class MetricsLogger:
                 log(said)
         self._f = open(self.path, "a", buffering=1)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # lazy: imports tensorboard (slow); only when on
 
             tb_dir = run_dir / "tensorboard"
             # Events of the steps about to be logged again are hidden from TensorBoard (its own resume rule).
@@ -154,12 +165,12 @@ class MetricsLogger:
             self._tb = SummaryWriter(log_dir=str(tb_dir), purge_step=purge)
         if wandb:
             try:
-                import wandb as wb
+                import wandb as wb  # lazy: an optional extra (moe-arch[wandb])
             except ImportError:
-                from moe_arch.config import ConfigError
-
-                raise ConfigError("train.wandb=true: the wandb package is not installed; pip install 'moe-arch[wandb]' "
-                                  "or pass --train.wandb false") from None
+                raise ConfigError(
+                    "train.wandb=true: the wandb package is not installed; pip install 'moe-arch[wandb]' "
+                    "or pass --train.wandb false"
+                ) from None
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
             self._wandb = wb.init(project=wandb_project, dir=str(run_dir), config=config, mode=mode)
 
@@ -201,9 +212,16 @@ class ConsoleUI:
         self.console = Console(highlight=False, soft_wrap=True)
         self._progress = None
         if self.mode == "rich":
-            self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                      console=self.console, transient=False)
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
             self._task = self._progress.add_task("train", total=total, completed=start, status="")
             self._progress.start()
 

@@ -37,16 +37,21 @@ from torch.optim import AdamW, Muon, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from moe_arch.config import OptimConfig, TrainConfig
-from moe_arch.doctor.rules import muon_adjusted_lr
 from moe_arch.model.roles import named_parameter_roles
+from moe_arch.numerics import muon_adjusted_lr
 from moe_arch.parallel.parallelize import full, shard_like
 
 NO_DECAY_ROLES = {"norm", "bias", "router", "ssm"}
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def zeropower_batched(G: torch.Tensor, coefficients=NS_COEFFICIENTS, steps: int = 5, eps: float = 1e-7,
-                      dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def zeropower_batched(
+    G: torch.Tensor,
+    coefficients=NS_COEFFICIENTS,
+    steps: int = 5,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """Newton-Schulz orthogonalisation of each matrix of G [E, m, n], exactly as torch.optim.Muon does for one."""
     a, b, c = coefficients
     X = G.to(dtype)
@@ -72,18 +77,38 @@ class BatchedMuon(Optimizer):
     one batched Newton-Schulz per shape instead of one per matrix. ``ns_dtype`` is the Newton-Schulz precision
     (bfloat16 as in torch.optim.Muon; float32 on CPUs, see the module docstring)."""
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_coefficients=NS_COEFFICIENTS, eps: float = 1e-7, ns_steps: int = 5,
-                 adjust_lr_fn: str | None = None, ns_dtype: torch.dtype = torch.bfloat16):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients=NS_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        ns_dtype: torch.dtype = torch.bfloat16,
+    ):
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_coefficients=tuple(ns_coefficients),
+            eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
+        )
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype  # not a group hyper-parameter: state dicts stay those of torch.optim.Muon
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim not in (2, 3):
-                    raise ValueError(f"BatchedMuon takes matrices or stacked [n_experts, in, out] tensors, got shape "
-                                     f"{tuple(p.shape)}")
+                    raise ValueError(
+                        f"BatchedMuon takes matrices or stacked [n_experts, in, out] tensors, got shape "
+                        f"{tuple(p.shape)}"
+                    )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -121,8 +146,10 @@ class BatchedMuon(Optimizer):
             if p.shape[-2] > p.shape[-1]:
                 o = o.transpose(1, 2)
             p.mul_(1 - lr * wd)
-            p.add_(shard_like(o.reshape(p.shape).to(p.dtype), p),  # DTensor .shape is the global shape
-                   alpha=-muon_adjusted_lr(lr, tuple(p.shape), group["adjust_lr_fn"]))
+            p.add_(
+                shard_like(o.reshape(p.shape).to(p.dtype), p),  # DTensor .shape is the global shape
+                alpha=-muon_adjusted_lr(lr, tuple(p.shape), group["adjust_lr_fn"]),
+            )
 
 
 # Largest Newton-Schulz batch of BatchedMuon, in matrix elements (2^27: 512 MB of float32 updates): large enough
@@ -177,8 +204,10 @@ def plan_parameters(model: nn.Module, cfg: OptimConfig) -> list[ParamPlan]:
             continue
         if role in cfg.muon_roles:
             if p.ndim not in (2, 3):
-                raise ValueError(f"optim.muon_roles includes {role!r}, but {name} has shape {tuple(p.shape)}; Muon "
-                                 "needs 2-D matrices or stacked [E, in, out] expert matrices")
+                raise ValueError(
+                    f"optim.muon_roles includes {role!r}, but {name} has shape {tuple(p.shape)}; Muon "
+                    "needs 2-D matrices or stacked [E, in, out] expert matrices"
+                )
             opt = "muon" if p.ndim == 2 else "expert_muon"
             eff = muon_adjusted_lr(cfg.muon_lr, tuple(p.shape), cfg.muon_adjust_lr)
             plans.append(ParamPlan(name, tuple(p.shape), role, opt, cfg.muon_lr, eff, cfg.weight_decay, p))
@@ -196,8 +225,14 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, plans: list[ParamPlan] 
     by_opt: dict[str, list[ParamPlan]] = {}
     for pl in plans:
         by_opt.setdefault(pl.optimizer, []).append(pl)
-    muon_kw = dict(lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
-                   nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, adjust_lr_fn=cfg.muon_adjust_lr)
+    muon_kw = dict(
+        lr=cfg.muon_lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.muon_momentum,
+        nesterov=cfg.muon_nesterov,
+        ns_steps=cfg.muon_ns_steps,
+        adjust_lr_fn=cfg.muon_adjust_lr,
+    )
     opts: dict[str, Optimizer] = {}
     device = next((pl.param.device for pl in plans), torch.device("cpu"))
     ns_dtype = resolve_ns_dtype(cfg, device)
@@ -209,19 +244,26 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, plans: list[ParamPlan] 
         else:
             opts["muon"] = Muon(named, **muon_kw)
     if "expert_muon" in by_opt:
-        opts["expert_muon"] = BatchedMuon([(pl.name, pl.param) for pl in by_opt["expert_muon"]], ns_dtype=ns_dtype,
-                                          **muon_kw)
+        opts["expert_muon"] = BatchedMuon(
+            [(pl.name, pl.param) for pl in by_opt["expert_muon"]], ns_dtype=ns_dtype, **muon_kw
+        )
     if "adamw" in by_opt:
         decay = [(pl.name, pl.param) for pl in by_opt["adamw"] if pl.weight_decay > 0]
         no_decay = [(pl.name, pl.param) for pl in by_opt["adamw"] if pl.weight_decay == 0]
-        groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        groups = [
+            g
+            for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]
+        ]
         # PyTorch's fused kernel: one pass per tensor instead of ~10 ops (10 -> 0.9 ms for the tiny preset's AdamW
         # tensors on 2 CPU cores). Same update rule; DTensor (FSDP2) parameters keep the default implementation.
-        plain = all(type(pl.param) in (torch.Tensor, nn.Parameter) and pl.param.device.type in ("cpu", "cuda")
-                    for pl in by_opt["adamw"])
-        opts["adamw"] = AdamW(groups, lr=cfg.adamw_lr, betas=tuple(cfg.adamw_betas), eps=cfg.adamw_eps,
-                              fused=True if plain else None)
+        plain = all(
+            type(pl.param) in (torch.Tensor, nn.Parameter) and pl.param.device.type in ("cpu", "cuda")
+            for pl in by_opt["adamw"]
+        )
+        opts["adamw"] = AdamW(
+            groups, lr=cfg.adamw_lr, betas=tuple(cfg.adamw_betas), eps=cfg.adamw_eps, fused=True if plain else None
+        )
     return opts
 
 
@@ -245,6 +287,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def build_schedulers(opts: dict[str, Optimizer], cfg: TrainConfig) -> dict[str, LambdaLR]:
     """One LambdaLR per optimizer: lr = base_lr(group) * factor(step), so each group keeps its own base lr."""
+
     # A plain function (not a callable object) so LambdaLR leaves it out of its state dict: the schedule is
     # rebuilt from the config, and the state dict stays loadable with weights_only=True.
     def factor(step: int) -> float:
@@ -254,5 +297,15 @@ def build_schedulers(opts: dict[str, Optimizer], cfg: TrainConfig) -> dict[str, 
 
 
 def format_plan(plans: list[ParamPlan]) -> list[dict]:
-    return [{"name": p.name, "shape": list(p.shape), "role": p.role, "optimizer": p.optimizer, "lr": p.lr,
-             "effective_lr": p.effective_lr, "weight_decay": p.weight_decay} for p in plans]
+    return [
+        {
+            "name": p.name,
+            "shape": list(p.shape),
+            "role": p.role,
+            "optimizer": p.optimizer,
+            "lr": p.lr,
+            "effective_lr": p.effective_lr,
+            "weight_decay": p.weight_decay,
+        }
+        for p in plans
+    ]

@@ -1,11 +1,4 @@
-"""Precision policies: how weights are stored and how optimizer updates reach them.
-
-| policy               | weights stored | fwd/bwd       | optimizer update                                             |
-|----------------------|----------------|---------------|--------------------------------------------------------------|
-| ``fp32``             | fp32           | fp32          | plain (CPU default)                                          |
-| ``bf16-mixed``       | fp32 (master)  | bf16 autocast | plain, on fp32 weights (GPU default)                         |
-| ``bf16-compensated`` | bf16           | bf16          | Kahan-compensated: a bf16 buffer keeps what rounding dropped |
-| ``bf16-pure``        | bf16           | bf16          | plain, on bf16 weights: small updates round away             |
+"""How optimizer updates reach the weights under the precision policies (``moe_arch/precision.py``: the table).
 
 ``bf16-pure`` exists to reproduce the seed bug: an AdamW step of 3e-4 on a norm weight of 1.0 is below half a
 bf16 ULP (2^-8 = 3.9e-3) and is lost every step. Before training, :func:`preflight` computes for every tensor
@@ -28,34 +21,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from moe_arch.doctor.rules import adam_update, fraction_lost, half_ulp_at, muon_update_rms
-
-
-@dataclass(frozen=True)
-class PrecisionPolicy:
-    name: str
-    param_dtype: torch.dtype
-    autocast_dtype: torch.dtype | None
-    compensated: bool
-
-    def autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
-
-
-POLICIES = {
-    "fp32": PrecisionPolicy("fp32", torch.float32, None, False),
-    "bf16-mixed": PrecisionPolicy("bf16-mixed", torch.float32, torch.bfloat16, False),
-    "bf16-compensated": PrecisionPolicy("bf16-compensated", torch.bfloat16, None, True),
-    "bf16-pure": PrecisionPolicy("bf16-pure", torch.bfloat16, None, False),
-}
-
-
-def resolve_policy(name: str, device: torch.device) -> PrecisionPolicy:
-    if name == "auto":
-        name = "bf16-mixed" if device.type == "cuda" else "fp32"
-    return POLICIES[name]
+from moe_arch.numerics import adam_update, fraction_lost, half_ulp_at, muon_update_rms
 
 
 class CompensatedUpdates:
@@ -128,6 +94,15 @@ def preflight(model: nn.Module, optimizers: dict[str, Optimizer], threshold: flo
                 lost = fraction_lost(p.data, upd)
                 if lost is not None and lost > threshold:
                     med = float(p.data.detach().abs().float().median())
-                    out.append(FrozenTensor(names.get(id(p), "?"), str(p.dtype).replace("torch.", ""), opt_name, upd,
-                                            half_ulp_at(med, p.dtype), med, lost))
+                    out.append(
+                        FrozenTensor(
+                            names.get(id(p), "?"),
+                            str(p.dtype).replace("torch.", ""),
+                            opt_name,
+                            upd,
+                            half_ulp_at(med, p.dtype),
+                            med,
+                            lost,
+                        )
+                    )
     return out

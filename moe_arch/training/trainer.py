@@ -8,31 +8,50 @@ evaluation reports the next-token loss alone, so perplexity is honest.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import math
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from moe_arch.config import Config, save_config
-from moe_arch.data.dataset import TokenData, WindowSampler, eval_batches, eval_windows, prepare_data
+from moe_arch import checkpoint as ckpt
+from moe_arch.checkpoint import RunLock, claim_for_fresh_start, existing_checkpoints
+from moe_arch.checkpoint import field as _field
+from moe_arch.checkpoint import loading as _loading
+from moe_arch.config import Config, ConfigError, save_config
+from moe_arch.data.dataset import (
+    TokenData,
+    WindowSampler,
+    eval_batches,
+    eval_windows,
+    prepare_data,
+    resolve_tokenizer,
+    token_counts,
+)
+from moe_arch.data.tokenizer import TRAIN_BPE, TextTokenizer, padded_vocab, tokenizer_difference
+from moe_arch.doctor.monitor import Monitor
+from moe_arch.doctor.nonfinite import first_nonfinite_module
+from moe_arch.model import cpu_kernels
 from moe_arch.model.params import count_parameters, flops_per_token
 from moe_arch.model.roles import named_parameter_roles
-from moe_arch.model.transformer import HybridLM, build_model
+from moe_arch.model.transformer import HybridLM, build_model, materialize
 from moe_arch.parallel.distributed import DistEnv
-from moe_arch.parallel.parallelize import clip_grads_, global_grad_norm, is_fsdp
-from moe_arch.training import checkpoint as ckpt
+from moe_arch.parallel.parallelize import clip_grads_, global_grad_norm, is_fsdp, parallelize
+from moe_arch.precision import resolve_policy
 from moe_arch.training.flops import measure_matmul_peak
 from moe_arch.training.metrics import ConsoleUI, MetricsLogger, check_histories
 from moe_arch.training.optim import build_optimizers, build_schedulers, plan_parameters
-from moe_arch.training.precision import CompensatedUpdates, preflight, resolve_policy
-from moe_arch.training.run_dir import RunLock, claim_for_fresh_start, existing_checkpoints
+from moe_arch.training.precision import CompensatedUpdates, preflight
 from moe_arch.utils import human, resolve_device, tune_cpu_malloc
 
 
@@ -60,20 +79,16 @@ class RunResult:
 def unigram_cross_entropy(train, val, vocab: int) -> float:
     """Cross-entropy (nats) of the validation tokens under the training split's add-one-smoothed unigram model.
     Streams over the token shards (the corpus may be larger than memory)."""
-    from moe_arch.data.dataset import token_counts
-
     counts = token_counts(train, vocab).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
     return float(-(token_counts(val, vocab) * logp).sum() / max(len(val), 1))
 
 
-def follow_tokenizer(cfg: Config, tok) -> Config:
-    """The model's vocabulary follows a given tokenizer (padded up to a multiple of 64), as torchtitan sets
-    vocab_size from its tokenizer; a train-bpe tokenizer is trained to model.vocab_size instead. A vocabulary set
-    by hand (config file, command line) that does not match is an error naming both numbers."""
-    from moe_arch.config import ConfigError
-    from moe_arch.data.tokenizer import TRAIN_BPE, padded_vocab
-
+def resolve_config(cfg: Config, tok: TextTokenizer, log=None) -> Config:
+    """The run's final config, resolved once before any model is built: the model's vocabulary follows the
+    tokenizer (padded up to a multiple of 64), as torchtitan sets vocab_size from its tokenizer; a train-bpe
+    tokenizer is trained to model.vocab_size instead. A vocabulary set by hand (config file, command line) that
+    does not match is an error naming both numbers. ``log`` hears of a vocabulary that changed."""
     have, want = cfg.model.vocab_size, padded_vocab(tok.vocab_size)
     if cfg.data.tokenizer in TRAIN_BPE:
         if tok.vocab_size > have:
@@ -82,63 +97,41 @@ def follow_tokenizer(cfg: Config, tok) -> Config:
     if have in (want, tok.vocab_size):
         return cfg
     if "model.vocab_size" in cfg.explicit:
-        raise ConfigError(f"model.vocab_size={have} was set by hand, but data.tokenizer={cfg.data.tokenizer!r} has "
-                          f"{tok.vocab_size} tokens (the model needs {want}, padded to a multiple of 64); remove "
-                          f"model.vocab_size or set it to {want}")
-    explicit = cfg.explicit
-    d = cfg.to_dict()
-    d["model"]["vocab_size"] = want
-    out = Config.from_dict(d, "config (vocabulary from the tokenizer)")
-    out.explicit = explicit
+        raise ConfigError(
+            f"model.vocab_size={have} was set by hand, but data.tokenizer={cfg.data.tokenizer!r} has "
+            f"{tok.vocab_size} tokens (the model needs {want}, padded to a multiple of 64); remove "
+            f"model.vocab_size or set it to {want}"
+        )
+    try:  # replace() validates the changed section and the whole config again
+        out = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=want))
+    except ConfigError as e:
+        raise ConfigError(f"config (vocabulary from the tokenizer): {e}") from None
+    out.explicit = cfg.explicit
+    if log is not None:
+        log(
+            f"model.vocab_size {have} -> {want}: follows the tokenizer's {tok.vocab_size} tokens (padded to a "
+            "multiple of 64)"
+        )
     return out
 
 
-def _check_fits(cfg: Config, device: torch.device, shards: int) -> None:
+def check_fits(cfg: Config, device: torch.device, shards: int) -> None:
     """Refuse, with the numbers, a model whose weights, gradients and optimizer state alone (16 bytes per
     parameter in float32: weight, gradient, two moments) exceed this device's free memory, before the data and
     the model take minutes to build and the allocation fails (or the machine swaps)."""
-    from moe_arch.config import ConfigError
-
     n = cfg.model.estimated_parameters()
     need = 16 * n / max(1, shards)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
-        import psutil
-
         free = psutil.virtual_memory().available
     if need > free:
-        raise ConfigError(f"model: ~{n:,} parameters need at least {need / 2**30:,.1f} GiB on each device for "
-                          f"weights, gradients and optimizer state, and {device} has {free / 2**30:,.1f} GiB free; "
-                          "shrink model.d_model / model.n_layers, or shard it over more GPUs (torchrun, "
-                          "--train.parallel fsdp)")
-
-
-def _field(path, state: dict, key: str, kind: type, name: str | None = None):
-    """state[key], or a one-line CheckpointError naming the file and the key when it is missing or of the wrong
-    type (a hand-edited or foreign checkpoint)."""
-    name = name or key
-    if not isinstance(state, dict) or key not in state:
-        raise ckpt.CheckpointError(f"{path}: no {name!r} in this checkpoint; it cannot be resumed (start a new run, "
-                                   "or resume a checkpoint moe_arch wrote)")
-    value = state[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ckpt.CheckpointError(f"{path}: {name!r} is a {type(value).__name__}, not a {kind.__name__}; the file "
-                                   "was changed after moe_arch wrote it and cannot be resumed")
-    return value
-
-
-@contextmanager
-def _loading(path, name: str):
-    """Turn the errors of load_state_dict on a malformed entry into one line naming it."""
-    try:
-        yield
-    except ckpt.CheckpointError:
-        raise
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ckpt.CheckpointError(f"{path}: {name!r} does not fit this run ({type(e).__name__}: {msg[:300]})") \
-            from None
+        raise ConfigError(
+            f"model: ~{n:,} parameters need at least {need / 2**30:,.1f} GiB on each device for "
+            f"weights, gradients and optimizer state, and {device} has {free / 2**30:,.1f} GiB free; "
+            "shrink model.d_model / model.n_layers, or shard it over more GPUs (torchrun, "
+            "--train.parallel fsdp)"
+        )
 
 
 class Trainer:
@@ -146,75 +139,29 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: str | None = None, log=None, init_state: dict | None = None):
         self.cfg = cfg
-        t = cfg.train
-        self.device = resolve_device(t.device)
-        self.dist = DistEnv.from_env(self.device.type)
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
-        self.policy = resolve_policy(t.precision, self.device)
-        if self.device.type == "cpu" and t.cpu_malloc_cache:
-            tune_cpu_malloc()
-        _check_fits(cfg, self.device, self.dist.world if t.parallel in ("auto", "fsdp") else 1)
-        if self.device.type == "cpu":
-            from moe_arch.model import cpu_kernels
-
-            cpu_kernels.requested_isa()  # a bad MOE_ARCH_KERNEL_ISA is a one-line error now, not at the first step
-        self.run_dir = Path(t.out_dir) / t.run_name
-        self.ckpt_dir = ckpt.checkpoint_dir(self.run_dir)
+        self._build_device()
         self.ui = ConsoleUI("none", 0, enabled=False)  # replaced in run(); messages before it go to `log`
         self._log = log or (print if self.dist.is_main else (lambda *a, **k: None))
-        # The run folder is this run's alone: locked for the run's lifetime, and never a fresh start over
-        # another run's checkpoints (run_dir.py). Checked before the data and the model take minutes.
-        self._lock = RunLock(self.run_dir) if self.dist.is_main else None
-        if self.dist.is_main:
-            check_histories(self.run_dir)
-        if resume == "latest" and not existing_checkpoints(self.run_dir):
-            self._log(f"--resume latest: no checkpoint in {self.ckpt_dir} yet; starting a new run")
-            resume = None
-        if resume is None and self.dist.is_main:
-            claim_for_fresh_start(self.run_dir, t.overwrite)
-        torch.manual_seed(t.seed)
+        resume_path = self._open_run_folder(resume)
+        torch.manual_seed(cfg.train.seed)
         # The checkpoint to resume, and its tokenizer, before the data: the data is tokenized with that tokenizer
         # (a train-bpe run's is in the checkpoint), and a data.tokenizer file changed since is refused here rather
         # than after hours of tokenizing the corpus with it.
-        resume_path = ckpt.resolve_resume(resume, self.run_dir, log=self._log) if resume else None
         ck_tok = self._checkpoint_tokenizer(resume_path) if resume_path is not None else None
-
-        # Data: rank 0 tokenizes (and caches) first; the others read the cache.
-        if self.dist.is_main:
-            self.data: TokenData = prepare_data(cfg.data, cfg.model.vocab_size, log=self._log, tokenizer=ck_tok,
-                                                progress=t.progress in ("auto", "rich"))
-        self.dist.barrier()
-        if not self.dist.is_main:
-            self.data = prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a: None, tokenizer=ck_tok)
-        vocab_before = cfg.model.vocab_size
-        cfg = self.cfg = follow_tokenizer(cfg, self.data.tokenizer)
-        if cfg.model.vocab_size != vocab_before:
-            self._log(f"model.vocab_size {vocab_before} -> {cfg.model.vocab_size}: follows the tokenizer's "
-                      f"{self.data.tokenizer.vocab_size} tokens (padded to a multiple of 64)")
-
-        # Model, in the precision policy's storage dtype.
-        self.raw_model: HybridLM = build_model(cfg.model, seed=t.seed, device=self.device)
-        if init_state is not None and not resume:  # train --init-from: a fresh run starting from given weights
-            with torch.no_grad(), _loading("--init-from", "model"):
-                self.raw_model.load_state_dict(init_state, strict=True)
-        self.raw_model.to(self.policy.param_dtype)
-        self.raw_model.set_activation_checkpointing(t.activation_checkpointing)
-        if t.compile:
-            self.raw_model.compile_blocks()
-        self.model = self._parallelize(self.raw_model)
-        self.fsdp = is_fsdp(self.raw_model)
-        self.stop_reason: str | None = None
-        self.plans = plan_parameters(self.raw_model, cfg.optim)
-        self.optimizers = build_optimizers(self.raw_model, cfg.optim, self.plans)
-        self.schedulers = build_schedulers(self.optimizers, t)
-        self.compensator = (CompensatedUpdates(dict(self.raw_model.named_parameters())) if self.policy.compensated
-                            else None)
-        self.roles = {n: r for n, _, r in named_parameter_roles(self.raw_model)}
-
-        self.sampler = WindowSampler(self.data.train, t.seq_len, cfg.model.n_predict, t.batch_size * self.dist.world,
-                                     t.seed)
+        self.data: TokenData = self._build_data(ck_tok)
+        # The final config: everything from here on (model, optimizers, monitor, checkpoints) is built from it.
+        self.cfg = resolve_config(cfg, self.data.tokenizer, log=self._log)
+        self._build_model(init_state if resume_path is None else None)
+        self._build_optimizers()
+        self.sampler = WindowSampler(
+            self.data.train,
+            self.cfg.train.seq_len,
+            self.cfg.model.n_predict,
+            self.cfg.train.batch_size * self.dist.world,
+            self.cfg.train.seed,
+        )
         self._tokenizer_entries = self.data.tokenizer.checkpoint_entries()  # in every checkpoint (self-contained)
+        self.stop_reason: str | None = None
         self.step = 0
         self.tokens_seen = 0
         self.nan_skips = 0
@@ -224,84 +171,161 @@ class Trainer:
         if resume_path is not None:
             self._resume(resume_path)
             if init_state is not None:  # e.g. `train --init-from DIR --resume latest` run a second time
-                self._log(f"--init-from: not applied, the run continues from {self.resumed_from} (its weights "
-                          "descend from the folder's if the run began with it)")
-        self.monitor = None
-        if cfg.monitor.enabled:  # after resuming: its first reference is the weights training continues from
-            from moe_arch.doctor.monitor import Monitor
-
-            self.monitor = Monitor(self.raw_model, self.optimizers, cfg.monitor, run_dir=self.run_dir,
-                                   enabled_output=self.dist.is_main, start_step=self.step)
+                self._log(
+                    f"--init-from: not applied, the run continues from {self.resumed_from} (its weights "
+                    "descend from the folder's if the run began with it)"
+                )
+        # After resuming: the monitor's first reference is the weights training continues from.
+        self.monitor = self._build_monitor()
 
     # ------------------------------------------------------------------------------------------ set-up
+    def _build_device(self) -> None:
+        """The device, the process group and the precision policy; refuses a model that cannot fit before anything
+        takes minutes to build."""
+        t = self.cfg.train
+        self.device = resolve_device(t.device)
+        self.dist = DistEnv.from_env(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.policy = resolve_policy(t.precision, self.device)
+        if self.device.type == "cpu" and t.cpu_malloc_cache:
+            tune_cpu_malloc()
+        check_fits(self.cfg, self.device, self.dist.world if t.parallel in ("auto", "fsdp") else 1)
+        if self.device.type == "cpu":
+            cpu_kernels.requested_isa()  # a bad MOE_ARCH_KERNEL_ISA is a one-line error now, not at the first step
+
+    def _open_run_folder(self, resume: str | None) -> Path | None:
+        """Lock the run folder and find the checkpoint to resume (None: a fresh start). The folder is this run's
+        alone: locked for the run's lifetime, and never a fresh start over another run's checkpoints
+        (checkpoint/layout.py). Checked before the data and the model take minutes."""
+        t = self.cfg.train
+        self.run_dir = Path(t.out_dir) / t.run_name
+        self.ckpt_dir = ckpt.checkpoint_dir(self.run_dir)
+        self._lock = RunLock(self.run_dir) if self.dist.is_main else None
+        if self.dist.is_main:
+            check_histories(self.run_dir)
+        if resume == "latest" and not existing_checkpoints(self.run_dir):
+            self._log(f"--resume latest: no checkpoint in {self.ckpt_dir} yet; starting a new run")
+            resume = None
+        if resume is None and self.dist.is_main:
+            claim_for_fresh_start(self.run_dir, t.overwrite)
+        return ckpt.resolve_resume(resume, self.run_dir, log=self._log) if resume else None
+
+    def _build_data(self, tokenizer) -> TokenData:
+        """Rank 0 tokenizes (and caches) first; the others read the cache."""
+        cfg, t = self.cfg, self.cfg.train
+        data = None
+        if self.dist.is_main:
+            data = prepare_data(
+                cfg.data,
+                cfg.model.vocab_size,
+                log=self._log,
+                tokenizer=tokenizer,
+                progress=t.progress in ("auto", "rich"),
+            )
+        self.dist.barrier()
+        if not self.dist.is_main:
+            data = prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a: None, tokenizer=tokenizer)
+        return data
+
+    def _build_model(self, init_state: dict | None) -> None:
+        """The model, in the precision policy's storage dtype, compiled and parallelised as configured;
+        ``init_state``: the weights a fresh run starts from (train --init-from)."""
+        cfg, t = self.cfg, self.cfg.train
+        self.raw_model: HybridLM = build_model(cfg.model, seed=t.seed, device=self.device)
+        if init_state is not None:
+            with torch.no_grad(), _loading("--init-from", "model"):
+                self.raw_model.load_state_dict(init_state, strict=True)
+        self.raw_model.to(self.policy.param_dtype)
+        self.raw_model.set_activation_checkpointing(t.activation_checkpointing)
+        if t.compile:
+            self.raw_model.compile_blocks()
+        self.model = self._parallelize(self.raw_model)
+        self.fsdp = is_fsdp(self.raw_model)
+        self.roles = {n: r for n, _, r in named_parameter_roles(self.raw_model)}
+
+    def _build_optimizers(self) -> None:
+        self.plans = plan_parameters(self.raw_model, self.cfg.optim)
+        self.optimizers = build_optimizers(self.raw_model, self.cfg.optim, self.plans)
+        self.schedulers = build_schedulers(self.optimizers, self.cfg.train)
+        self.compensator = (
+            CompensatedUpdates(dict(self.raw_model.named_parameters())) if self.policy.compensated else None
+        )
+
+    def _build_monitor(self) -> Monitor | None:
+        if not self.cfg.monitor.enabled:
+            return None
+        return Monitor(
+            self.raw_model,
+            self.optimizers,
+            self.cfg.monitor,
+            run_dir=self.run_dir,
+            enabled_output=self.dist.is_main,
+            start_step=self.step,
+        )
+
     def _parallelize(self, model: HybridLM):
         mode = self.cfg.train.parallel
         if not self.dist.enabled or mode == "none":
             return model
-        from moe_arch.parallel.parallelize import parallelize
-
         return parallelize(model, mode, self.policy, self.device)
 
     def _checkpoint_tokenizer(self, path: Path):
         """The tokenizer stored in the checkpoint at ``path`` (read lazily: no tensor is loaded), after checking
         that data.tokenizer still is that tokenizer; None for checkpoints that carry none."""
-        from moe_arch.data.dataset import resolve_tokenizer
-        from moe_arch.data.tokenizer import TextTokenizer, tokenizer_difference
-        from moe_arch.parallel.dcp import is_dcp_dir, read_meta
-
-        state = read_meta(path) if is_dcp_dir(path) else ckpt.load_checkpoint(path, mmap=True)
+        state = ckpt.read_meta(path)
         step = state.get("step") if isinstance(state, dict) else None
         if isinstance(step, int) and not isinstance(step, bool) and step > self.cfg.train.steps:
             # The loop would not run and final.pt would be rewritten at the checkpoint's step: a "finished" run
             # that trained nothing, and a history that claims the lower train.steps.
-            raise ckpt.CheckpointError(f"{path} is at step {step}, past train.steps={self.cfg.train.steps}; raise "
-                                       f"--train.steps above {step} to train on, or evaluate it with moe-arch eval")
+            raise ckpt.CheckpointError(
+                f"{path} is at step {step}, past train.steps={self.cfg.train.steps}; raise "
+                f"--train.steps above {step} to train on, or evaluate it with moe-arch eval"
+            )
         saved_cfg = _field(path, state, "config", dict) if "config" in state else {}
         data_diffs = [d for d in ckpt.config_differences(saved_cfg, self.cfg.to_dict()) if d.startswith("data.")]
         if data_diffs and saved_cfg:  # the rest of the config is compared once the model exists
-            raise ckpt.CheckpointError(f"cannot resume {path} with this config; these fields differ: "
-                                       f"{'; '.join(data_diffs)}. Resume with the checkpoint's config or start a new "
-                                       "run (--train.run_name)")
+            raise ckpt.CheckpointError(
+                f"cannot resume {path} with this config; these fields differ: "
+                f"{'; '.join(data_diffs)}. Resume with the checkpoint's config or start a new "
+                "run (--train.run_name)"
+            )
         if not isinstance(state.get("tokenizer_json"), str):
             return None
         try:
             saved = TextTokenizer.from_checkpoint(state, str(path))
         except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions for a malformed JSON
-            raise ckpt.CheckpointError(f"{path}: 'tokenizer_json' is not a readable tokenizer "
-                                       f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+            raise ckpt.CheckpointError(
+                f"{path}: 'tokenizer_json' is not a readable tokenizer "
+                f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
+            ) from None
         del state
         current = resolve_tokenizer(self.cfg.data)
         if current is not None and current.fingerprint() != saved.fingerprint():
             raise ckpt.CheckpointError(
                 f"{path}: data.tokenizer={self.cfg.data.tokenizer!r} is not the tokenizer this checkpoint was trained "
                 f"with ({tokenizer_difference(saved, current)}); restore the tokenizer it was trained with, or start "
-                "a new run (--train.run_name)")
+                "a new run (--train.run_name)"
+            )
         return saved
 
     def _resume(self, path: Path) -> None:
-        from moe_arch.parallel.dcp import is_dcp_dir, load_dcp, read_meta
+        def fp32_optimizers():  # compensated runs keep fp32 optimizer state: load it while the weights are fp32
+            return self.compensator.fp32_view(with_grads=False) if self.compensator else nullcontext()
 
-        if is_dcp_dir(path):
-            self._check_resume_config(path, read_meta(path))  # before loading: a mismatch is a clear error
-            state = load_dcp(path, self.raw_model, self.optimizers)
-        else:
-            if self.fsdp:
-                raise ckpt.CheckpointError(f"{path}: a single-file checkpoint cannot be resumed under FSDP2; resume it "
-                                           "on one process or with --train.parallel ddp")
-            state = ckpt.load_checkpoint(path, map_location=self.device)
-            self._check_resume_config(path, state)
-            ckpt.check_model_state(path, _field(path, state, "model", dict), self.raw_model.state_dict())
-            self.raw_model.load_state_dict(state["model"])
-            optimizers = _field(path, state, "optimizers", dict)
-            ctx = self.compensator.fp32_view(with_grads=False) if self.compensator else nullcontext()
-            with ctx:  # compensated runs keep fp32 optimizer state: load it while the weights are fp32
-                for name, opt in self.optimizers.items():
-                    with _loading(path, f"optimizers.{name}"):
-                        opt.load_state_dict(_field(path, optimizers, name, dict, f"optimizers.{name}"))
-            if self.compensator is not None:
-                # fp32_view re-split the weights on exit; the checkpoint's buffers are the exact remainder.
-                with _loading(path, "precision_state"):
-                    self.compensator.load_state_dict(state.get("precision_state", {}))
+        state = ckpt.load(
+            path,
+            self.raw_model,
+            self.optimizers,
+            device=self.device,
+            sharded=self.fsdp,
+            check=lambda meta: self._check_resume_config(path, meta),
+            optimizer_context=fp32_optimizers,
+        )
+        if self.compensator is not None:
+            # fp32_view re-split the weights on exit; the checkpoint's buffers are the exact remainder.
+            with _loading(path, "precision_state"):
+                self.compensator.load_state_dict(state.get("precision_state", {}))
         schedulers = _field(path, state, "schedulers", dict)
         for name, sch in self.schedulers.items():
             with _loading(path, f"schedulers.{name}"):
@@ -322,9 +346,11 @@ class Trainer:
         _field(path, state, "config", dict)
         diffs = ckpt.config_differences(state["config"], self.cfg.to_dict())
         if diffs:
-            raise ckpt.CheckpointError(f"cannot resume {path} with this config; these fields differ: "
-                                       f"{'; '.join(diffs)}. Resume with the checkpoint's config or start a new run "
-                                       "(--train.run_name)")
+            raise ckpt.CheckpointError(
+                f"cannot resume {path} with this config; these fields differ: "
+                f"{'; '.join(diffs)}. Resume with the checkpoint's config or start a new run "
+                "(--train.run_name)"
+            )
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _meta(self, kind: str) -> dict:
@@ -348,18 +374,17 @@ class Trainer:
     def save(self, kind: str, name: str | None = None) -> Path | None:
         """A checkpoint named ``name`` (default ``step_NNNNNNN``): one ``.pt`` file, or under FSDP2 a distributed
         checkpoint folder written by every rank."""
-        name = name or f"step_{self.step:07d}"
-        if self.fsdp:
-            from moe_arch.parallel.dcp import save_dcp
-
-            path = save_dcp(self.ckpt_dir / name, self.raw_model, self.optimizers, self._meta(kind))
-        elif self.dist.is_main:
-            payload = {**self._meta(kind), "model": self.raw_model.state_dict(),
-                       "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-                       "precision_state": self.compensator.state_dict() if self.compensator else {}}
-            path = ckpt.save_checkpoint(self.ckpt_dir / f"{name}.pt", payload)
-        else:
-            path = None
+        name = name or ckpt.step_name(self.step)
+        path = ckpt.save(
+            self.ckpt_dir,
+            name,
+            self.raw_model,
+            self.optimizers,
+            self._meta(kind),
+            sharded=self.fsdp,
+            writer=self.dist.is_main,
+            extra=lambda: {"precision_state": self.compensator.state_dict() if self.compensator else {}},
+        )
         if self.dist.is_main:
             ckpt.write_latest(self.ckpt_dir, path.name)
             if kind == "periodic":
@@ -410,8 +435,10 @@ class Trainer:
             return {"skipped": True}
 
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
-        group_norms = {name: float(global_grad_norm([p for g in opt.param_groups for p in g["params"]]))
-                       for name, opt in self.optimizers.items()}
+        group_norms = {
+            name: float(global_grad_norm([p for g in opt.param_groups for p in g["params"]]))
+            for name, opt in self.optimizers.items()
+        }
         # Every parameter is in exactly one optimizer: the global norm follows from the per-optimizer norms.
         total = clip_grads_(params, t.grad_clip, math.sqrt(sum(v * v for v in group_norms.values())))
         if not math.isfinite(total):
@@ -442,10 +469,17 @@ class Trainer:
             aux_sums = {k: merged[k] for k in aux_sums}
             mod_frac = {i: merged[f"mod_frac/{i}"] for i in mod_frac}
         self.step += 1
-        return {**acc, **aux_sums, "grad_norm": total, "clipped": t.grad_clip > 0 and total > t.grad_clip,
-                "group_grad_norms": group_norms,
-                "moe_load": {i: l.detach().float().cpu() for i, l in loads.items()}, "mod_frac": mod_frac,
-                "mod_weight": mod_w, "skipped": False}
+        return {
+            **acc,
+            **aux_sums,
+            "grad_norm": total,
+            "clipped": t.grad_clip > 0 and total > t.grad_clip,
+            "group_grad_norms": group_norms,
+            "moe_load": {i: l.detach().float().cpu() for i, l in loads.items()},
+            "mod_frac": mod_frac,
+            "mod_weight": mod_w,
+            "skipped": False,
+        }
 
     def _nonfinite_state(self) -> list[str]:
         """Names of the weights and optimizer-state tensors holding NaN/inf (then no batch can be trained)."""
@@ -463,34 +497,40 @@ class Trainer:
         t = self.cfg.train
         where = ""
         if inp is not None:
-            from moe_arch.doctor.nonfinite import first_nonfinite_module
-
             with self.policy.autocast(self.device):  # every rank runs it (FSDP forwards are collective)
                 module = first_nonfinite_module(self.raw_model, inp, tgt)
             if self.dist.enabled:
-                import torch.distributed as dist
-
                 found = [None] * self.dist.world
                 dist.all_gather_object(found, (value, module))
                 value, module = next(((v, m) for v, m in found if m is not None), (value, module))
             where = f"; first non-finite output in module {module!r}" if module else ""
-        batch = (f"micro-batch {micro + 1} of {t.grad_accum}" if micro is not None
-                 else f"after the backward of all {t.grad_accum} micro-batch{'es' if t.grad_accum > 1 else ''}")
-        msg = (f"step {self.step + 1}: {what} is {value} ({batch}){where}")
+        batch = (
+            f"micro-batch {micro + 1} of {t.grad_accum}"
+            if micro is not None
+            else f"after the backward of all {t.grad_accum} micro-batch{'es' if t.grad_accum > 1 else ''}"
+        )
+        msg = f"step {self.step + 1}: {what} is {value} ({batch}){where}"
         broken = self._nonfinite_state()
         if broken:  # skipping cannot help: every later batch starts from the same non-finite state
             shown = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
-            raise NonFiniteLossError(f"{msg}; the model's state is already non-finite ({len(broken)} tensors: "
-                                     f"{shown}), so skipping batches cannot recover; stopping. Resume an earlier "
-                                     f"checkpoint from {self.ckpt_dir} with a lower learning rate")
+            raise NonFiniteLossError(
+                f"{msg}; the model's state is already non-finite ({len(broken)} tensors: "
+                f"{shown}), so skipping batches cannot recover; stopping. Resume an earlier "
+                f"checkpoint from {self.ckpt_dir} with a lower learning rate"
+            )
         if t.nan_policy == "skip" and self.nan_skips < t.max_nan_skips:
             self.nan_skips += 1
             self.ui.print(f"[yellow]warning:[/] {msg}; skipping this batch ({self.nan_skips}/{t.max_nan_skips} skips)")
             return True
-        hint = ("train.nan_policy=skip allows skipping bad batches" if t.nan_policy == "stop"
-                else f"already skipped {self.nan_skips} batches (train.max_nan_skips)")
-        raise NonFiniteLossError(f"{msg}; stopping ({hint}). Lower the learning rate or check the data; the last "
-                                 f"checkpoint is in {self.ckpt_dir}")
+        hint = (
+            "train.nan_policy=skip allows skipping bad batches"
+            if t.nan_policy == "stop"
+            else f"already skipped {self.nan_skips} batches (train.max_nan_skips)"
+        )
+        raise NonFiniteLossError(
+            f"{msg}; stopping ({hint}). Lower the learning rate or check the data; the last "
+            f"checkpoint is in {self.ckpt_dir}"
+        )
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -507,8 +547,11 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         windows = list(eval_windows(self.data.val, t.seq_len, max_tokens))
         for gb in eval_batches(windows, t.seq_len, t.batch_size * self.dist.world):
-            mine = gb[self.dist.rank * t.batch_size:(self.dist.rank + 1) * t.batch_size] if len(gb) > 1 else \
-                (gb if self.dist.rank == 0 else [])
+            mine = (
+                gb[self.dist.rank * t.batch_size : (self.dist.rank + 1) * t.batch_size]
+                if len(gb) > 1
+                else (gb if self.dist.rank == 0 else [])
+            )
             dummy = not mine
             if dummy:
                 mine = [gb[0]]
@@ -517,8 +560,9 @@ class Trainer:
             with self.policy.autocast(self.device):
                 logits = model(inp, return_logits=True, mtp=False).logits
             if not dummy:
-                total[0] += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                            reduction="sum").double()
+                total[0] += F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"
+                ).double()
                 total[1] += tgt.numel()
         self.dist.all_reduce_sum(total)
         model.train(was_training)
@@ -530,10 +574,7 @@ class Trainer:
         """Generate on rank 0 (under FSDP2 every rank must call it: the weights are gathered to rank 0 first)."""
         model = self.raw_model
         if self.fsdp:
-            from moe_arch.model.transformer import materialize
-            from moe_arch.parallel.dcp import full_model_state
-
-            sd = full_model_state(self.raw_model)
+            sd = ckpt.full_model_state(self.raw_model)
             if not self.dist.is_main:
                 return None
             model, _, _ = materialize(self.cfg.model, sd, "cpu")
@@ -557,8 +598,6 @@ class Trainer:
             self._lock.release()
         if not self.dist.enabled:
             return
-        import gc
-
         self.dist.barrier()
         if self.monitor is not None:
             self.monitor.close()
@@ -593,11 +632,15 @@ class Trainer:
                 raise KeyboardInterrupt
             self._stop_signal = signum
             if self.step >= self.cfg.train.steps:  # the last step is done: final.pt is being written
-                self.ui.print(f"[yellow]received {signal.Signals(signum).name}: training is complete (step "
-                              f"{self.step}); finishing the final save[/] (send again to stop immediately)")
+                self.ui.print(
+                    f"[yellow]received {signal.Signals(signum).name}: training is complete (step "
+                    f"{self.step}); finishing the final save[/] (send again to stop immediately)"
+                )
                 return
-            self.ui.print(f"[yellow]received {signal.Signals(signum).name}: finishing step {self.step + 1}, then "
-                          "saving checkpoint_interrupted.pt[/] (send again to stop immediately)")
+            self.ui.print(
+                f"[yellow]received {signal.Signals(signum).name}: finishing step {self.step + 1}, then "
+                "saving checkpoint_interrupted.pt[/] (send again to stop immediately)"
+            )
 
         for s in (signal.SIGINT, signal.SIGTERM):
             old[s] = signal.signal(s, handler)
@@ -623,26 +666,43 @@ class Trainer:
         peak *= self.dist.world
         peak_rechecked = False
         unigram = unigram_cross_entropy(self.data.train, self.data.val, cfg.model.vocab_size)
-        self._log(f"model: {human(counts['total'])} parameters ({human(counts['active'])} active), "
-                  f"{counts['n_norms']} RMSNorm weights | precision {self.policy.name} on {self.device} "
-                  f"x{self.dist.world} | optimizers: "
-                  + ", ".join(f"{n} ({sum(len(g['params']) for g in o.param_groups)} tensors)"
-                              for n, o in self.optimizers.items()))
+        self._log(
+            f"model: {human(counts['total'])} parameters ({human(counts['active'])} active), "
+            f"{counts['n_norms']} RMSNorm weights | precision {self.policy.name} on {self.device} "
+            f"x{self.dist.world} | optimizers: "
+            + ", ".join(
+                f"{n} ({sum(len(g['params']) for g in o.param_groups)} tensors)" for n, o in self.optimizers.items()
+            )
+        )
         frozen = preflight(self.raw_model, self.optimizers)
         if frozen:
-            self._log(f"precision preflight: {len(frozen)} tensors cannot move under {self.policy.name} "
-                      f"(expected update < half a ULP for most elements):")
+            self._log(
+                f"precision preflight: {len(frozen)} tensors cannot move under {self.policy.name} "
+                f"(expected update < half a ULP for most elements):"
+            )
             for f in frozen[:60]:
-                self._log(f"  {f.name:<40} {f.dtype:<9} {f.optimizer:<11} update ~{f.expected_update:.1e} < half-ULP "
-                          f"{f.half_ulp:.1e} at |w|~{f.median_abs:.3g} ({f.fraction_lost:.0%} of elements)")
+                self._log(
+                    f"  {f.name:<40} {f.dtype:<9} {f.optimizer:<11} update ~{f.expected_update:.1e} < half-ULP "
+                    f"{f.half_ulp:.1e} at |w|~{f.median_abs:.3g} ({f.fraction_lost:.0%} of elements)"
+                )
             if self.policy.name == "bf16-pure":
-                self._log("  training anyway (bf16-pure reproduces this on purpose); use --train.precision "
-                          "bf16-mixed or bf16-compensated to train these tensors")
+                self._log(
+                    "  training anyway (bf16-pure reproduces this on purpose); use --train.precision "
+                    "bf16-mixed or bf16-compensated to train these tensors"
+                )
         # Resumed at its last step (a finished run started again), the final validation runs again: its earlier
         # rows at this step are replaced, not doubled.
-        logger = MetricsLogger(self.run_dir, t.tensorboard, t.wandb, t.wandb_project, cfg.to_dict(), enabled=main,
-                               start_step=self.step, log=self._log,
-                               redone_evals=self.resumed_from is not None and self.step >= t.steps)
+        logger = MetricsLogger(
+            self.run_dir,
+            t.tensorboard,
+            t.wandb,
+            t.wandb_project,
+            cfg.to_dict(),
+            enabled=main,
+            start_step=self.step,
+            log=self._log,
+            redone_evals=self.resumed_from is not None and self.step >= t.steps,
+        )
         if self.monitor is not None:
             self.monitor.attach(logger, self)
         if self.resumed_from is None and t.save_step0 and self.step == 0:
@@ -670,30 +730,47 @@ class Trainer:
                         # Contention only ever lowers a measured peak (at start-up, tokenizer or loader threads
                         # may still hold a core): measure once more after the first steps and keep the larger.
                         measured_at = time.time()
-                        peak = max(peak, self.dist.world * measure_matmul_peak(
-                            self.device, torch.float32 if self.device.type == "cpu" else None))
+                        peak = max(
+                            peak,
+                            self.dist.world
+                            * measure_matmul_peak(self.device, torch.float32 if self.device.type == "cpu" else None),
+                        )
                         interval["t0"] += time.time() - measured_at  # not training time
                         peak_rechecked = True
                     self._log_interval(logger, interval, stats, fpt, peak)
                 paused = time.time()  # evaluation and checkpoints are not training throughput
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                     val_loss, n = self.evaluate()
-                    logger.log(self.step, {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_tokens": n},
-                               "eval")
-                    self.ui.print(f"step {self.step}: validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f}, "
-                                  f"unigram baseline {unigram:.4f})")
+                    logger.log(
+                        self.step, {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_tokens": n}, "eval"
+                    )
+                    self.ui.print(
+                        f"step {self.step}: validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f}, "
+                        f"unigram baseline {unigram:.4f})"
+                    )
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
                     self.last_checkpoint = self.save("periodic") or self.last_checkpoint
                 interval["t0"] += time.time() - paused
                 if self._stop_requested():
                     self.last_checkpoint = self.save("interrupted", "checkpoint_interrupted")
                     self.ui.close()
-                    self._log(f"interrupted at step {self.step}: saved {self.last_checkpoint}; resume with "
-                              f"`moe-arch train ... --resume {self.last_checkpoint}`")
+                    self._log(
+                        f"interrupted at step {self.step}: saved {self.last_checkpoint}; resume with "
+                        f"`moe-arch train ... --resume {self.last_checkpoint}`"
+                    )
                     self.dist.barrier()
                     logger.close()
-                    return RunResult(self.step, self.tokens_seen, None, None, unigram, None, self.run_dir,
-                                     interrupted=self._stop_signal, last_checkpoint=self.last_checkpoint)
+                    return RunResult(
+                        self.step,
+                        self.tokens_seen,
+                        None,
+                        None,
+                        unigram,
+                        None,
+                        self.run_dir,
+                        interrupted=self._stop_signal,
+                        last_checkpoint=self.last_checkpoint,
+                    )
             self.last_checkpoint = self.save("final", "final") or self.last_checkpoint
             self.phase = "the final validation"
         finally:
@@ -701,22 +778,35 @@ class Trainer:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
         val_loss, n = self.evaluate()
-        logger.log(self.step, {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_tokens": n,
-                               "unigram_loss": unigram}, "eval")
+        logger.log(
+            self.step,
+            {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_tokens": n, "unigram_loss": unigram},
+            "eval",
+        )
         text = None
         if t.sample_tokens > 0:
             text = self.sample(t.sample_prompt, t.sample_tokens)
             if text is not None:
                 logger.log_text(self.step, "sample", text)
         logger.close()
-        self._log(f"validation: loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} on {n:,} tokens "
-                  f"(unigram baseline: loss {unigram:.4f}, perplexity {math.exp(unigram):.1f})")
+        self._log(
+            f"validation: loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} on {n:,} tokens "
+            f"(unigram baseline: loss {unigram:.4f}, perplexity {math.exp(unigram):.1f})"
+        )
         if text is not None:
             self._log(f"sample: {text!r}")
         if main and self.last_checkpoint is not None:
             self._log(f"checkpoints: {self.ckpt_dir} (final: {self.last_checkpoint.name}); metrics: {logger.path}")
-        return RunResult(self.step, self.tokens_seen, val_loss, math.exp(val_loss), unigram, text, self.run_dir,
-                         last_checkpoint=self.last_checkpoint)
+        return RunResult(
+            self.step,
+            self.tokens_seen,
+            val_loss,
+            math.exp(val_loss),
+            unigram,
+            text,
+            self.run_dir,
+            last_checkpoint=self.last_checkpoint,
+        )
 
     def _log_interval(self, logger: MetricsLogger, interval: dict, stats: dict, fpt: float, peak: float) -> None:
         t = self.cfg.train
@@ -755,11 +845,12 @@ class Trainer:
             m[f"mod_weight_std_L{i}"] = ws
         logger.log(self.step, m)
         status = f"loss {m['lm_loss']:.3f} | {human(tok_s)} tok/s | MFU {m['mfu']:.1%}"
-        line = (f"step {self.step}/{t.steps} | loss {m['loss']:.4f} (lm {m['lm_loss']:.4f}) | "
-                f"lr {self.optimizers[next(iter(self.optimizers))].param_groups[0]['lr']:.2e} | "
-                f"grad {stats['grad_norm']:.2f} | {human(tok_s)} tok/s | MFU {m['mfu']:.1%}")
+        line = (
+            f"step {self.step}/{t.steps} | loss {m['loss']:.4f} (lm {m['lm_loss']:.4f}) | "
+            f"lr {self.optimizers[next(iter(self.optimizers))].param_groups[0]['lr']:.2e} | "
+            f"grad {stats['grad_norm']:.2f} | {human(tok_s)} tok/s | MFU {m['mfu']:.1%}"
+        )
         self.ui.update(self.step, status, line)
-        interval.update({"loss": [], "lm_loss": [], "mtp_loss": [], "clipped": 0, "steps": 0, "tokens": 0,
-                         "t0": time.time()})
-
-
+        interval.update(
+            {"loss": [], "lm_loss": [], "mtp_loss": [], "clipped": 0, "steps": 0, "tokens": 0, "t0": time.time()}
+        )

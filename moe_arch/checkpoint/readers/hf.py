@@ -15,9 +15,15 @@ from pathlib import Path
 
 import torch
 
-from moe_arch.doctor.readers.base import (CheckpointView, LoadError, TensorInfo, optimizers_from, tensor_infos,
-                                          torch_load)
-from moe_arch.doctor.readers.safetensors import read_safetensors
+from moe_arch.checkpoint.readers.base import (
+    CheckpointView,
+    LoadError,
+    TensorInfo,
+    optimizers_from,
+    tensor_infos,
+    torch_load,
+)
+from moe_arch.checkpoint.readers.safetensors import read_safetensors
 
 
 def read_hf_folder(folder: Path, trust_pickle: bool) -> CheckpointView:
@@ -35,14 +41,18 @@ def read_hf_folder(folder: Path, trust_pickle: bool) -> CheckpointView:
         else:
             obj, mm = torch_load(folder / "adapter_model.bin", trust_pickle)
             view = CheckpointView(folder, "peft", tensor_infos(obj, notes), [], {}, notes, mm, from_pickle=True)
-        view.notes.append("PEFT adapter checkpoint: the adapters are diagnosed; the base model is frozen on purpose "
-                          "and not in the checkpoint (not a finding)")
+        view.notes.append(
+            "PEFT adapter checkpoint: the adapters are diagnosed; the base model is frozen on purpose "
+            "and not in the checkpoint (not a finding)"
+        )
         view.meta["peft"] = True
     else:
         bins = sorted(folder.glob("pytorch_model*.bin"))
         if not bins:
-            raise LoadError(f"{folder}: a Hugging Face Trainer folder without model.safetensors, pytorch_model.bin or "
-                            "adapter_model.safetensors")
+            raise LoadError(
+                f"{folder}: a Hugging Face Trainer folder without model.safetensors, pytorch_model.bin or "
+                "adapter_model.safetensors"
+            )
         tensors: dict[str, TensorInfo] = {}
         mm = True
         for b in bins:
@@ -91,7 +101,7 @@ def _hf_meta_model(config: dict):
     """The model class named in config.json, built on the meta device (no weights, no code from the checkpoint:
     only classes that ship with transformers); None when transformers is absent or cannot build it."""
     try:
-        import transformers
+        import transformers  # lazy: optional and ~3 s to import; only Hugging Face folders need it
     except ImportError:
         return None
     try:
@@ -99,8 +109,9 @@ def _hf_meta_model(config: dict):
         klass = getattr(transformers, archs[0], None) if archs else None
         if klass is None:
             return None
-        conf = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "model_type"},
-                                                 model_type=config["model_type"])
+        conf = transformers.AutoConfig.for_model(
+            **{k: v for k, v in config.items() if k != "model_type"}, model_type=config["model_type"]
+        )
         with torch.device("meta"):
             return klass(conf)
     except Exception:  # an architecture this transformers version cannot build
@@ -118,29 +129,37 @@ def _hf_layout(view: CheckpointView, config: dict) -> None:
     """
     model = _hf_meta_model(config)
     if model is None:
-        view.notes.append("Hugging Face checkpoint: the model's parameter order could not be rebuilt from config.json "
-                          "(is transformers installed, and does it know this architecture?); safetensors sorts names, "
-                          "so optimizer parameters may stay unmapped")
+        view.notes.append(
+            "Hugging Face checkpoint: the model's parameter order could not be rebuilt from config.json "
+            "(is transformers installed, and does it know this architecture?); safetensors sorts names, "
+            "so optimizer parameters may stay unmapped"
+        )
         return
     layout = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     if all(n in view.tensors and tuple(view.tensors[n].shape) == shp for n, shp in layout):
         rank = {n: i for i, (n, _) in enumerate(layout)}
         view.tensors = dict(sorted(view.tensors.items(), key=lambda kv: rank.get(kv[0], len(rank))))
-        view.notes.append("Hugging Face checkpoint: parameter order rebuilt from config.json on the meta device; "
-                          "optimizer parameters mapped to names by that order and their state shapes")
+        view.notes.append(
+            "Hugging Face checkpoint: parameter order rebuilt from config.json on the meta device; "
+            "optimizer parameters mapped to names by that order and their state shapes"
+        )
         return
     try:
-        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.core_model_loading import revert_weight_conversion  # lazy: optional, as above
     except ImportError:
-        view.notes.append("Hugging Face checkpoint: the model's in-memory parameters differ from the saved tensors and "
-                          "this transformers version has no revert_weight_conversion; the optimizer may stay unmapped")
+        view.notes.append(
+            "Hugging Face checkpoint: the model's in-memory parameters differ from the saved tensors and "
+            "this transformers version has no revert_weight_conversion; the optimizer may stay unmapped"
+        )
         return
 
     def to_saved(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return revert_weight_conversion(model, sd)
 
     view.param_layout, view.to_saved = layout, to_saved
-    view.notes.append("Hugging Face checkpoint: the model trains some tensors in another layout than it saves "
-                      f"({sum(1 for n, _ in layout if n not in view.tensors)} parameters differ); optimizer state "
-                      "mapped to the in-memory parameters by order and shape, then to the saved tensors with "
-                      "transformers' own save-time conversion")
+    view.notes.append(
+        "Hugging Face checkpoint: the model trains some tensors in another layout than it saves "
+        f"({sum(1 for n, _ in layout if n not in view.tensors)} parameters differ); optimizer state "
+        "mapped to the in-memory parameters by order and shape, then to the saved tensors with "
+        "transformers' own save-time conversion"
+    )

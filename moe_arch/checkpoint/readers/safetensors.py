@@ -10,12 +10,20 @@ from typing import Any
 
 import torch
 
-from moe_arch.doctor.readers.base import CheckpointView, LoadError, TensorInfo, strip_prefixes
+from moe_arch.checkpoint.readers.base import CheckpointView, LoadError, TensorInfo, strip_prefixes
 
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -39,6 +47,7 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
 def _check_entry(path: Path, name: str, info: Any, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
     """One header entry validated as the safetensors format defines it: dtype, shape of non-negative ints, and
     data_offsets [begin, end] inside the data section, whose length matches shape x dtype size."""
+
     def bad(what: str) -> LoadError:
         return LoadError(f"{path}: corrupt safetensors header: tensor {name!r} {what}")
 
@@ -50,18 +59,21 @@ def _check_entry(path: Path, name: str, info: Any, data_size: int) -> tuple[str,
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str):
         raise bad(f"has dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise bad(f"has shape {shape!r} (must be a list of non-negative integers)")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
-                                                                   for o in offsets)):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         raise bad(f"has data_offsets {offsets!r} (must be [begin, end])")
     lo, hi = offsets
     if not 0 <= lo <= hi:
         raise bad(f"has data_offsets {offsets!r} (must be 0 <= begin <= end)")
     if hi > data_size:
-        raise LoadError(f"{path}: truncated safetensors file ({name} ends at byte {hi} of the data section, which "
-                        f"has {data_size})")
+        raise LoadError(
+            f"{path}: truncated safetensors file ({name} ends at byte {hi} of the data section, which has {data_size})"
+        )
     dt = _ST_DTYPES.get(dtype)
     if dt is not None:
         numel = 1
@@ -126,8 +138,10 @@ def read_safetensors(paths: list[Path], root: Path) -> CheckpointView:
             parsed["config"] = json.loads(meta["config"])
         except json.JSONDecodeError:
             pass
-    notes.append("safetensors holds weights only: no optimizer state, so optimizer and precision-rule analyses "
-                 "are limited to what the weights show")
+    notes.append(
+        "safetensors holds weights only: no optimizer state, so optimizer and precision-rule analyses "
+        "are limited to what the weights show"
+    )
     return CheckpointView(root, "safetensors", tensors, [], parsed, notes)
 
 

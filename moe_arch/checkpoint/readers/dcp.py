@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from moe_arch.doctor.readers.base import CheckpointView, LoadError, OptimizerInfo, TensorInfo
+from moe_arch.checkpoint.distributed import read_into, read_meta
+from moe_arch.checkpoint.readers.base import CheckpointView, LoadError, OptimizerInfo, TensorInfo
 
 
 class LazyState(dict):
@@ -60,6 +62,7 @@ def _safe_bytes_planner(into: dict):
     """A load planner that reads DCP's non-tensor items with ``torch.load(weights_only=True)`` into ``into``
     (DCP's own planner unpickles them with ``weights_only=False``): floats, ints, tuples and strings load, code
     never runs; an item that needs more is left out."""
+    # lazy: torch.distributed.checkpoint costs ~2 s to import; only DCP folders need it
     from torch.distributed.checkpoint import DefaultLoadPlanner
 
     class SafeBytes(DefaultLoadPlanner):
@@ -73,8 +76,7 @@ def _safe_bytes_planner(into: dict):
 
 
 def _read_scalars(folder: Path, keys: list[str]) -> dict[str, object]:
-    import warnings
-
+    # lazy: torch.distributed.checkpoint costs ~2 s to import; only DCP folders need it
     from torch.distributed.checkpoint import FileSystemReader, load
 
     values: dict[str, object] = {}
@@ -83,8 +85,12 @@ def _read_scalars(folder: Path, keys: list[str]) -> dict[str, object]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            load({k: None for k in keys}, storage_reader=FileSystemReader(str(folder)),
-                 planner=_safe_bytes_planner(values), no_dist=True)
+            load(
+                {k: None for k in keys},
+                storage_reader=FileSystemReader(str(folder)),
+                planner=_safe_bytes_planner(values),
+                no_dist=True,
+            )
     except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException; values are optional
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -103,13 +109,10 @@ def _groups_from_flat(param_groups: dict[str, dict]) -> list[dict]:
 
 
 def read_dcp(folder: Path) -> CheckpointView:
-    """A :class:`~moe_arch.doctor.readers.CheckpointView` of a DCP folder, reading one tensor at a time."""
-    # Imported here, not at module level: torch.distributed.checkpoint costs ~2 s and ~50 MB to import, which
-    # every other reader would otherwise pay.
+    """A :class:`~moe_arch.checkpoint.readers.CheckpointView` of a DCP folder, reading one tensor at a time."""
+    # lazy: torch.distributed.checkpoint costs ~2 s and ~50 MB to import, which every other reader would pay
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-
-    from moe_arch.parallel.dcp import _read, read_meta
 
     folder = Path(folder)
     try:
@@ -118,15 +121,22 @@ def read_dcp(folder: Path) -> CheckpointView:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise LoadError(f"{folder}: unreadable distributed checkpoint metadata ({type(e).__name__}: {first})") from None
     meta = read_meta(folder)
-    notes = ["distributed checkpoint (torch.distributed.checkpoint): tensors read one at a time, non-tensor items "
-             "never unpickled"]
+    notes = [
+        "distributed checkpoint (torch.distributed.checkpoint): tensors read one at a time, non-tensor items "
+        "never unpickled"
+    ]
 
     def loader(key: str, shape, dtype):
         def get():
             t = torch.empty(shape, dtype=dtype)
-            _read({key: t}, folder, True, lambda cause: LoadError(
-                f"{folder}: cannot read {key} (a shard is missing or truncated: {cause})"))
+            read_into(
+                {key: t},
+                folder,
+                True,
+                lambda cause: LoadError(f"{folder}: cannot read {key} (a shard is missing or truncated: {cause})"),
+            )
             return t
+
         return get
 
     items = md.state_dict_metadata
@@ -151,7 +161,7 @@ def read_dcp(folder: Path) -> CheckpointView:
         if key.startswith(("optim/", "optimizer.state.", "optim.state.")):
             prefix = next(p for p in ("optim/", "optimizer.state.", "optim.state.") if key.startswith(p))
             sep = "/" if prefix.endswith("/") else "."
-            fqn, sk = key[len(prefix):].rsplit(sep, 1)
+            fqn, sk = key[len(prefix) :].rsplit(sep, 1)
             opt_state.setdefault(fqn, {})[sk] = loader(key, shape, dtype)
         elif key.startswith(NOT_MODEL):
             if key == "train_state.step":  # torchtitan's TrainState.step, a 0-d tensor
@@ -159,7 +169,7 @@ def read_dcp(folder: Path) -> CheckpointView:
         elif prefixed:
             for prefix in ("model/", "model."):
                 if key.startswith(prefix):
-                    name = key[len(prefix):]
+                    name = key[len(prefix) :]
                     tensors[name] = TensorInfo(name, shape, dtype, loader(key, shape, dtype))
         else:  # torchtitan: the model's state dict flattened into the top level
             tensors[key] = TensorInfo(key, shape, dtype, loader(key, shape, dtype))
@@ -167,12 +177,12 @@ def read_dcp(folder: Path) -> CheckpointView:
     tensor_scalars = [k for k in scalar_keys if isinstance(items[k], TensorStorageMetadata)]
     for k in tensor_scalars:
         t = torch.empty(tuple(items[k].size), dtype=items[k].properties.dtype)
-        _read({k: t}, folder, True, lambda cause: LoadError(f"{folder}: cannot read {k} ({cause})"))
+        read_into({k: t}, folder, True, lambda cause: LoadError(f"{folder}: cannot read {k} ({cause})"))
         scalars[k] = t.item() if t.numel() == 1 else None
     scalars.update(_read_scalars(folder, [k for k in scalar_keys if k not in tensor_scalars]))
     for k, v in scalars.items():
         if k.startswith("optimizer.param_groups."):
-            fqn, hp = k[len("optimizer.param_groups."):].rsplit(".", 1)
+            fqn, hp = k[len("optimizer.param_groups.") :].rsplit(".", 1)
             flat_groups.setdefault(fqn, {})[hp] = v
     if skipped:
         notes.append(f"{skipped} non-tensor items skipped (reading them would need unpickling)")
@@ -180,8 +190,10 @@ def read_dcp(folder: Path) -> CheckpointView:
     layout = meta.get("optimizer_layout")
     if not layout and flat_groups:
         layout = {"optimizer": _groups_from_flat(flat_groups)}
-        notes.append("optimizer saved flattened (get_optimizer_state_dict(flatten_optimizer_state_dict=True), as "
-                     "torchtitan does): state and hyper-parameters keyed by parameter name")
+        notes.append(
+            "optimizer saved flattened (get_optimizer_state_dict(flatten_optimizer_state_dict=True), as "
+            "torchtitan does): state and hyper-parameters keyed by parameter name"
+        )
     if layout:
         for name, groups in layout.items():
             state, pid = {}, 0
@@ -198,12 +210,33 @@ def read_dcp(folder: Path) -> CheckpointView:
     elif opt_state:
         names = sorted(opt_state)
         state = {i: LazyState(opt_state[n]) for i, n in enumerate(names)}
-        optimizers.append(OptimizerInfo("optimizer", {"state": state, "param_groups": [
-            {"params": list(range(len(names))), "param_names": names}]}))
-        notes.append("optimizer hyper-parameters (lr, betas) were not readable without unpickling; rules that need "
-                     "the learning rate are skipped")
-    view_meta = {k: meta[k] for k in ("step", "epoch", "tokens_seen", "config", "precision", "param_roles", "buffers",
-                                      "kind", "version", "tokenizer_json", "tokenizer_specials") if k in meta}
+        optimizers.append(
+            OptimizerInfo(
+                "optimizer",
+                {"state": state, "param_groups": [{"params": list(range(len(names))), "param_names": names}]},
+            )
+        )
+        notes.append(
+            "optimizer hyper-parameters (lr, betas) were not readable without unpickling; rules that need "
+            "the learning rate are skipped"
+        )
+    view_meta = {
+        k: meta[k]
+        for k in (
+            "step",
+            "epoch",
+            "tokens_seen",
+            "config",
+            "precision",
+            "param_roles",
+            "buffers",
+            "kind",
+            "version",
+            "tokenizer_json",
+            "tokenizer_specials",
+        )
+        if k in meta
+    }
     if "step" not in view_meta and isinstance(scalars.get("train_state.step"), (int, float)):
         view_meta["step"] = int(scalars["train_state.step"])
     fmt = "moe_arch-dcp" if meta else ("torchtitan-dcp" if not prefixed and "train_state.step" in scalars else "dcp")

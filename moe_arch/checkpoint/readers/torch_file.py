@@ -9,8 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moe_arch.doctor.readers.base import (MODEL_KEYS, OPTIM_KEYS, CheckpointView, LoadError, is_state_dict,
-                                          optimizers_from, tensor_infos, torch_load)
+from moe_arch.checkpoint.readers.base import (
+    MODEL_KEYS,
+    OPTIM_KEYS,
+    CheckpointView,
+    LoadError,
+    is_state_dict,
+    optimizers_from,
+    tensor_infos,
+    torch_load,
+)
 
 
 def read_torch_file(path: Path, trust_pickle: bool = False) -> CheckpointView:
@@ -43,16 +51,33 @@ def from_torch_obj(path: Path, obj: Any, mmapped: bool) -> CheckpointView:
             model_sd = obj
             notes.append("a bare state dict (no optimizer state)")
         else:
-            raise LoadError(f"{path}: no model state found (looked for a bare state dict and the keys "
-                            f"{list(MODEL_KEYS)}; top-level keys: {list(obj)[:10]})")
+            raise LoadError(
+                f"{path}: no model state found (looked for a bare state dict and the keys "
+                f"{list(MODEL_KEYS)}; top-level keys: {list(obj)[:10]})"
+            )
     # global_step: Lightning (optimizer steps); iter_num: nanoGPT (optimizer steps, each of
     # gradient_accumulation_steps micro-batches, which its saved config names)
-    for k in ("step", "global_step", "iter_num", "epoch", "tokens_seen", "config", "precision", "param_roles",
-              "buffers", "kind", "version", "tokenizer_json", "tokenizer_specials", "precision_state"):
+    for k in (
+        "step",
+        "global_step",
+        "iter_num",
+        "epoch",
+        "tokens_seen",
+        "config",
+        "precision",
+        "param_roles",
+        "buffers",
+        "kind",
+        "version",
+        "tokenizer_json",
+        "tokenizer_specials",
+        "precision_state",
+    ):
         if k in obj and not (k in ("global_step", "iter_num") and "step" in meta):
             meta["step" if k in ("global_step", "iter_num") else k] = obj[k]
     if isinstance(meta.get("config"), dict) is False and "config" in meta:
         meta.pop("config")
-    view = CheckpointView(path, fmt, tensor_infos(model_sd, notes), optimizers_from(optim_obj), meta, notes, mmapped,
-                          from_pickle=True)
+    view = CheckpointView(
+        path, fmt, tensor_infos(model_sd, notes), optimizers_from(optim_obj), meta, notes, mmapped, from_pickle=True
+    )
     return view

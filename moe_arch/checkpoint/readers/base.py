@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import pickle
 import re
 import sys
 from dataclasses import dataclass, field
@@ -15,8 +16,10 @@ import torch
 
 MODEL_KEYS = ("model", "model_state_dict", "state_dict", "module")
 OPTIM_KEYS = ("optimizers", "optimizer", "optimizer_state_dict", "optimizer_states")
-BUFFER_PATTERNS = re.compile(r"(running_mean|running_var|num_batches_tracked|inv_freq|\.mask$|position_ids|"
-                             r"expert_bias|e_score_correction_bias|\.attn\.bias$)")
+BUFFER_PATTERNS = re.compile(
+    r"(running_mean|running_var|num_batches_tracked|inv_freq|\.mask$|position_ids|"
+    r"expert_bias|e_score_correction_bias|\.attn\.bias$)"
+)
 
 
 def dcp_errors() -> tuple[type[BaseException], ...]:
@@ -134,8 +137,10 @@ def load_error(path: Path, e: Exception, trust_pickle: bool = False) -> LoadErro
 def unsafe(path: Path, msg: str) -> LoadError:
     m = re.search(r"(Unsupported global: GLOBAL [^ ]+|Unsupported operand[^\n]*)", msg)
     what = m.group(1) if m else msg.splitlines()[0][:160]
-    return LoadError(f"{path}: refusing to unpickle arbitrary code ({what}); the file stores Python objects beyond "
-                     "tensors and plain containers. If you trust it, re-run with --trust-pickle")
+    return LoadError(
+        f"{path}: refusing to unpickle arbitrary code ({what}); the file stores Python objects beyond "
+        "tensors and plain containers. If you trust it, re-run with --trust-pickle"
+    )
 
 
 def corrupt(path: Path, e: Exception) -> str:
@@ -146,14 +151,18 @@ def corrupt(path: Path, e: Exception) -> str:
 
 
 def is_state_dict(d: Any) -> bool:
-    return isinstance(d, dict) and bool(d) and all(isinstance(k, str) for k in d) and \
-        sum(isinstance(v, torch.Tensor) for v in d.values()) >= max(1, len(d) // 2)
+    return (
+        isinstance(d, dict)
+        and bool(d)
+        and all(isinstance(k, str) for k in d)
+        and sum(isinstance(v, torch.Tensor) for v in d.values()) >= max(1, len(d) // 2)
+    )
 
 
 def strip_prefixes(name: str) -> str:
     name = name.replace("_orig_mod.", "")
     while name.startswith("module."):
-        name = name[len("module."):]
+        name = name[len("module.") :]
     return name
 
 
@@ -177,8 +186,9 @@ def optimizers_from(obj: Any) -> list[OptimizerInfo]:
     if isinstance(obj, dict) and "state" in obj and "param_groups" in obj:
         return [OptimizerInfo("optimizer", obj)]
     if isinstance(obj, (list, tuple)):
-        return [OptimizerInfo(f"optimizer{i}", o) for i, o in enumerate(obj)
-                if isinstance(o, dict) and "param_groups" in o]
+        return [
+            OptimizerInfo(f"optimizer{i}", o) for i, o in enumerate(obj) if isinstance(o, dict) and "param_groups" in o
+        ]
     if isinstance(obj, dict):
         return [OptimizerInfo(str(k), o) for k, o in obj.items() if isinstance(o, dict) and "param_groups" in o]
     return []
@@ -196,8 +206,6 @@ def load_with_inert_classes(path: Path, prefixes: tuple[str, ...], trust_pickle:
     """``torch.load(weights_only=True)`` of a file that pickles some classes of a known library (DeepSpeed's
     ``LossScaler``, transformers' ``TrainingArguments``): exactly the globals under ``prefixes`` that the file
     names are allowlisted as :class:`Inert` stand-ins, so plain fields read back and no code runs."""
-    import pickle
-
     if trust_pickle:
         return torch.load(path, map_location="cpu", weights_only=False)
     allowed: list = []

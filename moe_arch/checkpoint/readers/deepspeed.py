@@ -24,8 +24,14 @@ from typing import Any
 
 import torch
 
-from moe_arch.doctor.readers.base import (CheckpointView, LoadError, OptimizerInfo, load_with_inert_classes,
-                                          optimizers_from, tensor_infos)
+from moe_arch.checkpoint.readers.base import (
+    CheckpointView,
+    LoadError,
+    OptimizerInfo,
+    load_with_inert_classes,
+    optimizers_from,
+    tensor_infos,
+)
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 _OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
@@ -36,8 +42,11 @@ def _load(path: Path, trust_pickle: bool) -> Any:
 
 
 def is_deepspeed_dir(p: Path) -> bool:
-    return p.is_dir() and ((p / MODEL_STATES).is_file() or (p / "latest").is_file() and any(
-        (p / d.name / MODEL_STATES).is_file() for d in p.glob("global_step*")))
+    return p.is_dir() and (
+        (p / MODEL_STATES).is_file()
+        or (p / "latest").is_file()
+        and any((p / d.name / MODEL_STATES).is_file() for d in p.glob("global_step*"))
+    )
 
 
 def _step_folder(p: Path) -> Path:
@@ -50,8 +59,9 @@ def _step_folder(p: Path) -> Path:
     return folder
 
 
-def _zero_optimizer(files: list[Path], param_shapes: list[dict], trust_pickle: bool, notes: list[str]
-                    ) -> OptimizerInfo | None:
+def _zero_optimizer(
+    files: list[Path], param_shapes: list[dict], trust_pickle: bool, notes: list[str]
+) -> OptimizerInfo | None:
     """One optimizer state dict keyed by parameter name, assembled from every rank's flat partitions."""
     fragments: dict[str, dict[str, list[torch.Tensor]]] = {}
     groups: list[dict] = []
@@ -63,8 +73,10 @@ def _zero_optimizer(files: list[Path], param_shapes: list[dict], trust_pickle: b
         mappings = osd.get("param_slice_mappings") if isinstance(osd, dict) else None
         if not isinstance(base, dict) or not isinstance(mappings, list):
             stage = getattr(osd.get("zero_stage"), "args", (None,))[0] if isinstance(osd, dict) else None
-            notes.append(f"DeepSpeed optimizer state in {path.name} is not ZeRO stage 1/2 (stage {stage}); it is not "
-                         "mapped to tensor names")
+            notes.append(
+                f"DeepSpeed optimizer state in {path.name} is not ZeRO stage 1/2 (stage {stage}); it is not "
+                "mapped to tensor names"
+            )
             return None
         if not groups:
             groups = [{k: v for k, v in g.items() if k != "params"} for g in base.get("param_groups", [])]
@@ -75,7 +87,7 @@ def _zero_optimizer(files: list[Path], param_shapes: list[dict], trust_pickle: b
                 start, numel = int(frag.start), int(frag.numel)
                 for key, t in flat.items():
                     if isinstance(t, torch.Tensor) and t.dim() == 1:
-                        fragments.setdefault(name, {}).setdefault(key, []).append(t[start:start + numel])
+                        fragments.setdefault(name, {}).setdefault(key, []).append(t[start : start + numel])
     state: dict[int, dict] = {}
     out_groups = []
     pid = 0
@@ -86,16 +98,23 @@ def _zero_optimizer(files: list[Path], param_shapes: list[dict], trust_pickle: b
             for key, parts in fragments.get(name, {}).items():
                 flat = torch.cat(parts) if len(parts) > 1 else parts[0]
                 if flat.numel() != torch.Size(shape).numel():
-                    raise LoadError(f"DeepSpeed optimizer state for {name}: {flat.numel()} elements over the ranks' "
-                                    f"files, the parameter has {torch.Size(shape).numel()} (a rank's file missing?)")
+                    raise LoadError(
+                        f"DeepSpeed optimizer state for {name}: {flat.numel()} elements over the ranks' "
+                        f"files, the parameter has {torch.Size(shape).numel()} (a rank's file missing?)"
+                    )
                 st[key] = flat.view(tuple(shape))
             if st and steps.get(gi) is not None:
                 st["step"] = steps[gi]
             state[pid] = st
             names.append(name)
             pid += 1
-        out_groups.append({**(groups[gi] if gi < len(groups) else {}), "params": list(range(pid - len(names), pid)),
-                           "param_names": names})
+        out_groups.append(
+            {
+                **(groups[gi] if gi < len(groups) else {}),
+                "params": list(range(pid - len(names), pid)),
+                "param_names": names,
+            }
+        )
     return OptimizerInfo("optimizer", {"state": state, "param_groups": out_groups})
 
 
@@ -104,12 +123,15 @@ def read_deepspeed(path: Path, trust_pickle: bool = False) -> CheckpointView:
     model_states = _load(folder / MODEL_STATES, trust_pickle)
     if not isinstance(model_states, dict) or not isinstance(model_states.get("module"), dict):
         raise LoadError(f"{folder / MODEL_STATES}: no 'module' state dict (not a DeepSpeed model-states file?)")
-    notes = [f"DeepSpeed checkpoint {folder.name} (ZeRO stage "
-             f"{(model_states.get('ds_config') or {}).get('zero_optimization', {}).get('stage', 0)})"]
+    notes = [
+        f"DeepSpeed checkpoint {folder.name} (ZeRO stage "
+        f"{(model_states.get('ds_config') or {}).get('zero_optimization', {}).get('stage', 0)})"
+    ]
     tensors = tensor_infos(model_states["module"], notes)
     optimizers: list[OptimizerInfo] = []
-    files = sorted((p for p in folder.iterdir() if _OPTIM.match(p.name)),
-                   key=lambda p: int(_OPTIM.match(p.name).group(1)))
+    files = sorted(
+        (p for p in folder.iterdir() if _OPTIM.match(p.name)), key=lambda p: int(_OPTIM.match(p.name).group(1))
+    )
     if isinstance(model_states.get("optimizer"), dict):  # no ZeRO: the optimizer's own state dict
         optimizers = optimizers_from(model_states["optimizer"])
     elif files and isinstance(model_states.get("param_shapes"), list):

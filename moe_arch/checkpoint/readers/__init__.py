@@ -19,7 +19,7 @@ reader (module)         what it reads                                   how opti
 The first reader whose ``accepts`` matches the path reads it (the registry is the order below, most specific
 first). Safety: ``torch.load(weights_only=True)`` always, unless the caller passes ``trust_pickle`` (the CLI's
 ``--trust-pickle``). Memory: torch files are memory-mapped (``mmap=True``) and safetensors tensors are read one at
-a time; :func:`~moe_arch.doctor.readers.base.release` returns a memory-mapped tensor's pages to the OS after use,
+a time; :func:`~moe_arch.checkpoint.readers.base.release` returns a memory-mapped tensor's pages to the OS after use,
 so a checkpoint larger than RAM is read with memory bounded by the largest chunk being analysed.
 """
 
@@ -30,16 +30,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from moe_arch.doctor.readers.base import (BUFFER_PATTERNS, CheckpointView, LoadError, OptimizerInfo, TensorInfo,
-                                          corrupt, dcp_errors, release, strip_prefixes)
-from moe_arch.doctor.readers.dcp import read_dcp
-from moe_arch.doctor.readers.deepspeed import is_deepspeed_dir, read_deepspeed
-from moe_arch.doctor.readers.hf import read_hf_folder
-from moe_arch.doctor.readers.safetensors import read_safetensors, read_safetensors_index
-from moe_arch.doctor.readers.torch_file import read_torch_file
+from moe_arch.checkpoint.layout import is_distributed
+from moe_arch.checkpoint.readers.base import (
+    BUFFER_PATTERNS,
+    CheckpointView,
+    LoadError,
+    OptimizerInfo,
+    TensorInfo,
+    corrupt,
+    dcp_errors,
+    release,
+    strip_prefixes,
+)
+from moe_arch.checkpoint.readers.dcp import read_dcp
+from moe_arch.checkpoint.readers.deepspeed import is_deepspeed_dir, read_deepspeed
+from moe_arch.checkpoint.readers.hf import read_hf_folder
+from moe_arch.checkpoint.readers.safetensors import read_safetensors, read_safetensors_index
+from moe_arch.checkpoint.readers.torch_file import read_torch_file
+from moe_arch.checkpoint.resolve import newest_in, run_checkpoints
 
-__all__ = ["BUFFER_PATTERNS", "CheckpointView", "LoadError", "OptimizerInfo", "READERS", "TensorInfo",
-           "open_checkpoint", "release", "resolve_checkpoint_path", "strip_prefixes"]
+__all__ = [
+    "BUFFER_PATTERNS",
+    "CheckpointView",
+    "LoadError",
+    "OptimizerInfo",
+    "READERS",
+    "TensorInfo",
+    "open_checkpoint",
+    "release",
+    "resolve_checkpoint_path",
+    "strip_prefixes",
+]
 
 
 @dataclass(frozen=True)
@@ -50,24 +71,34 @@ class Reader:
 
 
 READERS: list[Reader] = [
-    Reader("dcp", lambda p: p.is_dir() and (p / ".metadata").is_file(), lambda p, trust: read_dcp(p)),
+    Reader("dcp", is_distributed, lambda p, trust: read_dcp(p)),
     Reader("deepspeed", is_deepspeed_dir, read_deepspeed),
     Reader("hf", lambda p: p.is_dir(), read_hf_folder),
     Reader("safetensors", lambda p: p.suffix == ".safetensors", lambda p, trust: read_safetensors([p], p)),
-    Reader("safetensors-index", lambda p: p.name.endswith(".safetensors.index.json"),
-           lambda p, trust: read_safetensors_index(p)),
+    Reader(
+        "safetensors-index",
+        lambda p: p.name.endswith(".safetensors.index.json"),
+        lambda p, trust: read_safetensors_index(p),
+    ),
     Reader("torch_file", lambda p: p.is_file(), read_torch_file),
 ]
 
 
 def resolve_checkpoint_path(spec: str | Path) -> Path:
+    """The checkpoint a path means: a checkpoint itself, the newest one of another stack's output folder, or (a
+    run folder of ours, or any folder of checkpoints) the one the shared resolver picks."""
     p = Path(spec)
     if not p.exists():
         raise LoadError(f"{p}: no such file or folder")
     if p.is_dir():
-        if is_deepspeed_dir(p) or (p / ".metadata").is_file() or (p / "trainer_state.json").is_file() \
-                or list(p.glob("model*.safetensors")) or list(p.glob("pytorch_model*.bin")) \
-                or list(p.glob("adapter_model.*")):
+        if (
+            is_deepspeed_dir(p)
+            or is_distributed(p)
+            or (p / "trainer_state.json").is_file()
+            or list(p.glob("model*.safetensors"))
+            or list(p.glob("pytorch_model*.bin"))
+            or list(p.glob("adapter_model.*"))
+        ):
             return p
         # A Hugging Face output_dir: its newest checkpoint-N/ folder.
         hf = [q for q in p.glob("checkpoint-*") if q.is_dir() and q.name.split("-")[-1].isdigit()]
@@ -77,17 +108,24 @@ def resolve_checkpoint_path(spec: str | Path) -> Path:
         ckpts = sorted(p.rglob("*.ckpt"), key=lambda q: q.stat().st_mtime)
         if ckpts and not (p / "checkpoints" / "latest.txt").is_file():
             return ckpts[-1]
-        # A run folder or its checkpoints/ folder: the newest checkpoint.
-        base = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-        latest = base / "latest.txt"
-        if latest.is_file() and (base / latest.read_text().strip()).exists():
-            return base / latest.read_text().strip()
-        cands = sorted(list(base.glob("*.pt")) + list(base.glob("*.safetensors")), key=lambda q: q.stat().st_mtime)
-        if not cands:
-            raise LoadError(f"{p}: a folder with no checkpoint in it (no .pt, .safetensors, trainer_state.json or "
-                            "distributed-checkpoint .metadata)")
-        return cands[-1]
+        # A run folder or its checkpoints/ folder: what latest.txt names, else the newest checkpoint. Damaged
+        # files are taken too: diagnosing one says what is wrong with it.
+        base = run_checkpoints(p)
+        try:
+            found = newest_in(base, _diagnosable)
+        except OSError as e:
+            raise LoadError(f"{p}: cannot list {base} ({e.strerror})") from None
+        if found.path is None:
+            raise LoadError(
+                f"{p}: a folder with no checkpoint in it (no .pt, .safetensors, trainer_state.json or "
+                "distributed-checkpoint .metadata)"
+            )
+        return found.path
     return p
+
+
+def _diagnosable(p: Path) -> bool:
+    return is_distributed(p) or (p.is_file() and p.suffix in (".pt", ".safetensors"))
 
 
 def open_checkpoint(spec: str | Path, trust_pickle: bool = False) -> CheckpointView:
@@ -98,8 +136,20 @@ def open_checkpoint(spec: str | Path, trust_pickle: bool = False) -> CheckpointV
         return _open_checkpoint(spec, trust_pickle)
     except LoadError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, EOFError,
-            OverflowError, struct.error, MemoryError, *dcp_errors()) as e:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        AttributeError,
+        RuntimeError,
+        EOFError,
+        OverflowError,
+        struct.error,
+        MemoryError,
+        *dcp_errors(),
+    ) as e:
         raise LoadError(corrupt(Path(spec), e)) from None
 
 
