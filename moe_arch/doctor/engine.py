@@ -16,6 +16,7 @@ optimizer step; ``healthy`` only when the evidence was there and showed nothing.
 
 from __future__ import annotations
 
+from moe_arch.checkpoint.readers import CheckpointView
 from moe_arch.doctor.analyze import TensorEvidence
 from moe_arch.doctor.causes import REGISTRY, CheckpointCause, CheckpointEvidence, Finding, checkpoint_causes, describe
 from moe_arch.doctor.optim_map import OptimizerSummary
@@ -28,11 +29,12 @@ def diagnose(
     reference: str | None,
     steps: int | None = None,
     reference_identical: bool = False,
+    view: CheckpointView | None = None,
 ) -> list[Finding]:
     """Findings from the facts. ``steps``: optimizer steps the checkpoint records (None: unknown; then any
     tensor that changed since the reference shows that steps were taken). ``reference_identical``: the reference
     is the same state as the checkpoint (then "unchanged" says nothing about training)."""
-    ev = CheckpointEvidence(evidence, optimizers, has_optimizer_state, reference, steps, reference_identical)
+    ev = CheckpointEvidence(evidence, optimizers, has_optimizer_state, reference, steps, reference_identical, view=view)
     findings: list[Finding] = []
     for c in checkpoint_causes():
         found = c.detect(ev)

@@ -245,7 +245,7 @@ def _analyse(view: CheckpointView, opts: DiagnoseOptions) -> Diagnosis:
     steps = _optimizer_steps(view, evidence, notes)
     identical = ref is not None and _same_state(view, ref, evidence)
     findings = diagnose_evidence(
-        evidence, summaries, bool(view.optimizers), str(ref_path) if ref_path else None, steps, identical
+        evidence, summaries, bool(view.optimizers), str(ref_path) if ref_path else None, steps, identical, view=view
     )
     untrained = steps == 0
     if untrained:

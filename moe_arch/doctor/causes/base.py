@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
 
+from moe_arch.checkpoint.readers import CheckpointView
 from moe_arch.config import MonitorConfig
 from moe_arch.doctor.analyze import TensorEvidence
 from moe_arch.doctor.history import History
@@ -46,7 +47,9 @@ class CheckpointEvidence:
     live monitor's window). ``claimed``: tensors an earlier cause already explained (a tensor gets one cause, the
     most fundamental its evidence supports); the engine adds each claiming cause's tensors after it runs.
     ``steps``: optimizer steps the checkpoint records (None: unknown). ``reference_identical``: the reference is
-    the checkpoint's own state (then "unchanged" says nothing about training)."""
+    the checkpoint's own state (then "unchanged" says nothing about training). ``view``: the checkpoint itself
+    (its meta, optimizer hyper-parameters and state, scaler and scheduler states), for causes that read facts
+    beyond the per-tensor evidence; None for the live monitor's window."""
 
     tensors: list[TensorEvidence]
     optimizers: list[OptimizerSummary]
@@ -55,6 +58,7 @@ class CheckpointEvidence:
     steps: int | None = None
     reference_identical: bool = False
     claimed: set[str] = field(default_factory=set)
+    view: CheckpointView | None = None
 
     @cached_property
     def params(self) -> list[TensorEvidence]:
