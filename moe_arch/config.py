@@ -443,9 +443,15 @@ class MonitorConfig:
     sample_size: int = 4096  # elements fingerprinted per tensor (per expert slice)
     spike_zscore: float = 6.0
     stop_on_critical: bool = False
+    # Optimizer steps between cross-rank fingerprints of the replicated parameters (DDP; FSDP2's Replicate
+    # dimensions): the first check at which copies differ alerts replicas_diverged. Only acts under torchrun with
+    # > 1 rank; 0 turns it off.
+    replica_check_every: int = 10
 
     def __post_init__(self) -> None:
         _check_finite("monitor", self)
+        if self.replica_check_every < 0:
+            _fail("monitor", "replica_check_every", self.replica_check_every, "must be >= 0 (0: off)")
         if not self.spike_zscore > 0:
             _fail("monitor", "spike_zscore", self.spike_zscore, "must be > 0")
         for name in ("interval", "window", "sample_size"):

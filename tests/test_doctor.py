@@ -32,8 +32,11 @@ def test_each_planted_bug_is_named_on_exactly_its_tensors(tmp_path, bug):
     assert planted["cause"] in causes, [(f.cause, f.tensors) for f in d.findings]
     finding = next(f for f in d.findings if f.cause == planted["cause"])
     assert sorted(finding.tensors) == sorted(planted["tensors"])
-    # No other finding blames anything else.
-    others = [f for f in d.findings if f is not finding]
+    # No other finding blames anything else (bf16 parameters keep torch AdamW's moments in bf16: that is its own
+    # finding, beside the frozen norms).
+    others = [
+        f for f in d.findings if f is not finding and not (bug == "bf16" and f.cause == "low_precision_optimizer_state")
+    ]
     assert others == [], [(f.cause, f.tensors) for f in others]
     expected_severity = "warning" if bug in ("excessive", "dead_experts") else "critical"
     assert finding.severity == expected_severity and d.status == expected_severity

@@ -176,8 +176,9 @@ def test_healthy_bf16_run_without_a_reference_is_not_critical(tmp_path):
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 40}, tmp_path / "final.pt")
     d = diagnose(str(tmp_path / "final.pt"))
     assert d.status != "critical", [(f.cause, f.severity, f.tensors) for f in d.findings]
-    for f in d.findings:
-        assert f.cause == "precision_underflow" and "hypothesis" in f.evidence
+    for f in d.findings:  # besides the bf16 Adam moments (torch's AdamW keeps them in the parameters' dtype)
+        if f.cause != "low_precision_optimizer_state":
+            assert f.cause == "precision_underflow" and "hypothesis" in f.evidence
 
 
 def test_unmapped_optimizer_is_inconclusive_alone_and_frozen_tensors_still_critical(tmp_path):

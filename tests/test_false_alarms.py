@@ -59,10 +59,12 @@ def test_bf16_stored_weights_are_caught_on_exactly_the_frozen_tensors(tmp_path, 
             for t in a.tensors:
                 assert r.fraction_unchanged(t, a.step - 20, a.step) >= 0.25, (t, a.message)
     d = diagnose(str(r.checkpoint), DiagnoseOptions(against=str(r.init), probe=False))
-    assert d.status == ("critical" if frozen else "healthy"), _findings(d)
+    # torch's AdamW keeps bf16 parameters' moments in bf16: a low_precision_optimizer_state warning beside them
+    assert d.status == ("critical" if frozen else "warning"), _findings(d)
     found = {t for f in d.findings if f.cause == "precision_underflow" and f.severity == "critical" for t in f.tensors}
     assert found == frozen
-    assert all(f.cause == "precision_underflow" for f in d.findings), _findings(d)
+    assert all(f.cause in ("precision_underflow", "low_precision_optimizer_state") for f in d.findings), _findings(d)
+    assert any(f.cause == "low_precision_optimizer_state" for f in d.findings), _findings(d)
 
 
 def test_qwen2_moe_zero_initialised_biases_are_not_excessive_updates(tmp_path):

@@ -17,7 +17,9 @@ from typing import Callable
 import torch
 
 from moe_arch.checkpoint.readers import BUFFER_PATTERNS, CheckpointView, LoadError, release
+from moe_arch.doctor.experts import stacked_expert_tensors
 from moe_arch.doctor.optim_map import ParamSlot
+from moe_arch.doctor.stacks import group_keeper, state_keeper, subulp_keeper
 from moe_arch.numerics import LOW_PRECISION, adam_update, half_ulp, muon_update_rms
 
 CHUNK = 1 << 22  # elements per chunk (16 MB of fp32 temporaries each)
@@ -42,6 +44,8 @@ class TensorEvidence:
     has_state: bool = False
     state_step: float | None = None
     moments_zero: bool | None = None
+    frac_moment_zero: float | None = None  # elements whose first moment is exactly 0 (never a non-zero gradient)
+    state_keys: list[str] = field(default_factory=list)
     mapping: str | None = None
     # change against the reference
     has_reference: bool = False
@@ -52,20 +56,29 @@ class TensorEvidence:
     ref_norm: float | None = None
     norm: float = 0.0
     constant_value: float | None = None  # every element equals this value (an initialisation signature)
+    # elements still exactly at a standard initial constant (1.0: norm gains, 0.0: biases, zero-init projections),
+    # when at least half are: proof, without a reference, that those elements never moved
+    init_value: float | None = None
+    frac_at_init: float | None = None
     # stacked expert tensors [E, ...]
     slice_unchanged: list[bool] | None = None
     slice_rel_change: list[float] | None = None
     slice_state_zero: list[bool] | None = None
     # precision rule
     low_precision: bool = False
-    frac_lost: float | None = None  # share of elements whose expected update < half a ULP
+    frac_lost: float | None = None  # share of elements whose expected update < half a ULP (at the peak lr)
     median_update: float | None = None
+    # the same at the saved (current) lr: what rounds away from now on, not what happened during the run
+    frac_lost_now: float | None = None
+    median_update_now: float | None = None
+    subulp_kept: str | None = None  # why the optimizer keeps sub-ULP updates (master copy, Kahan, stochastic rounding)
     median_half_ulp: float | None = None
     median_abs: float | None = None
     # the fact about this tensor, before any cause: unchanged | partly_unchanged | changed | non_finite | unknown
     fact: str = "unknown"
     nonfinite: int = 0  # NaN/inf elements in the weights
     state_nonfinite: bool = False  # NaN/inf in its optimizer state
+    state_nonfinite_elements: int = 0  # ... how many elements of its first moment
     alias_of: str | None = None  # a tied tensor: the same storage as this one (e.g. lm_head.weight = wte.weight)
     notes: list[str] = field(default_factory=list)
 
@@ -105,30 +118,6 @@ def is_stacked(role: str, shape: tuple[int, ...]) -> bool:
     return role == "expert_matrix" and len(shape) == 3 and shape[0] > 1
 
 
-def structural_experts(shapes: dict[str, tuple[int, ...]]) -> set[str]:
-    """Stacked expert tensors found by structure, not by name: a 3-D parameter [E, a, b] (E > 1) with a 2-D
-    router-like sibling [E, d] in the same module or its parent, d being a or b (the model width): the router
-    scores E experts of width d, and the 3-D tensor holds E matrices of that width. Names vary by stack
-    (``experts.w1``, ``mlp.w_in``, ``block_sparse_moe.gate``); this structure does not."""
-    found = set()
-    for name, shape in shapes.items():
-        if len(shape) != 3 or shape[0] < 2:
-            continue
-        module = name.rsplit(".", 1)[0] if "." in name else ""
-        scopes = {module, module.rsplit(".", 1)[0] if "." in module else ""}
-        for other, oshape in shapes.items():
-            if (
-                len(oshape) == 2
-                and oshape[0] == shape[0]
-                and oshape[1] in shape[1:]
-                and other != name
-                and any(other.startswith(sc + ".") if sc else "." not in other.split(".", 1)[0] for sc in scopes)
-            ):
-                found.add(name)
-                break
-    return found
-
-
 def tied_tensors(view: CheckpointView) -> dict[str, str]:
     """Names that are the same tensor as an earlier name (tied or aliased weights share one storage in a
     torch.save file, e.g. nanoGPT's lm_head.weight and transformer.wte.weight): {alias: first name}. Formats that
@@ -162,9 +151,10 @@ def analyze_tensors(
     progress: Callable[[int], None] | None = None,
 ) -> list[TensorEvidence]:
     roles = view.meta.get("param_roles")
-    experts = structural_experts({n: tuple(t.shape) for n, t in view.tensors.items() if t.dtype.is_floating_point})
+    experts = stacked_expert_tensors({n: tuple(t.shape) for n, t in view.tensors.items() if t.dtype.is_floating_point})
     buffers = set(view.meta.get("buffers") or [])
     compensated = set(view.meta.get("precision_state") or {})
+    keeper = subulp_keeper(view)
     aliases = tied_tensors(view)
     out: list[TensorEvidence] = []
     for name, ti in view.tensors.items():
@@ -195,7 +185,8 @@ def analyze_tensors(
             ev.initial_lr = float(g["initial_lr"]) if "initial_lr" in g else None
             ev.weight_decay = float(g.get("weight_decay", 0.0))
             ev.has_state = any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in slot.state.values())
-            step = slot.state.get("step")
+            ev.state_keys = sorted(str(k) for k in slot.state)
+            step = slot.state.get("step", g.get("step"))  # torch-optimi counts steps per param group
             ev.state_step = float(step) if step is not None else None
         ref_ti = ref.tensors.get(name) if ref is not None else None
         if ref is not None and ref_ti is not None and tuple(ref_ti.shape) != tuple(ti.shape):
@@ -206,11 +197,18 @@ def analyze_tensors(
         _stream(ev, ti.get(), ref_ti.get() if ref_ti is not None else None, slot, progress)
         if slot is not None and hasattr(slot.state, "release"):
             slot.state.release()  # lazily read optimizer state (distributed checkpoints): free it now
-        if name in compensated:
-            # Kahan-compensated bf16: what rounding drops is kept in a bf16 buffer and applied later, so the
-            # rounding rule does not apply (the stored weight may lag, the training state does not lose updates).
-            ev.low_precision, ev.frac_lost = False, None
-            ev.notes.append("bf16 with Kahan compensation: sub-ULP updates accumulate in the compensation buffer")
+        kept = (
+            ("Kahan compensation (moe_arch bf16-compensated)" if name in compensated else None)
+            or keeper
+            or (group_keeper(slot.group) if slot is not None else None)
+            or (state_keeper(slot.state, ti.numel) if slot is not None else None)
+        )
+        if kept and ev.low_precision:
+            # What rounding drops is kept (a compensation buffer applied later, stochastic rounding, an fp32 master
+            # copy), so the rounding rule does not apply: the stored weight may lag, the training state loses nothing.
+            ev.frac_lost = ev.frac_lost_now = ev.median_update_now = None
+            ev.subulp_kept = kept
+            ev.notes.append(f"{ev.dtype} with {kept}: updates below half a ULP are kept, not rounded away")
         out.append(ev)
     return out
 
@@ -234,6 +232,10 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
     # Judge the rounding rule at the schedule's peak (initial) lr: if even that update cannot survive, nothing in
     # the schedule could; the current lr of a decayed schedule would understate what the run tried.
     lr = max(float(group.get("lr", 0.0)), float(group.get("initial_lr", 0.0) or 0.0)) if slot is not None else None
+    # ... and at the saved lr: the forecast of what rounds away from now on (Adam's step is linear in the lr)
+    now = float(group.get("lr", 0.0)) / lr if lr else 0.0
+    betas = tuple(group["betas"]) if "betas" in group else (group.get("beta1", 0.9), group.get("beta2", 0.999))
+    step_count = st.get("step", group.get("step", 0))
     kind = ev.optimizer_kind
     muon_upd = None
     if low and kind == "muon" and lr is not None and len(ev.shape) >= 2:
@@ -246,7 +248,11 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
     ref2 = 0.0
     sq = 0.0
     lost = 0
+    lost_now = 0
     moving = 0  # elements with a non-zero expected update (zero moments mean no update, not a lost one)
+    mom_zero = 0
+    state_bad_n = 0
+    at_one = at_zero = 0
     mom_nonzero = False
     lo = math.inf
     hi = -math.inf
@@ -273,6 +279,8 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
         sq += nrm**2
         mn, mx = torch.aminmax(wc)
         lo, hi = min(lo, float(mn)), max(hi, float(mx))
+        at_one += int(torch.count_nonzero(wc == 1.0))
+        at_zero += int(torch.count_nonzero(wc == 0.0))
         if flat0 is not None:
             w0c = flat0[s:e].float()
             d = wc - w0c
@@ -290,6 +298,7 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
             ref2 += float(torch.linalg.vector_norm(w0c, dtype=f64)) ** 2
         mc = moment.reshape(-1)[s:e] if moment is not None else None
         if mc is not None:
+            mom_zero += int(torch.count_nonzero(mc == 0))
             if stacked:
                 nz = mc != 0
                 mom_nonzero |= bool(nz.any())
@@ -302,20 +311,15 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
                 mom_nonzero = mom_nonzero or m_lo != 0.0 or m_hi != 0.0
                 # the first moment is checked (a NaN/inf gradient reaches it on the same step as the second's)
                 state_bad = state_bad or not (math.isfinite(m_lo) and math.isfinite(m_hi))
+            if state_bad:
+                state_bad_n += int((~torch.isfinite(mc.float())).sum())
         if low and lr is not None:
             hu = half_ulp(wc_raw)
             if muon_upd is not None:
                 upd = torch.full_like(hu, muon_upd)
             elif kind == "adam":
                 vc = v.reshape(-1)[s:e] if v is not None else None
-                upd = adam_update(
-                    lr,
-                    mc,
-                    vc,
-                    float(st.get("step", 0) or 0),
-                    tuple(group.get("betas", (0.9, 0.999))),
-                    float(group.get("eps", 1e-8)),
-                )
+                upd = adam_update(lr, mc, vc, float(step_count or 0), betas, float(group.get("eps", 1e-8)))
                 upd = upd if isinstance(upd, torch.Tensor) else torch.full_like(hu, upd)
             elif kind == "sgd" and mc is not None:
                 upd = lr * mc.float().abs()
@@ -324,6 +328,7 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
             live = upd > 0
             moving += int(live.sum())
             lost += int(((upd < hu) & live).sum())
+            lost_now += int(((upd * now < hu) & live).sum())
             idx = slice(0, None, sample_every)
             upd_samples.append(upd[idx].float())
             hu_samples.append(hu[idx])
@@ -335,6 +340,11 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
     ev.norm = math.sqrt(sq)
     ev.nonfinite, ev.state_nonfinite = nonfin, state_bad
     ev.constant_value = lo if n > 0 and lo == hi and not nonfin else None
+    ev.state_nonfinite_elements = state_bad_n
+    if n and max(at_one, at_zero) * 2 >= n:
+        ev.init_value, ev.frac_at_init = (1.0, at_one / n) if at_one >= at_zero else (0.0, at_zero / n)
+    if moment is not None and n:
+        ev.frac_moment_zero = mom_zero / n
     ev.median_abs = float(torch.cat(abs_samples).median()) if abs_samples else None
     if moment is not None:
         ev.moments_zero = not mom_nonzero
@@ -360,3 +370,6 @@ def _stream(ev: TensorEvidence, w: torch.Tensor, w0: torch.Tensor | None, slot: 
         ev.frac_lost = lost / moving
         ev.median_update = float(torch.cat(upd_samples).median())
         ev.median_half_ulp = float(torch.cat(hu_samples).median())
+        if now > 0:  # at a saved lr of 0 nothing updates from now on: no forecast
+            ev.frac_lost_now = lost_now / moving
+            ev.median_update_now = ev.median_update * now

@@ -5,8 +5,10 @@ this module without them is fine, instantiating a callback is not.
     trainer = transformers.Trainer(..., callbacks=[HFMonitorCallback()])
     trainer = lightning.Trainer(..., callbacks=[LightningMonitorCallback()])
 
-Alerts print to the console and go to ``alerts.jsonl`` in the output folder; with ``stop_on_critical`` the
-callback asks the trainer to stop at the next step boundary.
+At train start, before the first optimizer step, both run the monitor's preflight: tensors stored in bf16/fp16
+whose first update at their group's lr is below half a ULP are named in one warning at step 0
+(``callback.monitor.preflight_alerts``). Alerts print to the console and go to ``alerts.jsonl`` in the output
+folder; with ``stop_on_critical`` the callback asks the trainer to stop at the next step boundary.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class HFMonitorCallback(_HFBase):
             auto_check=False,
             on_critical=stop,
         )
+        # Before step 1: the optimizer and its scheduler exist, so each tensor's storage dtype meets its group's lr.
+        self.monitor.preflight()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.monitor is not None:
@@ -95,6 +99,7 @@ class LightningMonitorCallback(_LBase):
             auto_check=False,
             on_critical=stop,
         )
+        self.monitor.preflight()  # before step 1, as the Hugging Face callback
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.monitor is None:

@@ -37,13 +37,14 @@ from torch import nn
 
 from moe_arch.config import MonitorConfig
 from moe_arch.doctor.analyze import TensorEvidence, infer_role, is_stacked
-from moe_arch.doctor.causes import REGISTRY, Finding
+from moe_arch.doctor.causes import REGISTRY, Finding, describe
 from moe_arch.doctor.engine import diagnose
 from moe_arch.doctor.nonfinite import _has_nonfinite
 from moe_arch.doctor.optim_map import OptimizerSummary
+from moe_arch.doctor.replicas import ReplicaCheck
 from moe_arch.doctor.rules import spike_window, spike_z
 from moe_arch.model.roles import named_parameter_roles
-from moe_arch.numerics import LOW_PRECISION, adam_update, half_ulp, muon_update_rms
+from moe_arch.numerics import LOW_PRECISION, adam_update, fraction_lost, half_ulp, half_ulp_at, muon_update_rms
 from moe_arch.parallel.parallelize import global_grad_norm, local
 
 GROUP_OF_ROLE = {
@@ -156,6 +157,7 @@ class Monitor:
         self.logger = None
         self.step = start_step
         self.alerts: list[Alert] = []
+        self.preflight_alerts: list[Alert] = []
         self._alerted: set[tuple[str, str]] = set()
         self._losses: deque[float] = deque(maxlen=spike_window(self.cfg.window))
         self._nonfinite_seen = False
@@ -214,6 +216,9 @@ class Monitor:
             self._hooks.append(opts[0].register_step_pre_hook(self._pre_step))
             self._hooks.append(opts[-1].register_step_post_hook(self._post_step))
         self._snapshot(start_step)
+        # Cross-rank fingerprints of replicated parameters (nothing to do on one rank or under pure FSDP2).
+        self._replicas = ReplicaCheck(model, self.cfg.sample_size) if self.cfg.replica_check_every else None
+        self._replicas_checked = -1
 
     # ---------------------------------------------------------------------------------------------- wiring
     def attach(self, logger, trainer=None) -> None:
@@ -230,6 +235,50 @@ class Monitor:
 
                 self.on_critical = stop
 
+    @torch.no_grad()
+    def preflight(self, threshold: float = 0.5) -> list[Alert]:
+        """Before the first optimizer step: the tensors stored in bf16/fp16 whose first update at their group's
+        (peak) lr is below half a ULP for more than ``threshold`` of their elements, so they cannot move (the
+        half-ULP rule of the doctor and of moe-arch's own trainer preflight). One warning at step 0 naming them, in
+        ``preflight_alerts`` (``alerts`` keeps what the checks observe: the window confirms the prediction)."""
+        frozen: list[tuple[str, float, float, float]] = []  # name, expected update, half-ULP at |w|, share lost
+        for t in self.tracked:
+            if t.optimizer is None or t.param.dtype not in LOW_PRECISION:
+                continue
+            g = self.optimizers[t.optimizer].param_groups[t.group_index]
+            lr = float(g.get("initial_lr", g["lr"]))  # a warmup starts below the peak the tensors must survive
+            if "ns_steps" in g and t.param.ndim >= 2:
+                upd = muon_update_rms(lr, tuple(t.param.shape), g.get("adjust_lr_fn"))
+            else:  # Adam's first step is ~lr per element (|m_hat| / sqrt(v_hat) = 1), as adam_update without moments
+                upd = lr
+            w = local(t.param.detach())
+            lost = fraction_lost(w, upd) if w.numel() else None
+            if lost is not None and lost > threshold:
+                frozen.append((t.name, upd, half_ulp_at(float(w.abs().float().median()), w.dtype), lost))
+        self.preflight_alerts = []
+        if not frozen:
+            return []
+        names = [n for n, *_ in frozen]
+        dtypes = sorted({str(t.param.dtype).replace("torch.", "") for t in self.tracked if t.name in set(names)})
+        upd = sorted(u for _, u, _, _ in frozen)[len(frozen) // 2]
+        hu = sorted(h for *_, h, _ in frozen)[len(frozen) // 2]
+        c = REGISTRY["precision_underflow"]
+        msg = (
+            f"step {self.step} (preflight, before the first optimizer step): {len(names)} tensors "
+            f"({describe(names)}) are stored in {'/'.join(dtypes)} and their first update (\u2248{upd:.1e}) is "
+            f"below half a ULP at their values (\u2248{hu:.1e}) for most elements: they cannot move \u2014 cause "
+            f"{c.name}; {c.short_fix}"
+        )
+        evidence = {
+            "preflight": True,
+            "expected_update": {n: u for n, u, _, _ in frozen},
+            "half_ulp": {n: h for n, _, h, _ in frozen},
+            "fraction_lost": {n: x for n, *_, x in frozen},
+        }
+        alert = Alert(self.step, c.name, "warning", names, msg, evidence)
+        self.preflight_alerts = self._emit([alert], dedupe=False, observed=False)
+        return self.preflight_alerts
+
     def close(self) -> None:
         for h in self._hooks + self._hooks_armed:
             h.remove()
@@ -244,6 +293,8 @@ class Monitor:
 
     def _post_step(self, opt, args, kwargs) -> None:
         self.step += 1
+        if self.auto_check:
+            self._check_replicas()
         if self.auto_check and self.step % self.cfg.interval == 0:
             self._check()
 
@@ -252,7 +303,7 @@ class Monitor:
         """Feed what a loop knows after an optimizer step (our trainer passes its step stats)."""
         if step is not None:
             self.step = step
-        new: list[Alert] = []
+        new: list[Alert] = self._check_replicas()
         if stats:
             loss = stats.get("loss", loss)
             self._stats.update(
@@ -509,6 +560,41 @@ class Monitor:
             ev.median_half_ulp = med.get("half_ulp")
         return ev
 
+    def _check_replicas(self) -> list[Alert]:
+        """Every ``replica_check_every`` steps (a collective: every rank reaches it at the same step)."""
+        every, rc = self.cfg.replica_check_every, self._replicas
+        if not every or rc is None or not rc.groups or self.step % every or self._replicas_checked == self.step:
+            return []
+        self._replicas_checked = self.step
+        diverged = self._replicas.check()
+        if not diverged:
+            return []
+        c = REGISTRY["replicas_diverged"]
+        worst = max(diverged, key=lambda d: d.max_abs_diff)
+        f = c.finding(
+            "critical",
+            [d.name for d in diverged],
+            {
+                "source": f"live fingerprints of the replicated parameters, every {every} steps",
+                "step": self.step,
+                "ranks": sorted({r for d in diverged for r in d.ranks}),
+                "max_abs_diff": worst.max_abs_diff,
+                "worst": worst.name,
+                "tensors": {
+                    d.name: {
+                        "ranks": d.ranks,
+                        "reference_rank": d.reference_rank,
+                        "max_abs_diff": d.max_abs_diff,
+                        "elements_differing": d.elements_differing,
+                        "sampled": d.sampled,
+                    }
+                    for d in diverged
+                },
+            },
+        )
+        f.summary = c.summarize(f)
+        return self._emit([self._alert_from(f, self.step, every, f.tensors)])
+
     def _router_findings(self) -> list[Finding]:
         """MoE layers where some experts received no token over the whole window (from the trainer's stats)."""
         dead = {}
@@ -537,7 +623,7 @@ class Monitor:
         msg = f"{c.alert(f, step, window, tensors)} \u2014 cause {f.cause}; {c.short_fix}"
         return Alert(step, f.cause, f.severity, tensors, msg, f.evidence, f.experts)
 
-    def _emit(self, alerts: list[Alert], dedupe: bool = True) -> list[Alert]:
+    def _emit(self, alerts: list[Alert], dedupe: bool = True, observed: bool = True) -> list[Alert]:
         out = []
         for a in alerts:
             if dedupe:
@@ -549,7 +635,8 @@ class Monitor:
                     continue
                 self._alerted |= fresh
             out.append(a)
-            self.alerts.append(a)
+            if observed:  # a preflight prediction is not an observation
+                self.alerts.append(a)
             if self.output:
                 color = "red" if a.severity == "critical" else "yellow"
                 try:

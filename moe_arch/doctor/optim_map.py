@@ -97,12 +97,61 @@ def _bounds(seq: list[tuple[int, ...] | None], cand_shapes: list[tuple[int, ...]
     return early, late
 
 
+# Modules that models register in an order other than their names sort in (siblings of one parent): attention
+# before the MLP, q/k/v/o, gate/up/down. Only the order among siblings named in one tuple is taken from here; the
+# optimizer's state shapes must then agree at every position, or the order is not used.
+REGISTRATION_ORDERS = (
+    ("self_attn", "attn", "attention", "cross_attn", "mlp", "feed_forward", "ffn", "block_sparse_moe", "moe"),
+    ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"),
+    ("query", "key", "value", "dense"),
+    ("gate_proj", "up_proj", "gate_up_proj", "down_proj"),
+    ("w1", "w3", "w2"),
+    ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj"),
+    ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"),
+)
+_RANK = {name: (i, j) for i, seq in enumerate(REGISTRATION_ORDERS) for j, name in enumerate(seq)}
+
+
+def registration_order(names: list[str]) -> list[str]:
+    """Names in the order a model most likely registered them: numbered levels (layers, experts) by number, not
+    as text, and known siblings (:data:`REGISTRATION_ORDERS`) in their registration order. safetensors sorts names
+    as text, so a file without the model's class (a PEFT adapter checkpoint) loses the order the optimizer lists
+    its parameters in."""
+
+    def key(name: str):
+        out = []
+        for part in name.split("."):
+            if part.isdigit():
+                out.append((0, int(part), 0, ""))
+            elif part in _RANK:
+                out.append((1, *_RANK[part], ""))
+            else:
+                out.append((2, 0, 0, part))
+        return out
+
+    return sorted(names, key=key)
+
+
 def map_optimizers(view: CheckpointView) -> tuple[dict[str, ParamSlot], list[OptimizerSummary]]:
     if view.param_layout is not None:
         # Map onto the parameters as the optimizer saw them, then carry each one's state to the saved tensors.
         slots, summaries = _map(view, list(view.param_layout))
         return _to_saved_names(view, slots, summaries)
-    return _map(view, candidate_tensors(view))
+    cands = candidate_tensors(view)
+    slots, summaries = _map(view, cands)
+    if not all(s.fully_mapped and not s.ambiguous for s in summaries):
+        # The file's order is not the model's (safetensors sorts names): retry in the likely registration order, and
+        # keep it only where it maps every parameter unambiguously.
+        shape_of = dict(cands)
+        reordered = [(n, shape_of[n]) for n in registration_order([n for n, _ in cands])]
+        slots2, summaries2 = _map(view, reordered)
+        if all(s.fully_mapped and not s.ambiguous for s in summaries2):
+            for s in summaries2:
+                s.method = "shape-registration-order" if s.method == "shape-order" else s.method
+            for slot in slots2.values():
+                slot.method = "shape-registration-order" if slot.method == "shape-order" else slot.method
+            return slots2, summaries2
+    return slots, summaries
 
 
 def _to_saved_names(

@@ -32,6 +32,7 @@ from moe_arch.doctor.history import HistoryError, find_history, read_history
 from moe_arch.doctor.optim_map import OptimizerSummary, map_optimizers
 from moe_arch.doctor.probe import run_probe
 from moe_arch.doctor.report import Diagnosis
+from moe_arch.doctor.stacks import OPTIMIZER_FILE, REFERENCE_FILE, detect_stacks, first_for, rounding_unknown
 from moe_arch.model.params import count_parameters
 from moe_arch.model.transformer import HybridLM
 
@@ -94,7 +95,17 @@ def diagnose(path: str | Path | Target, options: DiagnoseOptions | None = None) 
     if view is None:
         return _with_history(_history_only(target.source), target.history, None)
     d = _analyse(view, opts)
-    return _with_history(d, target.history, view) if target.history is not None else d
+    d = _with_history(d, target.history, view) if target.history is not None else d
+    _stack_fixes(d, detect_stacks(view))
+    return d
+
+
+def _stack_fixes(d: Diagnosis, stacks: tuple[str, ...]) -> None:
+    """Each finding's fix in the words of the stack that wrote the checkpoint (a cause's ``fixes``)."""
+    for f in d.findings:
+        c = REGISTRY.get(f.cause)
+        if c is not None:
+            f.recommendation = c.fix_for(stacks, f.recommendation)
 
 
 def default_reference(view: CheckpointView) -> Path | None:
@@ -255,7 +266,17 @@ def _analyse(view: CheckpointView, opts: DiagnoseOptions) -> Diagnosis:
             "there is nothing to diagnose",
         )
         findings = [f for f in findings if REGISTRY[f.cause].before_training]
-    inconclusive = [] if untrained else _missing_evidence(view, ref, evidence, summaries, identical)
+    stacks = detect_stacks(view)
+    inconclusive = [] if untrained else _missing_evidence(view, ref, evidence, summaries, identical, stacks)
+    unknown = rounding_unknown(view)
+    if unknown and ref is None and any(e.low_precision for e in evidence):
+        notes.append(unknown)
+    kept = sorted({e.subulp_kept for e in evidence if e.subulp_kept})
+    if kept:
+        notes.append(
+            f"low-precision weights whose optimizer keeps updates below half a ULP ({'; '.join(kept)}): the "
+            "rounding rule does not apply to them"
+        )
     checkpoint = {
         "path": str(view.path),
         "format": view.format,
@@ -268,6 +289,7 @@ def _analyse(view: CheckpointView, opts: DiagnoseOptions) -> Diagnosis:
         "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in view.tensors.values())),
         "precision": view.meta.get("precision"),
         "config": view.meta.get("config"),
+        "stack": list(stacks),
     }
     probe_res = None
     cfg = _model_config(view, opts.model_config, notes)
@@ -399,40 +421,56 @@ def _same_state(view: CheckpointView, ref: CheckpointView, evidence) -> bool:
 
 
 def _missing_evidence(
-    view: CheckpointView, ref, evidence, summaries: list[OptimizerSummary], identical: bool = False
+    view: CheckpointView,
+    ref,
+    evidence,
+    summaries: list[OptimizerSummary],
+    identical: bool = False,
+    stacks: tuple[str, ...] = (),
 ) -> list[str]:
-    """Why the evidence cannot support "healthy", each with what would give a verdict (empty: it can)."""
+    """Why the evidence cannot support "healthy": each reason names the fact that is missing and the file (in the
+    words of the stack that wrote the checkpoint) or flag that would settle it (empty: the evidence can)."""
     reasons = []
     params = [e for e in evidence if not e.buffer_like]
+    stacks = stacks or ("torch",)
+    reference = f"--against {first_for(REFERENCE_FILE, stacks)}"
     if ref is not None:
         shared = [e for e in params if e.has_reference]
         if not shared:
             reasons.append(
-                "no tensor name is shared with the reference, so no change could be measured: pass "
-                "--against a checkpoint of the same model"
+                "missing: a reference of the same model (no tensor name is shared with the reference, so no change "
+                f"could be measured); settled by {reference}"
             )
         elif identical:
             reasons.append(
-                "the reference is identical to the checkpoint (every tensor bitwise equal): pass --against "
-                "an earlier checkpoint of the run, e.g. its initialisation"
+                "missing: an earlier state (the reference is identical to the checkpoint, every tensor bitwise "
+                f"equal); settled by {reference}"
             )
         return reasons
     if not view.optimizers:
         reasons.append(
-            "neither optimizer state nor a reference: nothing shows whether the tensors trained; pass "
-            "--against the run's initial (or an earlier) checkpoint, or a checkpoint saved with its "
-            "optimizer state"
+            "missing: neither optimizer state nor a reference (learning rates, moments, step counts, or the initial "
+            "weights), so nothing shows "
+            f"whether the tensors trained; settled by {first_for(OPTIMIZER_FILE, stacks)}, or by {reference}"
         )
     elif not all(s.fully_mapped for s in summaries):
+        parts = [
+            f"{s.name!r} ({s.n_params - s.n_mapped} of {s.n_params} parameters)"
+            for s in summaries
+            if not s.fully_mapped
+        ]
         reasons.append(
-            "the optimizer state could not be mapped to the tensors, and there is no reference: pass "
-            "--against the run's initial (or an earlier) checkpoint"
+            "missing: which tensor each optimizer state belongs to: the optimizer state could not be mapped to the "
+            f"tensors for {', '.join(parts)}, and there is no reference; settled by {reference}, or by "
+            "param_names in the saved param groups (torch.optim built on model.named_parameters())"
         )
-    elif any(e.optimizer is not None and e.lr is None for e in params):
-        reasons.append(
-            "the optimizer's learning rates could not be read (a zero learning rate cannot be ruled out), "
-            "and there is no reference: pass --against the run's initial (or an earlier) checkpoint"
-        )
+    else:
+        no_lr = [e.name for e in params if e.optimizer is not None and e.lr is None]
+        if no_lr:
+            reasons.append(
+                f"missing: the learning rate of {len(no_lr)} tensors' param groups (a zero learning rate cannot be "
+                f"ruled out), and there is no reference; settled by {reference}"
+            )
     return reasons
 
 

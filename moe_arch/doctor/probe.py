@@ -2,15 +2,16 @@
 
 - Gradient flow: per tensor, no gradient / all-zero gradient / non-finite / its norm; per expert slice of
   stacked expert tensors.
-- MoE router health on real tokens: per layer, the share of tokens each expert gets, normalised entropy,
-  Gini coefficient, max/mean load, and dead experts (no token routed).
+- MoE router health on real tokens: per layer, the share of tokens each expert gets, load percentiles over
+  experts (p50 / p90 / max of load / mean), max/mean and min/mean load, normalised entropy (and its place between
+  top-k collapse and balance), Gini coefficient, dead experts (no token routed), and whether the load collapsed
+  (:mod:`moe_arch.doctor.routing`, the rule the logged loads are judged by too).
 - Mixture-of-Depths: selected fraction and router weight statistics per MoD block.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -20,6 +21,7 @@ from moe_arch.config import Config
 from moe_arch.data.corpus import Corpus, DataError
 from moe_arch.data.dataset import open_corpus, prepare_data
 from moe_arch.data.tokenizer import TextTokenizer
+from moe_arch.doctor.routing import collapse_reasons, routing_stats
 from moe_arch.model.transformer import materialize
 
 
@@ -43,15 +45,6 @@ class ProbeResult:
         d["router"] = {str(k): v for k, v in self.router.items()}
         d["mod"] = {str(k): v for k, v in self.mod.items()}
         return d
-
-
-def gini(x: torch.Tensor) -> float:
-    x = x.double().sort().values
-    n = x.numel()
-    if n == 0 or x.sum() == 0:
-        return 0.0
-    idx = torch.arange(1, n + 1, dtype=torch.float64)
-    return float((2 * (idx * x).sum() / (n * x.sum())) - (n + 1) / n)
 
 
 def _tokens(cfg: Config, view: CheckpointView, n_tokens: int) -> tuple[torch.Tensor, str]:
@@ -113,18 +106,8 @@ def run_probe(view: CheckpointView, cfg: Config, batch: int = 4, seq_len: int | 
                     res.expert_zero_grad[name] = zero
     aux = out.aux
     for layer, load in sorted(aux.moe_load.items()):
-        load = load.double()
-        frac = load / load.sum().clamp_min(1)
-        nz = frac[frac > 0]
-        ent = float(-(nz * nz.log()).sum() / math.log(len(frac))) if len(frac) > 1 else 1.0
-        res.router[layer] = {
-            "tokens_per_expert": [int(x) for x in load],
-            "share": [round(float(x), 4) for x in frac],
-            "entropy_normalised": ent,
-            "gini": gini(load),
-            "max_over_mean": float(frac.max() * len(frac)),
-            "dead_experts": [i for i, x in enumerate(load) if x == 0],
-        }
+        stats = routing_stats(load, cfg.model.top_k)
+        res.router[layer] = {"tokens_per_expert": [int(x) for x in load], **stats, "collapse": collapse_reasons(stats)}
     for layer, frac in sorted(aux.mod_frac.items()):
         wm, ws = aux.mod_weight.get(layer, (torch.tensor(float("nan")), torch.tensor(float("nan"))))
         res.mod[layer] = {

@@ -8,7 +8,9 @@ JSON schema ``moe_arch.diagnosis/1``::
       "inconclusive": [what is missing for a verdict, and which flag or file would give one],
       "checkpoint": {"path", "format", "step", "epoch", "tokens_seen", "reference", "n_tensors",
                      "n_parameters", "params_total", "params_active", "dtypes": {dtype: n_tensors},
-                     "precision", "config"},
+                     "precision", "config", "stack": [the stack keys that wrote it, most specific first: the
+                     optimizer library (torchao, optimi), the trainer (moe_arch, hf-trainer, lightning, deepspeed,
+                     ...), torch; each finding's recommendation is worded for the first one its cause has a fix for]},
       "findings": [{"cause", "severity", "summary", "tensors": [names], "experts": {module: [ids]} (dead_experts
                     only), "evidence": {...}, "recommendation"}],
       "optimizers": [{"name", "kind", "mapping", "n_params", "n_mapped", "n_with_state", "groups": [...],
@@ -326,6 +328,8 @@ def build_blocks(d: Diagnosis, plots: bool = True):
         )
     blocks.append(H(2, "Checkpoint"))
     rows = [["path", ck.get("path")], ["format", ck.get("format")], ["optimizer steps", ck.get("optimizer_steps")]]
+    if ck.get("stack"):
+        rows.insert(2, ["stack (the fixes are worded for it)", ", ".join(ck["stack"])])
     if ck.get("step") is not None and ck.get("step") != ck.get("optimizer_steps"):
         rows.append(["step counter as saved (see notes)", ck.get("step")])
     rows += [
@@ -585,7 +589,8 @@ def print_summary(d: Diagnosis, md: Path, htm: Path) -> None:
     }[d.status]
     ck = d.checkpoint
     con.print(
-        f"[bold]{ck['path']}[/] ({ck['format']}, optimizer step {ck.get('optimizer_steps')}, "
+        f"[bold]{ck['path']}[/] ({', '.join(ck.get('stack') or [ck['format']])}, optimizer step "
+        f"{ck.get('optimizer_steps')}, "
         f"{ck['n_tensors']} tensors; reference: {ck['reference'] or 'none'})"
     )
     con.print(f"status: [bold {color}]{d.status.upper()}[/]")

@@ -70,6 +70,11 @@ class CheckpointView:
     # function that turns {in-memory name: tensor} into {saved name: tensor}.
     param_layout: list[tuple[str, tuple[int, ...]]] | None = None
     to_saved: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    # Tensors that several ranks saved, each rank's copy: {name: {rank: TensorInfo}} (DeepSpeed / Megatron-style
+    # tensor parallelism: one mp_rank_XX file per rank). Copies of a replicated tensor (a LayerNorm) must be equal;
+    # copies of a sharded one (a column-parallel weight) differ by design: the doctor's replicas_diverged decides
+    # which is which (meta["replicated_patterns"] when the checkpoint declares them).
+    replicas: dict[str, dict[int, TensorInfo]] = field(default_factory=dict)
 
     @property
     def step(self):

@@ -28,6 +28,7 @@ from moe_arch.checkpoint.readers.base import (
     CheckpointView,
     LoadError,
     OptimizerInfo,
+    TensorInfo,
     load_with_inert_classes,
     optimizers_from,
     tensor_infos,
@@ -35,6 +36,7 @@ from moe_arch.checkpoint.readers.base import (
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 _OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+_MP_RANK = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 
 
 def _load(path: Path, trust_pickle: bool) -> Any:
@@ -146,4 +148,35 @@ def read_deepspeed(path: Path, trust_pickle: bool = False) -> CheckpointView:
     else:
         notes.append("no DeepSpeed optimizer state in the folder: optimizer analyses skipped")
     meta: dict[str, Any] = {"step": model_states.get("global_steps"), "config": model_states.get("ds_config")}
-    return CheckpointView(folder, "deepspeed", tensors, optimizers, meta, notes, mmapped=True, from_pickle=True)
+    replicas = _tensor_parallel_copies(folder, model_states, tensors, trust_pickle, meta, notes)
+    view = CheckpointView(folder, "deepspeed", tensors, optimizers, meta, notes, mmapped=True, from_pickle=True)
+    view.replicas = replicas
+    return view
+
+
+def _tensor_parallel_copies(
+    folder: Path, rank0: dict, tensors: dict[str, TensorInfo], trust_pickle: bool, meta: dict, notes: list[str]
+) -> dict[str, dict[int, TensorInfo]]:
+    """Each tensor-parallel rank's copy of the tensors rank 0 saved too (``mp_rank_01_model_states.pt``, ...), with
+    the parameter patterns Megatron-DeepSpeed declares replicated over tensor parallelism (its universal
+    checkpoint info), when saved."""
+    files = {int(m.group(1)): p for p in folder.iterdir() if (m := _MP_RANK.match(p.name))}
+    info = rank0.get("universal_checkpoint_info")
+    patterns = info.get("tp_replicated_parameter_patterns") if isinstance(info, dict) else None
+    if isinstance(patterns, (list, tuple)) and all(isinstance(x, str) for x in patterns):
+        meta["replicated_patterns"] = list(patterns)
+    if len(files) < 2:
+        return {}
+    copies: dict[str, dict[int, TensorInfo]] = {n: {0: t} for n, t in tensors.items()}
+    for rank, path in sorted(files.items()):
+        if rank == 0:
+            continue
+        states = _load(path, trust_pickle)
+        module = states.get("module") if isinstance(states, dict) else None
+        if not isinstance(module, dict):
+            raise LoadError(f"{path}: no 'module' state dict (not a DeepSpeed model-states file?)")
+        for name, t in tensor_infos(module, []).items():
+            if name in copies and t.shape == tensors[name].shape:
+                copies[name][rank] = t
+    notes.append(f"{len(files)} tensor-parallel ranks (mp_rank_XX files): each rank's copy of its tensors read")
+    return {n: c for n, c in copies.items() if len(c) > 1}

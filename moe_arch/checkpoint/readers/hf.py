@@ -1,7 +1,7 @@
 """Hugging Face folders: a ``Trainer`` ``checkpoint-N/`` (``model.safetensors`` or ``pytorch_model.bin``, sharded or
-not, ``optimizer.pt``, ``scheduler.pt``, ``trainer_state.json``), an accelerate ``save_state`` folder
-(``optimizer.bin`` / ``optimizer_1.bin``, ``scheduler.bin``), and a PEFT adapter checkpoint
-(``adapter_model.safetensors``: the adapters are diagnosed, the frozen base is not saved).
+not, ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``trainer_state.json``, the warmup of ``training_args.bin``),
+an accelerate ``save_state`` folder (``optimizer.bin`` / ``optimizer_1.bin``, ``scheduler.bin``), and a PEFT adapter
+checkpoint (``adapter_model.safetensors``: the adapters are diagnosed, the frozen base is not saved).
 
 The optimizer lists parameters in the model's registration order, while safetensors sorts names and transformers
 5 may save tensors in another layout than it trains them: both come from the model class of ``config.json``
@@ -11,6 +11,7 @@ built on the meta device, and transformers' own save-time conversion.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from moe_arch.checkpoint.readers.base import (
     CheckpointView,
     LoadError,
     TensorInfo,
+    load_with_inert_classes,
     optimizers_from,
     tensor_infos,
     torch_load,
@@ -80,21 +82,47 @@ def read_hf_folder(folder: Path, trust_pickle: bool) -> CheckpointView:
             sched, _ = torch_load(sched_path, trust_pickle)
             if isinstance(sched, dict) and isinstance(sched.get("base_lrs"), list):
                 view.meta["scheduled_peak_lrs"] = [float(x) for x in sched["base_lrs"]]
+                view.meta.setdefault("schedulers", []).append(sched)
                 if view.format == "accelerate":  # no trainer_state.json: the scheduler counts the steps
                     view.meta.setdefault("step", sched.get("last_epoch"))
+    for scaler_path in (folder / "scaler.pt", folder / "scaler.bin"):  # the Trainer's / accelerate's GradScaler
+        if scaler_path.is_file():
+            view.meta["scaler"], _ = torch_load(scaler_path, trust_pickle)
     state = folder / "trainer_state.json"
     if state.is_file():
         ts = json.loads(state.read_text())
         view.meta["step"] = ts.get("global_step")
         view.meta["epoch"] = ts.get("epoch")
+        view.meta["max_steps"] = ts.get("max_steps")
         hist = [h for h in ts.get("log_history", []) if "learning_rate" in h]
         if hist:
             view.meta["last_logged_lr"] = hist[-1]["learning_rate"]
+            view.meta["logged_lrs"] = [(h.get("step"), h["learning_rate"]) for h in hist]
+    if (folder / "training_args.bin").is_file():
+        _warmup(view, folder / "training_args.bin")
     cfg = folder / "config.json"
     if cfg.is_file():
         view.meta["hf_config"] = json.loads(cfg.read_text())
         _hf_layout(view, view.meta["hf_config"])
     return view
+
+
+def _warmup(view: CheckpointView, path: Path) -> None:
+    """The Trainer's warmup in optimizer steps (``warmup_steps``, or a ratio of ``max_steps``), from its pickled
+    TrainingArguments read with inert stand-ins (no transformers code runs); nothing when it cannot be read."""
+    try:
+        args = load_with_inert_classes(path, ("transformers.", "accelerate."))
+    except Exception:  # noqa: BLE001 - an optional fact: unreadable arguments leave the warmup unknown, not an error
+        return
+    steps, ratio, total = (getattr(args, k, None) for k in ("warmup_steps", "warmup_ratio", "max_steps"))
+    total = view.meta.get("max_steps") or total
+    num = (int, float)
+    if isinstance(steps, num) and 0 < steps < 1:  # transformers 5: a warmup_steps below 1 is a ratio
+        steps, ratio = None, steps
+    if isinstance(steps, num) and steps >= 1:
+        view.meta["warmup_steps"] = int(steps)
+    elif isinstance(ratio, num) and ratio > 0 and isinstance(total, int) and total > 0:
+        view.meta["warmup_steps"] = math.ceil(ratio * total)
 
 
 def _hf_meta_model(config: dict):

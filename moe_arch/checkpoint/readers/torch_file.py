@@ -20,6 +20,9 @@ from moe_arch.checkpoint.readers.base import (
     torch_load,
 )
 
+SCALER_KEYS = ("scaler", "grad_scaler", "scaler_state_dict", "MixedPrecision", "native_amp_scaling_state")
+SCHEDULER_KEYS = ("schedulers", "scheduler", "lr_scheduler", "scheduler_state_dict", "lr_schedulers")
+
 
 def read_torch_file(path: Path, trust_pickle: bool = False) -> CheckpointView:
     obj, mmapped = torch_load(path, trust_pickle)
@@ -72,11 +75,26 @@ def from_torch_obj(path: Path, obj: Any, mmapped: bool) -> CheckpointView:
         "tokenizer_json",
         "tokenizer_specials",
         "precision_state",
+        "nan_skips",  # batches our trainer skipped under train.nan_policy: skip (when the checkpoint records them)
+        "pytorch-lightning_version",  # Lightning's .ckpt: the doctor words its fixes for Lightning
     ):
         if k in obj and not (k in ("global_step", "iter_num") and "step" in meta):
             meta["step" if k in ("global_step", "iter_num") else k] = obj[k]
     if isinstance(meta.get("config"), dict) is False and "config" in meta:
         meta.pop("config")
+    # A GradScaler's state (torch.amp: scale, growth tracker; Lightning saves it under its precision plugin's name)
+    # and the LR schedulers' states (one, a list: Lightning, or a name -> state mapping: ours).
+    for k in SCALER_KEYS:
+        if isinstance(obj.get(k), dict) and "scale" in obj[k]:
+            meta["scaler"] = obj[k]
+            break
+    for k in SCHEDULER_KEYS:
+        found = obj.get(k)
+        found = list(found.values()) if isinstance(found, dict) and "last_epoch" not in found else found
+        found = [found] if isinstance(found, dict) else found
+        if isinstance(found, list) and found:
+            meta["schedulers"] = [s for s in found if isinstance(s, dict) and "last_epoch" in s]
+            break
     view = CheckpointView(
         path, fmt, tensor_infos(model_sd, notes), optimizers_from(optim_obj), meta, notes, mmapped, from_pickle=True
     )

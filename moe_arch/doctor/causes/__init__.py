@@ -4,7 +4,7 @@ Checkpoint causes live in :mod:`~moe_arch.doctor.causes.weights`, curve causes i
 :mod:`~moe_arch.doctor.causes.curves`; importing this package registers both.
 """
 
-from moe_arch.doctor.causes import curves, weights  # noqa: F401  (importing a family registers its causes)
+from moe_arch.doctor.causes import curves, replicas, training_state, weights  # noqa: F401  (importing registers them)
 from moe_arch.doctor.causes.base import (
     REGISTRY,
     Cause,

@@ -21,6 +21,7 @@ from moe_arch.config import MonitorConfig
 from moe_arch.doctor.analyze import TensorEvidence
 from moe_arch.doctor.history import History
 from moe_arch.doctor.optim_map import OptimizerSummary
+from moe_arch.doctor.stacks import detect_stacks
 
 
 @dataclass
@@ -59,6 +60,11 @@ class CheckpointEvidence:
     reference_identical: bool = False
     claimed: set[str] = field(default_factory=set)
     view: CheckpointView | None = None
+
+    @cached_property
+    def stacks(self) -> tuple[str, ...]:
+        """The stack keys of the checkpoint, most specific first (moe_arch.doctor.stacks; () without a view)."""
+        return detect_stacks(self.view)
 
     @cached_property
     def params(self) -> list[TensorEvidence]:
@@ -116,6 +122,16 @@ class Cause:
     severity: ClassVar[str]  # the severity rule, in words (detect applies it)
     recommendation: ClassVar[str]
     short_fix: ClassVar[str | None] = None  # the live monitor's one-line fix (None: the monitor never raises it)
+    # The recommendation in the words of a stack (moe_arch.doctor.stacks keys: "hf-trainer", "lightning", "torchao",
+    # "moe_arch", ...): the report gives the entry of the checkpoint's most specific stack, else `recommendation`.
+    fixes: ClassVar[dict[str, str]] = {}
+
+    def fix_for(self, stacks: tuple[str, ...], given: str) -> str:
+        """The recommendation for these stacks, when ``given`` is this cause's default one (a finding that wrote its
+        own keeps it)."""
+        if given != self.recommendation:
+            return given
+        return next((self.fixes[s] for s in stacks if s in self.fixes), given)
 
     def detect(self, evidence: Any) -> list[Finding]:
         raise NotImplementedError

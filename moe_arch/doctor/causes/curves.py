@@ -39,10 +39,12 @@ import math
 import statistics
 
 import numpy as np
+import torch
 
 from moe_arch.config import MonitorConfig
 from moe_arch.doctor.causes.base import CurveCause, CurveEvidence, Finding, register
 from moe_arch.doctor.history import History, Series
+from moe_arch.doctor.routing import collapse_reasons, logged_loads, routing_stats, top_k_near
 from moe_arch.doctor.rules import spike_window, spike_z
 
 
@@ -562,11 +564,13 @@ class MoeCollapse(CurveCause):
     )
 
     def detect(self, ev: CurveEvidence) -> list[Finding]:
+        out, judged = self._per_expert(ev)
         n_experts = ev.n_experts
         if not n_experts:
-            return []
-        out = []
+            return out
         for name, s in _routing_series(ev.history, "moe_imbalance/"):
+            if name in judged:  # the per-expert loads said more
+                continue
             a, b = statistics.median(_head(s, 0.2)), statistics.median(_tail(s, 0.2))
             if b >= 2 * a and b >= 1 + 0.5 * (n_experts - 1):
                 out.append(
@@ -579,3 +583,50 @@ class MoeCollapse(CurveCause):
                     )
                 )
         return out
+
+    def _per_expert(self, ev: CurveEvidence) -> tuple[list[Finding], set[str]]:
+        """Routing health from logged per-expert loads (ours, Megatron's tokens-per-expert log): the last fifth
+        of the logged points pooled, judged by the probe's collapse rule (:mod:`moe_arch.doctor.routing`)."""
+        loads, source = logged_loads(ev.history.path)
+        k = top_k_near(ev.history.path)
+        out, judged = [], set()
+        for layer, points in sorted(loads.items(), key=lambda kv: int(kv[0][1:]) if kv[0][1:].isdigit() else 0):
+            width = len(points[-1][1])
+            points = [(st, v) for st, v in points if len(v) == width]
+            if len(points) < 3 or width < 2:
+                continue
+            name = f"moe_imbalance/{layer}"
+            judged.add(name)
+            n = max(1, len(points) // 5)
+            pooled = [
+                torch.tensor([v for _, v in part], dtype=torch.float64).sum(0) for part in (points[:n], points[-n:])
+            ]
+            start, end = (routing_stats(x, k) for x in pooled)
+            reasons = collapse_reasons(end)
+            if not reasons:
+                continue
+            first = next((st for st, v in points if collapse_reasons(routing_stats(v, k))), points[-n][0])
+            keys = ("load_p50", "load_p90", "load_max", "min_over_mean", "entropy_normalised", "entropy_above_top_k")
+            out.append(
+                self.finding(
+                    "warning",
+                    [name],
+                    {
+                        "first_step": first,
+                        "source": source,
+                        "n_experts": width,
+                        "top_k": k,
+                        "points_pooled": n,
+                        "end": {key: end[key] for key in keys} | {"share": end["share"]},
+                        "start": {key: start[key] for key in keys},
+                        "effective_experts": end["effective_experts"],
+                        "dead_experts": end["dead_experts"],
+                        "reasons": reasons,
+                    },
+                    summary=f"{name}: routing collapsed by step {first}: {'; '.join(reasons)} (load p50/p90/max "
+                    f"{end['load_p50']:.2f}/{end['load_p90']:.2f}/{end['load_max']:.2f}x the mean, min/mean "
+                    f"{end['min_over_mean']:.2f}; normalised entropy {start['entropy_normalised']:.2f} at the "
+                    f"start, {end['entropy_normalised']:.2f} at the end)",
+                )
+            )
+        return out, judged

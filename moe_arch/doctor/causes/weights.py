@@ -9,12 +9,17 @@ cause                       order  rule
 ==========================  =====  ==========================================================================
 ``non_finite``              10     NaN/inf in its weights or optimizer state
 ``not_in_optimizer``        20     no optimizer holds the tensor (and it did not change, so it is not a buffer)
-``zero_learning_rate``      30     its group's learning rate is 0 (and was never scheduled above 0)
+``zero_learning_rate``      30     its group's saved learning rate is 0, and it was never scheduled above 0 or
+                                   another group still trains (no reference needed; one that shows the
+                                   tensors moved overrules it)
+``dead_experts``            38     some experts of a router (found by structure: doctor/experts.py; stacked
+                                   slices or per-expert tensors) never got a gradient / never changed while
+                                   their siblings trained (claims per-expert tensors, not stacked ones)
 ``no_gradient``             40     in an optimizer but never received a gradient (no state, all-zero moments)
 ``precision_underflow``     50     stored in bf16/fp16, its expected update is below half a ULP for (almost)
-                                   every element, and the tensor did not change: every update rounded away
-``dead_experts``            60     some expert slices of a stacked expert tensor never changed / never got a
-                                   gradient (does not claim: a finding beside the tensor's others)
+                                   every element, and the tensor did not change (reference) or still sits at
+                                   its initial constant; alone otherwise a forecast at the saved lr; never when
+                                   the optimizer keeps sub-ULP updates (moe_arch.doctor.stacks)
 ``excessive_update``        70     its change is an outlier among this run's tensors (robust z-score on the
                                    log of the update RMS, and of ||w - w0|| / ||w0|| where w0 has a size: see
                                    :func:`excessive_updates`; does not claim)
@@ -31,6 +36,8 @@ import torch
 
 from moe_arch.doctor.analyze import TensorEvidence
 from moe_arch.doctor.causes.base import CheckpointCause, CheckpointEvidence, Finding, describe, fmt, fmt_list, register
+from moe_arch.doctor.experts import dead_expert_sets
+from moe_arch.doctor.stacks import rounding_unknown
 from moe_arch.numerics import half_ulp_at
 
 ALL_NO_GRADIENT = (
@@ -46,6 +53,21 @@ OUTLIER_DECADES = 1.0  # ... and at least this far above the run's median (so a 
 def _median(xs: list[float]) -> float | None:
     xs = [x for x in xs if x is not None and not math.isnan(x)]
     return float(torch.tensor(xs, dtype=torch.float64).median()) if xs else None
+
+
+def _peak_lr(ev: CheckpointEvidence, e: TensorEvidence) -> float | None:
+    """The scheduled peak lr of the tensor's group: the group's ``initial_lr`` (torch schedulers set it), else the
+    schedulers' ``base_lrs`` the checkpoint saved (paired with the optimizers by position)."""
+    if e.initial_lr is not None:
+        return e.initial_lr
+    meta = ev.view.meta if ev.view is not None else {}
+    names = [o.name for o in ev.view.optimizers] if ev.view is not None else []
+    i = names.index(e.optimizer) if e.optimizer in names else 0
+    bases = [s.get("base_lrs") for s in meta.get("schedulers") or [] if isinstance(s, dict)]
+    base = bases[i] if i < len(bases) else (meta.get("scheduled_peak_lrs") if i == 0 else None)
+    if isinstance(base, list) and e.group_index is not None and e.group_index < len(base):
+        return float(base[e.group_index])
+    return None
 
 
 def _unchanged_since_reference(group: list[TensorEvidence]) -> bool | None:
@@ -114,6 +136,15 @@ class NonFinite(CheckpointCause):
         "or fp32 master weights"
     )
     short_fix = "lower the lr, check the data, or use a more stable precision"
+    fixes = {
+        "moe_arch": "the run diverged or was corrupted: resume from the last checkpoint whose tensors are finite "
+        "with a lower --optim.adamw_lr / --optim.muon_lr, --train.grad_clip 1.0 and --train.precision bf16-mixed",
+        "hf-trainer": "the run diverged or was corrupted: resume from the last checkpoint-N whose tensors are finite "
+        "with a lower TrainingArguments(learning_rate=...), max_grad_norm=1.0, and the model loaded in float32 "
+        "with TrainingArguments(bf16=True)",
+        "lightning": "the run diverged or was corrupted: resume from the last finite .ckpt with a lower lr in "
+        'configure_optimizers, L.Trainer(gradient_clip_val=1.0) and precision="bf16-mixed"',
+    }
 
     def detect(self, ev: CheckpointEvidence) -> list[Finding]:
         bad = [e for e in ev.params if e.fact == "non_finite"]
@@ -128,6 +159,9 @@ class NonFinite(CheckpointCause):
                     "first": bad[0].name,
                     "nonfinite_elements": {e.name: e.nonfinite for e in bad[:20]},
                     "in_optimizer_state": [e.name for e in bad if e.state_nonfinite][:20],
+                    "nonfinite_state_elements": {
+                        e.name: e.state_nonfinite_elements for e in bad[:20] if e.state_nonfinite_elements
+                    },
                 },
             )
         ]
@@ -147,6 +181,12 @@ class NotInOptimizer(_UnchangedForWindow):
         "(name patterns, ndim rules) and that requires_grad is True"
     )
     short_fix = "add them to an optimizer param group"
+    fixes = {
+        "hf-trainer": "the Trainer's optimizer holds every parameter with requires_grad=True: set requires_grad=True "
+        "on these, or add them to the param groups of the optimizer passed as Trainer(optimizers=(...))",
+        "lightning": "pass these parameters to the optimizer that configure_optimizers returns (e.g. "
+        "self.parameters()) and check that requires_grad is True",
+    }
 
     def detect(self, ev: CheckpointEvidence) -> list[Finding]:
         if not ev.has_optimizer_state or ev.unmapped_optimizer:
@@ -212,22 +252,29 @@ class ZeroLearningRate(_UnchangedForWindow):
         "give their param group a non-zero learning rate (check per-group lr multipliers and the scheduler's lambdas)"
     )
     short_fix = "give their param group a non-zero lr"
+    fixes = {
+        "hf-trainer": "give their param group a non-zero learning rate: check the optimizer and lr_scheduler passed as "
+        "Trainer(optimizers=(optimizer, scheduler)) (a LambdaLR lambda returning 0 for a group)",
+        "lightning": "give their param group a non-zero learning rate: check the optimizer and lr_scheduler that "
+        "configure_optimizers returns (a LambdaLR lambda returning 0 for a group)",
+    }
 
     def detect(self, ev: CheckpointEvidence) -> list[Finding]:
-        # The saved lr is what the last step used. 0 with no scheduled peak is a zero lr; 0 after a peak (a schedule
-        # that sets it, e.g. a LambdaLR returning 0 for a group) is one only when the tensors show it: unchanged
-        # since the reference, and while some other group still has a learning rate: a schedule that decays to 0 at
-        # its end (the Hugging Face default) leaves every group at lr 0, which says nothing about why some tensors
-        # never moved.
-        running = any((e.lr or 0) > 0 for e in ev.params if e.optimizer is not None)
+        # The saved lr is what the last step used. 0 with no scheduled peak is a zero lr. 0 after a peak (a schedule
+        # that sets it, e.g. a LambdaLR returning 0 for a group) is one while some other group still has a learning
+        # rate: the checkpoint alone shows it; a reference that shows the tensors moved overrules it (their lr
+        # reached 0 after they trained). A schedule that decays every group to 0 at its end (the Hugging Face
+        # default) says nothing about why some tensors never moved.
+        running = sorted({e.lr for e in ev.params if e.optimizer is not None and (e.lr or 0) > 0})
         zero = [
             e
             for e in ev.in_optimizer()
-            if e.lr == 0.0 and (not (e.initial_lr or 0) > 0 or (running and e.has_reference and e.unchanged))
+            if e.lr == 0.0 and (not (_peak_lr(ev, e) or 0) > 0 or (running and (not e.has_reference or e.unchanged)))
         ]
         if not zero:
             return []
         groups = sorted({(e.optimizer, e.group_index) for e in zero})
+        steps = sorted({int(e.state_step) for e in zero if e.state_step is not None})
         return [
             self.finding(
                 "critical",
@@ -235,21 +282,42 @@ class ZeroLearningRate(_UnchangedForWindow):
                 {
                     "groups": [{"optimizer": o, "group": g} for o, g in groups],
                     "saved_lr": 0.0,
-                    "scheduled_peak_lr": sorted({e.initial_lr for e in zero if e.initial_lr}) or None,
+                    "scheduled_peak_lr": sorted({p for e in zero if (p := _peak_lr(ev, e))}) or None,
+                    "other_groups_lr": running or None,
                     "unchanged_since_reference": _unchanged_since_reference(zero),
+                    "optimizer_steps_in_state": steps or None,
+                    "moments_non_zero": any(e.moments_zero is False for e in zero),
                 },
             )
         ]
 
     def summarize(self, f: Finding) -> str:
-        peak = f.evidence.get("scheduled_peak_lr")
+        ev = f.evidence
+        peak = ev.get("scheduled_peak_lr")
+        others = ev.get("other_groups_lr")
         return (
             f"{len(f.tensors)} tensors ({describe(f.tensors)}) are in a param group whose saved learning rate "
-            "is 0" + (f" (scheduled peak {fmt_list(peak)}: the scheduler set it to 0)" if peak else "")
+            "is 0"
+            + (f" (scheduled peak {fmt_list(peak)}: the scheduler set it to 0)" if peak else "")
+            + (f" while other groups train at {fmt_list(others)}" if others else "")
         )
 
     def explain(self, f: Finding) -> str:
-        return f"param groups {fmt(f.evidence['groups'])} have lr 0 and no non-zero initial lr."
+        ev = f.evidence
+        why = (
+            f"while other groups still have lr {fmt_list(ev['other_groups_lr'])}"
+            if ev.get("other_groups_lr")
+            else "and no non-zero scheduled lr"
+        )
+        moved = {True: "; the tensors are bitwise unchanged since the reference", None: ""}.get(
+            ev.get("unchanged_since_reference"), ""
+        )
+        grads = (
+            "; their Adam moments are non-zero: gradients reach them, the lr stops them"
+            if ev.get("moments_non_zero")
+            else ""
+        )
+        return f"param groups {fmt(ev['groups'])} have saved lr 0 {why}{moved}{grads}."
 
 
 @register
@@ -276,12 +344,16 @@ class NoGradient(_UnchangedForWindow):
         nograd = [e for e in candidates if not e.has_state or e.moments_zero]
         if not nograd:
             return []
+        names = {e.name for e in nograd}
         evidence = {
             "n_tensors": len(nograd),
             "without_state": sum(1 for e in nograd if not e.has_state),
             "with_all_zero_moments": sum(1 for e in nograd if e.moments_zero),
             "optimizers": sorted({e.optimizer for e in nograd}),
             "other_tensors_in_these_optimizers_have_state": bool(stepped & {e.optimizer for e in nograd}),
+            "optimizer_steps_of_the_others": max(
+                (e.state_step for e in ev.params if e.state_step is not None and e.name not in names), default=None
+            ),
         }
         if any(e.has_reference for e in nograd):
             evidence["unchanged_since_reference"] = all(e.unchanged for e in nograd if e.has_reference)
@@ -319,42 +391,67 @@ class PrecisionUnderflow(CheckpointCause):
     name = "precision_underflow"
     order, rank = 50, 1
     severity = (
-        "critical when >= 99% of elements lose their update and >= 99% never changed (or, without a "
-        "reference, every element sits at an initial constant); warning when >= 50% do"
+        "critical when >= 99% of elements lose their update and >= 99% never changed (shown by the reference, or, "
+        "without one, by every element still at its initial constant); warning when >= 50% do; without a reference "
+        "and without that proof, a warning that >= 50% of the updates round away from now on at the saved lr"
     )
     never_trained = True
     recommendation = (
-        "keep fp32 master weights for these tensors (moe-arch: --train.precision bf16-mixed) or "
-        "use compensated updates (--train.precision bf16-compensated); raising the learning rate "
-        "is not a fix: updates stay below the rounding step for most of training"
+        "keep fp32 master weights for these tensors: keep the model in float32 and run the forward under "
+        "torch.autocast(dtype=torch.bfloat16), or use an optimizer that keeps updates below half a ULP "
+        "(torchao.optim._AdamW(bf16_stochastic_round=True), torch-optimi's kahan_sum=True); raising the "
+        "learning rate is not a fix: updates stay below the rounding step for most of training"
     )
+    fixes = {
+        "moe_arch": "keep fp32 master weights for these tensors (--train.precision bf16-mixed) or use compensated "
+        "updates (--train.precision bf16-compensated); raising the learning rate is not a fix: updates stay below "
+        "the rounding step for most of training",
+        "hf-trainer": "load the model in float32 (from_pretrained(..., torch_dtype=torch.float32), no .to(bfloat16)) "
+        "and set TrainingArguments(bf16=True): the Trainer then computes in bf16 over fp32 master weights",
+        "peft": "load the base model in float32 (or keep the adapters in float32: LoRA layers trainable in fp32) and "
+        "set TrainingArguments(bf16=True)",
+        "accelerate": "load the model in float32 and use Accelerator(mixed_precision='bf16'): bf16 compute over "
+        "fp32 master weights",
+        "lightning": 'use L.Trainer(precision="bf16-mixed") instead of "bf16-true": bf16 compute over fp32 '
+        "master weights",
+        "torchao": "use torchao.optim._AdamW(..., bf16_stochastic_round=True) (updates below half a ULP then land "
+        "in proportion), or keep the weights in float32",
+        "optimi": "pass kahan_sum=True to the torch-optimi optimizer (a compensation buffer keeps what rounding "
+        "drops), or keep the weights in float32",
+        "deepspeed": 'enable "bf16": {"enabled": true} in the DeepSpeed config with the module in float32, so the '
+        "optimizer steps fp32 master weights (not bf16_master_weights_and_grads)",
+    }
     short_fix = "use --train.precision bf16-mixed (fp32 master weights) or bf16-compensated"
 
     def detect(self, ev: CheckpointEvidence) -> list[Finding]:
-        frozen, partial = [], []
+        unknown = rounding_unknown(ev.view)
+        frozen, partial, forecast = [], [], []
         for e in ev.unclaimed():
             if not e.low_precision or e.frac_lost is None:
                 continue
-            # The rule predicts the loss; the reference (when there is one) must show it: the elements did not
-            # move. Without a reference the rule is a hypothesis: critical only when the checkpoint itself proves the
-            # tensor never moved (every element still at a standard initial constant: all-ones norms, zero biases).
-            at_init = e.constant_value in (0.0, 1.0)
-            kept = (1.0 if at_init else 0.0) if not e.has_reference else (e.frac_unchanged or 0.0)
+            # The rule predicts the loss; a fact must show it: the reference (the elements did not move) or, without
+            # one, elements still at their initial constant (all-ones norms, zero biases). Otherwise the saved state
+            # says only what happens from now on: the rule at the saved lr and moments, never a claim about the past
+            # (earlier, larger updates may have moved the tensor).
+            kept = e.frac_unchanged or 0.0 if e.has_reference else e.frac_at_init or 0.0
             if e.frac_lost >= 0.99 and kept >= 0.99:
                 frozen.append(e)
-            elif e.frac_lost >= 0.5 and (kept >= 0.5 or not e.has_reference):
+            elif e.frac_lost >= 0.5 and kept >= 0.5:
                 partial.append(e)
+            elif not e.has_reference and not unknown and (e.frac_lost_now or 0.0) >= 0.5:
+                forecast.append(e)
         return [
-            self._finding(group, sev, ev.reference)
-            for group, sev in ((frozen, "critical"), (partial, "warning"))
+            self._finding(group, sev, ev.reference, kind)
+            for group, sev, kind in ((frozen, "critical", "frozen"), (partial, "warning", "partial"))
             if group
-        ]
+        ] + ([self._forecast(forecast)] if forecast else [])
 
-    def _finding(self, group: list[TensorEvidence], sev: str, reference: str | None) -> Finding:
+    def _finding(self, group: list[TensorEvidence], sev: str, reference: str | None, kind: str) -> Finding:
         dtypes = sorted({e.dtype for e in group})
         med_abs = _median([e.median_abs for e in group])
         dt = getattr(torch, dtypes[0])
         ev = {
+            "basis": kind if any(e.has_reference for e in group) else f"{kind}: elements at their initial constant",
             "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
             "learning_rates": sorted({e.lr for e in group if e.lr is not None}),
             "peak_learning_rates": sorted({max(e.lr or 0.0, e.initial_lr or 0.0) for e in group if e.lr is not None}),
@@ -368,38 +465,84 @@ class PrecisionUnderflow(CheckpointCause):
             "unchanged_since_reference": _unchanged_since_reference(group),
             "reference": reference,
         }
-        if not any(e.has_reference for e in group) and sev == "warning":
-            ev["hypothesis"] = (
-                "predicted by the rounding rule alone: no reference checkpoint shows whether these "
-                "tensors moved; pass --against with the run's initial checkpoint to confirm"
-            )
+        if not any(e.has_reference for e in group):
+            ev["fraction_of_elements_at_initial_value"] = _median([e.frac_at_init for e in group])
+            ev["initial_values"] = sorted({e.init_value for e in group if e.init_value is not None})
         consts = sorted({e.constant_value for e in group if e.constant_value is not None})
         if consts:
             ev["constant_values"] = consts[:4]
         return self.finding(sev, [e.name for e in group], ev)
 
+    def _forecast(self, group: list[TensorEvidence]) -> Finding:
+        dtypes = sorted({e.dtype for e in group})
+        med_abs = _median([e.median_abs for e in group])
+        dt = getattr(torch, dtypes[0])
+        ev = {
+            "basis": "forecast",
+            "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+            "learning_rates": sorted({e.lr for e in group if e.lr is not None}),
+            "optimizers": sorted({e.optimizer for e in group if e.optimizer}),
+            "median_expected_update": _median([e.median_update_now for e in group]),
+            "median_abs_value": med_abs,
+            "half_ulp_at_median_value": half_ulp_at(med_abs, dt) if med_abs is not None else None,
+            "half_ulp_at_1.0": half_ulp_at(1.0, dt),
+            "fraction_of_updates_lost_from_now": _median([e.frac_lost_now for e in group]),
+            "unchanged_since_reference": None,
+            "hypothesis": (
+                "a forecast from the saved lr and optimizer moments: it says which updates round away from now on, "
+                "not whether the tensors moved during the run (earlier, larger updates may have moved them); pass "
+                "--against the run's initial checkpoint to see what changed"
+            ),
+        }
+        return self.finding("warning", [e.name for e in group], ev)
+
     def summarize(self, f: Finding) -> str:
         ev = f.evidence
-        upd = ev.get("median_expected_update")
-        hu = ev.get("half_ulp_at_median_value")
+        upd = ev.get("median_expected_update") or 0.0
+        hu = ev.get("half_ulp_at_median_value") or 0.0
+        if ev.get("basis") == "forecast":
+            return (
+                f"{len(f.tensors)} tensors ({describe(f.tensors)}) are stored in {ev['dtype']}: from now on, "
+                f"{ev['fraction_of_updates_lost_from_now']:.0%} of their updates round away at the current lr "
+                f"{fmt_list(ev.get('learning_rates'))} (expected update ~{upd:.1e}, half a ULP at their values "
+                f"~{hu:.1e}); whether they moved so far is not known without a reference"
+            )
         head = (
             f"{len(f.tensors)} tensors ({describe(f.tensors)}) are stored in {ev['dtype']}; their expected "
             f"update (~{upd:.1e} at peak lr {fmt_list(ev.get('peak_learning_rates'))}) is below half a ULP at "
             f"their values (~{hu:.1e}; {ev['half_ulp_at_1.0']:.1e} at 1.0) for "
             f"{ev['fraction_of_elements_lost']:.0%} of elements"
         )
+        at_init = ev.get("fraction_of_elements_at_initial_value")
+        init = fmt(ev.get("initial_values") or "their initial value")
         if f.severity == "critical":
-            tail = ", and they did not change" if ev.get("unchanged_since_reference") else ""
+            if ev.get("unchanged_since_reference"):
+                tail = ", and they did not change"
+            elif at_init is not None:
+                tail = f", and every element still equals {init}, its initial value"
+            else:
+                tail = ""
             return head + tail + ": every update rounded away"
         unch = ev.get("fraction_of_elements_unchanged")
-        return (
-            head
-            + (f"; {unch:.0%} of their elements never changed" if unch is not None else "")
-            + ": most updates round away"
-        )
+        if unch is not None:
+            tail = f"; {unch:.0%} of their elements never changed"
+        elif at_init is not None:
+            tail = f"; {at_init:.0%} of their elements still equal {init}, their initial value"
+        else:
+            tail = ""
+        return head + tail + ": most updates round away"
 
     def explain(self, f: Finding) -> str:
         ev = f.evidence
+        if ev.get("basis") == "forecast":
+            return (
+                f"stored dtype {ev['dtype']} \u2192 half a ULP at the tensors' typical value "
+                f"{fmt(ev.get('median_abs_value'))} is {fmt(ev.get('half_ulp_at_median_value'))} \u2192 at the saved "
+                f"lr {fmt(ev.get('learning_rates'))} and the saved moments the expected step is "
+                f"{fmt(ev.get('median_expected_update'))} \u2192 so "
+                f"{(ev.get('fraction_of_updates_lost_from_now') or 0):.0%} of the next updates round back to the "
+                "stored value (a forecast: what happened earlier in the run is not in the checkpoint)."
+            )
         steps = [
             f"stored dtype {ev['dtype']}",
             f"half a ULP at the tensors' typical value {fmt(ev.get('median_abs_value'))} is "
@@ -413,6 +556,11 @@ class PrecisionUnderflow(CheckpointCause):
             steps.append(f"and the tensors are bitwise identical to the reference ({ev.get('reference')})")
         elif ev.get("constant_values"):
             steps.append(f"and every element still equals {fmt(ev['constant_values'])}, the initial value")
+        elif ev.get("fraction_of_elements_at_initial_value") is not None:
+            steps.append(
+                f"and {ev['fraction_of_elements_at_initial_value']:.0%} of the elements still equal "
+                f"{fmt(ev.get('initial_values'))}, the initial value"
+            )
         return " \u2192 ".join(steps) + "."
 
     def alert(self, f: Finding, step: int, window: int, tensors: list[str]) -> str:
@@ -433,7 +581,7 @@ class PrecisionUnderflow(CheckpointCause):
 @register
 class DeadExperts(CheckpointCause):
     name = "dead_experts"
-    order, rank = 60, 7
+    order, rank = 38, 7
     severity = "warning"
     claims = False
     recommendation = (
@@ -444,27 +592,34 @@ class DeadExperts(CheckpointCause):
     short_fix = "raise the load-balance weight or enable router bias balancing"
 
     def detect(self, ev: CheckpointEvidence) -> list[Finding]:
-        dead: dict[str, list[int]] = {}
-        modules: dict[str, dict] = {}
-        for e in ev.unclaimed():
-            flags = src = None
-            if e.slice_state_zero is not None and any(e.slice_state_zero) and not all(e.slice_state_zero):
-                flags, src = e.slice_state_zero, "all-zero optimizer moments"
-            elif e.slice_unchanged is not None and any(e.slice_unchanged) and not all(e.slice_unchanged):
-                flags, src = e.slice_unchanged, "unchanged since the reference"
-            if flags:
-                module = e.name.rsplit(".", 1)[0]
-                dead[module] = sorted({i for i, f in enumerate(flags) if f} | set(dead.get(module) or []))
-                entry = modules.setdefault(module, {"tensors": [], "evidence": src, "n_experts": e.shape[0]})
-                entry["tensors"].append(e.name)
-        if not dead:
+        found = dead_expert_sets(ev.params, ev.claimed)
+        if not found:
             return []
+        # A tensor of a dead expert alone (saved per expert) is wholly explained here, so no later cause (no_gradient,
+        # frozen_unexplained) claims it; a stacked tensor is only partly dead and stays open to the others.
+        ev.claimed |= {t for d in found for t in d.whole_tensors}
+        modules = {
+            d.expert_set.module: {
+                "tensors": d.tensors,
+                "evidence": d.evidence,
+                "n_experts": d.expert_set.n_experts,
+                "layer": d.expert_set.layer,
+                "layout": d.expert_set.layout,
+                "router": d.expert_set.router or None,
+                "trained_experts": d.alive,
+            }
+            for d in found
+        }
         return [
             self.finding(
                 "warning",
-                [t for m in modules.values() for t in m["tensors"]],
-                {"modules": modules, "n_dead": sum(len(v) for v in dead.values())},
-                experts=dead,
+                [t for d in found for t in d.tensors],
+                {
+                    "modules": modules,
+                    "layers": {d.expert_set.module: d.expert_set.layer for d in found},
+                    "n_dead": sum(len(d.dead) for d in found),
+                },
+                experts={d.expert_set.module: d.dead for d in found},
             )
         ]
 

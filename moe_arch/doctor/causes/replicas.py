@@ -1,0 +1,130 @@
+"""Replicas out of sync: copies of one replicated tensor, saved (or held) by different ranks, that differ.
+
+A replicated tensor (every LayerNorm under Megatron-style tensor parallelism, every parameter under DDP) is
+updated on each rank by the same computation on the same all-reduced gradient, so its copies are bitwise equal;
+the loss looks normal when they drift (BLOOM-176B's TP LayerNorm replicas diverged for 15 days through a
+grad-clipping sync bug; DDP stops synchronising after ``model.cpu(); model.cuda()``, pytorch#104336). In a
+checkpoint the copies are each rank's file (DeepSpeed ``mp_rank_XX_model_states.pt``); live, the monitor
+fingerprints them across ranks (:mod:`moe_arch.doctor.replicas`).
+
+Which copies are replicas: tensors the checkpoint declares replicated (Megatron-DeepSpeed's universal checkpoint
+info, ``tp_replicated_parameter_patterns``); without such a declaration, the norms (1-D, named like a norm),
+which every tensor-parallel scheme replicates. Other tensors with a copy per rank are shards of one tensor (a
+column-parallel weight has the same name and shape on every rank and different values by design) and are never
+compared.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from moe_arch.checkpoint.readers import release
+from moe_arch.doctor.analyze import infer_role
+from moe_arch.doctor.causes.base import CheckpointCause, CheckpointEvidence, Finding, describe, register
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes: bitwise equality (NaN equals the same NaN; -0.0 differs from 0.0)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def compare_copies(copies: dict[int, torch.Tensor]) -> dict | None:
+    """Ranks whose copy differs bitwise from the lowest rank's, the largest |difference| and the number of
+    differing elements (None: all equal)."""
+    ranks = sorted(copies)
+    ref = copies[ranks[0]]
+    differ = [r for r in ranks[1:] if copies[r].shape != ref.shape or not torch.equal(_bits(copies[r]), _bits(ref))]
+    if not differ:
+        return None
+    diffs = [(copies[r].double() - ref.double()).abs() for r in differ if copies[r].shape == ref.shape]
+    return {
+        "ranks": differ,
+        "reference_rank": ranks[0],
+        "max_abs_diff": max((float(torch.nan_to_num(d, nan=float("inf")).max()) for d in diffs), default=None),
+        "elements_differing": max((int((d != 0).sum()) for d in diffs), default=None),
+        "numel": ref.numel(),
+    }
+
+
+@register
+class ReplicasDiverged(CheckpointCause):
+    name = "replicas_diverged"
+    # Runs after the per-tensor causes and claims nothing: a fact about ranks beside each tensor's own findings.
+    order, rank = 150, 8
+    severity = "critical"
+    claims = False
+    before_training = True  # copies that differ at step 0 are a missing broadcast of the initial weights
+    recommendation = (
+        "the ranks no longer hold one model: some update of these replicated tensors skips the all-reduce over "
+        "their group (gradient clipping or a custom step computed per rank, DDP whose hooks were lost when the "
+        "model was moved or re-wrapped) or a rank changes them outside the optimizer; fix that update, then "
+        "resume from the last checkpoint whose copies are equal (or broadcast rank 0's copy)"
+    )
+    short_fix = "find the update that skips the all-reduce (clipping, re-wrapped DDP, a per-rank edit)"
+
+    def detect(self, ev: CheckpointEvidence) -> list[Finding]:
+        view = ev.view
+        if view is None or not view.replicas:
+            return []
+        patterns = view.meta.get("replicated_patterns")
+        if patterns:
+            replicated = [n for n in view.replicas if any(re.match(p, n) for p in patterns)]
+            rule = f"declared replicated by the checkpoint ({', '.join(patterns[:4])})"
+        else:
+            replicated = [n for n, c in view.replicas.items() if infer_role(n, c[min(c)].shape, None) == "norm"]
+            rule = "norms (every tensor-parallel scheme replicates them; other per-rank tensors are shards)"
+        diverged: dict[str, dict] = {}
+        for name in replicated:
+            copies = {r: ti.get() for r, ti in view.replicas[name].items()}
+            d = compare_copies(copies)
+            for t in copies.values():
+                release(t)
+            if d is not None:
+                diverged[name] = d
+        if not diverged:
+            return []
+        worst = max(diverged, key=lambda n: diverged[n]["max_abs_diff"] or 0.0)
+        return [
+            self.finding(
+                "critical",
+                list(diverged),
+                {
+                    "source": "per-rank copies in the checkpoint",
+                    "replicated": rule,
+                    "n_replicated_compared": len(replicated),
+                    "ranks": sorted({r for d in diverged.values() for r in d["ranks"]}),
+                    "max_abs_diff": diverged[worst]["max_abs_diff"],
+                    "worst": worst,
+                    "tensors": diverged,
+                },
+            )
+        ]
+
+    def summarize(self, f: Finding) -> str:
+        ev = f.evidence
+        where = f"at step {ev['step']} " if ev.get("step") is not None else ""
+        return (
+            f"{len(f.tensors)} replicated tensors ({describe(f.tensors)}) differ {where}between ranks: ranks "
+            f"{ev['ranks']} hold other values than rank {_reference_rank(ev)} (max |difference| "
+            f"{ev['max_abs_diff']:.2e} in {ev['worst']}); copies of one tensor updated by the same computation "
+            "must be bitwise equal"
+        )
+
+    def explain(self, f: Finding) -> str:
+        ev = f.evidence
+        per = "; ".join(
+            f"{n}: ranks {d['ranks']} vs {d['reference_rank']}, max |diff| {d['max_abs_diff']:.2e}, "
+            f"{d['elements_differing']} elements"
+            for n, d in list(ev["tensors"].items())[:6]
+        )
+        return f"{ev['source']}; compared: {ev['n_replicated_compared']} tensors, {ev['replicated']}; {per}."
+
+    def alert(self, f: Finding, step: int, window: int, tensors: list[str]) -> str:
+        return f"step {step}: {f.summary}"
+
+
+def _reference_rank(ev: dict) -> int:
+    refs = sorted({d["reference_rank"] for d in ev["tensors"].values()})
+    return refs[0] if refs else 0
