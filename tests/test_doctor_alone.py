@@ -284,6 +284,77 @@ def test_hf_trainer_without_optimizer_state_is_inconclusive_and_says_which_file(
     assert "save_pretrained('init')" in reason
 
 
+# ---------------------------------------------------------------------------------------------- accelerate
+def _accelerate_run(out, precision: str, saved: str) -> tuple[set[str], set[str]]:
+    """A plain loop under accelerate.Accelerator on CPU (AdamW 3e-4), the state saved with save_state at step 0 and
+    after 12 steps: the model stored in bf16 ("bf16") or in fp32 with Accelerator(mixed_precision="bf16")
+    ("mixed"). ``saved``: "param_names" (optimizer built on named_parameters(), default safetensors save), "bin"
+    (save_state(safe_serialization=False): the weights in registration order), "safetensors" (the defaults: sorted
+    names, no param_names). Returns (the tensors bitwise unchanged, the norm gains)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # the state is process-wide: each run (and the Trainer's) sets its own
+    try:
+        acc = Accelerator(cpu=True, mixed_precision="bf16" if precision == "mixed" else "no")
+        torch.manual_seed(0)
+        model = Net().to(torch.bfloat16) if precision == "bf16" else Net()
+        params = model.named_parameters() if saved == "param_names" else model.parameters()
+        model, opt = acc.prepare(model, torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0))
+        w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+        acc.save_state(out / "init", safe_serialization=saved != "bin")
+        g = torch.Generator().manual_seed(0)
+        for _ in range(12):
+            tok = (torch.randint(0, 64, (8, 1), generator=g) + torch.arange(9)) % 64
+            logits = model(tok[:, :-1]).float()
+            acc.backward(nn.functional.cross_entropy(logits.reshape(-1, 64), tok[:, 1:].reshape(-1)))
+            opt.step()
+            opt.zero_grad()
+        acc.save_state(out / "final", safe_serialization=saved != "bin")
+        return _unchanged(model, w0), set(norm_names(model))
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("saved", ["param_names", "bin"])
+@pytest.mark.parametrize("precision", ["bf16", "mixed"])
+def test_accelerate_bf16_stored_model(tmp_path, precision, saved):
+    """accelerate's save_state folders of a bf16-stored model at AdamW 3e-4: the norm gains never leave 1.0, and
+    precision_underflow names exactly them with and without the reference, with the fix in accelerate's words; the
+    twin with fp32 weights and Accelerator(mixed_precision="bf16") is healthy both ways."""
+    pytest.importorskip("accelerate")
+    frozen, norms = _accelerate_run(tmp_path, precision, saved)
+    with_ref, alone = _both(tmp_path / "final", tmp_path / "init")
+    for d in (with_ref, alone):
+        assert d.checkpoint["format"] == "accelerate" and d.checkpoint["stack"] == ["accelerate", "torch"]
+    if precision == "mixed":
+        assert frozen == set()
+        for d in (with_ref, alone):
+            assert d.status == "healthy", _findings(d)
+        return
+    assert frozen == norms
+    for d in (with_ref, alone):
+        assert d.status == "critical", _findings(d)
+        assert _critical(d) == {"precision_underflow": norms}
+        assert [set(f.tensors) for f in _precision(d)] == [norms], _findings(d)
+        rec = _precision(d)[0].recommendation
+        assert "Accelerator(mixed_precision='bf16')" in rec and "float32" in rec and "--train.precision" not in rec
+
+
+def test_accelerate_default_save_without_param_names_is_honest_alone(tmp_path):
+    """save_state's defaults with an optimizer over model.parameters(): safetensors sorts the names, so the optimizer
+    state cannot be mapped to the tensors. Alone the doctor says so (inconclusive, naming what settles it), never
+    healthy and never a finding; with the reference the frozen norm gains are found critical."""
+    pytest.importorskip("accelerate")
+    frozen, norms = _accelerate_run(tmp_path, "bf16", "safetensors")
+    assert frozen == norms
+    with_ref, alone = _both(tmp_path / "final", tmp_path / "init")
+    assert with_ref.status == "critical" and set().union(*_critical(with_ref).values()) == norms, _findings(with_ref)
+    assert alone.status == "inconclusive" and alone.findings == [], _findings(alone)
+    reason = " ".join(alone.inconclusive)
+    assert "param_names" in reason and "accelerator.save_state before the first step" in reason
+
+
 # ---------------------------------------------------------------------------------------------- Lightning
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
 def test_lightning_bf16_true(tmp_path, precision):

@@ -27,7 +27,10 @@ SAVED = {
     "qwen3_moe": ("mlp", ("down_proj", "gate_proj", "up_proj")),
     "olmoe": ("mlp", ("down_proj", "gate_proj", "up_proj")),
     "deepseek_v3": ("mlp", ("down_proj", "gate_proj", "up_proj")),
+    "jamba": ("feed_forward", ("down_proj", "gate_proj", "up_proj")),
 }
+# the router's module inside a decoder layer, in memory (Mixtral's block_sparse_moe is "mlp" there)
+ROUTER = {"jamba": "feed_forward.router"}
 
 
 def _model(arch: str):
@@ -64,13 +67,30 @@ def _model(arch: str):
                 **c,
             )
         )
+    if arch == "jamba":
+        # hybrid: attention in layers 0 and 2 (dense MLP), Mamba in 1 and 3 (experts); the PyTorch Mamba path on CPU
+        return T.JambaForCausalLM(
+            T.JambaConfig(
+                intermediate_size=64,
+                num_experts=4,
+                num_experts_per_tok=2,
+                expert_layer_period=2,
+                expert_layer_offset=1,
+                attn_layer_period=2,
+                attn_layer_offset=0,
+                mamba_d_state=8,
+                mamba_dt_rank=4,
+                use_mamba_kernels=False,
+                **{**c, "num_hidden_layers": 4},
+            )
+        )
     return _build(arch)
 
 
-def never_route(model, dead: dict[int, list[int]]) -> None:
+def never_route(model, dead: dict[int, list[int]], router_path: str = "mlp.gate") -> None:
     """Route no token to experts ``dead[layer]``: their top-k slots go to the first live expert."""
     for layer, ids in dead.items():
-        router = model.model.layers[layer].mlp.gate
+        router = model.model.layers[layer].get_submodule(router_path)
         live = next(k for k in range(router.weight.shape[0]) if k not in ids)
 
         def hook(module, args, out, ids=torch.tensor(ids), live=live):
@@ -125,7 +145,7 @@ def _moe_case(tmp_path, arch: str, dead: dict[int, list[int]]):
     torch.manual_seed(0)
     model = _model(arch)
     model.save_pretrained(tmp_path / "init")
-    never_route(model, dead)
+    never_route(model, dead, ROUTER.get(arch, "mlp.gate"))
     ck = trainer_run(model, tmp_path)
     block, projections = SAVED[arch]
     expected = sorted(
@@ -181,6 +201,19 @@ def test_moe_families_with_a_dead_expert_in_one_layer(tmp_path, arch):
     ck, expected = _moe_case(tmp_path / "dead", arch, dead)
     _assert_dead_experts(ck, tmp_path / "dead" / "init", arch, dead, expected)
     _assert_healthy_twin(tmp_path / "healthy", arch)
+
+
+@pytest.mark.slow  # the PyTorch Mamba scan: ~40 s per run on 2 CPU cores
+def test_jamba_hybrid_with_never_routed_experts(tmp_path):
+    """Jamba (attention and Mamba layers, experts on the Mamba layers; trained stacked, saved per expert as
+    feed_forward.experts.N.gate_proj/up_proj/down_proj): expert 2 of layer 1 and experts 0 and 3 of layer 3 never
+    routed to are dead_experts with their layer and expert ids, with and without the reference (the dense MLPs of the
+    attention layers are no expert set); the healthy twin is healthy both ways."""
+    dead = {1: [2], 3: [0, 3]}
+    ck, expected = _moe_case(tmp_path / "dead", "jamba", dead)
+    assert len(expected) == 9
+    _assert_dead_experts(ck, tmp_path / "dead" / "init", "jamba", dead, expected)
+    _assert_healthy_twin(tmp_path / "healthy", "jamba")
 
 
 def test_expert_sets_are_found_by_structure_on_every_layout():

@@ -289,3 +289,105 @@ def test_hf_linear_warmup_longer_than_the_run(tmp_path, warmup):
         assert ev["kind"] == "warmup_longer_than_run" and ev["warmup_steps"] == 540 and ev["run_steps"] == 10
         assert ev["scheduled_peak_lr"] == 3e-3 and ev["lr_at_last_step"] == pytest.approx(3e-3 * 10 / 540)
         assert ev["fraction_of_peak_reached"] == round(10 / 540, 3)
+
+
+# ---------------------------------------------------------------------------------------------- ours: nan_policy skip
+def _our_skip_run(small_cfg, bad_every: int | None):
+    """Our trainer under ``train.nan_policy: skip``; every batch but each ``bad_every``-th has a NaN loss (None: no
+    NaN). Returns (final checkpoint, step-0 checkpoint, batches skipped)."""
+    from moe_arch.config import Config
+    from moe_arch.training.trainer import Trainer
+
+    d = small_cfg.to_dict()
+    d["train"].update(steps=3, nan_policy="skip", max_nan_skips=100)
+    t = Trainer(Config.from_dict(d))
+    forward, micro_batch, batches = t.model.forward, t._micro_batch, {"n": 0}
+
+    def counted():  # batches, not forwards: the trainer re-runs a bad batch to name the module
+        batches["n"] += 1
+        return micro_batch()
+
+    def flaky(*a, **k):
+        out = forward(*a, **k)
+        if bad_every and batches["n"] % bad_every:
+            out.loss = out.loss * float("nan")
+        return out
+
+    t._micro_batch, t.model.forward = counted, flaky
+    r = t.run()
+    ck = r.last_checkpoint.parent
+    return r.last_checkpoint, ck / "step_0000000.pt", t.nan_skips
+
+
+def test_our_nan_policy_skip_is_skipped_steps_from_its_checkpoint(small_cfg):
+    final, init, skips = _our_skip_run(small_cfg, bad_every=4)
+    assert skips == 9 and torch.load(final, weights_only=False)["nan_skips"] == 9  # 3 steps taken, 9 batches dropped
+    for d in _both(final, init):
+        found = [f for f in d.findings if f.cause == "skipped_steps"]
+        assert len(found) == 1, _causes(d)
+        ev = found[0].evidence
+        assert ev["source"] == "nan_policy: skip" and found[0].severity == "warning"
+        assert ev["trainer_steps"] == 12 and ev["skipped_steps"] == 9 and ev["optimizer_steps_applied"] == 3
+        assert ev["fraction_skipped"] == 0.75 and "9 of 12 optimizer steps were skipped" in found[0].summary
+
+
+def test_our_nan_policy_skip_twin_without_nan_has_no_skipped_steps(small_cfg):
+    final, init, skips = _our_skip_run(small_cfg, bad_every=None)
+    assert skips == 0 and torch.load(final, weights_only=False)["nan_skips"] == 0
+    for d in _both(final, init):
+        assert not any(f.cause == "skipped_steps" for f in d.findings), _causes(d)
+
+
+def test_nan_skips_count_is_restored_on_resume(small_cfg):
+    from moe_arch.config import Config
+    from moe_arch.training.trainer import Trainer
+
+    final, _, skips = _our_skip_run(small_cfg, bad_every=4)
+    d = small_cfg.to_dict()
+    d["train"].update(steps=4, nan_policy="skip", max_nan_skips=100)
+    t = Trainer(Config.from_dict(d), resume=str(final))
+    assert t.nan_skips == skips == 9
+    r = t.run()
+    assert torch.load(r.last_checkpoint, weights_only=False)["nan_skips"] == 9
+
+
+# ---------------------------------------------------------------------------------------------- live: GradScaler
+def _grad_scaler_monitored(eps: float, steps: int = 20):
+    from moe_arch.config import MonitorConfig
+    from moe_arch.doctor.monitor import Monitor
+
+    torch.manual_seed(0)
+    model = Magnitudes(eps)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu")
+    mon = Monitor(model, opt, MonitorConfig(interval=5, window=10), print_fn=lambda s: None)
+    for i in range(steps):
+        tok = torch.randint(0, 64, (8, 9))
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = model(tok[:, :-1])
+        loss = nn.functional.cross_entropy(logits.float().reshape(-1, 64), tok[:, 1:].reshape(-1))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        mon.after_step(step=i + 1, loss=loss.item())
+    mon.close()
+    return model, mon
+
+
+def test_monitor_alerts_skipped_steps_once_under_a_grad_scaler():
+    model, mon = _grad_scaler_monitored(eps=0.0)
+    found = [a for a in mon.alerts if a.cause == "skipped_steps"]
+    assert len(found) == 1, [(a.cause, a.message) for a in mon.alerts]  # once per run, not every window
+    a = found[0]
+    assert a.step == 10 and a.severity == "critical" and a is mon.alerts[0]
+    assert a.evidence["skipped_steps"] == 10 and a.evidence["optimizer_steps_applied"] == 0
+    assert sorted(a.tensors) == sorted(n for n, _ in model.named_parameters())
+    assert "10 of 10 optimizer steps were skipped" in a.message and "init_scale" in a.message
+    # the frozen weights are explained: no no_gradient alert about them
+    assert not any(x.cause in ("no_gradient", "frozen_unexplained") for x in mon.alerts), mon.alerts
+
+
+def test_monitor_grad_scaler_twin_that_steps_is_silent():
+    _, mon = _grad_scaler_monitored(eps=1e-6)
+    assert mon.alerts == []

@@ -165,6 +165,11 @@ class Monitor:
         self._last_checked = -1
         self._stats: dict[str, Any] = {}
         self._dead_window: dict[int, deque] = {}
+        # optimizer.step calls that ran (its post hook fired), by step of the snapshot: a GradScaler or a skip-step
+        # optimizer skips the call while the loop's step advances (skipped_steps, said once per run)
+        self._applied = 0
+        self._applied_at: dict[int, int] = {}
+        self._skips_alerted = False
         gen = torch.Generator().manual_seed(0)
         self.tracked: list[_Tracked] = []
         role_of = roles
@@ -293,6 +298,7 @@ class Monitor:
 
     def _post_step(self, opt, args, kwargs) -> None:
         self.step += 1
+        self._applied += 1
         if self.auto_check:
             self._check_replicas()
         if self.auto_check and self.step % self.cfg.interval == 0:
@@ -394,9 +400,10 @@ class Monitor:
     def _snapshot(self, step: int) -> None:
         snap = {t.name: local(t.param.detach()).reshape(-1).index_select(0, t.idx).clone() for t in self.tracked}
         self._snapshots.append((step, snap))
+        self._applied_at[step] = self._applied
         # Keep what the next check needs: the snapshot taken exactly `window` steps before it.
         while self._snapshots[0][0] < step + self.cfg.interval - self.cfg.window:
-            self._snapshots.popleft()
+            self._applied_at.pop(self._snapshots.popleft()[0], None)
 
     def _group_grad_norms(self) -> dict[str, float]:
         groups: dict[str, list[torch.Tensor]] = {}
@@ -431,12 +438,18 @@ class Monitor:
                 ratio_by_group.setdefault(GROUP_OF_ROLE.get(t.role, "other"), []).append(ratio)
         summaries = [OptimizerSummary(n, "live", "live", 0, 0, 0, []) for n in self.optimizers]
         findings = diagnose(evidence, summaries, bool(self.optimizers), f"step {ref_step}") if full_window else []
+        skips = self._skipped_steps(step - ref_step, ref_step, evidence) if full_window else None
+        if skips is not None:  # the skipped steps explain the tensors that never moved
+            findings = [f for f in findings if not f.tensors or not set(f.tensors) <= set(skips.tensors)]
         findings += self._router_findings()
         alerts = []
         for f in findings:
             fresh = [t for t in f.tensors if (f.cause, t) not in self._alerted]
             if fresh or f.experts:
                 alerts.append(self._alert_from(f, step, step - ref_step, fresh or f.tensors))
+        if skips is not None and not self._skips_alerted:  # said once; later windows still explain the tensors
+            self._skips_alerted = True
+            alerts.insert(0, self._alert_from(skips, step, step - ref_step, skips.tensors))
         for t in self.tracked:
             t.had_grad = 0
         self._snapshot(step)
@@ -594,6 +607,18 @@ class Monitor:
         )
         f.summary = c.summarize(f)
         return self._emit([self._alert_from(f, self.step, every, f.tensors)])
+
+    def _skipped_steps(self, loop_steps: int, ref_step: int, evidence: list[TensorEvidence]) -> Finding | None:
+        """Optimizer steps skipped over the window: fewer ``optimizer.step`` calls ran than the loop's step advanced.
+        When none ran, every tracked tensor must also be bitwise unchanged (an optimizer whose step bypasses the
+        hooks still moves the weights)."""
+        if not self.optimizers or ref_step not in self._applied_at:
+            return None
+        applied = self._applied - self._applied_at[ref_step]
+        tracked = [e for e in evidence if e.optimizer is not None]
+        if applied == 0 and not (tracked and all(e.unchanged for e in tracked)):
+            return None
+        return REGISTRY["skipped_steps"].live(loop_steps, applied, [e.name for e in tracked])
 
     def _router_findings(self) -> list[Finding]:
         """MoE layers where some experts received no token over the whole window (from the trainer's stats)."""

@@ -335,6 +335,9 @@ class Trainer:
         with _loading(path, "step"):
             self.step = int(_field(path, state, "step", int))
             self.tokens_seen = int(_field(path, state, "tokens_seen", int))
+            # cumulative: max_nan_skips spans resumes; checkpoints written before the count was saved resume at 0
+            if "nan_skips" in state:
+                self.nan_skips = int(_field(path, state, "nan_skips", int))
         with _loading(path, "rng"):
             ckpt.set_rng_state(_field(path, state, "rng", dict))
         self.resumed_from = path
@@ -360,6 +363,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.sampler.epoch,
             "tokens_seen": self.tokens_seen,
+            "nan_skips": self.nan_skips,  # batches nan_policy: skip dropped: the doctor's skipped_steps reads them
             "data_state": self.sampler.state_dict(),
             "rng": ckpt.rng_state(),
             "config": self.cfg.to_dict(),

@@ -166,6 +166,28 @@ class SkippedSteps(CheckpointCause):
         "torch.autograd.detect_anomaly), lower the GradScaler's init_scale (e.g. 2**10), or train in bf16, "
         "which needs no loss scaling"
     )
+    short_fix = (
+        "find the overflow source (torch.autograd.detect_anomaly), lower the GradScaler's init_scale, or use bf16"
+    )
+
+    def live(self, trainer_steps: int, applied: int, tensors: list[str]) -> Finding | None:
+        """The monitor's window: ``trainer_steps`` loop steps, of which ``applied`` ran ``optimizer.step`` (its
+        step hooks fired); ``tensors``: what never moved when none did."""
+        skipped = trainer_steps - applied
+        frac = skipped / trainer_steps if trainer_steps > 0 else 0.0
+        if skipped <= 0 or frac < SKIPPED_WARNING:
+            return None
+        critical = applied == 0 or frac >= SKIPPED_CRITICAL
+        evidence = {
+            "trainer_steps": trainer_steps,
+            "optimizer_steps_applied": applied,
+            "skipped_steps": skipped,
+            "fraction_skipped": round(frac, 4),
+            "source": "live: optimizer.step hooks against the loop's step",
+        }
+        f = self.finding("critical" if critical else "warning", tensors if applied == 0 else [], evidence)
+        f.summary = self.summarize(f)
+        return f
 
     def detect(self, ev: CheckpointEvidence) -> list[Finding]:
         if ev.view is None:
@@ -394,10 +416,23 @@ class LowPrecisionOptimizerState(CheckpointCause):
     severity = "warning"
     claims = False
     recommendation = (
-        "keep the optimizer's moments in fp32: train with fp32 master weights (moe-arch: --train.precision "
-        "bf16-mixed; torch: keep the parameters fp32 under bf16 autocast), or use an optimizer whose state dtype "
-        "is fp32 (apex FusedAdam master_weights, DeepSpeed's fp32 optimizer states)"
+        "keep the optimizer's moments in fp32: keep the parameters in fp32 and compute under bf16 autocast (fp32 "
+        "master weights), or use an optimizer whose state dtype is fp32 (apex FusedAdam master_weights, DeepSpeed's "
+        "fp32 optimizer states)"
     )
+    fixes = {
+        "moe_arch": "keep the optimizer's moments in fp32: --train.precision bf16-mixed (fp32 master weights and "
+        "moments) instead of bf16-pure",
+        "hf-trainer": "keep the optimizer's moments in fp32: load the model in float32 (torch_dtype=torch.float32) "
+        "and set TrainingArguments(bf16=True), which computes in bf16 under autocast",
+        "peft": "keep the optimizer's moments in fp32: load the base model in float32 (or cast the adapters to "
+        "float32) and set TrainingArguments(bf16=True)",
+        "accelerate": "keep the optimizer's moments in fp32: load the model in float32 and use "
+        "Accelerator(mixed_precision='bf16')",
+        "lightning": 'keep the optimizer\'s moments in fp32: L.Trainer(precision="bf16-mixed") instead of "bf16-true"',
+        "deepspeed": "keep the optimizer's moments in fp32: enable bf16 with fp32 master weights and optimizer states "
+        '("bf16": {"enabled": true}, without bf16_master_weights_and_grads / bf16_optimizer_states)',
+    }
 
     def detect(self, ev: CheckpointEvidence) -> list[Finding]:
         if ev.view is None or not ev.view.optimizers:
