@@ -330,6 +330,9 @@ class TrainConfig:
     # and page-faulting them back in on the next step (~20% of a tiny-preset step). See utils.tune_cpu_malloc.
     cpu_malloc_cache: bool = True
     parallel: str = "auto"  # auto | none | ddp | fsdp (multi-process runs under torchrun)
+    # Ranks each MoE layer's experts are split across (tokens exchanged with all-to-all); 1: every rank holds all
+    # experts. Must divide the world size and model.n_experts; composes with fsdp (docs/distributed.md).
+    expert_parallel: int = 1
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 measures the fp32/bf16 matmul peak at start
     tensorboard: bool = True
     wandb: bool = False
@@ -341,7 +344,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         s = "train"
         _check_finite(s, self)
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last", "expert_parallel"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 _fail(s, name, v, "must be a positive integer")
@@ -484,6 +487,18 @@ class Config:
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
             _fail("train", "seq_len", self.train.seq_len, f"must be <= model.max_seq_len={self.model.max_seq_len}")
+        ep = self.train.expert_parallel
+        if ep > 1 and not self.model.moe_layers:
+            _fail("train", "expert_parallel", ep, "needs MoE layers (model.moe_layers is empty); use 1")
+        if ep > 1 and self.model.n_experts % ep:
+            _fail("train", "expert_parallel", ep, f"must divide model.n_experts={self.model.n_experts}")
+        if ep > 1 and self.train.parallel not in ("auto", "fsdp"):
+            _fail(
+                "train",
+                "expert_parallel",
+                ep,
+                f"composes with train.parallel fsdp or auto, not {self.train.parallel!r}",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
