@@ -10,8 +10,12 @@ CPU analogue of ``torch.cuda.max_memory_allocated``, what the planner models), a
 allocator's reserve plays that part, hence the planner's 90% usable rule). predicted = ``plan_memory(...,
 device="cpu")`` for the same config.
 
-    python bench/bench_memory.py            # the table
-    python bench/bench_memory.py --json     # machine-readable rows
+A second table is the planner alone (no measurement: it needs GPUs): seed-3b's per-device memory on 80 GiB GPUs
+with expert parallelism (``train.expert_parallel``), against plain FSDP on as many GPUs.
+
+    python bench/bench_memory.py                    # both tables
+    python bench/bench_memory.py --json             # machine-readable rows of the measured table
+    python bench/bench_memory.py --expert-parallel  # the planner's expert-parallel table alone (seconds)
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ CONFIGS = [
         512,
     ),
 ]
+
+
+# (gpus, expert_parallel) for seed-3b on 80 GiB devices: plain FSDP next to each expert-parallel setup; EP 7 on 8
+# GPUs is refused (7 does not divide 8) and the table prints the planner's own error.
+EP_SETUPS = [(8, 1), (8, 2), (8, 7), (7, 1), (7, 7), (14, 1), (14, 7)]
 
 
 def _status(field: str) -> int:
@@ -122,14 +131,69 @@ def plan(preset, overrides, precision, ckpt, batch, seq):
     return p.peak_gb * GiB, p
 
 
+def expert_parallel_table(as_json: bool = False) -> list[dict]:
+    from moe_arch.config import load_config
+    from moe_arch.training.memory import PlanError, plan_memory
+
+    cfg = load_config("seed-3b")
+    rows = []
+    if not as_json:
+        header("memory planner: seed-3b per device with expert parallelism (80 GiB GPUs, bf16-mixed, FSDP)")
+        print(
+            f"{'GPUs':>5} {'EP':>3} {'state GiB':>10} {'activations':>12} {'fsdp gathered':>14} {'step tmp':>9} "
+            f"{'all-to-all':>11} {'peak GiB':>9} {'peak phase':>11} {'max batch':>10}"
+        )
+    for gpus, ep in EP_SETUPS:
+        try:
+            p = plan_memory(cfg, name="seed-3b", gpus=gpus, gpu_memory_gb=80, expert_parallel=ep)
+        except PlanError as e:
+            rows.append(dict(gpus=gpus, expert_parallel=ep, error=str(e)))
+            if not as_json:
+                print(f"{gpus:>5} {ep:>3}  error: {e}")
+            continue
+        g = p.gb
+        state = g["parameters"] + g["gradients"] + g["optimizer states"]
+        rows.append(
+            dict(
+                gpus=gpus,
+                expert_parallel=ep,
+                state_gb=state,
+                peak_gb=p.peak_gb,
+                phase=p.phase,
+                max_batch_size=p.max_batch_size,
+                gb=g,
+            )
+        )
+        if not as_json:
+            print(
+                f"{gpus:>5} {ep:>3} {state:>10.2f} {g['activations (kept)']:>12.2f} {g['fsdp gathered']:>14.2f} "
+                f"{g['optimizer-step temporaries']:>9.2f} {g.get('all-to-all buffers (one layer)', 0.0):>11.3f} "
+                f"{p.peak_gb:>9.2f} {p.phase:>11} {p.max_batch_size:>10}"
+            )
+    if not as_json:
+        print(
+            "state: parameters + gradients + optimizer states, sharded over all GPUs with or without expert "
+            "parallelism. EP N: FSDP gathers N x fewer experts per block, Muon orthogonalises only the rank's own "
+            "experts, the token all-to-all adds buffers (balanced routing assumed; up to N x under a skewed router). "
+            "Micro-batch 1 x 2048 (train.batch_size); max batch: the largest micro-batch within 90% of 80 GiB."
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", nargs=argparse.REMAINDER)
+    ap.add_argument("--expert-parallel", action="store_true", help="the planner's expert-parallel table alone")
     args = ap.parse_args()
     if args.child:
         spec = json.loads(args.child[0])
         child(**spec)
+        return
+    if args.expert_parallel:
+        rows = expert_parallel_table(args.json)
+        if args.json:
+            print(json.dumps(rows, indent=2))
         return
     rows = []
     if not args.json:
@@ -176,6 +240,7 @@ def main() -> None:
             "predicted / tensors - 1. RSS: the process's resident peak over its baseline (glibc keeps and fragments "
             "freed blocks). predicted: the planner for device=cpu (CPU kernels' activations, float32 Newton-Schulz)."
         )
+        expert_parallel_table()
 
 
 if __name__ == "__main__":

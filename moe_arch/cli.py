@@ -215,6 +215,8 @@ MEMORY_FLAGS = {
     "parallel": "--parallel",
     "checkpointing": "--activation-checkpointing",
     "max_seq_len": "--model.max_seq_len",
+    "expert_parallel": "--expert-parallel",
+    "n_experts": "--model.n_experts",
 }
 
 
@@ -233,6 +235,7 @@ def _info_memory(args, cfg) -> int:
             checkpointing=args.activation_checkpointing,
             precision=args.precision,
             device=args.device,
+            expert_parallel=args.expert_parallel,
         )
     except PlanError as e:
         print(f"error: {e.worded(MEMORY_FLAGS)}", file=sys.stderr)
@@ -250,7 +253,8 @@ def _info_memory(args, cfg) -> int:
     con.print(
         f"[bold]{args.config}[/]: {plan.parameters / 1e9:.3f}B parameters, {plan.precision}, micro-batch "
         f"{plan.batch_size} x {plan.seq_len} tokens, activation checkpointing {plan.activation_checkpointing}, "
-        f"{plan.gpus} x {args.gpu_memory:g} GiB {plan.device} ({plan.parallel})"
+        f"{plan.gpus} x {args.gpu_memory:g} GiB {plan.device} ({plan.parallel}"
+        + (f", expert parallel {plan.expert_parallel})" if plan.expert_parallel > 1 else ")")
     )
     t = Table(title="per device")
     t.add_column("component")
@@ -633,6 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--gpus", type=INT, default=1, help="--memory: devices (default 1)")
     i.add_argument("--gpu-memory", type=FLOAT, default=80.0, metavar="GB", help="--memory: GiB per device (default 80)")
     i.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp", help="--memory: data parallelism")
+    i.add_argument(
+        "--expert-parallel",
+        type=INT,
+        default=None,
+        metavar="N",
+        help="--memory: ranks each MoE layer's experts are split over; divides --gpus and model.n_experts, fsdp "
+        "only (default train.expert_parallel)",
+    )
     i.add_argument("--batch-size", type=INT, default=None, help="--memory: micro-batch (default train.batch_size)")
     i.add_argument("--seq-len", type=INT, default=None, help="--memory: tokens per sequence (default train.seq_len)")
     i.add_argument(

@@ -14,7 +14,19 @@ from moe_arch.cli import main
 from moe_arch.config import load_config
 from moe_arch.model import cpu_kernels
 from moe_arch.model.transformer import HybridLM, build_model
-from moe_arch.training.memory import GiB, Numerics, block_activations, head_activations, measure_step_peak, plan_memory
+from moe_arch.training.memory import (
+    GiB,
+    Numerics,
+    _muon_step_transient,
+    block_activations,
+    expert_block_params,
+    head_activations,
+    measure_step_peak,
+    mod_rows,
+    muon_groups,
+    plan_memory,
+)
+from moe_arch.training.optim import plan_parameters
 
 B, T = 4, 64
 
@@ -115,3 +127,78 @@ def test_info_memory_cli(capsys):
     assert "--gpus 0: must be >= 1" in capsys.readouterr().err
     assert main(["info", "tiny", "--memory", "--gpus", "2", "--precision", "bf16-compensated"]) == 2
     assert "bf16-compensated is not supported with FSDP" in capsys.readouterr().err
+
+
+def test_expert_parallel_splits_what_blocks_gather_and_muon_orthogonalises():
+    """Expert parallelism as the runtime does it: persistent state stays 1/gpus; FSDP gathers 1/ep of a block's
+    experts; Muon orthogonalises the rank's own whole experts; the token exchange adds two row permutations per
+    assignment (kept) and its buffers while a layer runs."""
+    cfg = load_config("seed-3b")
+    m = cfg.model
+    assert plan_memory(cfg, gpus=2).as_dict() == plan_memory(cfg, gpus=2, expert_parallel=1).as_dict()
+    one, two = plan_memory(cfg, gpus=2), plan_memory(cfg, gpus=2, expert_parallel=2)
+    assert one.expert_parallel == 1 and two.expert_parallel == 2 and "all-to-all buffers (one layer)" not in one.gb
+    for k in ("parameters", "gradients", "optimizer states"):  # sharded over all 2 ranks either way
+        assert two.gb[k] == one.gb[k]
+    # FSDP's unsharded block (two gathered in bf16 + one float32 gradient): its experts exactly 1/2 of them
+    with torch.device("meta"):
+        model = HybridLM(m)
+    per_block = [sum(p.numel() for p in blk.parameters()) for blk in model.layers]
+    experts = expert_block_params(model)
+    biggest = max(range(m.n_layers), key=per_block.__getitem__)
+    assert experts[biggest] == max(experts) > 0
+    assert (one.gb["fsdp gathered"] - two.gb["fsdp gathered"]) * GiB == (2 * 2 + 4) * experts[biggest] / 2
+    # Muon on the experts: the same batches (cut by the global shapes), each rank orthogonalising its own shard of
+    # whole experts under FSDP2 (with or without EP); unsharded (DDP) every rank runs all 14
+    plans = plan_parameters(model, cfg.optim)
+    for gpus, ep, sharded, local in ((2, 1, False, 14), (2, 1, True, 7), (2, 2, True, 7), (8, 2, True, 2)):
+        groups, held = muon_groups(plans, m.n_experts, gpus, ep, sharded)
+        assert {s[0] for s in held[1]} == {local}
+        assert groups[1] == muon_groups(plans, m.n_experts, 1, 1, False)[0][1]
+    assert {s[0] for s in muon_groups(plans, m.n_experts, 14, 7, True)[1][1]} == {1}
+
+    def expert_muon(ep: int, sharded: bool) -> float:  # the expert group's Newton-Schulz temporaries on 2 GPUs
+        groups, held = muon_groups(plans, m.n_experts, 2, ep, sharded)
+        return _muon_step_transient([[], groups[1]], 2, [True, True], [[], held[1]])
+
+    assert expert_muon(2, True) == expert_muon(1, True) == expert_muon(1, False) / 2
+    # the exchange: each MoE block keeps two int64 permutations per assignment more; dense blocks are unchanged
+    num = Numerics("bf16-mixed", "cuda", False, fsdp_mixed=True)
+    b1, b2 = block_activations(m, num, 1, 2048, model), block_activations(m, num, 1, 2048, model, ep=2)
+    routed = {"": 2048, "/mod": mod_rows(m, 1, 2048)[1]}  # MoD blocks route their real selected tokens
+    for x, y in zip(b1, b2):
+        moe = x.kind.split("/")[1] == "moe"
+        tokens = routed["/mod" if x.kind.endswith("/mod") else ""]
+        assert y.saved - x.saved == pytest.approx(16 * tokens * m.top_k if moe else 0, abs=1e-6)
+        assert (y.exchange > 0) == moe and x.exchange == 0 and y.transient - x.transient == y.exchange
+    # ... and its buffers: rows out and back, float32 norm output under autocast, 2048 tokens x top_k each way
+    assert two.gb["all-to-all buffers (one layer)"] * GiB == 2048 * m.top_k * 2 * m.d_model * 4
+    assert two.peak_gb < one.peak_gb  # seed-3b at its micro-batch: the smaller gathers win
+    assert plan_memory(cfg, gpus=8, expert_parallel=2).peak_gb < plan_memory(cfg, gpus=8).peak_gb
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--gpus", "8", "--expert-parallel", "7"], "--expert-parallel 7: must divide --gpus 8"),
+        (["--gpus", "8", "--expert-parallel", "4"], "--expert-parallel 4: must divide --model.n_experts=14"),
+        (
+            ["--gpus", "8", "--expert-parallel", "2", "--parallel", "ddp"],
+            "--expert-parallel 2: composes with --parallel",
+        ),
+        (["--gpus", "8", "--expert-parallel", "0"], "--expert-parallel 0: must be >= 1"),
+    ],
+)
+def test_info_memory_expert_parallel_errors(capsys, args, message):
+    assert main(["info", "seed-3b", "--memory", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_info_memory_expert_parallel_output(capsys):
+    assert main(["info", "seed-3b", "--memory", "--gpus", "14", "--expert-parallel", "7", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["expert_parallel"] == 7 and out["gb"]["all-to-all buffers (one layer)"] > 0
+    assert main(["info", "seed-3b", "--memory", "--gpus", "2", "--expert-parallel", "2", "--gpu-memory", "24"]) == 0
+    text = capsys.readouterr().out
+    assert "(fsdp, expert parallel 2)" in text and "7 of 14 experts" in text

@@ -73,6 +73,9 @@ class Experts(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
+        # Expert parallelism sets 1/N: a rank's expert gradient then sums N ranks' token losses (see
+        # moe_arch/parallel/expert_parallel.py), which data parallelism's mean would otherwise count N times.
+        self.grad_scale = 1.0
 
     def init_weights(self, std: float, out_std: float, gen: torch.Generator) -> None:
         nn.init.normal_(self.w_gate, 0.0, std, generator=gen)
@@ -80,11 +83,30 @@ class Experts(nn.Module):
         nn.init.normal_(self.w_down, 0.0, out_std, generator=gen)
 
     def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs [A, d]: rows grouped by expert, counts[e] rows for expert e of this module's (local) experts."""
+        w_gate, w_up, w_down = (_local(w, self.grad_scale) for w in (self.w_gate, self.w_up, self.w_down))
         offsets = counts.cumsum(0).to(torch.int32)
-        h = fused.swiglu(
-            grouped_matmul(xs, self.w_gate, counts, offsets), grouped_matmul(xs, self.w_up, counts, offsets)
-        )
-        return _ContiguousGrad.apply(grouped_matmul(h, self.w_down, counts, offsets))
+        h = fused.swiglu(grouped_matmul(xs, w_gate, counts, offsets), grouped_matmul(xs, w_up, counts, offsets))
+        return grouped_matmul(h, w_down, counts, offsets)
+
+
+def _local(w: torch.Tensor, grad_scale: float) -> torch.Tensor:
+    """Under expert parallelism the stacked weights are DTensors sharded over experts: this rank's experts."""
+    w = w.to_local() if hasattr(w, "to_local") else w
+    return w if grad_scale == 1.0 else _ScaleGrad.apply(w, grad_scale)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward scales the gradient (the weights' only: the rows' gradients are untouched)."""
+
+    @staticmethod
+    def forward(ctx, w, scale: float):
+        ctx.scale = scale
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
 
 
 class MoE(nn.Module):
@@ -95,6 +117,9 @@ class MoE(nn.Module):
         self.top_k = cfg.top_k
         self.router = RouterLinear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.d_ff_expert)
+        # How sorted rows reach the experts: None calls them here; expert parallelism installs an exchange
+        # (moe_arch.parallel.expert_parallel) that runs them on the ranks holding them.
+        self.exchange = None
         self.bias_balancing = cfg.router_bias_balancing
         self.bias_update_rate = cfg.router_bias_update_rate
         # Selection-only bias for auxiliary-loss-free balancing (saved with the model, never trained by gradient).
@@ -134,14 +159,19 @@ class MoE(nn.Module):
             flat = flat.index_select(0, keep)
         logits, probs, idx, weights = self.route(flat)
         n_tok = flat.shape[0]
-        if aux is None and n_tok * self.top_k <= DECODE_ASSIGNMENTS and not torch.is_grad_enabled():
+        few = n_tok * self.top_k <= DECODE_ASSIGNMENTS and not torch.is_grad_enabled()
+        if aux is None and few and self.exchange is None:
             y = self._few_tokens(flat, idx, weights)
         else:
             assign = idx.reshape(-1)
             order = torch.argsort(assign, stable=True)
             counts = torch.bincount(assign, minlength=self.n_experts)
             token_of = order // self.top_k
-            out = self.experts(flat.index_select(0, token_of), counts)
+            xs = flat.index_select(0, token_of)
+            if self.exchange is None:
+                out = _ContiguousGrad.apply(self.experts(xs, counts))
+            else:  # the exchange's backward hands the experts contiguous gradients
+                out = self.exchange(self.experts, xs, counts)
             out = out * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(out.dtype)
             y = torch.zeros_like(flat).index_add_(0, token_of, out.to(flat.dtype))
         if self.shared is not None:

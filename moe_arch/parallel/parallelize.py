@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
+from moe_arch.parallel.expert_parallel import apply_expert_parallel, moe_layers
 from moe_arch.precision import PrecisionPolicy
 
 
@@ -20,8 +21,16 @@ def resolve_mode(mode: str) -> str:
     return "fsdp" if mode == "auto" else mode
 
 
-def parallelize(model: nn.Module, mode: str, policy: PrecisionPolicy, device: torch.device) -> nn.Module:
+def parallelize(
+    model: nn.Module, mode: str, policy: PrecisionPolicy, device: torch.device, expert_parallel: int = 1
+) -> nn.Module:
     mode = resolve_mode(mode)
+    world = dist.get_world_size()
+    if expert_parallel > 1 and (mode != "fsdp" or world % expert_parallel):
+        raise ValueError(
+            f"train.expert_parallel={expert_parallel}: needs train.parallel fsdp (or auto) and a world size it "
+            f"divides (torchrun --nproc-per-node x nodes = {world}); set it to a divisor of {world}, or 1"
+        )
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP  # lazy: ~0.9 s with FSDP's; distributed only
 
@@ -36,10 +45,20 @@ def parallelize(model: nn.Module, mode: str, policy: PrecisionPolicy, device: to
         )
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # lazy: ~0.9 s to import; FSDP runs only
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy()
     if policy.autocast_dtype is not None:
         mp = MixedPrecisionPolicy(param_dtype=policy.autocast_dtype, reduce_dtype=torch.float32)
+    if expert_parallel == 1:
+        mesh = init_device_mesh(device.type, (world,))
+    else:
+        # One root mesh for both dimensions: FSDP2 composes with the experts' EP DTensors only on a shared root.
+        grid = init_device_mesh(
+            device.type, (world // expert_parallel, expert_parallel), mesh_dim_names=("dp_mod_ep", "ep")
+        )
+        mesh = grid["dp_mod_ep", "ep"]._flatten("dp")
+        apply_expert_parallel(model, grid["ep"])
+        for moe in moe_layers(model):  # each rank's experts sharded over the other EP groups' ranks
+            fully_shard(moe.experts, mesh=grid["dp_mod_ep"], mp_policy=mp)
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)

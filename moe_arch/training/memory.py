@@ -55,6 +55,8 @@ class PlanError(ValueError):
         "parallel": "parallel",
         "checkpointing": "checkpointing",
         "max_seq_len": "model.max_seq_len",
+        "expert_parallel": "expert_parallel",
+        "n_experts": "model.n_experts",
     }
 
     def __init__(self, template: str, value: object = None):
@@ -163,8 +165,9 @@ def mamba_bytes(cfg, num: Numerics, n: float) -> float:
     return n * per
 
 
-def moe_bytes(cfg, num: Numerics, n: float, padded: bool) -> float:
-    """Dropless MoE on n routed tokens (n * top_k assignments). padded: MoD's padding rows are removed first."""
+def moe_bytes(cfg, num: Numerics, n: float, padded: bool, ep: int = 1) -> float:
+    """Dropless MoE on n routed tokens (n * top_k assignments). padded: MoD's padding rows are removed first.
+    ep: expert-parallel ranks the experts are split over (the rows travel to their experts' ranks and back)."""
     d, E, k, f = cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_ff_expert
     x = num.resid if not num.autocast else 4  # the norm's output (float32 under autocast)
     e = num.expert
@@ -175,12 +178,31 @@ def moe_bytes(cfg, num: Numerics, n: float, padded: bool) -> float:
         per_token += 8 + x * d + x * d  # kept-row index, the kept rows, and the output rows index_copy'd back
     a = n * k
     per_assign = 8 + 8 + 4 + x * d + 2 * e * d  # order, token_of, weight; gathered rows; expert output, scaled
+    if ep > 1:
+        # parallel/expert_parallel.py: the gathered rows are sent (the all-to-all saves no tensor: its backward is
+        # the reverse exchange), the received rows sorted by local expert are what the grouped GEMM keeps in their
+        # place, and the returned outputs are the expert output above. Kept in addition: the two row permutations
+        # (index_select saves its index): by local expert, and back to arrival order. Balanced routing: a rank
+        # receives as many rows as it sends, so the SwiGLU below runs on as many rows as without expert parallelism
+        # (a skewed router can send a rank up to ep x as many). The buffers in flight: exchange_bytes.
+        per_assign += 8 + 8
     out = n * per_token + a * per_assign + _swiglu(num, a, f, e)
     if cfg.n_shared_experts:
         out += _swiglu(num, n, cfg.n_shared_experts * f, num.compute)
         if cfg.shared_expert_gate:
             out += n * (num.compute * d + 8)
     return out
+
+
+def exchange_bytes(cfg, num: Numerics, n: float, ep: int) -> float:
+    """The all-to-all buffers of one MoE layer under expert parallelism, alive while it runs (not kept): going out,
+    the rows sent and received before their sorted copy (the norm output's dtype); coming back, the outputs in
+    local-expert and arrival order before the received copy. The backward's reverse exchanges hold the gradients
+    of the same tensors. Balanced routing: n * top_k rows each way (up to ep x as many received under skew)."""
+    if ep == 1:
+        return 0.0
+    x = num.resid if not num.autocast else 4
+    return n * cfg.top_k * 2 * cfg.d_model * max(x, num.expert)
 
 
 def mod_bytes(cfg, num: Numerics, n_full: float, n_sel: float) -> float:
@@ -221,11 +243,12 @@ class BlockActivations:
     transient: float  # largest extra while its backward runs
     copies: float = 0.0  # of which autocast's bf16 weight copies
     seq_saved: float = 0.0  # of which the sequence part (seq_norm + attention / Mamba, without weight copies)
+    exchange: float = 0.0  # expert parallelism's all-to-all buffers while its MoE layer runs (forward or backward)
 
 
-def block_activations(cfg, num: Numerics, batch: int, seq: int, model=None) -> list[BlockActivations]:
+def block_activations(cfg, num: Numerics, batch: int, seq: int, model=None, ep: int = 1) -> list[BlockActivations]:
     """Per block: bytes kept for the backward (with autocast's weight copies when ``model``, a meta-device
-    HybridLM of ``cfg``, is given) and its backward's temporaries."""
+    HybridLM of ``cfg``, is given) and its backward's temporaries; ``ep``: expert-parallel ranks."""
     out = []
     N = batch * seq
     d = cfg.d_model
@@ -241,8 +264,10 @@ def block_activations(cfg, num: Numerics, batch: int, seq: int, model=None) -> l
             seq_part += mamba_bytes(cfg, num, rows)
             width = 2 * cfg.mamba_expand * d
         b = seq_part + rows * _norm_and_consumer(num, d)  # and ffn_norm
+        exchange = 0.0
         if ffn_kind == "moe":
-            b += moe_bytes(cfg, num, real, padded=mod)
+            b += moe_bytes(cfg, num, real, padded=mod, ep=ep)
+            exchange = exchange_bytes(cfg, num, real, ep)
             width = max(width, cfg.top_k * cfg.d_ff_expert)
         else:
             b += _swiglu(num, rows, cfg.d_ff, num.compute)
@@ -257,9 +282,10 @@ def block_activations(cfg, num: Numerics, batch: int, seq: int, model=None) -> l
                 f"{seq_kind}/{ffn_kind}{'/mod' if mod else ''}",
                 rows,
                 b + copies,
-                rows * 4 * (width + 2 * d),
+                rows * 4 * (width + 2 * d) + exchange,
                 copies,
                 seq_part,
+                exchange,
             )
         )
     return out
@@ -311,6 +337,7 @@ class MemoryPlan:
     seq_len: int
     activation_checkpointing: str
     parameters: int
+    expert_parallel: int = 1
     gb: dict = field(default_factory=dict)  # component -> GiB per device
     peak_gb: float = 0.0
     phase: str = ""  # which phase sets the peak
@@ -323,11 +350,30 @@ class MemoryPlan:
         return asdict(self)
 
 
-def _muon_step_transient(groups: list[list[tuple[int, ...]]], ns_bytes: int, batched: list[bool]) -> float:
+def muon_groups(
+    plans, n_experts: int, gpus: int, ep: int, sharded: bool
+) -> tuple[list[list[tuple]], list[list[tuple]]]:
+    """(global shapes, shapes one rank orthogonalises) of Muon's [2-D matrices, stacked experts]. BatchedMuon cuts
+    its batches by the global shapes (a DTensor's .shape) and gathers an FSDP-sharded 2-D update whole; a stacked
+    expert tensor sharded on dim 0 (FSDP2, with or without expert parallelism) is orthogonalised as the whole
+    experts of the rank's own shard (FSDP2's largest dim-0 chunk of its ep group's n_experts/ep experts), with no
+    gather (optim.holds_whole_experts)."""
+    groups = [[pl.shape for pl in plans if pl.optimizer == o] for o in ("muon", "expert_muon")]
+    held = [list(g) for g in groups]
+    if sharded and gpus > 1:
+        local = -(-(n_experts // ep) // (gpus // ep))
+        held[1] = [(local, *s[1:]) for s in groups[1]]
+    return groups, held
+
+
+def _muon_step_transient(
+    groups: list[list[tuple[int, ...]]], ns_bytes: int, batched: list[bool], held: list[list[tuple]] | None = None
+) -> float:
     """Muon's temporaries in bytes (``training/optim.py``). BatchedMuon handles its matrices in the batches of
     ``newton_schulz_batches``: the Nesterov updates (fp32) while they are concatenated, then the batch, and in
     each Newton-Schulz iteration X, the next X (ns dtype) and A, B [b, m, m]. torch.optim.Muon does one matrix at
-    a time: the same terms for one matrix."""
+    a time: the same terms for one matrix. ``held``: the shapes a rank orthogonalises when they are not the global
+    ones (expert parallelism's local experts), batched as the global ones."""
 
     def batch(shapes: list[tuple[int, ...]]) -> float:
         m, n = sorted(shapes[0][-2:])
@@ -336,10 +382,32 @@ def _muon_step_transient(groups: list[list[tuple[int, ...]]], ns_bytes: int, bat
         return max(8 * x if len(shapes) > 1 else 0, x * (4 + 2 * ns_bytes) + 2 * b * m * m * ns_bytes)
 
     peak = 0.0
-    for shapes, is_batched in zip(groups, batched):
+    for shapes, own, is_batched in zip(groups, held or groups, batched):
         batches = newton_schulz_batches(shapes) if is_batched else [[i] for i in range(len(shapes))]
-        peak = max([peak] + [batch([shapes[i] for i in idx]) for idx in batches])
+        peak = max([peak] + [batch([own[i] for i in idx]) for idx in batches])
     return peak
+
+
+def expert_block_params(model: HybridLM) -> list[int]:
+    """Per block: the parameters of its stacked experts (what expert parallelism splits; 0 for a dense block)."""
+    return [
+        sum(p.numel() for e in blk.modules() if isinstance(e, Experts) for p in e.parameters()) for blk in model.layers
+    ]
+
+
+def _check_expert_parallel(cfg: Config, ep: int, gpus: int, parallel: str) -> None:
+    """The runtime's constraints on expert parallelism (``train.expert_parallel``), in the planner's words."""
+    if ep == 1:
+        return
+    m = cfg.model
+    if not m.moe_layers:
+        raise PlanError("{expert_parallel} {value}: needs MoE layers (model.moe_layers is empty); use 1", ep)
+    if parallel != "fsdp":
+        raise PlanError(f"{{expert_parallel}} {{value}}: composes with {{parallel}} fsdp only, not {parallel!r}", ep)
+    if gpus % ep:
+        raise PlanError(f"{{expert_parallel}} {{value}}: must divide {{gpus}} {gpus}", ep)
+    if m.n_experts % ep:
+        raise PlanError(f"{{expert_parallel}} {{value}}: must divide {{n_experts}}={m.n_experts}", ep)
 
 
 def plan_memory(
@@ -356,8 +424,16 @@ def plan_memory(
     device: str = "cuda",
     kernels: bool | None = None,
     grad_accum: int | None = None,
+    expert_parallel: int | None = None,
 ) -> MemoryPlan:
-    for arg, v in (("gpus", gpus), ("batch_size", batch_size), ("seq_len", seq_len)):
+    """Per-device memory of one training step. ``expert_parallel`` (default ``train.expert_parallel``): the ranks
+    each MoE layer's experts are split over, as the runtime does it: a (gpus/ep "dp_mod_ep", ep "ep") mesh, each
+    rank of an ep group owning n_experts/ep whole experts, FSDP2-sharded over dp_mod_ep. Persistent expert state per
+    device stays 1/gpus of the total; what shrinks is what FSDP gathers of a block's experts (1/ep) and Muon's
+    expert temporaries (local whole experts, no gather); the token all-to-all adds two row permutations per
+    assignment (kept for the backward) and its buffers while a MoE layer runs."""
+    ep = cfg.train.expert_parallel if expert_parallel is None else expert_parallel
+    for arg, v in (("gpus", gpus), ("batch_size", batch_size), ("seq_len", seq_len), ("expert_parallel", ep)):
         if v is not None and v < 1:
             raise PlanError(f"{{{arg}}} {{value}}: must be >= 1", v)
     if seq_len is not None and seq_len > cfg.model.max_seq_len:  # as train.seq_len is (and bounds the work)
@@ -384,6 +460,7 @@ def plan_memory(
         raise PlanError(
             "bf16-compensated is not supported with FSDP (train.parallel=fsdp); use bf16-mixed or {parallel} ddp"
         )
+    _check_expert_parallel(cfg, ep, gpus, parallel)
     if kernels is None:
         kernels = device == "cpu" and cpu_kernels.available()
     sharded = parallel == "fsdp" and gpus > 1
@@ -402,7 +479,7 @@ def plan_memory(
     grads = n_params * num.param / shard
 
     # ---- activations of one micro-batch
-    blocks = block_activations(m, num, B, T, model)
+    blocks = block_activations(m, num, B, T, model, ep)
     head_saved, head_transient = head_activations(m, num, B, T)
     checkpointed = [ckpt == "full" or (ckpt == "selective" and i % 2 == 1) for i in range(m.n_layers)]
     N = B * T
@@ -417,11 +494,13 @@ def plan_memory(
     activations = sum(kept) + head_saved
     autocast_copies = head_copies(m, num) + sum(b.copies for b, c in zip(blocks, checkpointed) if not c)
 
-    # ---- FSDP: a block's parameters gathered whole (and the next one prefetched); its gradients reduce-scattered
+    # ---- FSDP: a block's parameters gathered whole (and the next one prefetched); its gradients reduce-scattered.
+    # Expert parallelism: the experts' all-gather runs over dp_mod_ep and brings back this rank's n_experts/ep only.
     gathered = 0.0
     if sharded:
         gbytes = 2 if num.fsdp_mixed else num.param
-        gathered = 2 * max(per_block_params) * gbytes + max(per_block_params) * 4  # two blocks + one unsharded grad
+        unsharded = max(p - e + e // ep for p, e in zip(per_block_params, expert_block_params(model)))
+        gathered = 2 * unsharded * gbytes + unsharded * 4  # two blocks + one unsharded grad
         root = n_params - sum(per_block_params)  # embedding and heads: the root unit, gathered for fwd and bwd
         gathered += root * gbytes
     ddp_buckets = n_params * num.param if parallel == "ddp" and gpus > 1 else 0.0  # DDP's gradient buckets
@@ -430,8 +509,14 @@ def plan_memory(
     static = params + opt + comp + ddp_buckets
     acc_grads = grads if accum > 1 else 0.0  # later micro-batches run with the earlier ones' gradients held
     # autocast caches its weight casts until the forward's autocast region ends: checkpointed blocks' copies too
+    # expert parallelism's exchange buffers of one MoE layer exist while it runs, before the heads' temporaries do
+    exchange = max(b.exchange for b in blocks)
     forward = (
-        acc_grads + activations + head_transient + gathered + sum(b.copies for b, c in zip(blocks, checkpointed) if c)
+        acc_grads
+        + activations
+        + max(head_transient, exchange)
+        + gathered
+        + sum(b.copies for b, c in zip(blocks, checkpointed) if c)
     )
     # backward: heads first (their gradients appear, their activations go), then blocks last to first
     head_params = n_params - sum(per_block_params)
@@ -441,13 +526,14 @@ def plan_memory(
         extra = blocks[i].transient + (recompute if checkpointed[i] or ckpt == "sequence" else 0.0)
         backward = max(backward, live + extra + gathered)
         live += per_block_params[i] * num.param / shard - kept[i]
-    muon_groups = [[pl.shape for pl in plans if pl.optimizer == o] for o in ("muon", "expert_muon")]
+    groups, held = muon_groups(plans, m.n_experts, gpus, ep, sharded)
     ns_bytes = 2 if device == "cuda" and cfg.optim.muon_ns_dtype in ("auto", "bfloat16") else 4
     if device == "cpu" and cfg.optim.muon_ns_dtype == "bfloat16":
         ns_bytes = 2
     batched = [ns_bytes != 2 or sharded, True]
-    # Under FSDP, BatchedMuon gathers each update whole: the same temporaries on every rank (not sharded).
-    step_tmp = _muon_step_transient(muon_groups, ns_bytes, batched)
+    # Under FSDP, BatchedMuon gathers each 2-D update whole (the same temporaries on every rank); stacked experts
+    # are orthogonalised as this rank's own shard of whole experts.
+    step_tmp = _muon_step_transient(groups, ns_bytes, batched, held)
     if prec == "bf16-compensated":
         step_tmp += n_params * (2 + 2)  # weights and gradients viewed in float32 during the step
     step = grads + step_tmp
@@ -456,7 +542,17 @@ def plan_memory(
     peak = static + phases[phase]
 
     plan = MemoryPlan(
-        name, prec, device, parallel if gpus > 1 else "none", gpus, B, T, ckpt, n_params, gpu_memory_gb=gpu_memory_gb
+        name,
+        prec,
+        device,
+        parallel if gpus > 1 else "none",
+        gpus,
+        B,
+        T,
+        ckpt,
+        n_params,
+        expert_parallel=ep,
+        gpu_memory_gb=gpu_memory_gb,
     )
     plan.gb = {
         k: v / GiB
@@ -471,6 +567,7 @@ def plan_memory(
             "ddp buckets": ddp_buckets,
             "optimizer-step temporaries": step_tmp,
             "head temporaries": head_transient,
+            "all-to-all buffers (one layer)": exchange,
         }.items()
         if v
     }
@@ -479,13 +576,19 @@ def plan_memory(
     if gpu_memory_gb:
         plan.fits = plan.peak_gb <= gpu_memory_gb * USABLE
         plan.max_batch_size = (
-            _largest_batch(cfg, name, gpus, gpu_memory_gb, parallel, T, ckpt, prec, device, kernels, accum)
+            _largest_batch(cfg, name, gpus, gpu_memory_gb, parallel, T, ckpt, prec, device, kernels, accum, ep)
             if plan.fits or B > 1
             else 0
         )
     if sharded:
         plan.notes.append(
             f"FSDP over {gpus} devices: parameters, gradients and optimizer states sharded; activations are per device"
+        )
+    if ep > 1:
+        plan.notes.append(
+            f"expert parallel {ep}: each rank runs {m.n_experts // ep} of {m.n_experts} experts (FSDP-sharded over "
+            f"{gpus // ep}); token exchange planned for balanced routing, a skewed router can send a rank up to "
+            f"{ep}x the rows"
         )
     return plan
 
@@ -530,7 +633,7 @@ def measure_step_peak(cfg: Config, precision: str, checkpointing: str, batch: in
     return peak
 
 
-def _largest_batch(cfg, name, gpus, gpu_memory_gb, parallel, T, ckpt, prec, device, kernels, accum) -> int:
+def _largest_batch(cfg, name, gpus, gpu_memory_gb, parallel, T, ckpt, prec, device, kernels, accum, ep) -> int:
     def fits(b: int) -> bool:
         p = plan_memory(
             cfg,
@@ -545,6 +648,7 @@ def _largest_batch(cfg, name, gpus, gpu_memory_gb, parallel, T, ckpt, prec, devi
             device=device,
             kernels=kernels,
             grad_accum=accum,
+            expert_parallel=ep,
         )
         return p.peak_gb <= gpu_memory_gb * USABLE
 

@@ -127,7 +127,7 @@ class BatchedMuon(Optimizer):
         MAX_BATCH_ELEMENTS, so the step's temporaries (updates, their concatenation, X and A, B) stay bounded
         instead of growing with the model (seed-3b's expert matrices: ~17 GB in one batch, see the planner)."""
         lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
-        wholes = []
+        wholes, owned = [], []
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
@@ -135,21 +135,36 @@ class BatchedMuon(Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - mom)
             update = p.grad.lerp(buf, mom) if group["nesterov"] else buf
-            whole = full(update)  # all-gather when sharded: orthogonalisation needs the whole matrix
+            owned.append(holds_whole_experts(p))
+            # Orthogonalisation needs whole matrices: a shard of whole experts has them, anything else is gathered.
+            whole = update.to_local() if owned[-1] else full(update)
             whole = whole if whole.ndim == 3 else whole.unsqueeze(0)
             wholes.append(whole if whole.shape[1] <= whole.shape[2] else whole.transpose(1, 2))
+        sizes = [w.shape[0] for w in wholes]
         batch = wholes[0] if len(wholes) == 1 else torch.cat(wholes)
         del wholes
         ortho = zeropower_batched(batch, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype=self.ns_dtype)
         del batch
-        for p, o in zip(params, ortho.split([p.shape[0] if p.ndim == 3 else 1 for p in params])):
+        for p, o, own in zip(params, ortho.split(sizes), owned):
             if p.shape[-2] > p.shape[-1]:
                 o = o.transpose(1, 2)
+            if own:
+                o = type(p).from_local(o.to(p.dtype), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            else:
+                o = shard_like(o.reshape(p.shape).to(p.dtype), p)  # DTensor .shape is the global shape
             p.mul_(1 - lr * wd)
-            p.add_(
-                shard_like(o.reshape(p.shape).to(p.dtype), p),  # DTensor .shape is the global shape
-                alpha=-muon_adjusted_lr(lr, tuple(p.shape), group["adjust_lr_fn"]),
-            )
+            p.add_(o, alpha=-muon_adjusted_lr(lr, tuple(p.shape), group["adjust_lr_fn"]))
+
+
+def holds_whole_experts(p: torch.Tensor) -> bool:
+    """A stacked expert tensor [E, in, out] sharded only over experts (FSDP2's dim-0 shards, expert parallelism):
+    each rank's local slice is whole expert matrices, which it orthogonalises alone (no all-gather)."""
+    placements = getattr(p, "placements", None)
+    return (
+        p.ndim == 3
+        and placements is not None
+        and all(pl.is_replicate() or getattr(pl, "dim", None) == 0 for pl in placements)  # Shard, _StridedShard
+    )
 
 
 # Largest Newton-Schulz batch of BatchedMuon, in matrix elements (2^27: 512 MB of float32 updates): large enough

@@ -187,6 +187,12 @@ class Trainer:
         self.dist = DistEnv.from_env(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
+        if self.dist.world % t.expert_parallel:
+            raise ConfigError(
+                f"train.expert_parallel={t.expert_parallel}: must divide the number of processes "
+                f"({self.dist.world}); launch with torchrun --nproc-per-node {t.expert_parallel} (or a multiple), "
+                "or set it to 1"
+            )
         self.policy = resolve_policy(t.precision, self.device)
         if self.device.type == "cpu" and t.cpu_malloc_cache:
             tune_cpu_malloc()
@@ -268,7 +274,7 @@ class Trainer:
         mode = self.cfg.train.parallel
         if not self.dist.enabled or mode == "none":
             return model
-        return parallelize(model, mode, self.policy, self.device)
+        return parallelize(model, mode, self.policy, self.device, self.cfg.train.expert_parallel)
 
     def _checkpoint_tokenizer(self, path: Path):
         """The tokenizer stored in the checkpoint at ``path`` (read lazily: no tensor is loaded), after checking
