@@ -9,6 +9,7 @@ SCRIPTS = [
     "bench_layers.py",
     "bench_train.py",
     "bench_moe_dispatch.py",
+    "bench_expert_parallel.py",
     "bench_mamba.py",
     "bench_compile.py",
     "bench_monitor.py",

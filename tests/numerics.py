@@ -240,3 +240,66 @@ def moe_experts_bound(x, w_gate, w_up, w_down, idx, weights):
         + TINY
     )
     return ref, bound
+
+
+def moe_experts_grad_bounds(x, w_gate, w_up, w_down, idx, weights, g):
+    """Float64 references and first-order float32 bounds for the gradients of the routed part of a top-k MoE
+    layer (see :func:`moe_experts_bound`) under the output cotangent g [N, d], whatever GEMMs and row orders compute
+    them (grouped over sorted rows, exchanged between ranks, one matmul per token).
+
+    Backward per (token n, slot k) with expert e = idx[n, k] and gy = w_nk g_n: dh = gy Wd^T (a d-term dot);
+    da = dh silu'(a) b, db = dh silu(a) (|silu'| <= 1.1, |silu''| <= 0.5, plus the kernels' exp and roundings);
+    dx = sum_k da Wg^T + db Wu^T (2f-term dots and k slots); dWg[e] = sum_n x^T da, dWu[e] = sum_n x^T db,
+    dWd[e] = sum_n h^T gy (sums over the expert's rows, whose count bounds their length). Each error term is the
+    rounding of that step on the majorant of its inputs plus its inputs' errors carried through |.| of the others.
+
+    Returns (refs, bounds): dicts with keys x [N, d], w_gate, w_up [E, d, f], w_down [E, f, d]."""
+    x, wg0, wu0, wd0, w, g = (t.detach().double() for t in (x, w_gate, w_up, w_down, weights, g))
+    E, d, f = wg0.shape
+    k = idx.shape[1]
+    rows = torch.bincount(idx.reshape(-1), minlength=E).max().item()
+    ins = [t.clone().requires_grad_() for t in (x, wg0, wu0, wd0)]
+    xx, wg, wu, wd = ins
+    a = torch.einsum("nd,nkdf->nkf", xx, wg[idx])
+    b = torch.einsum("nd,nkdf->nkf", xx, wu[idx])
+    y = torch.einsum("nkf,nkfd->nkd", torch.nn.functional.silu(a) * b, wd[idx])
+    refs = dict(zip(("x", "w_gate", "w_up", "w_down"), torch.autograd.grad((w[..., None] * y).sum(1), ins, g)))
+    wg, wu, wd = wg0[idx], wu0[idx], wd0[idx]
+    a, b = a.detach(), b.detach()
+    s = torch.sigmoid(a)
+    silu, dsilu = a * s, s * (1 + a * (1 - s))
+    h = silu * b
+    e_a = gamma(d) * torch.einsum("nd,nkdf->nkf", x.abs(), wg.abs())
+    e_b = gamma(d) * torch.einsum("nd,nkdf->nkf", x.abs(), wu.abs())
+    e_h = 1.1 * e_a * (b.abs() + e_b) + silu.abs() * e_b + gamma(EXP_ULPS + 4) * h.abs()
+    gy = w[..., None] * g[:, None, :]  # [N, k, d]
+    dh = torch.einsum("nkd,nkfd->nkf", gy, wd)
+    e_dh = gamma(d + 1) * torch.einsum("nkd,nkfd->nkf", gy.abs(), wd.abs())
+    da, db = dh * dsilu * b, dh * silu
+    e_da = (
+        e_dh * 1.1 * b.abs()
+        + dh.abs() * (0.5 * e_a * b.abs() + 1.1 * e_b)
+        + gamma(EXP_ULPS + 8) * (dh * b).abs() * s * (1 + a.abs())
+    )
+    e_db = e_dh * silu.abs() + dh.abs() * 1.1 * e_a + gamma(EXP_ULPS + 4) * (dh * silu).abs()
+    da_m, db_m = da.abs() + e_da, db.abs() + e_db  # majorants of the computed values
+    dx = gamma(2 * f + k) * (
+        torch.einsum("nkf,nkdf->nd", da_m, wg.abs()) + torch.einsum("nkf,nkdf->nd", db_m, wu.abs())
+    ) + (torch.einsum("nkf,nkdf->nd", e_da, wg.abs()) + torch.einsum("nkf,nkdf->nd", e_db, wu.abs()))
+
+    def per_expert(t: torch.Tensor) -> torch.Tensor:  # [N, k, p, q] -> [E, p, q] summed over each expert's rows
+        out = t.new_zeros(E, *t.shape[2:])
+        return out.index_add_(0, idx.reshape(-1), t.reshape(-1, *t.shape[2:]))
+
+    xa = x.abs()[:, None, :, None]
+    bounds = {
+        "x": dx + TINY,
+        "w_gate": per_expert(gamma(rows) * xa * da_m[:, :, None, :] + xa * e_da[:, :, None, :]) + TINY,
+        "w_up": per_expert(gamma(rows) * xa * db_m[:, :, None, :] + xa * e_db[:, :, None, :]) + TINY,
+        "w_down": per_expert(
+            (gamma(rows + 1) * (h.abs() + e_h))[..., None] * gy.abs()[:, :, None, :]
+            + e_h[..., None] * gy.abs()[:, :, None, :]
+        )
+        + TINY,
+    }
+    return refs, bounds

@@ -661,3 +661,45 @@ def _largest_batch(cfg, name, gpus, gpu_memory_gb, parallel, T, ckpt, prec, devi
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def measure_step_peak_distributed(
+    cfg: Config, precision: str, checkpointing: str, batch: int, seq: int, expert_parallel: int = 1, steps: int = 3
+) -> int:
+    """``measure_step_peak`` for this rank of a running process group (torchrun, CPU/gloo): the model FSDP2-sharded
+    as the trainer does it (``parallelize(..., "fsdp", expert_parallel=...)``), each rank on its own tokens. What
+    ``plan_memory(cfg, gpus=world, expert_parallel=..., device="cpu")`` predicts per device; the process group's
+    own buffers (gloo's) are not tensors and are not counted."""
+    import torch.distributed as dist
+
+    from moe_arch.parallel.parallelize import parallelize
+
+    cpu = torch.device("cpu")
+    policy = resolve_policy(precision, cpu)
+    g = torch.Generator().manual_seed(dist.get_rank())  # ranks see different tokens, hence different expert loads
+    tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=g)
+    targets = torch.randint(0, cfg.model.vocab_size, (batch, seq + cfg.model.n_predict - 1), generator=g)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model = (
+            build_model(cfg.model, seed=0).to(policy.param_dtype).train().set_activation_checkpointing(checkpointing)
+        )
+        model = parallelize(model, "fsdp", policy, cpu, expert_parallel)
+        opts = build_optimizers(model, cfg.optim)
+        for _ in range(steps):
+            with policy.autocast(cpu):
+                out = model(tokens, targets)
+            out.loss.backward()
+            del out
+            clip_grads_([p for p in model.parameters() if p.grad is not None], cfg.train.grad_clip)
+            with torch.no_grad():
+                for o in opts.values():
+                    o.step()
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
+    live = peak = 0
+    for _, n in sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    ):
+        live += n
+        peak = max(peak, live)
+    return peak
