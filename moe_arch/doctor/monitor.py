@@ -28,6 +28,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +39,7 @@ from torch import nn
 from moe_arch.config import MonitorConfig
 from moe_arch.doctor.analyze import TensorEvidence, infer_role, is_stacked
 from moe_arch.doctor.causes import REGISTRY, Finding, describe
+from moe_arch.doctor.causes.training_state import LOW_PRECISION_STATE_BY_DESIGN
 from moe_arch.doctor.engine import diagnose
 from moe_arch.doctor.nonfinite import _has_nonfinite
 from moe_arch.doctor.optim_map import OptimizerSummary
@@ -165,11 +167,21 @@ class Monitor:
         self._last_checked = -1
         self._stats: dict[str, Any] = {}
         self._dead_window: dict[int, deque] = {}
-        # optimizer.step calls that ran (its post hook fired), by step of the snapshot: a GradScaler or a skip-step
-        # optimizer skips the call while the loop's step advances (skipped_steps, said once per run)
-        self._applied = 0
-        self._applied_at: dict[int, int] = {}
+        # optimizer.step calls that ran (their post hooks fired), per optimizer, by step of the snapshot: a GradScaler
+        # or a skip-step optimizer skips the call while the loop's step advances (skipped_steps, said once per run);
+        # and the loop's iterations (after_step calls that advanced its step), which say what that step counts
+        self._applied: dict[str, int] = dict.fromkeys(self.optimizers, 0)
+        self._applied_at: dict[int, dict[str, int]] = {}
+        self._iterations = 0
+        self._iterations_at: dict[int, int] = {}
+        self._loop_step: int | None = None
         self._skips_alerted = False
+        # optimizer steps that ran with lr 0 in every param group below a non-zero scheduled peak (warmup_no_op),
+        # by step of the snapshot as _applied; and whether the optimizer state's dtypes were looked at (once)
+        self._zero_lr = 0
+        self._zero_lr_at: dict[int, int] = {}
+        self._zero_lr_alerted = False
+        self._state_checked = False
         gen = torch.Generator().manual_seed(0)
         self.tracked: list[_Tracked] = []
         role_of = roles
@@ -214,11 +226,15 @@ class Monitor:
                     t = by_id.get(id(p))
                     if t is not None:
                         t.optimizer, t.group_index = oname, gi
+        self._trained_groups = sorted({(t.optimizer, t.group_index) for t in self.tracked if t.optimizer is not None})
         self._snapshots: deque[tuple[int, dict[str, torch.Tensor]]] = deque()
         self._hooks = []
         opts = list(self.optimizers.values())
         if opts:
             self._hooks.append(opts[0].register_step_pre_hook(self._pre_step))
+            # counted before _post_step runs the checks (hooks run in the order they were registered)
+            for name, opt in self.optimizers.items():
+                self._hooks.append(opt.register_step_post_hook(partial(self._count_applied, name)))
             self._hooks.append(opts[-1].register_step_post_hook(self._post_step))
         self._snapshot(start_step)
         # Cross-rank fingerprints of replicated parameters (nothing to do on one rank or under pure FSDP2).
@@ -293,12 +309,16 @@ class Monitor:
         for t in self.tracked:
             if t.param.grad is not None:
                 t.had_grad += 1
+        if self._lr_zero_everywhere() is not None:
+            self._zero_lr += 1
         if (self.step + 1) % self.cfg.interval == 0:
             self._stats["grad_norm_groups"] = self._group_grad_norms()
 
+    def _count_applied(self, name: str, opt, args, kwargs) -> None:
+        self._applied[name] += 1
+
     def _post_step(self, opt, args, kwargs) -> None:
         self.step += 1
-        self._applied += 1
         if self.auto_check:
             self._check_replicas()
         if self.auto_check and self.step % self.cfg.interval == 0:
@@ -309,6 +329,9 @@ class Monitor:
         """Feed what a loop knows after an optimizer step (our trainer passes its step stats)."""
         if step is not None:
             self.step = step
+            if step != self._loop_step:
+                self._iterations += 1
+                self._loop_step = step
         new: list[Alert] = self._check_replicas()
         if stats:
             loss = stats.get("loss", loss)
@@ -400,10 +423,15 @@ class Monitor:
     def _snapshot(self, step: int) -> None:
         snap = {t.name: local(t.param.detach()).reshape(-1).index_select(0, t.idx).clone() for t in self.tracked}
         self._snapshots.append((step, snap))
-        self._applied_at[step] = self._applied
+        self._applied_at[step] = dict(self._applied)
+        self._iterations_at[step] = self._iterations
+        self._zero_lr_at[step] = self._zero_lr
         # Keep what the next check needs: the snapshot taken exactly `window` steps before it.
         while self._snapshots[0][0] < step + self.cfg.interval - self.cfg.window:
-            self._applied_at.pop(self._snapshots.popleft()[0], None)
+            old = self._snapshots.popleft()[0]
+            self._applied_at.pop(old, None)
+            self._iterations_at.pop(old, None)
+            self._zero_lr_at.pop(old, None)
 
     def _group_grad_norms(self) -> dict[str, float]:
         groups: dict[str, list[torch.Tensor]] = {}
@@ -441,7 +469,16 @@ class Monitor:
         skips = self._skipped_steps(step - ref_step, ref_step, evidence) if full_window else None
         if skips is not None:  # the skipped steps explain the tensors that never moved
             findings = [f for f in findings if not f.tensors or not set(f.tensors) <= set(skips.tensors)]
+        no_op = self._warmup_no_op(step - ref_step, ref_step, evidence) if full_window else None
+        if no_op is not None:  # ... and so do steps taken at lr 0
+            findings = [f for f in findings if not f.tensors or not set(f.tensors) <= set(no_op.tensors)]
         findings += self._router_findings()
+        # The optimizer state's dtypes, once, beside the window's first findings (a fact about the state, not a
+        # cause of the tensors' own findings)
+        state = None
+        if full_window and not self._state_checked:
+            self._state_checked = True
+            state = self._low_precision_state()
         alerts = []
         for f in findings:
             fresh = [t for t in f.tensors if (f.cause, t) not in self._alerted]
@@ -450,6 +487,11 @@ class Monitor:
         if skips is not None and not self._skips_alerted:  # said once; later windows still explain the tensors
             self._skips_alerted = True
             alerts.insert(0, self._alert_from(skips, step, step - ref_step, skips.tensors))
+        if no_op is not None and not self._zero_lr_alerted:
+            self._zero_lr_alerted = True
+            alerts.insert(0, self._alert_from(no_op, step, step - ref_step, no_op.tensors))
+        if state is not None:
+            alerts.append(self._alert_from(state, step, step - ref_step, state.tensors))
         for t in self.tracked:
             t.had_grad = 0
         self._snapshot(step)
@@ -611,14 +653,74 @@ class Monitor:
     def _skipped_steps(self, loop_steps: int, ref_step: int, evidence: list[TensorEvidence]) -> Finding | None:
         """Optimizer steps skipped over the window: fewer ``optimizer.step`` calls ran than the loop's step advanced.
         When none ran, every tracked tensor must also be bitwise unchanged (an optimizer whose step bypasses the
-        hooks still moves the weights)."""
+        hooks still moves the weights).
+
+        Several optimizers: a loop whose step advanced more than once per iteration counts every optimizer's step
+        (Lightning's ``global_step`` under manual optimization), so the applied steps are summed; otherwise it counts
+        iterations, in each of which every optimizer steps at most once, and the most active optimizer's count is
+        the applied one (an optimizer that steps less often by design, a GAN's discriminator, skips nothing)."""
         if not self.optimizers or ref_step not in self._applied_at:
             return None
-        applied = self._applied - self._applied_at[ref_step]
+        per = {n: self._applied[n] - self._applied_at[ref_step].get(n, 0) for n in self._applied}
+        iterations = self._iterations - self._iterations_at.get(ref_step, self._iterations)
+        applied = sum(per.values()) if 0 < iterations < loop_steps else max(per.values())
         tracked = [e for e in evidence if e.optimizer is not None]
         if applied == 0 and not (tracked and all(e.unchanged for e in tracked)):
             return None
-        return REGISTRY["skipped_steps"].live(loop_steps, applied, [e.name for e in tracked])
+        f = REGISTRY["skipped_steps"].live(loop_steps, applied, [e.name for e in tracked])
+        if f is not None and len(per) > 1:
+            f.evidence["applied_by_optimizer"] = per
+        return f
+
+    def _lr_zero_everywhere(self) -> float | None:
+        """The scheduled peak lr when every param group that holds a tracked tensor is at lr 0 below a non-zero
+        peak (``initial_lr``, which torch's schedulers set); None otherwise (an lr of 0 with no scheduled peak is
+        zero_learning_rate's)."""
+        groups = [self.optimizers[o].param_groups[gi] for o, gi in self._trained_groups]
+        if not groups or any(float(g["lr"]) != 0.0 for g in groups):
+            return None
+        peak = max(float(g.get("initial_lr", 0.0) or 0.0) for g in groups)
+        return peak if peak > 0 else None
+
+    def _warmup_no_op(self, loop_steps: int, ref_step: int, evidence: list[TensorEvidence]) -> Finding | None:
+        """Optimizer steps of the window that ran at lr 0 in every group (warmup_no_op)."""
+        if ref_step not in self._zero_lr_at:
+            return None
+        zero = self._zero_lr - self._zero_lr_at[ref_step]
+        tracked = [e for e in evidence if e.optimizer is not None]
+        peak = max(
+            (
+                float(self.optimizers[o].param_groups[gi].get("initial_lr", 0.0) or 0.0)
+                for o, gi in self._trained_groups
+            ),
+            default=0.0,
+        )
+        unchanged = bool(tracked) and all(e.unchanged for e in tracked)
+        return REGISTRY["warmup_no_op"].live(loop_steps, zero, peak, [e.name for e in tracked], unchanged)
+
+    @torch.no_grad()
+    def _low_precision_state(self) -> Finding | None:
+        """Adam second moments stored in bf16/fp16 (low_precision_optimizer_state), except in the optimizers that
+        keep them so by design (torchao's, optimi's)."""
+        names, dtypes, zero, total = [], set(), 0, 0
+        for t in self.tracked:
+            if t.optimizer is None:
+                continue
+            opt = self.optimizers[t.optimizer]
+            if type(opt).__module__.split(".")[0] in LOW_PRECISION_STATE_BY_DESIGN:
+                continue
+            st = opt.state.get(t.param) or {}
+            v = st.get("exp_avg_sq")
+            if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.dtype not in LOW_PRECISION:
+                continue
+            names.append(t.name)
+            dtypes |= {
+                str(x.dtype).replace("torch.", "") for x in (v, st.get("exp_avg")) if isinstance(x, torch.Tensor)
+            }
+            v = local(v)
+            zero += int((v == 0).sum())
+            total += v.numel()
+        return REGISTRY["low_precision_optimizer_state"].live(names, dtypes, zero, total) if names else None
 
     def _router_findings(self) -> list[Finding]:
         """MoE layers where some experts received no token over the whole window (from the trainer's stats)."""

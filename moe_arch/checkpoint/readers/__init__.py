@@ -7,6 +7,8 @@ reader (module)         what it reads                                   how opti
                         project's FSDP2 runs, torchtitan ``step-N``)    flattened ``optimizer.state.<fqn>`` keys
 ``deepspeed``           ``save_checkpoint`` folders (``latest``,         by name: ZeRO 1/2 ``param_slice_mappings``
                         ``global_stepN/``), ZeRO stages 0-2             over every rank's flat partitions
+``per_rank``            a folder of per-rank ``torch.save`` files        as ``torch_file`` (the lowest rank's file;
+                        (``ckpt_rank0.pt``, ``rank_1/model.pt``)        the others' copies go to ``replicas``)
 ``hf``                  HF Trainer ``checkpoint-N/``, accelerate        order + shape from the model class of
                         ``save_state``, PEFT adapters                   config.json on the meta device, carried
                                                                         through transformers' save conversion
@@ -45,6 +47,7 @@ from moe_arch.checkpoint.readers.base import (
 from moe_arch.checkpoint.readers.dcp import read_dcp
 from moe_arch.checkpoint.readers.deepspeed import is_deepspeed_dir, read_deepspeed
 from moe_arch.checkpoint.readers.hf import read_hf_folder
+from moe_arch.checkpoint.readers.per_rank import is_per_rank_dir, read_per_rank
 from moe_arch.checkpoint.readers.safetensors import read_safetensors, read_safetensors_index
 from moe_arch.checkpoint.readers.torch_file import read_torch_file
 from moe_arch.checkpoint.resolve import newest_in, run_checkpoints
@@ -73,6 +76,7 @@ class Reader:
 READERS: list[Reader] = [
     Reader("dcp", is_distributed, lambda p, trust: read_dcp(p)),
     Reader("deepspeed", is_deepspeed_dir, read_deepspeed),
+    Reader("per_rank", is_per_rank_dir, read_per_rank),
     Reader("hf", lambda p: p.is_dir(), read_hf_folder),
     Reader("safetensors", lambda p: p.suffix == ".safetensors", lambda p, trust: read_safetensors([p], p)),
     Reader(
@@ -98,6 +102,7 @@ def resolve_checkpoint_path(spec: str | Path) -> Path:
             or list(p.glob("model*.safetensors"))
             or list(p.glob("pytorch_model*.bin"))
             or list(p.glob("adapter_model.*"))
+            or is_per_rank_dir(p)
         ):
             return p
         # A Hugging Face output_dir: its newest checkpoint-N/ folder.

@@ -4,14 +4,18 @@ A replicated tensor (every LayerNorm under Megatron-style tensor parallelism, ev
 updated on each rank by the same computation on the same all-reduced gradient, so its copies are bitwise equal;
 the loss looks normal when they drift (BLOOM-176B's TP LayerNorm replicas diverged for 15 days through a
 grad-clipping sync bug; DDP stops synchronising after ``model.cpu(); model.cuda()``, pytorch#104336). In a
-checkpoint the copies are each rank's file (DeepSpeed ``mp_rank_XX_model_states.pt``); live, the monitor
-fingerprints them across ranks (:mod:`moe_arch.doctor.replicas`).
+checkpoint the copies are each rank's file (DeepSpeed ``mp_rank_XX_model_states.pt``, or a folder of per-rank
+``torch.save`` files such as a DDP loop's ``ckpt_rank{r}.pt``); live, the monitor fingerprints them across ranks
+(:mod:`moe_arch.doctor.replicas`).
 
 Which copies are replicas: tensors the checkpoint declares replicated (Megatron-DeepSpeed's universal checkpoint
-info, ``tp_replicated_parameter_patterns``); without such a declaration, the norms (1-D, named like a norm),
-which every tensor-parallel scheme replicates. Other tensors with a copy per rank are shards of one tensor (a
-column-parallel weight has the same name and shape on every rank and different values by design) and are never
-compared.
+info, ``tp_replicated_parameter_patterns``); in per-rank saves of a whole model, every tensor but the buffers
+(data parallelism replicates them; running statistics are each rank's own between broadcasts), except copies
+that are different tensors rather than a replica that drifted: a copy whose cosine similarity to the reference
+rank's is below 0.5 started from another initialisation (a hand-written tensor-parallel shard per rank), while
+drifted replicas start equal and stay close; otherwise the norms (1-D, named like a norm), which every
+tensor-parallel scheme replicates. Other tensors with a copy per rank are shards of one tensor (a column-parallel
+weight has the same name and shape on every rank and different values by design) and are never compared.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import re
 
 import torch
 
-from moe_arch.checkpoint.readers import release
+from moe_arch.checkpoint.readers import BUFFER_PATTERNS, release
 from moe_arch.doctor.analyze import infer_role
 from moe_arch.doctor.causes.base import CheckpointCause, CheckpointEvidence, Finding, describe, register
+
+SHARD_COSINE = 0.5  # below it, two copies are different tensors (own initialisations), not a drifted replica
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -69,31 +75,44 @@ class ReplicasDiverged(CheckpointCause):
         if view is None or not view.replicas:
             return []
         patterns = view.meta.get("replicated_patterns")
+        whole_model = view.meta.get("replicated") == "per_rank_saves"
         if patterns:
             replicated = [n for n in view.replicas if any(re.match(p, n) for p in patterns)]
             rule = f"declared replicated by the checkpoint ({', '.join(patterns[:4])})"
+        elif whole_model:
+            replicated = [n for n in view.replicas if not BUFFER_PATTERNS.search(n)]
+            rule = (
+                "every tensor of the per-rank saves but buffers (data parallelism replicates them), less copies "
+                f"that are different tensors (cosine similarity < {SHARD_COSINE}: a shard per rank)"
+            )
         else:
             replicated = [n for n, c in view.replicas.items() if infer_role(n, c[min(c)].shape, None) == "norm"]
             rule = "norms (every tensor-parallel scheme replicates them; other per-rank tensors are shards)"
         diverged: dict[str, dict] = {}
+        shards: list[str] = []
         for name in replicated:
             copies = {r: ti.get() for r, ti in view.replicas[name].items()}
             d = compare_copies(copies)
+            if d is not None and whole_model and _shard(name, copies, d):
+                shards.append(name)
+                d = None
             for t in copies.values():
                 release(t)
             if d is not None:
                 diverged[name] = d
         if not diverged:
             return []
+        files = view.meta.get("per_rank_files")
         worst = max(diverged, key=lambda n: diverged[n]["max_abs_diff"] or 0.0)
         return [
             self.finding(
                 "critical",
                 list(diverged),
                 {
-                    "source": "per-rank copies in the checkpoint",
+                    "source": "each rank's torch.save file" if files else "per-rank copies in the checkpoint",
                     "replicated": rule,
-                    "n_replicated_compared": len(replicated),
+                    "n_replicated_compared": len(replicated) - len(shards),
+                    "left_out_as_shards": shards,
                     "ranks": sorted({r for d in diverged.values() for r in d["ranks"]}),
                     "max_abs_diff": diverged[worst]["max_abs_diff"],
                     "worst": worst,
@@ -123,6 +142,22 @@ class ReplicasDiverged(CheckpointCause):
 
     def alert(self, f: Finding, step: int, window: int, tensors: list[str]) -> str:
         return f"step {step}: {f.summary}"
+
+
+def _shard(name: str, copies: dict[int, torch.Tensor], d: dict) -> bool:
+    """The differing copies are different tensors (each rank's own initialisation), not a replica that drifted:
+    their cosine similarity to the reference rank's copy is below SHARD_COSINE. Norms are replicated by every
+    scheme and never taken for shards."""
+    ref = copies[d["reference_rank"]]
+    if infer_role(name, tuple(ref.shape), None) == "norm" or ref.numel() < 2:
+        return False
+    a = ref.double().reshape(-1)
+    for r in d["ranks"]:
+        b = copies[r].double().reshape(-1)
+        cos = float(a @ b) / max(float(a.norm() * b.norm()), 1e-300)
+        if not cos < SHARD_COSINE:  # NaN (a non-finite copy) is no evidence of a shard
+            return False
+    return True
 
 
 def _reference_rank(ev: dict) -> int:

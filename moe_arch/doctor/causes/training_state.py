@@ -38,6 +38,7 @@ SKIPPED_CRITICAL = 0.9  # ... and above which (or when no step was applied at al
 ACCUMULATION_KEYS = ("gradient_accumulation_steps", "grad_accum", "accumulate_grad_batches", "accum_steps")
 LORA_B = re.compile(r"(^|\.)lora_(B|embedding_B)(\.|$)")
 LORA_A = re.compile(r"(^|\.)lora_(A|embedding_A)(\.|$)")
+LIVE_ZERO_LR_STEPS = 2  # optimizer steps at lr 0 in one monitor window that it reports (1: a warmup from 0)
 LOW_PRECISION_STATE_BY_DESIGN = ("torchao", "optimi")  # libraries whose AdamW stores bf16 moments on purpose
 
 
@@ -332,6 +333,27 @@ class WarmupNoOp(CheckpointCause):
         "check the schedule's warmup: it is counted in optimizer steps (not samples, tokens, epochs or micro-steps), "
         "must be shorter than the run, and a warmup that starts at lr 0 wastes its first step"
     )
+    short_fix = "check the schedule: no optimizer step should run at lr 0 (warmup in optimizer steps, float division)"
+
+    def live(self, window_steps: int, zero_steps: int, peak: float, tensors: list[str], unchanged: bool):
+        """The monitor's window: ``zero_steps`` of its ``window_steps`` optimizer steps ran with lr 0 in every param
+        group below the scheduled ``peak``. One such step is a warmup that starts at 0 (the Hugging Face default):
+        not reported; more are steps that did nothing. Critical when every step of the window did and ``tensors``
+        are all unchanged over it."""
+        if zero_steps < LIVE_ZERO_LR_STEPS:
+            return None
+        critical = zero_steps >= window_steps and unchanged
+        evidence = {
+            "kind": "lr_zero_live",
+            "optimizer_steps_at_lr_0": zero_steps,
+            "window_steps": window_steps,
+            "scheduled_peak_lr": peak,
+            "unchanged_over_window": unchanged,
+            "source": "live: each param group's lr when optimizer.step ran",
+        }
+        f = self.finding("critical" if critical else "warning", tensors, evidence)
+        f.summary = self.summarize(f)
+        return f
 
     def detect(self, ev: CheckpointEvidence) -> list[Finding]:
         if ev.view is None or not ev.trained:
@@ -395,6 +417,16 @@ class WarmupNoOp(CheckpointCause):
 
     def summarize(self, f: Finding) -> str:
         ev = f.evidence
+        if ev["kind"] == "lr_zero_live":
+            did = (
+                f"the weights ({describe(f.tensors)}) did not move"
+                if f.severity == "critical"
+                else "those steps did nothing"
+            )
+            return (
+                f"{ev['optimizer_steps_at_lr_0']} of the last {ev['window_steps']} optimizer steps ran with lr 0 in "
+                f"every param group while the schedule's peak is {fmt(ev['scheduled_peak_lr'])}: {did}"
+            )
         if ev["kind"] == "warmup_longer_than_run":
             return (
                 f"the warmup ({ev['warmup_steps']} steps) is as long as the run ({ev['run_steps']} steps): the "
@@ -433,6 +465,14 @@ class LowPrecisionOptimizerState(CheckpointCause):
         "deepspeed": "keep the optimizer's moments in fp32: enable bf16 with fp32 master weights and optimizer states "
         '("bf16": {"enabled": true}, without bf16_master_weights_and_grads / bf16_optimizer_states)',
     }
+    short_fix = "keep the moments in fp32 (fp32 weights under bf16 autocast, or an optimizer with fp32 state)"
+
+    def live(self, names: list[str], dtypes: set[str], zero: int, total: int) -> Finding:
+        """The monitor's view of the optimizer's state (its dtypes are fixed once it is created)."""
+        f = self._found(names, dtypes, zero, total)
+        f.evidence["source"] = "live: the optimizer's state tensors"
+        f.summary = self.summarize(f)
+        return f
 
     def detect(self, ev: CheckpointEvidence) -> list[Finding]:
         if ev.view is None or not ev.view.optimizers:
@@ -461,19 +501,19 @@ class LowPrecisionOptimizerState(CheckpointCause):
             release(v)
         if not names:
             return []
-        dtypes.discard("")
-        return [
-            self.finding(
-                "warning",
-                names,
-                {
-                    "moment_dtypes": sorted(dtypes),
-                    "n_tensors": len(names),
-                    "fraction_exp_avg_sq_zero": round(zero / total, 4) if total else None,
-                    "exp_avg_sq_elements": total,
-                },
-            )
-        ]
+        return [self._found(names, dtypes, zero, total)]
+
+    def _found(self, names: list[str], dtypes: set[str], zero: int, total: int) -> Finding:
+        return self.finding(
+            "warning",
+            names,
+            {
+                "moment_dtypes": sorted(dtypes - {""}),
+                "n_tensors": len(names),
+                "fraction_exp_avg_sq_zero": round(zero / total, 4) if total else None,
+                "exp_avg_sq_elements": total,
+            },
+        )
 
     def summarize(self, f: Finding) -> str:
         ev = f.evidence
