@@ -98,6 +98,22 @@ def layer_worker(out: str) -> None:
             torch.optim.Muon([ref_p], **kw).step()  # torch's own Muon (bf16 Newton-Schulz): bf16's precision
             mine_step, ref_step = p.to_local()[e - experts.start] - full[name][e], ref_p.detach() - full[name][e]
             assert (mine_step - ref_step).norm() / ref_step.norm() < 0.03
+    # A collapsed router: every token picks experts 0 and 1, so rank 1 receives no row at all. It still takes part
+    # in every exchange and its experts get a zero gradient (not none: FSDP reduces the same tensors on every rank).
+    collapsed = _layer()
+    collapsed.bias_balancing = True
+    collapsed.expert_bias.copy_(torch.tensor([2.0, 2.0, 0.0, 0.0]))
+    apply_expert_parallel(collapsed, init_device_mesh("cpu", (world,)))
+    _constant_gates(collapsed)
+    x = x_all[mine].clone().requires_grad_()
+    y = collapsed(x)
+    y.backward(g_all[mine])
+    _, _, idx, w = collapsed.route(x.detach())
+    assert set(idx.unique().tolist()) == {0, 1}
+    ref, bound = moe_experts_bound(x.detach(), full["w_gate"], full["w_up"], full["w_down"], idx, w)
+    assert_within(y.detach(), ref, bound, f"rank {rank} collapsed output")
+    for name, p in collapsed.experts.named_parameters():
+        assert p.grad is not None and bool(p.grad.to_local().abs().sum() > 0) == (rank == 0), (rank, name)
     dist.barrier()
     if rank == 0:
         Path(out).write_text(json.dumps({"counts": counts.tolist()}))

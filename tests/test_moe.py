@@ -88,6 +88,18 @@ def test_experts_with_no_tokens_are_fine():
     torch.testing.assert_close(y, dense_reference(m, x), rtol=1e-5, atol=1e-6)
 
 
+def test_experts_given_no_row_at_all_get_a_zero_gradient():
+    """An expert-parallel rank can receive no row in a step; its experts still take part in the backward (every
+    rank reduces the same gradients), each with an all-zero gradient."""
+    e = make(E=2).experts
+    x = torch.zeros(0, 32, requires_grad=True)
+    y = e(x, torch.zeros(2, dtype=torch.long))
+    y.sum().backward()
+    assert y.shape == (0, 32) and x.grad.shape == (0, 32)
+    for p in e.parameters():
+        assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()
+
+
 def test_aux_losses():
     m = make(E=4)
     with torch.no_grad():

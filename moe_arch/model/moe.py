@@ -33,7 +33,9 @@ _grouped_mm_broken: set[tuple[str, torch.dtype]] = set()
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` are grouped by expert (``counts[e]`` rows for expert e); returns x_e @ w[e] per group."""
     key = (x.device.type, x.dtype)
-    if _GROUPED_MM is not None and key not in _grouped_mm_broken:
+    # No rows at all (an expert-parallel rank none of whose experts was chosen): grouped_mm's backward can reject the
+    # empty input; the loop's matmuls give the weights their zero gradient, so every rank reduces the same tensors.
+    if _GROUPED_MM is not None and key not in _grouped_mm_broken and x.shape[0] > 0:
         try:
             return _GROUPED_MM(x, w.to(x.dtype), offs=offsets)
         except (RuntimeError, NotImplementedError) as e:
