@@ -150,8 +150,8 @@ class HFTokens(torch.utils.data.Dataset):
         return {"input_ids": t, "labels": t}
 
 
-def hf_tiny_llama_bf16():
-    """A two-layer Llama stored in bf16: the seed bug in someone else's model."""
+def hf_tiny_llama():
+    """A two-layer Llama (transformers), seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -164,7 +164,44 @@ def hf_tiny_llama_bf16():
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    return LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return LlamaForCausalLM(cfg)
+
+
+def hf_tiny_llama_bf16():
+    """A two-layer Llama stored in bf16: the seed bug in someone else's model."""
+    return hf_tiny_llama().to(torch.bfloat16)
+
+
+def hf_tiny_lora_llama():
+    """The two-layer Llama with peft LoRA adapters on q_proj / v_proj (the base frozen by peft)."""
+    import peft
+
+    return peft.get_peft_model(
+        hf_tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
+
+
+def hf_lora_trainer_run(out: Path, lr: float) -> None:
+    """Hugging Face's Trainer on :func:`hf_tiny_lora_llama`: 4 steps at a constant ``lr``, adapter checkpoints
+    ``checkpoint-2`` and ``checkpoint-4`` in ``out``."""
+    import transformers
+    from transformers import Trainer, TrainingArguments
+
+    transformers.logging.set_verbosity_error()
+    model = hf_tiny_lora_llama()
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=100,
+    )
+    Trainer(model=model, args=args, train_dataset=HFTokens()).train()
 
 
 def lightning_module(configure_optimizers, log_name: str | None = None):

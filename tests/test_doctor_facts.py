@@ -269,39 +269,12 @@ def test_accelerate_save_state_folders_with_frozen_tensors_are_never_healthy(tmp
 
 def test_peft_lora_trainer_folders_diagnose_the_adapters(tmp_path):
     """A LoRA run in Hugging Face's Trainer saves adapter_model.safetensors (the base is frozen on purpose)."""
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
     pytest.importorskip("accelerate")
-    from plain_runs import HFTokens
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from plain_runs import hf_lora_trainer_run
 
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    )
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        save_steps=2,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_steps=100,
-        lr_scheduler_type="constant",
-    )
-    Trainer(model=model, args=args, train_dataset=HFTokens()).train()
+    hf_lora_trainer_run(tmp_path, 1e-2)
     ck = tmp_path / "checkpoint-4"
     assert (ck / "adapter_model.safetensors").is_file() and not (ck / "model.safetensors").exists()
     d = diagnose(str(ck), DiagnoseOptions(against=str(tmp_path / "checkpoint-2")))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from plain_runs import HFTokens, Net
+from plain_runs import HFTokens, Net, hf_lora_trainer_run, hf_tiny_llama, hf_tiny_lora_llama
 from torch import nn
 
 from moe_arch.doctor.pipeline import DiagnoseOptions, diagnose
@@ -132,38 +132,11 @@ def test_adam_moments_stored_in_bf16(tmp_path, dtype):
 # ---------------------------------------------------------------------------------------------- LoRA adapters
 @pytest.mark.parametrize("lr", [0.0, 1e-2])
 def test_lora_adapters_that_never_train_are_idle_adapter(tmp_path, lr):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
     pytest.importorskip("accelerate")
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    )
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        learning_rate=lr,  # 0: a typo'd or mis-scaled lr for the adapters' only group
-        lr_scheduler_type="constant",
-        save_steps=2,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_steps=100,
-    )
-    Trainer(model=model, args=args, train_dataset=HFTokens()).train()
+    hf_lora_trainer_run(tmp_path, lr)  # lr 0: a typo'd or mis-scaled lr for the adapters' only group
     for d in _both(tmp_path / "checkpoint-4", tmp_path / "checkpoint-2"):
         adapters = sorted(e.name for e in d.evidence)
         if lr > 0:
@@ -182,25 +155,12 @@ def test_lora_adapters_that_never_train_are_idle_adapter(tmp_path, lr):
 def test_the_live_monitor_names_idle_adapters(lr):
     """The same rule live: a plain loop over a peft model, the monitor at interval 2 / window 4."""
     pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    pytest.importorskip("peft")
 
     from moe_arch.config import MonitorConfig
     from moe_arch.doctor import Monitor
 
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    )
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    model = hf_tiny_lora_llama()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     monitor = Monitor(model, opt, MonitorConfig(interval=2, window=4), print_fn=lambda s: None)
     for _ in range(8):
@@ -250,21 +210,10 @@ def test_hf_linear_warmup_longer_than_the_run(tmp_path, warmup):
     unit (540 for a 10-step run): the lr never gets past 2% of its peak. The twin warms up over 3 steps."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    )
+    model = hf_tiny_llama()
     model.save_pretrained(tmp_path / "init")
     args = TrainingArguments(
         output_dir=str(tmp_path),

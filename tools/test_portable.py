@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The tests whose assertions depend on floating-point results: kernels, model, MoE, Mamba, generation,
 # checkpointing (recomputation), parity with transformers, precision policies, optimizers, trainer determinism
-# and resume, the memory planner's measured bytes, and the MoD selection properties.
+# and resume, the memory planner's measured bytes, the MoD selection properties, and expert parallelism (a layer
+# against its float32 bounds, training against one process).
 NUMERICS_TESTS = [
     "tests/test_kernels.py",
     "tests/test_model.py",
@@ -41,6 +42,7 @@ NUMERICS_TESTS = [
     "tests/test_memory.py",
     "tests/test_properties.py",
     "tests/test_triton.py",
+    "tests/test_expert_parallel.py",
 ]
 
 RUNS = [
