@@ -47,6 +47,7 @@ def layer_worker(out: str) -> None:
 
     from moe_arch.model.transformer import Aux
     from moe_arch.parallel.expert_parallel import apply_expert_parallel
+    from moe_arch.training import optim
     from moe_arch.training.optim import BatchedMuon
 
     dist.init_process_group("gloo")
@@ -83,10 +84,13 @@ def layer_worker(out: str) -> None:
         # 1/world of the sum over both ranks' rows: the gradient of the mean of the ranks' losses
         got = p.grad.to_local() * world
         assert_within(got, refs[name][experts], bounds[name][experts], f"rank {rank} d{name}")
-    # Muon: the sharded experts' step equals each expert orthogonalised alone in one process
+    # Muon: the sharded experts' step equals each expert orthogonalised alone in one process, with no gather
     grads = {n: p.grad.full_tensor() for n, p in moe.experts.named_parameters()}
     kw = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    gather = optim.full
+    optim.full = lambda t: (_ for _ in ()).throw(AssertionError("gathered")) if t.ndim == 3 else gather(t)
     BatchedMuon(list(moe.experts.parameters()), ns_dtype=torch.float32, **kw).step()
+    optim.full = gather
     for name, p in moe.experts.named_parameters():
         for e in range(experts.start, experts.stop):
             alone = torch.nn.Parameter(full[name][e].clone())
@@ -185,9 +189,16 @@ def metrics(cfg: Config) -> list[dict]:
 
 
 def test_two_ranks_with_expert_parallel_train_as_one_process(ep_cfg, tmp_path):
-    ep = with_train(ep_cfg, run_name="ep", expert_parallel=2, activation_checkpointing="full")
+    d = with_train(ep_cfg, run_name="ep", expert_parallel=2, activation_checkpointing="full", sample_tokens=8)
+    d = d.to_dict()
+    d["monitor"] = {"enabled": True, "interval": 3, "window": 3}  # the live monitor on expert-parallel shards
+    ep = Config.from_dict(d)
     single = with_train(ep_cfg, run_name="single", batch_size=8)
-    torchrun(ep, tmp_path)
+    out = torchrun(ep, tmp_path)
+    assert out.stdout.count("sample: ") == 1  # generated on rank 0 from the gathered weights
+    alerts = Path(ep.train.out_dir) / "ep" / "alerts.jsonl"
+    crit = [a for a in map(json.loads, alerts.read_text().splitlines())] if alerts.exists() else []
+    assert not [a for a in crit if a["severity"] == "critical"], crit  # healthy: nothing critical
     Trainer(single).run()
     # Same data and math; the float summation order differs (as for FSDP: tests/test_distributed.py)
     torch.testing.assert_close(torch.tensor(run_losses(ep)), torch.tensor(run_losses(single)), rtol=2e-4, atol=0)
@@ -216,6 +227,9 @@ def test_expert_parallel_checkpoints_resume_at_other_sizes_and_are_read_everywhe
     four = with_train(ep_cfg, run_name="four", expert_parallel=2, batch_size=2)
     torchrun(four, tmp_path, "--resume", str(mid), nproc=4)
     torch.testing.assert_close(torch.tensor(run_losses(four)), torch.tensor(a[3:]), rtol=2e-4, atol=0)
+    norms = [r["grad_norm"] for r in metrics(base)][3:]
+    for run in (fsdp, four):
+        assert [r["grad_norm"] for r in metrics(run)] == pytest.approx(norms, rel=1e-3)
     # ... and one process (same global batch)
     one = with_train(ep_cfg, run_name="one", batch_size=8)
     t = Trainer(one, resume=str(mid))
@@ -243,13 +257,33 @@ def test_expert_parallel_checkpoints_resume_at_other_sizes_and_are_read_everywhe
     assert not [f for f in d.findings if f.severity == "critical"]
 
 
-@pytest.mark.slow  # 4 ranks, ~40 s
-def test_four_ranks_expert_parallel_by_fsdp_train_as_one_process(ep_cfg, tmp_path):
-    grid = with_train(ep_cfg, run_name="grid", expert_parallel=2, batch_size=2, ckpt_every=0)
-    single = with_train(ep_cfg, run_name="single", batch_size=8, ckpt_every=0)
+@pytest.mark.slow  # 4 ranks, ~40 s each
+@pytest.mark.parametrize(
+    "n_experts, top_k",
+    [
+        (4, 2),  # 2 experts per EP rank, FSDP-sharded 1 + 1
+        (6, 2),  # 3 per EP rank: uneven FSDP shards, 2 + 1
+        (2, 1),  # 1 per EP rank: one rank of each FSDP pair holds no expert at all
+    ],
+)
+def test_four_ranks_expert_parallel_by_fsdp_train_as_one_process(ep_cfg, tmp_path, n_experts, top_k):
+    """EP 2 x FSDP 2, with gradient accumulation and activation checkpointing: the gradient of each expert is that
+    of the global mean loss (a wrong divisor over either mesh dimension shows in the gradient norm)."""
+    d = ep_cfg.to_dict()
+    d["model"].update(n_experts=n_experts, top_k=top_k)
+    cfg = Config.from_dict(d)
+    grid = with_train(
+        cfg, run_name="grid", expert_parallel=2, batch_size=1, grad_accum=2, activation_checkpointing="full"
+    )
+    single = with_train(cfg, run_name="single", batch_size=4, grad_accum=2)
     torchrun(grid, tmp_path, nproc=4)
     Trainer(single).run()
     torch.testing.assert_close(torch.tensor(run_losses(grid)), torch.tensor(run_losses(single)), rtol=2e-4, atol=0)
+    a, b = metrics(grid), metrics(single)
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-3)
+    assert a[0]["grad_norm_expert_muon"] == pytest.approx(b[0]["grad_norm_expert_muon"], rel=1e-4)
+    for layer in (1, 3):
+        assert a[0][f"moe_load_L{layer}"] == b[0][f"moe_load_L{layer}"]
 
 
 @pytest.mark.slow

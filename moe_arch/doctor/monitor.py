@@ -451,7 +451,10 @@ class Monitor:
         # One all-reduce for every tensor's counts (FSDP2: each rank measured its own shard).
         flat = torch.cat([v for v, _ in per_tensor]) if per_tensor else torch.zeros(0, dtype=torch.float64)
         if self._dist and flat.numel():
+            # NCCL reduces device tensors only: the counts travel on the parameters' device and come back.
+            flat = flat.to(self.tracked[0].param.device)
             torch.distributed.all_reduce(flat)
+            flat = flat.cpu()
         evidence: list[TensorEvidence] = []
         ratio_by_group: dict[str, list[float]] = {}
         pos = 0

@@ -77,6 +77,7 @@ class Experts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
         # Expert parallelism sets 1/N: a rank's expert gradient then sums N ranks' token losses (see
         # moe_arch/parallel/expert_parallel.py), which data parallelism's mean would otherwise count N times.
+        # Exact for N a power of two; otherwise one more rounding of a gradient already in the compute dtype.
         self.grad_scale = 1.0
 
     def init_weights(self, std: float, out_std: float, gen: torch.Generator) -> None:

@@ -51,8 +51,6 @@ class AllToAllExchange:
     """The MoE layer's expert call under EP: ``(experts, rows sorted by global expert, counts [E]) -> outputs``
     in the same order, computed by the ranks that hold the experts."""
 
-    collective = True  # every rank must call it for every MoE layer (no shortcut for a few tokens)
-
     def __init__(self, group, n_experts: int):
         self.group = group
         self.size = dist.get_world_size(group)
@@ -62,10 +60,12 @@ class AllToAllExchange:
         send_counts = counts.view(self.size, self.n_local)  # [N, E/N]: my rows for each rank's each expert
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.group)
-        send, recv = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        splits = torch.cat([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # the layer's one host sync
+        send, recv = splits[: self.size], splits[self.size :]
         rows = _AllToAll.apply(xs, recv, send, self.group)  # [R, d]: by source rank, then local expert
         expert_of = torch.arange(self.n_local, device=xs.device).repeat(self.size)
-        order = torch.argsort(expert_of.repeat_interleave(recv_counts.flatten()), stable=True)
+        expert_of = expert_of.repeat_interleave(recv_counts.flatten(), output_size=sum(recv))
+        order = torch.argsort(expert_of, stable=True)
         out = experts(rows.index_select(0, order), recv_counts.sum(0))  # grouped by local expert
         out = out.index_select(0, torch.argsort(order))  # back to arrival order
         return _AllToAll.apply(out, send, recv, self.group)

@@ -11,10 +11,12 @@ would force all its singular values to ~1 and fight the softmax's temperature.
   matrix, batched (one ``baddbmm`` per Newton-Schulz step for all experts); parity with torch's Muon per slice
   is tested.
 - Under FSDP2 the matrices are sharded DTensors, and orthogonalisation needs the whole matrix: there every Muon
-  tensor goes to :class:`BatchedMuon`, which all-gathers each matrix's momentum-combined update, runs
-  Newton-Schulz on it (every rank, on the same full matrix) and keeps its own slice. Same arithmetic as the
-  single-process run; the optimizer state stays sharded. (The cheaper pattern, each rank orthogonalising a
-  subset of matrices and scattering the results, is not implemented.)
+  tensor goes to :class:`BatchedMuon`. A 2-D matrix's momentum-combined update is all-gathered, orthogonalised
+  (every rank, on the same full matrix) and each rank keeps its own slice; a stacked expert tensor is sharded on
+  the expert dim (FSDP2's dim-0 shards, expert parallelism), so a rank's slice is whole expert matrices, which it
+  orthogonalises alone with no gather (:func:`holds_whole_experts`). Same arithmetic per matrix as the
+  single-process run; the optimizer state stays sharded. (For 2-D matrices the cheaper pattern, each rank
+  orthogonalising a subset of matrices and scattering the results, is not implemented.)
 - Newton-Schulz precision (``optim.muon_ns_dtype``): torch's Muon runs it in bfloat16, which is what a GPU's
   tensor cores want; a CPU without bf16 matrix units runs it ~2x faster in float32 (and float32 is the more exact
   of the two). With ``auto`` a CPU run therefore sends its 2-D matrices to :class:`BatchedMuon` in float32;
@@ -70,8 +72,8 @@ def zeropower_batched(
 
 class BatchedMuon(Optimizer):
     """Muon for 2-D matrices and stacked expert matrices [E, in, out] (each expert's matrix orthogonalised on its
-    own), also when they are FSDP2 DTensor shards. State and hyper-parameters are those of torch.optim.Muon, so
-    checkpoints move between the two.
+    own), also when they are FSDP2 / expert-parallel DTensor shards. State and hyper-parameters are those of
+    torch.optim.Muon, so checkpoints move between the two.
 
     Matrices of one group with the same shape (and the experts of same-shaped stacks) are orthogonalised together:
     one batched Newton-Schulz per shape instead of one per matrix. ``ns_dtype`` is the Newton-Schulz precision
