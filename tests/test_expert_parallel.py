@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import ROOT
 from test_checkpoint import with_train
-from test_distributed import run_losses, t_step, torchrun
+from test_distributed import kill_a_rank, run_losses, t_step, torchrun
 
 from moe_arch.config import Config, ConfigError, ModelConfig
 from moe_arch.training.trainer import Trainer
@@ -288,35 +288,8 @@ def test_four_ranks_expert_parallel_by_fsdp_train_as_one_process(ep_cfg, tmp_pat
 
 @pytest.mark.slow
 def test_a_killed_rank_leaves_the_last_expert_parallel_checkpoint_loadable(ep_cfg, tmp_path):
-    import signal
-
-    import psutil
-
-    from moe_arch.config import save_config
-
     cfg = with_train(ep_cfg, run_name="killed", expert_parallel=2, steps=10_000, ckpt_every=2, keep_last=2)
-    path = tmp_path / "killed.yaml"
-    save_config(cfg, path)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    proc = subprocess.Popen(
-        [*cmd, "-m", "moe_arch", "train", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
-    for line in proc.stdout:
-        if line.startswith("step 5/"):
-            break
-    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "moe_arch" in " ".join(c.cmdline())]
-    workers[-1].send_signal(signal.SIGKILL)  # one rank dies, possibly inside a checkpoint's save
-    proc.communicate(timeout=300)
-    assert proc.returncode != 0
-    ck = Path(cfg.train.out_dir) / "killed" / "checkpoints"
-    latest = ck / (ck / "latest.txt").read_text().strip()
-    assert (latest / ".metadata").is_file()
+    latest = kill_a_rank(cfg, tmp_path)  # one rank dies, possibly inside a checkpoint's save
     t = Trainer(with_train(cfg, batch_size=8, steps=t_step(latest) + 1, expert_parallel=1), resume=str(latest))
     assert t.step == t_step(latest) >= 4
     t.run()

@@ -45,10 +45,10 @@ def worker(out: str, ep: int) -> None:
     import torch.distributed as dist
 
     from moe_arch.config import load_config
-    from moe_arch.training.memory import measure_step_peak_distributed
+    from moe_arch.training.memory import measure_step_peak
 
     dist.init_process_group("gloo")
-    peak = measure_step_peak_distributed(load_config("tiny"), "fp32", "none", 8, 128, expert_parallel=ep)
+    peak = measure_step_peak(load_config("tiny"), "fp32", "none", 8, 128, expert_parallel=ep)
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, peak)
     if dist.get_rank() == 0:

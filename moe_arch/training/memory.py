@@ -26,6 +26,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from moe_arch.config import Config
@@ -33,7 +34,7 @@ from moe_arch.model import cpu_kernels
 from moe_arch.model.mod import capacity_tokens
 from moe_arch.model.moe import Experts
 from moe_arch.model.transformer import HybridLM, build_model, layer_kinds
-from moe_arch.parallel.parallelize import clip_grads_
+from moe_arch.parallel.parallelize import clip_grads_, parallelize
 from moe_arch.precision import resolve_policy
 from moe_arch.training.optim import build_optimizers, newton_schulz_batches, plan_parameters
 from moe_arch.training.precision import CompensatedUpdates
@@ -597,20 +598,36 @@ def plan_memory(
 USABLE = 0.9
 
 
-def measure_step_peak(cfg: Config, precision: str, checkpointing: str, batch: int, seq: int, steps: int = 3) -> int:
+def measure_step_peak(
+    cfg: Config,
+    precision: str,
+    checkpointing: str,
+    batch: int,
+    seq: int,
+    steps: int = 3,
+    expert_parallel: int | None = None,
+) -> int:
     """What ``plan_memory(..., device="cpu")`` predicts, measured: the peak of live tensor bytes over building the
     model and ``steps`` training steps composed as the trainer does (precision policy, checkpointing, Muon + AdamW,
     compensated updates, clipping, zero_grad(set_to_none)), from the profiler's allocation events (+bytes / -bytes
-    in time order; the CPU analogue of torch.cuda.max_memory_allocated). Used by bench_memory.py and the tests."""
+    in time order; the CPU analogue of torch.cuda.max_memory_allocated). Used by bench_memory.py and the tests.
+
+    ``expert_parallel`` (inside a running process group: torchrun, gloo): this rank's peak with the model
+    FSDP2-sharded as the trainer shards it (``parallelize(..., "fsdp", expert_parallel)``), each rank on its own
+    tokens: what ``plan_memory(cfg, gpus=world, expert_parallel=...)`` predicts per device. The process group's own
+    buffers are not tensors and are not counted."""
     cpu = torch.device("cpu")
     policy = resolve_policy(precision, cpu)
-    g = torch.Generator().manual_seed(0)
+    sharded = expert_parallel is not None
+    g = torch.Generator().manual_seed(dist.get_rank() if sharded else 0)  # ranks route different tokens
     tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=g)
     targets = torch.randint(0, cfg.model.vocab_size, (batch, seq + cfg.model.n_predict - 1), generator=g)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = (
             build_model(cfg.model, seed=0).to(policy.param_dtype).train().set_activation_checkpointing(checkpointing)
         )
+        if sharded:
+            model = parallelize(model, "fsdp", policy, cpu, expert_parallel)
         opts = build_optimizers(model, cfg.optim)
         comp = CompensatedUpdates(dict(model.named_parameters())) if policy.compensated else None
         for _ in range(steps):
@@ -661,45 +678,3 @@ def _largest_batch(cfg, name, gpus, gpu_memory_gb, parallel, T, ckpt, prec, devi
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
-
-
-def measure_step_peak_distributed(
-    cfg: Config, precision: str, checkpointing: str, batch: int, seq: int, expert_parallel: int = 1, steps: int = 3
-) -> int:
-    """``measure_step_peak`` for this rank of a running process group (torchrun, CPU/gloo): the model FSDP2-sharded
-    as the trainer does it (``parallelize(..., "fsdp", expert_parallel=...)``), each rank on its own tokens. What
-    ``plan_memory(cfg, gpus=world, expert_parallel=..., device="cpu")`` predicts per device; the process group's
-    own buffers (gloo's) are not tensors and are not counted."""
-    import torch.distributed as dist
-
-    from moe_arch.parallel.parallelize import parallelize
-
-    cpu = torch.device("cpu")
-    policy = resolve_policy(precision, cpu)
-    g = torch.Generator().manual_seed(dist.get_rank())  # ranks see different tokens, hence different expert loads
-    tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=g)
-    targets = torch.randint(0, cfg.model.vocab_size, (batch, seq + cfg.model.n_predict - 1), generator=g)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model = (
-            build_model(cfg.model, seed=0).to(policy.param_dtype).train().set_activation_checkpointing(checkpointing)
-        )
-        model = parallelize(model, "fsdp", policy, cpu, expert_parallel)
-        opts = build_optimizers(model, cfg.optim)
-        for _ in range(steps):
-            with policy.autocast(cpu):
-                out = model(tokens, targets)
-            out.loss.backward()
-            del out
-            clip_grads_([p for p in model.parameters() if p.grad is not None], cfg.train.grad_clip)
-            with torch.no_grad():
-                for o in opts.values():
-                    o.step()
-            for o in opts.values():
-                o.zero_grad(set_to_none=True)
-    live = peak = 0
-    for _, n in sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    ):
-        live += n
-        peak = max(peak, live)
-    return peak
