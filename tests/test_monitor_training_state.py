@@ -12,8 +12,13 @@ On a plain PyTorch loop, on our trainer and on the Hugging Face Trainer with the
 
 And ``skipped_steps`` with several optimizers: a Lightning module with two optimizers under manual optimization,
 whose ``global_step`` counts each optimizer's step (two per batch). The healthy twin (every step applied) stays
-silent (counting one optimizer's steps against it read as 50% skipped); under a GradScaler whose every step
-overflows, both optimizers' skips are named.
+silent (counting one optimizer's steps against it read as 50% skipped), and so does a GAN-style module that steps
+one optimizer per batch, in turn; under a GradScaler whose every step overflows, both optimizers' skips are named.
+
+And the GradScaler's two paths on a plain loop: a fused AdamW (the Hugging Face default) is stepped on every step
+and skips inside its kernel, so its step hooks fire on skipped steps too; the monitor reads ``found_inf``. Steps
+at lr 0 that the GradScaler skipped are not warmup_no_op's; bf16 moments are read once some state exists; and a
+warning-level warmup_no_op does not hide the tensors' own findings.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ CFG = MonitorConfig(interval=5, window=10)
 
 def _plain(schedule, dtype=torch.float32, steps: int = 20):
     torch.manual_seed(0)
-    model = Net().to(dtype)
+    return _plain_model(Net().to(dtype), schedule, steps)
+
+
+def _plain_model(model, schedule, steps: int = 20):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     mon = Monitor(model, opt, CFG, enabled_output=False)
@@ -152,7 +160,7 @@ def test_hf_callback_names_steps_at_lr_0_and_its_default_warmup_stays_silent(tmp
     assert healthy.alerts == [], [a.message for a in healthy.alerts]
 
 
-def _lightning_two_optimizers(tmp_path, overflow: bool):
+def _lightning_two_optimizers(tmp_path, overflow: bool, alternate: bool = False):
     L = pytest.importorskip("lightning")
     from lightning.pytorch.plugins.precision import MixedPrecision
 
@@ -175,8 +183,13 @@ def _lightning_two_optimizers(tmp_path, overflow: bool):
             blocks.zero_grad()
             rest.zero_grad()
             self.manual_backward(loss)
-            blocks.step()
-            rest.step()
+            if not alternate:
+                blocks.step()
+                rest.step()
+            elif i % 2:  # a GAN's generator and discriminator: one optimizer per batch, in turn
+                blocks.step()
+            else:
+                rest.step()
 
         def configure_optimizers(self):
             ids = {id(p) for p in self.net.blocks.parameters()}
@@ -202,19 +215,92 @@ def _lightning_two_optimizers(tmp_path, overflow: bool):
         module,
         torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 64, (64, 8))), batch_size=8),
     )
-    assert trainer.global_step == 16  # two optimizer steps per batch, counted by Lightning (skipped or not)
+    # Lightning counts every optimizer step (two per batch, or one when they alternate), skipped or not
+    assert trainer.global_step == 16
     return cb.monitor, module
 
 
-def test_two_optimizers_that_both_step_are_not_counted_as_skips(tmp_path):
-    mon, _ = _lightning_two_optimizers(tmp_path, overflow=False)
+@pytest.mark.parametrize("alternate", [False, True], ids=["both_step", "alternating"])
+def test_two_optimizers_that_step_are_not_counted_as_skips(tmp_path, alternate):
+    mon, _ = _lightning_two_optimizers(tmp_path, overflow=False, alternate=alternate)
+    assert mon.loop_counts_each_optimizer_step  # the callback saw manual optimization
     assert mon.alerts == [], [a.message for a in mon.alerts]
 
 
-def test_two_optimizers_skipped_by_a_grad_scaler_are_named(tmp_path):
-    mon, module = _lightning_two_optimizers(tmp_path, overflow=True)
+@pytest.mark.parametrize("alternate", [False, True], ids=["both_step", "alternating"])
+def test_two_optimizers_skipped_by_a_grad_scaler_are_named(tmp_path, alternate):
+    mon, module = _lightning_two_optimizers(tmp_path, overflow=True, alternate=alternate)
     (alert,) = _of(mon, "skipped_steps")
     assert alert.step == 4 and alert.severity == "critical"
     assert alert.evidence["optimizer_steps_applied"] == 0 and alert.evidence["trainer_steps"] == 4
     assert alert.evidence["applied_by_optimizer"] == {"optimizer0": 0, "optimizer1": 0}
     assert sorted(alert.tensors) == sorted(n for n, _ in module.named_parameters())
+
+
+def _scaled(fused: bool, overflow_steps: int, dtype=torch.float32, steps: int = 20, schedule=lambda s: 1.0):
+    """A plain loop under torch.amp's GradScaler("cpu"), whose first ``overflow_steps`` losses are infinite (every
+    gradient overflows, so the scaler skips the step). A fused AdamW takes the GradScaler's other path: its step
+    runs on every step (both step hooks fire) and skips inside the kernel on ``found_inf``. The scheduler steps only
+    when the scale did not drop, as the Hugging Face / Accelerate loops do."""
+    torch.manual_seed(0)
+    model = Net().to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    scaler = torch.amp.GradScaler("cpu")
+    mon = Monitor(model, opt, CFG, enabled_output=False)
+    g = torch.Generator().manual_seed(0)
+    for i in range(steps):
+        tok = torch.randint(0, 64, (8, 16), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(tok[:, :-1]).float().reshape(-1, 64), tok[:, 1:].reshape(-1))
+        if i < overflow_steps:
+            loss = loss * float("inf")
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if scaler.get_scale() >= scale:
+            sched.step()
+        mon.after_step(step=i + 1)
+    return mon, model
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_every_step_skipped_by_a_grad_scaler_is_critical_also_under_a_fused_optimizer(fused):
+    assert torch.optim.AdamW([torch.zeros(1)], fused=True)._step_supports_amp_scaling  # the path under test
+    # a warmup from lr 0 whose scheduler never steps (every step's scale drops): the lr-0 steps were skipped, not
+    # taken, so warmup_no_op stays silent and skipped_steps explains the unmoved weights
+    mon, model = _scaled(fused, overflow_steps=20, schedule=lambda s: min(1.0, s / 10))
+    (alert,) = mon.alerts
+    assert alert.cause == "skipped_steps" and alert.step == CFG.window and alert.severity == "critical"
+    assert alert.evidence["optimizer_steps_applied"] == 0 and alert.evidence["trainer_steps"] == CFG.window
+    assert sorted(alert.tensors) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_a_fused_optimizer_under_a_grad_scaler_that_applies_its_steps_stays_silent():
+    mon, _ = _scaled(True, overflow_steps=0, schedule=lambda s: min(1.0, (s + 1) / 10))
+    assert mon.alerts == [], [a.message for a in mon.alerts]
+
+
+def test_bf16_moments_are_named_once_the_state_exists_after_skipped_steps():
+    # the first window's steps are all skipped (no optimizer state yet): the moments are read at a later window
+    mon, model = _scaled(False, overflow_steps=CFG.window, dtype=torch.bfloat16)
+    assert [a.cause for a in mon.alerts if a.step == CFG.window] == ["skipped_steps"]
+    (alert,) = _of(mon, "low_precision_optimizer_state")
+    assert alert.step == CFG.window + CFG.interval and alert.evidence["moment_dtypes"] == ["bfloat16"]
+
+
+def test_some_steps_at_lr_0_do_not_hide_the_other_findings():
+    # a warning (3 steps at lr 0, the weights moved) explains nothing: a parameter that never gets a gradient is
+    # still named beside it
+    torch.manual_seed(0)
+    model = Net()
+    model.unused = torch.nn.Parameter(torch.randn(4, 4))
+    mon, _ = _plain_model(model, lambda s: min(1.0, s // 3))
+    (warning,) = _of(mon, "warmup_no_op")
+    assert warning.severity == "warning" and "did not move the weights" in warning.message
+    (alert,) = _of(mon, "no_gradient")
+    assert alert.severity == "critical" and alert.tensors == ["unused"]
+    torch.manual_seed(0)
+    healthy, _ = _plain_model(Net(), lambda s: min(1.0, s // 3))
+    assert [a.cause for a in healthy.alerts] == ["warmup_no_op"], [a.message for a in healthy.alerts]

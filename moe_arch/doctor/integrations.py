@@ -99,6 +99,9 @@ class LightningMonitorCallback(_LBase):
             auto_check=False,
             on_critical=stop,
         )
+        # Under manual optimization Lightning's global_step counts every optimizer.step call (skipped by a
+        # GradScaler or not), not batches: the monitor compares it with the sum of the optimizers' applied steps.
+        self.monitor.loop_counts_each_optimizer_step = not pl_module.automatic_optimization
         self.monitor.preflight()  # before step 1, as the Hugging Face callback
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

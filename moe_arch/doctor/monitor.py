@@ -131,6 +131,13 @@ def _as_dict(optimizers) -> dict[str, torch.optim.Optimizer]:
     return {f"optimizer{i}": _unwrap(o) for i, o in enumerate(optimizers)}
 
 
+def _found_inf(opt) -> torch.Tensor | None:
+    """The GradScaler's overflow flag set on an optimizer that skips inside its own step (fused AdamW), during
+    that step; None for the others (the GradScaler does not call their step when it skips)."""
+    found_inf = getattr(opt, "found_inf", None)
+    return found_inf if isinstance(found_inf, torch.Tensor) else None
+
+
 class Monitor:
     def __init__(
         self,
@@ -172,10 +179,24 @@ class Monitor:
         # and the loop's iterations (after_step calls that advanced its step), which say what that step counts
         self._applied: dict[str, int] = dict.fromkeys(self.optimizers, 0)
         self._applied_at: dict[int, dict[str, int]] = {}
+        # A GradScaler calls step() on every step of an optimizer that skips inside its kernel (fused AdamW, the
+        # Hugging Face default): both hooks fire, and the step was skipped when ``opt.found_inf`` is non-zero.
+        # Those skips are summed on the device (no host sync per step) and read at check time.
+        self._fused_skips: dict[str, Any] = dict.fromkeys(self.optimizers, 0)
+        self._fused_skips_at: dict[int, dict[str, Any]] = {}
         self._iterations = 0
         self._iterations_at: dict[int, int] = {}
+        # iterations in which at least one optimizer step was applied (an optimizer that steps every other batch,
+        # a GAN's generator, skips nothing); the hook calls and fused skips of the iteration under way
+        self._iterations_applied: Any = 0
+        self._iterations_applied_at: dict[int, Any] = {}
+        self._calls_in_iteration = 0
+        self._skips_in_iteration: Any = 0
         self._loop_step: int | None = None
         self._skips_alerted = False
+        # The loop's step counts every optimizer.step call, not iterations (Lightning's global_step under manual
+        # optimization, which its callback sets): the applied steps are then summed over the optimizers.
+        self.loop_counts_each_optimizer_step = False
         # optimizer steps that ran with lr 0 in every param group below a non-zero scheduled peak (warmup_no_op),
         # by step of the snapshot as _applied; and whether the optimizer state's dtypes were looked at (once)
         self._zero_lr = 0
@@ -310,12 +331,20 @@ class Monitor:
             if t.param.grad is not None:
                 t.had_grad += 1
         if self._lr_zero_everywhere() is not None:
-            self._zero_lr += 1
+            # only steps that apply: a fused optimizer under a GradScaler also runs this on the steps it skips
+            found_inf = _found_inf(opt)
+            self._zero_lr = self._zero_lr + (1 if found_inf is None else (found_inf == 0).long())
         if (self.step + 1) % self.cfg.interval == 0:
             self._stats["grad_norm_groups"] = self._group_grad_norms()
 
     def _count_applied(self, name: str, opt, args, kwargs) -> None:
         self._applied[name] += 1
+        self._calls_in_iteration += 1
+        found_inf = _found_inf(opt)
+        if found_inf is not None:
+            skipped = (found_inf != 0).long()
+            self._fused_skips[name] = self._fused_skips[name] + skipped
+            self._skips_in_iteration = self._skips_in_iteration + skipped
 
     def _post_step(self, opt, args, kwargs) -> None:
         self.step += 1
@@ -332,6 +361,9 @@ class Monitor:
             if step != self._loop_step:
                 self._iterations += 1
                 self._loop_step = step
+                applied = self._calls_in_iteration - self._skips_in_iteration
+                self._iterations_applied = self._iterations_applied + (applied > 0)
+                self._calls_in_iteration, self._skips_in_iteration = 0, 0
         new: list[Alert] = self._check_replicas()
         if stats:
             loss = stats.get("loss", loss)
@@ -424,13 +456,17 @@ class Monitor:
         snap = {t.name: local(t.param.detach()).reshape(-1).index_select(0, t.idx).clone() for t in self.tracked}
         self._snapshots.append((step, snap))
         self._applied_at[step] = dict(self._applied)
+        self._fused_skips_at[step] = dict(self._fused_skips)  # device sums are replaced, never added in place
         self._iterations_at[step] = self._iterations
+        self._iterations_applied_at[step] = self._iterations_applied
         self._zero_lr_at[step] = self._zero_lr
         # Keep what the next check needs: the snapshot taken exactly `window` steps before it.
         while self._snapshots[0][0] < step + self.cfg.interval - self.cfg.window:
             old = self._snapshots.popleft()[0]
             self._applied_at.pop(old, None)
+            self._fused_skips_at.pop(old, None)
             self._iterations_at.pop(old, None)
+            self._iterations_applied_at.pop(old, None)
             self._zero_lr_at.pop(old, None)
 
     def _group_grad_norms(self) -> dict[str, float]:
@@ -470,16 +506,18 @@ class Monitor:
         summaries = [OptimizerSummary(n, "live", "live", 0, 0, 0, []) for n in self.optimizers]
         findings = diagnose(evidence, summaries, bool(self.optimizers), f"step {ref_step}") if full_window else []
         skips = self._skipped_steps(step - ref_step, ref_step, evidence) if full_window else None
-        if skips is not None:  # the skipped steps explain the tensors that never moved
-            findings = [f for f in findings if not f.tensors or not set(f.tensors) <= set(skips.tensors)]
+        # Only a critical finding (no step moved the weights) explains the tensors that never moved; a warning's
+        # steps still moved them, so the tensors' own findings stay.
         no_op = self._warmup_no_op(step - ref_step, ref_step, evidence) if full_window else None
-        if no_op is not None:  # ... and so do steps taken at lr 0
-            findings = [f for f in findings if not f.tensors or not set(f.tensors) <= set(no_op.tensors)]
+        for explains in (skips, no_op):
+            if explains is not None and explains.severity == "critical":
+                findings = [f for f in findings if not f.tensors or not set(f.tensors) <= set(explains.tensors)]
         findings += self._router_findings()
         # The optimizer state's dtypes, once, beside the window's first findings (a fact about the state, not a
         # cause of the tensors' own findings)
         state = None
-        if full_window and not self._state_checked:
+        # not before some state exists (every step so far skipped by a GradScaler creates none)
+        if full_window and not self._state_checked and any(o.state for o in self.optimizers.values()):
             self._state_checked = True
             state = self._low_precision_state()
         alerts = []
@@ -658,15 +696,26 @@ class Monitor:
         When none ran, every tracked tensor must also be bitwise unchanged (an optimizer whose step bypasses the
         hooks still moves the weights).
 
-        Several optimizers: a loop whose step advanced more than once per iteration counts every optimizer's step
-        (Lightning's ``global_step`` under manual optimization), so the applied steps are summed; otherwise it counts
-        iterations, in each of which every optimizer steps at most once, and the most active optimizer's count is
-        the applied one (an optimizer that steps less often by design, a GAN's discriminator, skips nothing)."""
+        A fused optimizer under a GradScaler runs its hooks on the steps it skips (``found_inf`` set): those are
+        not applied.
+
+        Several optimizers: a loop whose step counts every optimizer's step (Lightning's ``global_step`` under
+        manual optimization, ``loop_counts_each_optimizer_step``, or seen advancing more than once per iteration) is
+        compared with the sum of their applied steps; a loop fed through ``after_step`` with the iterations in which
+        at least one optimizer applied a step (a GAN alternating its optimizers skips nothing); hooks alone (no loop
+        step) with the most active optimizer."""
         if not self.optimizers or ref_step not in self._applied_at:
             return None
-        per = {n: self._applied[n] - self._applied_at[ref_step].get(n, 0) for n in self._applied}
+        # one host read per check for the fused skips (device sums)
+        skipped = {n: int(self._fused_skips[n] - self._fused_skips_at[ref_step].get(n, 0)) for n in self._applied}
+        per = {n: self._applied[n] - self._applied_at[ref_step].get(n, 0) - skipped[n] for n in self._applied}
         iterations = self._iterations - self._iterations_at.get(ref_step, self._iterations)
-        applied = sum(per.values()) if 0 < iterations < loop_steps else max(per.values())
+        if self.loop_counts_each_optimizer_step or 0 < iterations < loop_steps:  # the latter: a loop not told
+            applied = sum(per.values())
+        elif iterations > 0 and len(per) > 1:
+            applied = int(self._iterations_applied - self._iterations_applied_at.get(ref_step, 0))
+        else:
+            applied = max(per.values())
         tracked = [e for e in evidence if e.optimizer is not None]
         if applied == 0 and not (tracked and all(e.unchanged for e in tracked)):
             return None
@@ -689,7 +738,7 @@ class Monitor:
         """Optimizer steps of the window that ran at lr 0 in every group (warmup_no_op)."""
         if ref_step not in self._zero_lr_at:
             return None
-        zero = self._zero_lr - self._zero_lr_at[ref_step]
+        zero = int(self._zero_lr - self._zero_lr_at[ref_step])  # a device sum under a fused optimizer
         tracked = [e for e in evidence if e.optimizer is not None]
         peak = max(
             (

@@ -338,8 +338,8 @@ class WarmupNoOp(CheckpointCause):
     def live(self, window_steps: int, zero_steps: int, peak: float, tensors: list[str], unchanged: bool):
         """The monitor's window: ``zero_steps`` of its ``window_steps`` optimizer steps ran with lr 0 in every param
         group below the scheduled ``peak``. One such step is a warmup that starts at 0 (the Hugging Face default):
-        not reported; more are steps that did nothing. Critical when every step of the window did and ``tensors``
-        are all unchanged over it."""
+        not reported; more are steps that did not move the weights (Adam's moments still moved). Critical when
+        every step of the window ran at lr 0 and ``tensors`` are all unchanged over it."""
         if zero_steps < LIVE_ZERO_LR_STEPS:
             return None
         critical = zero_steps >= window_steps and unchanged
@@ -421,7 +421,7 @@ class WarmupNoOp(CheckpointCause):
             did = (
                 f"the weights ({describe(f.tensors)}) did not move"
                 if f.severity == "critical"
-                else "those steps did nothing"
+                else "those steps did not move the weights"
             )
             return (
                 f"{ev['optimizer_steps_at_lr_0']} of the last {ev['window_steps']} optimizer steps ran with lr 0 in "
