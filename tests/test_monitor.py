@@ -117,3 +117,56 @@ def test_our_trainer_alerts_and_can_stop(small_cfg):
     alert_rows = [r for r in rows if r["kind"] == "alert"]
     assert alert_rows[0]["alert_cause"] == "precision_underflow" and alert_rows[0]["step"] == 10
     assert any(r["kind"] == "monitor" and "update_ratio_norms" in r for r in rows)
+
+
+@pytest.mark.parametrize("lr", [1e8, 3e-4])
+def test_weights_gone_nan_are_named_when_no_loss_reaches_the_monitor(tmp_path, lr):
+    """Hugging Face's Trainer logs a NaN/inf loss as 0 (logging_nan_inf_filter) and keeps stepping: at lr 1e8 the
+    weights are NaN after 2 steps while the logged loss looks fine. The monitor reads the weights themselves: a
+    critical non_finite alert at its first full window naming every NaN tensor; the healthy twin stays silent."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from plain_runs import HFTokens, hf_tiny_llama
+    from transformers import Trainer, TrainingArguments
+
+    from moe_arch.doctor.integrations import HFMonitorCallback
+
+    transformers.logging.set_verbosity_error()
+    model = hf_tiny_llama()
+    cb = HFMonitorCallback(MonitorConfig(interval=2, window=4))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=1,
+        save_strategy="no",
+    )
+    Trainer(model=model, args=args, train_dataset=HFTokens(256), callbacks=[cb]).train()
+    nan = sorted(n for n, p in model.named_parameters() if not torch.isfinite(p).all())
+    if lr < 1:
+        assert nan == [] and cb.monitor.alerts == []
+        return
+    alert = cb.monitor.alerts[0]
+    assert nan and alert.cause == "non_finite" and alert.severity == "critical" and alert.step == 4
+    assert sorted(alert.tensors) == nan
+
+
+def test_a_hooks_only_loop_whose_weights_go_nan():
+    """A plain loop that never hands the monitor its loss (optimizer hooks only): the NaN weights are named."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    monitor = Monitor(model, opt, MonitorConfig(interval=2, window=4), print_fn=lambda s: None)
+    for step in range(8):
+        loss = model(torch.randn(4, 8)).pow(2).mean() * (float("inf") if step >= 2 else 1.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    [alert] = monitor.alerts
+    assert alert.cause == "non_finite" and alert.step == 4
+    assert sorted(alert.tensors) == ["0.bias", "0.weight", "2.bias", "2.weight"]

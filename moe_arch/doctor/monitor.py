@@ -587,8 +587,8 @@ class Monitor:
     def _local_stats(self, t: _Tracked, ref_vals: torch.Tensor, prev_vals: torch.Tensor):
         """Additive counts over this rank's sampled elements (so shards reduce by summing), plus local medians.
 
-        [n, n_equal, diff_sq, ref_sq, cur_sq, n_moment_nonzero, n_live_updates, n_lost, step_sq, per-slice n...,
-        per-slice equal...]"""
+        [n, n_equal, diff_sq, ref_sq, cur_sq, n_moment_nonzero, n_live_updates, n_lost, step_sq, n_nonfinite,
+        per-slice n..., per-slice equal...]"""
         cur = local(t.param.detach()).reshape(-1).index_select(0, t.idx)
         same = cur == ref_vals
         c, r = cur.float(), ref_vals.float()
@@ -602,6 +602,7 @@ class Monitor:
             0.0,
             0.0,
             float((c - prev_vals.float()).pow(2).sum()),
+            float((~torch.isfinite(cur)).sum()),  # a loop that never reports its loss still shows NaN weights
         ]
         medians = {"abs": float(c.abs().median()) if cur.numel() else None}
         if t.optimizer is not None and cur.numel():
@@ -634,8 +635,11 @@ class Monitor:
         ev.rel_change = math.sqrt(float(s[2])) / ev.ref_norm if ev.ref_norm > 0 else None
         ev.update_rms = math.sqrt(float(s[2]) / n) if n else None
         ev.median_abs = med.get("abs")
+        ev.nonfinite = int(s[9])
+        if ev.nonfinite:  # judged before any other cause (causes/weights.py NonFinite), as in a checkpoint
+            ev.fact = "non_finite"
         if t.slices:
-            counts, eq = s[9 : 9 + t.slices], s[9 + t.slices : 9 + 2 * t.slices]
+            counts, eq = s[10 : 10 + t.slices], s[10 + t.slices : 10 + 2 * t.slices]
             ev.slice_unchanged = [bool(c > 0 and e == c) for c, e in zip(counts.tolist(), eq.tolist())]
         if t.optimizer is None:
             return ev
