@@ -181,25 +181,51 @@ def hf_tiny_lora_llama():
     )
 
 
+def hf_args(out: Path, **overrides):
+    """TrainingArguments for a quiet CPU run of Hugging Face's Trainer in ``out`` (constant lr, no reporting, no
+    saves unless asked); ``overrides`` set the rest (max_steps, learning_rate, ...)."""
+    from transformers import TrainingArguments
+
+    kw = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        lr_scheduler_type="constant",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=1,
+        save_strategy="no",
+    )
+    return TrainingArguments(**{**kw, **overrides})
+
+
+def lightning_trainer(root: Path, max_steps: int, callbacks: list, **overrides):
+    """A quiet CPU ``lightning.Trainer`` (no logger, checkpoints, progress bar or summary) in ``root``."""
+    import lightning as L
+
+    kw = dict(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=str(root),
+    )
+    return L.Trainer(**{**kw, **overrides})
+
+
 def hf_lora_trainer_run(out: Path, lr: float) -> None:
     """Hugging Face's Trainer on :func:`hf_tiny_lora_llama`: 4 steps at a constant ``lr``, adapter checkpoints
     ``checkpoint-2`` and ``checkpoint-4`` in ``out``."""
     import transformers
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     transformers.logging.set_verbosity_error()
     model = hf_tiny_lora_llama()
-    args = TrainingArguments(
-        output_dir=str(out),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        save_steps=2,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_steps=100,
+    args = hf_args(
+        out, max_steps=4, per_device_train_batch_size=8, learning_rate=lr, save_strategy="steps", save_steps=2
     )
     Trainer(model=model, args=args, train_dataset=HFTokens()).train()
 

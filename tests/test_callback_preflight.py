@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from plain_runs import HFTokens, Net, hf_tiny_llama_bf16, norm_names
+from plain_runs import HFTokens, Net, hf_tiny_llama_bf16, lightning_trainer, norm_names
 
 from moe_arch.config import MonitorConfig
 
@@ -106,17 +106,7 @@ def _lightning_run(tmp_path, bf16_weights: bool, precision: str = "32-true"):
     cb = LightningMonitorCallback(MonitorConfig(interval=2, window=4))
     module = Module()
     w0 = {n: p.detach().clone() for n, p in module.named_parameters()}
-    L.Trainer(
-        max_steps=4,
-        accelerator="cpu",
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb, FirstStep()],
-        default_root_dir=str(tmp_path),
-    ).fit(
+    lightning_trainer(tmp_path, 4, [cb, FirstStep()], precision=precision).fit(
         module,
         torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 64, (64, 8))), batch_size=8),
     )

@@ -107,13 +107,7 @@ def test_sharded_checkpoint_resumes_on_two_and_one_ranks_and_the_doctor_reads_it
     d = diagnose(str(final))
     assert d.checkpoint["format"] == "moe_arch-dcp" and d.checkpoint["reference"].endswith("step_0000000")
     assert d.status == "healthy" and d.optimizers and all(o["n_mapped"] == o["n_params"] for o in d.optimizers)
-    out = subprocess.run(
-        [sys.executable, "-m", "moe_arch", "export", str(final), str(tmp_path / "one.pt")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr
+    export(final, tmp_path / "one.pt")
     ck = torch.load(tmp_path / "one.pt", weights_only=True)
     view = d.evidence  # same weights in both forms
     from moe_arch.checkpoint.readers import open_checkpoint
@@ -188,6 +182,14 @@ def kill_a_rank(cfg: Config, tmp_path: Path, at: str = "step 5/") -> Path:
     latest = ck / (ck / "latest.txt").read_text().strip()
     assert (latest / ".metadata").is_file()
     return latest
+
+
+def export(folder: Path, out: Path) -> None:
+    """``moe-arch export FOLDER OUT`` (a sharded checkpoint to one file), as a user runs it."""
+    res = subprocess.run(
+        [sys.executable, "-m", "moe_arch", "export", str(folder), str(out)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert res.returncode == 0, res.stderr
 
 
 def t_step(folder: Path) -> int:

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from plain_runs import Net, norm_names
+from plain_runs import Net, lightning_trainer, norm_names
 from torch import nn
 
 from moe_arch.doctor.pipeline import DiagnoseOptions, diagnose
@@ -379,17 +379,7 @@ def test_lightning_bf16_true(tmp_path, precision):
     g = torch.Generator().manual_seed(0)
     start = torch.randint(0, 64, (160, 1), generator=g)
     data = torch.utils.data.TensorDataset((start + torch.arange(9)) % 64)
-    trainer = L.Trainer(
-        max_steps=20,
-        accelerator="cpu",
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[SaveInitial(), Snapshot()],
-        default_root_dir=str(tmp_path),
-    )
+    trainer = lightning_trainer(tmp_path, 20, [SaveInitial(), Snapshot()], precision=precision)
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
     trainer.save_checkpoint(tmp_path / "final.ckpt")
     frozen = {n.removeprefix("net.") for n, p in module.named_parameters() if torch.equal(p.detach(), w0[n])}

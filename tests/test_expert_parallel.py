@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import ROOT
 from test_checkpoint import with_train
-from test_distributed import kill_a_rank, run_losses, t_step, torchrun
+from test_distributed import export, kill_a_rank, run_losses, t_step, torchrun
 
 from moe_arch.config import Config, ConfigError, ModelConfig
 from moe_arch.training.trainer import Trainer
@@ -238,13 +238,7 @@ def test_expert_parallel_checkpoints_resume_at_other_sizes_and_are_read_everywhe
     torch.testing.assert_close(torch.tensor(run_losses(one)), torch.tensor(a[3:]), rtol=2e-4, atol=0)
     # export, eval and diagnose read the expert-parallel checkpoint
     final = Path(base.train.out_dir) / "base" / "checkpoints" / "final"
-    out = subprocess.run(
-        [sys.executable, "-m", "moe_arch", "export", str(final), str(tmp_path / "one.pt")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr
+    export(final, tmp_path / "one.pt")
     from moe_arch.doctor.pipeline import diagnose
     from moe_arch.evaluation.loss import run_eval
 

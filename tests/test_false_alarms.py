@@ -18,6 +18,7 @@ pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("accelerate", reason="accelerate (needed by transformers.Trainer) is not installed")
 
 from arch_runs import ARCHS, run  # noqa: E402
+from plain_runs import lightning_trainer  # noqa: E402
 
 from moe_arch.doctor.pipeline import DiagnoseOptions, diagnose  # noqa: E402
 
@@ -131,16 +132,7 @@ def test_lightning_run_of_a_hugging_face_llama(tmp_path, mode):
     module = Module()
     w0 = {n: p.detach().clone() for n, p in module.named_parameters()}
     cb = LightningMonitorCallback()
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[SaveInitial(), cb],
-        default_root_dir=str(tmp_path),
-    )
+    trainer = lightning_trainer(tmp_path, steps, [SaveInitial(), cb])
     trainer.fit(module, torch.utils.data.DataLoader(Pattern(steps * 8), batch_size=8))
     trainer.save_checkpoint(tmp_path / "final.ckpt")
     frozen = {n for n, p in module.named_parameters() if torch.equal(p.detach(), w0[n])}

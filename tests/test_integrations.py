@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from plain_runs import Net, norm_names
+from plain_runs import Net, lightning_trainer, norm_names
 
 from moe_arch.config import MonitorConfig
 
@@ -12,8 +12,8 @@ from moe_arch.config import MonitorConfig
 def test_hugging_face_trainer_callback(tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     pytest.importorskip("accelerate", reason="accelerate (needed by transformers.Trainer) is not installed")
-    from plain_runs import HFTokens, hf_tiny_llama_bf16
-    from transformers import Trainer, TrainingArguments
+    from plain_runs import HFTokens, hf_args, hf_tiny_llama_bf16
+    from transformers import Trainer
 
     from moe_arch.doctor.integrations import HFMonitorCallback
 
@@ -21,18 +21,7 @@ def test_hugging_face_trainer_callback(tmp_path):
     model = hf_tiny_llama_bf16()
 
     cb = HFMonitorCallback(MonitorConfig(interval=2, window=4, stop_on_critical=True))
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=20,
-        per_device_train_batch_size=4,
-        learning_rate=3e-4,
-        lr_scheduler_type="constant",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_steps=1,
-        save_strategy="no",
-    )
+    args = hf_args(tmp_path, max_steps=20, learning_rate=3e-4)
     trainer = Trainer(model=model, args=args, train_dataset=HFTokens(256), callbacks=[cb])
     trainer.train()
     alert = cb.monitor.alerts[0]
@@ -63,16 +52,7 @@ def test_lightning_callback(tmp_path):
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 64, (256, 8))), batch_size=8)
     cb = LightningMonitorCallback(MonitorConfig(interval=2, window=4))
-    trainer = L.Trainer(
-        max_steps=8,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb],
-        default_root_dir=str(tmp_path),
-    )
+    trainer = lightning_trainer(tmp_path, 8, [cb])
     module = Module()
     trainer.fit(module, data)
     alert = cb.monitor.alerts[0]

@@ -126,26 +126,15 @@ def test_weights_gone_nan_are_named_when_no_loss_reaches_the_monitor(tmp_path, l
     critical non_finite alert at its first full window naming every NaN tensor; the healthy twin stays silent."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from plain_runs import HFTokens, hf_tiny_llama
-    from transformers import Trainer, TrainingArguments
+    from plain_runs import HFTokens, hf_args, hf_tiny_llama
+    from transformers import Trainer
 
     from moe_arch.doctor.integrations import HFMonitorCallback
 
     transformers.logging.set_verbosity_error()
     model = hf_tiny_llama()
     cb = HFMonitorCallback(MonitorConfig(interval=2, window=4))
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=8,
-        per_device_train_batch_size=4,
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_steps=1,
-        save_strategy="no",
-    )
+    args = hf_args(tmp_path, max_steps=8, learning_rate=lr)
     Trainer(model=model, args=args, train_dataset=HFTokens(256), callbacks=[cb]).train()
     nan = sorted(n for n, p in model.named_parameters() if not torch.isfinite(p).all())
     if lr < 1:

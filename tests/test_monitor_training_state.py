@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from plain_runs import HFTokens, Net, hf_tiny_llama_bf16
+from plain_runs import HFTokens, Net, hf_tiny_llama_bf16, lightning_trainer
 
 from moe_arch.config import MonitorConfig
 from moe_arch.doctor.monitor import Monitor
@@ -200,17 +200,8 @@ def _lightning_two_optimizers(tmp_path, overflow: bool, alternate: bool = False)
 
     cb = LightningMonitorCallback(MonitorConfig(interval=2, window=4))
     module = TwoOptimizers()
-    trainer = L.Trainer(
-        max_steps=16,
-        accelerator="cpu",
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))] if overflow else None,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb],
-        default_root_dir=str(tmp_path),
-    )
+    scaler = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))] if overflow else None
+    trainer = lightning_trainer(tmp_path, 16, [cb], plugins=scaler)
     trainer.fit(
         module,
         torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 64, (64, 8))), batch_size=8),
