@@ -138,6 +138,17 @@ def _found_inf(opt) -> torch.Tensor | None:
     return found_inf if isinstance(found_inf, torch.Tensor) else None
 
 
+@dataclass
+class _Counts:
+    """The monitor's step counters at one snapshot (see Monitor.__init__)."""
+
+    applied: dict[str, int]
+    fused_skips: dict[str, Any]
+    iterations: int
+    iterations_applied: Any
+    zero_lr: Any
+
+
 class Monitor:
     def __init__(
         self,
@@ -178,18 +189,14 @@ class Monitor:
         # or a skip-step optimizer skips the call while the loop's step advances (skipped_steps, said once per run);
         # and the loop's iterations (after_step calls that advanced its step), which say what that step counts
         self._applied: dict[str, int] = dict.fromkeys(self.optimizers, 0)
-        self._applied_at: dict[int, dict[str, int]] = {}
         # A GradScaler calls step() on every step of an optimizer that skips inside its kernel (fused AdamW, the
         # Hugging Face default): both hooks fire, and the step was skipped when ``opt.found_inf`` is non-zero.
         # Those skips are summed on the device (no host sync per step) and read at check time.
         self._fused_skips: dict[str, Any] = dict.fromkeys(self.optimizers, 0)
-        self._fused_skips_at: dict[int, dict[str, Any]] = {}
         self._iterations = 0
-        self._iterations_at: dict[int, int] = {}
         # iterations in which at least one optimizer step was applied (an optimizer that steps every other batch,
         # a GAN's generator, skips nothing); the hook calls and fused skips of the iteration under way
         self._iterations_applied: Any = 0
-        self._iterations_applied_at: dict[int, Any] = {}
         self._calls_in_iteration = 0
         self._skips_in_iteration: Any = 0
         self._loop_step: int | None = None
@@ -197,10 +204,11 @@ class Monitor:
         # The loop's step counts every optimizer.step call, not iterations (Lightning's global_step under manual
         # optimization, which its callback sets): the applied steps are then summed over the optimizers.
         self.loop_counts_each_optimizer_step = False
-        # optimizer steps that ran with lr 0 in every param group below a non-zero scheduled peak (warmup_no_op),
-        # by step of the snapshot as _applied; and whether the optimizer state's dtypes were looked at (once)
+        # optimizer steps that ran with lr 0 in every param group below a non-zero scheduled peak (warmup_no_op);
+        # and whether the optimizer state's dtypes were looked at (once)
         self._zero_lr = 0
-        self._zero_lr_at: dict[int, int] = {}
+        # the counters above as they stood at each snapshot's step (a window's counts are differences)
+        self._counts_at: dict[int, _Counts] = {}
         self._zero_lr_alerted = False
         self._state_checked = False
         gen = torch.Generator().manual_seed(0)
@@ -455,19 +463,13 @@ class Monitor:
     def _snapshot(self, step: int) -> None:
         snap = {t.name: local(t.param.detach()).reshape(-1).index_select(0, t.idx).clone() for t in self.tracked}
         self._snapshots.append((step, snap))
-        self._applied_at[step] = dict(self._applied)
-        self._fused_skips_at[step] = dict(self._fused_skips)  # device sums are replaced, never added in place
-        self._iterations_at[step] = self._iterations
-        self._iterations_applied_at[step] = self._iterations_applied
-        self._zero_lr_at[step] = self._zero_lr
+        # device sums are replaced, never added in place: the copies of the dicts keep their values
+        self._counts_at[step] = _Counts(
+            dict(self._applied), dict(self._fused_skips), self._iterations, self._iterations_applied, self._zero_lr
+        )
         # Keep what the next check needs: the snapshot taken exactly `window` steps before it.
         while self._snapshots[0][0] < step + self.cfg.interval - self.cfg.window:
-            old = self._snapshots.popleft()[0]
-            self._applied_at.pop(old, None)
-            self._fused_skips_at.pop(old, None)
-            self._iterations_at.pop(old, None)
-            self._iterations_applied_at.pop(old, None)
-            self._zero_lr_at.pop(old, None)
+            self._counts_at.pop(self._snapshots.popleft()[0], None)
 
     def _group_grad_norms(self) -> dict[str, float]:
         groups: dict[str, list[torch.Tensor]] = {}
@@ -708,16 +710,17 @@ class Monitor:
         compared with the sum of their applied steps; a loop fed through ``after_step`` with the iterations in which
         at least one optimizer applied a step (a GAN alternating its optimizers skips nothing); hooks alone (no loop
         step) with the most active optimizer."""
-        if not self.optimizers or ref_step not in self._applied_at:
+        at = self._counts_at.get(ref_step)
+        if not self.optimizers or at is None:
             return None
         # one host read per check for the fused skips (device sums)
-        skipped = {n: int(self._fused_skips[n] - self._fused_skips_at[ref_step].get(n, 0)) for n in self._applied}
-        per = {n: self._applied[n] - self._applied_at[ref_step].get(n, 0) - skipped[n] for n in self._applied}
-        iterations = self._iterations - self._iterations_at.get(ref_step, self._iterations)
+        skipped = {n: int(self._fused_skips[n] - at.fused_skips.get(n, 0)) for n in self._applied}
+        per = {n: self._applied[n] - at.applied.get(n, 0) - skipped[n] for n in self._applied}
+        iterations = self._iterations - at.iterations
         if self.loop_counts_each_optimizer_step or 0 < iterations < loop_steps:  # the latter: a loop not told
             applied = sum(per.values())
         elif iterations > 0 and len(per) > 1:
-            applied = int(self._iterations_applied - self._iterations_applied_at.get(ref_step, 0))
+            applied = int(self._iterations_applied - at.iterations_applied)
         else:
             applied = max(per.values())
         tracked = [e for e in evidence if e.optimizer is not None]
@@ -735,22 +738,22 @@ class Monitor:
         groups = [self.optimizers[o].param_groups[gi] for o, gi in self._trained_groups]
         if not groups or any(float(g["lr"]) != 0.0 for g in groups):
             return None
-        peak = max(float(g.get("initial_lr", 0.0) or 0.0) for g in groups)
+        peak = self._scheduled_peak()
         return peak if peak > 0 else None
+
+    def _scheduled_peak(self) -> float:
+        """The largest ``initial_lr`` (torch's schedulers set it) of the param groups holding tracked tensors."""
+        groups = [self.optimizers[o].param_groups[gi] for o, gi in self._trained_groups]
+        return max((float(g.get("initial_lr", 0.0) or 0.0) for g in groups), default=0.0)
 
     def _warmup_no_op(self, loop_steps: int, ref_step: int, evidence: list[TensorEvidence]) -> Finding | None:
         """Optimizer steps of the window that ran at lr 0 in every group (warmup_no_op)."""
-        if ref_step not in self._zero_lr_at:
+        at = self._counts_at.get(ref_step)
+        if at is None:
             return None
-        zero = int(self._zero_lr - self._zero_lr_at[ref_step])  # a device sum under a fused optimizer
+        zero = int(self._zero_lr - at.zero_lr)  # a device sum under a fused optimizer
         tracked = [e for e in evidence if e.optimizer is not None]
-        peak = max(
-            (
-                float(self.optimizers[o].param_groups[gi].get("initial_lr", 0.0) or 0.0)
-                for o, gi in self._trained_groups
-            ),
-            default=0.0,
-        )
+        peak = self._scheduled_peak()
         unchanged = bool(tracked) and all(e.unchanged for e in tracked)
         return REGISTRY["warmup_no_op"].live(loop_steps, zero, peak, [e.name for e in tracked], unchanged)
 
