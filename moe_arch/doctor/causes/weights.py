@@ -70,6 +70,24 @@ def _peak_lr(ev: CheckpointEvidence, e: TensorEvidence) -> float | None:
     return None
 
 
+def _ulp_evidence(group: list[TensorEvidence], basis: str, updates: list[float | None]) -> dict:
+    """What a precision finding (measured or forecast) reports for its tensors: their dtype, lrs and optimizers,
+    the median expected update against half a ULP at their median value and at 1.0."""
+    dtypes = sorted({e.dtype for e in group})
+    med_abs = _median([e.median_abs for e in group])
+    dt = getattr(torch, dtypes[0])
+    return {
+        "basis": basis,
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "learning_rates": sorted({e.lr for e in group if e.lr is not None}),
+        "optimizers": sorted({e.optimizer for e in group if e.optimizer}),
+        "median_expected_update": _median(updates),
+        "median_abs_value": med_abs,
+        "half_ulp_at_median_value": half_ulp_at(med_abs, dt) if med_abs is not None else None,
+        "half_ulp_at_1.0": half_ulp_at(1.0, dt),
+    }
+
+
 def _unchanged_since_reference(group: list[TensorEvidence]) -> bool | None:
     """Every tensor of the group with a reference is unchanged (None: none has a reference)."""
     return all(e.unchanged for e in group if e.has_reference) if any(e.has_reference for e in group) else None
@@ -447,19 +465,10 @@ class PrecisionUnderflow(CheckpointCause):
         ] + ([self._forecast(forecast)] if forecast else [])
 
     def _finding(self, group: list[TensorEvidence], sev: str, reference: str | None, kind: str) -> Finding:
-        dtypes = sorted({e.dtype for e in group})
-        med_abs = _median([e.median_abs for e in group])
-        dt = getattr(torch, dtypes[0])
+        basis = kind if any(e.has_reference for e in group) else f"{kind}: elements at their initial constant"
         ev = {
-            "basis": kind if any(e.has_reference for e in group) else f"{kind}: elements at their initial constant",
-            "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-            "learning_rates": sorted({e.lr for e in group if e.lr is not None}),
+            **_ulp_evidence(group, basis, [e.median_update for e in group]),
             "peak_learning_rates": sorted({max(e.lr or 0.0, e.initial_lr or 0.0) for e in group if e.lr is not None}),
-            "optimizers": sorted({e.optimizer for e in group if e.optimizer}),
-            "median_expected_update": _median([e.median_update for e in group]),
-            "median_abs_value": med_abs,
-            "half_ulp_at_median_value": half_ulp_at(med_abs, dt) if med_abs is not None else None,
-            "half_ulp_at_1.0": half_ulp_at(1.0, dt),
             "fraction_of_elements_lost": _median([e.frac_lost for e in group]),
             "fraction_of_elements_unchanged": _median([e.frac_unchanged for e in group if e.has_reference]),
             "unchanged_since_reference": _unchanged_since_reference(group),
@@ -474,18 +483,8 @@ class PrecisionUnderflow(CheckpointCause):
         return self.finding(sev, [e.name for e in group], ev)
 
     def _forecast(self, group: list[TensorEvidence]) -> Finding:
-        dtypes = sorted({e.dtype for e in group})
-        med_abs = _median([e.median_abs for e in group])
-        dt = getattr(torch, dtypes[0])
         ev = {
-            "basis": "forecast",
-            "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-            "learning_rates": sorted({e.lr for e in group if e.lr is not None}),
-            "optimizers": sorted({e.optimizer for e in group if e.optimizer}),
-            "median_expected_update": _median([e.median_update_now for e in group]),
-            "median_abs_value": med_abs,
-            "half_ulp_at_median_value": half_ulp_at(med_abs, dt) if med_abs is not None else None,
-            "half_ulp_at_1.0": half_ulp_at(1.0, dt),
+            **_ulp_evidence(group, "forecast", [e.median_update_now for e in group]),
             "fraction_of_updates_lost_from_now": _median([e.frac_lost_now for e in group]),
             "unchanged_since_reference": None,
             "hypothesis": (
