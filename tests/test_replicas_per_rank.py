@@ -35,20 +35,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from plain_runs import Norm
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
 STEPS = 4
-
-
-class Norm(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
 
 
 def _net(named: bool = False) -> nn.Module:
