@@ -65,7 +65,10 @@ def layer_worker(out: str) -> None:
     y = moe(x, aux=aux)
     y.backward(g_all[mine])
     with torch.no_grad():
-        _, _, idx_all, w_all = moe.route(x_all)  # the rows' routing, as each rank computed it for its own
+        # every rank's rows routed as that rank routed them (its own rows alone: the same router GEMM shapes, so
+        # the same choices on every CPU)
+        routes = [moe.route(x_all[r * TOKENS : (r + 1) * TOKENS])[2:] for r in range(world)]
+        idx_all, w_all = (torch.cat(parts) for parts in zip(*routes))
         _, _, idx, w = moe.route(x)
     assert torch.equal(idx, idx_all[mine])
     # routing counts: each rank counts its own rows; summed over ranks they are the whole batch's
